@@ -1,0 +1,524 @@
+//! Wire contract v1: turning a request body into a validated core call or detail batch.
+//!
+//! Pure functions, no I/O. Every rejection names the offending field so the sender can fix it.
+
+use serde_json::{Map, Value};
+
+/// The only wire contract version this server speaks.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// `update_type` of a detail batch.
+pub(crate) const DETAILED_TELEMETRY: &str = "detailed_telemetry";
+/// Longest accepted call id, agent id or span/trace id, in bytes.
+const MAX_ID_BYTES: usize = 512;
+
+/// A request the server rejects with 400: what is wrong and which field.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BadRequest {
+    /// Human-readable reason, saying what to send instead.
+    pub message: String,
+    /// Dotted path of the field at fault (`call_id`, `telemetry_data.session_traces[2].span_id`),
+    /// `None` when the body as a whole is at fault.
+    pub field: Option<String>,
+}
+
+impl BadRequest {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+/// A validated request body.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Incoming {
+    /// Phase 1: the call record.
+    Core(CoreCall),
+    /// Phase 2: one batch of spans (the final one also carries the per-turn transcript).
+    Detail(DetailBatch),
+}
+
+/// Phase 1 body (wire contract v1, no `update_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CoreCall {
+    pub call_id: String,
+    pub agent_id: String,
+    pub call_started_at: String,
+    pub call_ended_at: String,
+    pub duration_seconds: f64,
+    pub end_reason: String,
+    pub transcript_json: Value,
+    pub summary_metrics: Value,
+    pub telemetry_summary: Value,
+    pub truncated: bool,
+    /// Every field the contract does not name (additions are allowed), e.g. `trace_ids`.
+    pub extra: Value,
+}
+
+/// Phase 2 body (`update_type: "detailed_telemetry"`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DetailBatch {
+    pub call_id: String,
+    pub agent_id: Option<String>,
+    pub batch_seq: i64,
+    pub is_final: bool,
+    /// Spans that arrived after the call ended (`batch_seq >= total_batches`).
+    pub late: bool,
+    pub total_batches: Option<i64>,
+    pub transcript_with_metrics: Option<Value>,
+    pub spans: Vec<SpanRow>,
+}
+
+/// One span of `telemetry_data.session_traces[]`, as stored in `session_traces`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SpanRow {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    pub operation: Option<String>,
+    pub kind: Option<String>,
+    pub start_time: Option<String>,
+    pub end_time: Option<String>,
+    pub duration_ms: Option<f64>,
+    pub status_code: Option<String>,
+    pub status_message: Option<String>,
+    pub attributes: Value,
+    pub events: Value,
+    pub links: Value,
+}
+
+/// Parses and validates a (decompressed) request body.
+pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| BadRequest {
+        message: format!("malformed JSON ({e}); send one UTF-8 JSON object per request"),
+        field: None,
+    })?;
+    let Value::Object(mut map) = value else {
+        return Err(BadRequest {
+            message: "the body must be a JSON object".to_owned(),
+            field: None,
+        });
+    };
+    let version = map.remove("schema_version");
+    match version.as_ref().map(Value::as_i64) {
+        Some(Some(SCHEMA_VERSION)) => {}
+        None => {
+            return Err(BadRequest::field(
+                "schema_version",
+                "missing field schema_version: this server speaks wire contract version 1",
+            ));
+        }
+        Some(_) => {
+            return Err(BadRequest::field(
+                "schema_version",
+                "unsupported schema_version: this server speaks wire contract version 1",
+            ));
+        }
+    }
+    match map.remove("update_type") {
+        None | Some(Value::Null) => parse_core(map).map(Incoming::Core),
+        Some(Value::String(t)) if t == DETAILED_TELEMETRY => {
+            parse_detail(map).map(Incoming::Detail)
+        }
+        Some(_) => Err(BadRequest::field(
+            "update_type",
+            "unknown update_type: omit it for a core call log, or send \"detailed_telemetry\"",
+        )),
+    }
+}
+
+fn parse_core(mut map: Map<String, Value>) -> Result<CoreCall, BadRequest> {
+    let m = &mut map;
+    let call = CoreCall {
+        call_id: id(m, "", "call_id")?,
+        agent_id: id(m, "", "agent_id")?,
+        call_started_at: string(m, "", "call_started_at")?,
+        call_ended_at: string(m, "", "call_ended_at")?,
+        duration_seconds: number(m, "", "duration_seconds")?,
+        end_reason: string(m, "", "end_reason")?,
+        transcript_json: typed(m, "", "transcript_json", Kind::Array)?,
+        summary_metrics: typed(m, "", "summary_metrics", Kind::Object)?,
+        telemetry_summary: typed(m, "", "telemetry_summary", Kind::Object)?,
+        truncated: opt_bool(m, "", "truncated")?.unwrap_or(false),
+        extra: Value::Null,
+    };
+    Ok(CoreCall {
+        extra: Value::Object(map),
+        ..call
+    })
+}
+
+fn parse_detail(mut map: Map<String, Value>) -> Result<DetailBatch, BadRequest> {
+    let m = &mut map;
+    let call_id = id(m, "", "call_id")?;
+    let agent_id = opt_string(m, "", "agent_id")?;
+    let batch_seq = non_negative(m, "", "batch_seq")?
+        .ok_or_else(|| BadRequest::field("batch_seq", "missing field batch_seq (0, 1, 2, …)"))?;
+    let is_final = opt_bool(m, "", "final")?.unwrap_or(false);
+    let late = opt_bool(m, "", "late")?.unwrap_or(false);
+    let total_batches = non_negative(m, "", "total_batches")?;
+    if is_final && total_batches.is_none() {
+        return Err(BadRequest::field(
+            "total_batches",
+            "the final batch must carry total_batches (the number of non-late batches)",
+        ));
+    }
+    let transcript_with_metrics = match m.remove("transcript_with_metrics") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Array(_)) => Some(v),
+        Some(_) => {
+            return Err(BadRequest::field(
+                "transcript_with_metrics",
+                "transcript_with_metrics must be an array of turns",
+            ));
+        }
+    };
+    let spans = match m.remove("telemetry_data") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(mut data)) => match data.remove("session_traces") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, span)| parse_span(i, span))
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(BadRequest::field(
+                    "telemetry_data.session_traces",
+                    "telemetry_data.session_traces must be an array of spans",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(BadRequest::field(
+                "telemetry_data",
+                "telemetry_data must be an object with a session_traces array",
+            ));
+        }
+    };
+    Ok(DetailBatch {
+        call_id,
+        agent_id,
+        batch_seq,
+        is_final,
+        late,
+        total_batches,
+        transcript_with_metrics,
+        spans,
+    })
+}
+
+fn parse_span(index: usize, span: Value) -> Result<SpanRow, BadRequest> {
+    let prefix = format!("telemetry_data.session_traces[{index}].");
+    let p = prefix.as_str();
+    let Value::Object(mut map) = span else {
+        return Err(BadRequest::field(
+            format!("telemetry_data.session_traces[{index}]"),
+            "each span must be a JSON object",
+        ));
+    };
+    let m = &mut map;
+    let (status_code, status_message) = match m.remove("status") {
+        None | Some(Value::Null) => (None, None),
+        Some(Value::Object(mut s)) => (
+            opt_string(&mut s, &format!("{p}status."), "code")?,
+            opt_string(&mut s, &format!("{p}status."), "message")?,
+        ),
+        Some(_) => {
+            return Err(BadRequest::field(
+                format!("{p}status"),
+                "status must be an object {\"code\": \"unset|ok|error\", \"message\": \"…\"}",
+            ));
+        }
+    };
+    Ok(SpanRow {
+        trace_id: id(m, p, "trace_id")?,
+        span_id: id(m, p, "span_id")?,
+        parent_span_id: opt_string(m, p, "parent_span_id")?,
+        name: string(m, p, "name")?,
+        operation: opt_string(m, p, "operation")?,
+        kind: opt_string(m, p, "kind")?,
+        start_time: opt_string(m, p, "start_time")?,
+        end_time: opt_string(m, p, "end_time")?,
+        duration_ms: opt_number(m, p, "duration_ms")?,
+        status_code,
+        status_message,
+        attributes: opt_typed(m, p, "attributes", Kind::Object)?.unwrap_or(Value::Null),
+        events: opt_typed(m, p, "events", Kind::Array)?.unwrap_or(Value::Null),
+        links: opt_typed(m, p, "links", Kind::Array)?.unwrap_or(Value::Null),
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Array,
+    Object,
+}
+
+fn missing(prefix: &str, name: &str, what: &str) -> BadRequest {
+    BadRequest::field(
+        format!("{prefix}{name}"),
+        format!("missing field {prefix}{name} ({what}, wire contract v1)"),
+    )
+}
+
+fn wrong(prefix: &str, name: &str, what: &str) -> BadRequest {
+    BadRequest::field(
+        format!("{prefix}{name}"),
+        format!("field {prefix}{name} must be {what}"),
+    )
+}
+
+fn opt_string(
+    m: &mut Map<String, Value>,
+    prefix: &str,
+    name: &str,
+) -> Result<Option<String>, BadRequest> {
+    match m.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(wrong(prefix, name, "a string")),
+    }
+}
+
+fn string(m: &mut Map<String, Value>, prefix: &str, name: &str) -> Result<String, BadRequest> {
+    opt_string(m, prefix, name)?.ok_or_else(|| missing(prefix, name, "a string"))
+}
+
+/// A required non-empty identifier of bounded length.
+fn id(m: &mut Map<String, Value>, prefix: &str, name: &str) -> Result<String, BadRequest> {
+    let s = string(m, prefix, name)?;
+    if s.is_empty() || s.len() > MAX_ID_BYTES {
+        return Err(wrong(
+            prefix,
+            name,
+            "a non-empty string of at most 512 bytes",
+        ));
+    }
+    Ok(s)
+}
+
+fn opt_number(
+    m: &mut Map<String, Value>,
+    prefix: &str,
+    name: &str,
+) -> Result<Option<f64>, BadRequest> {
+    match m.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| wrong(prefix, name, "a finite number")),
+        Some(_) => Err(wrong(prefix, name, "a number")),
+    }
+}
+
+fn number(m: &mut Map<String, Value>, prefix: &str, name: &str) -> Result<f64, BadRequest> {
+    opt_number(m, prefix, name)?.ok_or_else(|| missing(prefix, name, "a number"))
+}
+
+fn non_negative(
+    m: &mut Map<String, Value>,
+    prefix: &str,
+    name: &str,
+) -> Result<Option<i64>, BadRequest> {
+    match m.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 0 => Ok(Some(n)),
+            _ => Err(wrong(prefix, name, "a non-negative integer")),
+        },
+    }
+}
+
+fn opt_bool(
+    m: &mut Map<String, Value>,
+    prefix: &str,
+    name: &str,
+) -> Result<Option<bool>, BadRequest> {
+    match m.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(_) => Err(wrong(prefix, name, "true or false")),
+    }
+}
+
+fn opt_typed(
+    m: &mut Map<String, Value>,
+    prefix: &str,
+    name: &str,
+    kind: Kind,
+) -> Result<Option<Value>, BadRequest> {
+    match (m.remove(name), kind) {
+        (None | Some(Value::Null), _) => Ok(None),
+        (Some(v @ Value::Array(_)), Kind::Array) | (Some(v @ Value::Object(_)), Kind::Object) => {
+            Ok(Some(v))
+        }
+        (Some(_), Kind::Array) => Err(wrong(prefix, name, "an array")),
+        (Some(_), Kind::Object) => Err(wrong(prefix, name, "an object")),
+    }
+}
+
+fn typed(
+    m: &mut Map<String, Value>,
+    prefix: &str,
+    name: &str,
+    kind: Kind,
+) -> Result<Value, BadRequest> {
+    let what = match kind {
+        Kind::Array => "an array",
+        Kind::Object => "an object",
+    };
+    opt_typed(m, prefix, name, kind)?.ok_or_else(|| missing(prefix, name, what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn core() -> Value {
+        json!({
+            "schema_version": 1, "call_id": "c1", "agent_id": "a1",
+            "call_started_at": "2026-11-24T10:00:00Z", "call_ended_at": "2026-11-24T10:05:00Z",
+            "duration_seconds": 300.0, "end_reason": "root_span_ended",
+            "transcript_json": [{"role": "user", "content": "hi"}],
+            "summary_metrics": {"avg_latency": 800.0}, "telemetry_summary": {"total_spans": 3},
+            "truncated": false, "trace_ids": ["ab"]
+        })
+    }
+
+    fn parse_value(v: &Value) -> Result<Incoming, BadRequest> {
+        parse(&serde_json::to_vec(v).expect("serialize"))
+    }
+
+    fn field_of(v: &Value) -> Option<String> {
+        parse_value(v).expect_err("must be rejected").field
+    }
+
+    #[test]
+    fn core_parses_and_keeps_extra_fields() {
+        let Incoming::Core(c) = parse_value(&core()).expect("valid") else {
+            panic!("expected core");
+        };
+        assert_eq!(c.call_id, "c1");
+        assert_eq!(c.duration_seconds, 300.0);
+        assert_eq!(c.extra, json!({"trace_ids": ["ab"]}));
+    }
+
+    #[test]
+    fn every_required_core_field_is_named_when_missing() {
+        for name in [
+            "schema_version",
+            "call_id",
+            "agent_id",
+            "call_started_at",
+            "call_ended_at",
+            "duration_seconds",
+            "end_reason",
+            "transcript_json",
+            "summary_metrics",
+            "telemetry_summary",
+        ] {
+            let mut v = core();
+            v.as_object_mut().expect("object").remove(name);
+            assert_eq!(field_of(&v).as_deref(), Some(name), "missing {name}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        for (name, bad) in [
+            ("call_id", json!(5)),
+            ("call_id", json!("")),
+            ("duration_seconds", json!("long")),
+            ("transcript_json", json!({})),
+            ("summary_metrics", json!([])),
+            ("truncated", json!("no")),
+            ("schema_version", json!(2)),
+            ("update_type", json!("other")),
+        ] {
+            let mut v = core();
+            v[name] = bad;
+            assert_eq!(field_of(&v).as_deref(), Some(name), "bad {name}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_has_no_field() {
+        let err = parse(b"{\"call_id\": ").expect_err("malformed");
+        assert_eq!(err.field, None);
+        assert!(err.message.contains("malformed JSON"));
+        assert_eq!(parse(b"[1]").expect_err("not an object").field, None);
+    }
+
+    fn detail() -> Value {
+        json!({
+            "schema_version": 1, "call_id": "c1", "agent_id": "a1",
+            "update_type": "detailed_telemetry", "batch_seq": 2, "final": true,
+            "total_batches": 3,
+            "telemetry_data": {"session_traces": [{
+                "trace_id": "t", "span_id": "s", "parent_span_id": null, "name": "llm_request",
+                "operation": "llm", "kind": "internal", "start_time": "x", "end_time": "y",
+                "duration_ms": 12.5, "status": {"code": "ok", "message": ""},
+                "attributes": {"k": 1}, "events": [], "links": []
+            }]},
+            "transcript_with_metrics": [{"turn": 1}]
+        })
+    }
+
+    #[test]
+    fn detail_parses() {
+        let Incoming::Detail(d) = parse_value(&detail()).expect("valid") else {
+            panic!("expected detail");
+        };
+        assert_eq!(d.batch_seq, 2);
+        assert!(d.is_final);
+        assert_eq!(d.total_batches, Some(3));
+        assert_eq!(d.spans.len(), 1);
+        assert_eq!(d.spans[0].status_code.as_deref(), Some("ok"));
+        assert_eq!(d.spans[0].duration_ms, Some(12.5));
+        assert_eq!(d.spans[0].attributes, json!({"k": 1}));
+    }
+
+    #[test]
+    fn detail_errors_name_the_field() {
+        let mut v = detail();
+        v.as_object_mut().expect("object").remove("total_batches");
+        assert_eq!(field_of(&v).as_deref(), Some("total_batches"));
+
+        let mut v = detail();
+        v["batch_seq"] = json!(-1);
+        assert_eq!(field_of(&v).as_deref(), Some("batch_seq"));
+
+        let mut v = detail();
+        v["telemetry_data"]["session_traces"][0]
+            .as_object_mut()
+            .expect("object")
+            .remove("span_id");
+        assert_eq!(
+            field_of(&v).as_deref(),
+            Some("telemetry_data.session_traces[0].span_id")
+        );
+
+        let mut v = detail();
+        v["telemetry_data"]["session_traces"][0]["status"]["code"] = json!(1);
+        assert_eq!(
+            field_of(&v).as_deref(),
+            Some("telemetry_data.session_traces[0].status.code")
+        );
+    }
+
+    #[test]
+    fn a_batch_without_spans_is_fine() {
+        let v = json!({"schema_version": 1, "call_id": "c", "update_type": "detailed_telemetry",
+                       "batch_seq": 0});
+        let Incoming::Detail(d) = parse_value(&v).expect("valid") else {
+            panic!("expected detail");
+        };
+        assert!(d.spans.is_empty());
+        assert!(!d.is_final);
+    }
+}

@@ -1,0 +1,626 @@
+//! Storage: SQLite (embedded default) or PostgreSQL behind one [`Store`].
+//!
+//! Every query is written once, in SQL both backends accept (`$N` parameters, `ON CONFLICT`,
+//! `COALESCE`), and [`on_pool!`] expands it for the pool at hand. Exactly-once delivery rests on
+//! unique keys plus `INSERT … ON CONFLICT DO NOTHING` inside one transaction per request, so
+//! concurrent duplicates (on one server or many sharing a PostgreSQL) store nothing twice.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::types::Json;
+use sqlx::{FromRow, QueryBuilder};
+
+use crate::error::IngestError;
+use crate::payload::{CoreCall, DetailBatch, SpanRow};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Rows per multi-row span `INSERT` (16 parameters each; well under both backends' limits).
+const SPAN_INSERT_CHUNK: usize = 256;
+/// How long a SQLite writer waits for the write lock before giving up.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handle to the database: cheap to clone, shared by all requests.
+///
+/// Open it with [`Store::connect`]; it runs the migrations. The query methods here are what the
+/// demo and end-to-end tests use to check what was stored.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store holds; the body is compiled once
+/// per backend, so one SQL text serves both.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Result of storing a detail batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DetailOutcome {
+    /// The batch (or its Idempotency-Key) was already stored; nothing changed.
+    pub duplicate: bool,
+    /// Spans newly stored by this batch (spans already stored for the call are skipped).
+    pub spans_inserted: u64,
+}
+
+/// Which page of the call list to read.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallListQuery {
+    pub agent_id: Option<String>,
+    /// Cursor: only calls strictly older than this (received µs, call id).
+    pub before: Option<(i64, String)>,
+    pub limit: i64,
+}
+
+impl Store {
+    /// Opens the database named by `url` and brings its schema up to date.
+    ///
+    /// `sqlite://path` (file created if missing; WAL mode, busy timeout) or
+    /// `postgres://…` / `postgresql://…`.
+    ///
+    /// # Errors
+    /// [`IngestError::UnsupportedDatabaseUrl`], [`IngestError::Connect`] or
+    /// [`IngestError::Migrate`].
+    pub async fn connect(url: &str) -> Result<Self, IngestError> {
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(|source| IngestError::Connect {
+                    backend: "postgres",
+                    source,
+                })?;
+            POSTGRES_MIGRATIONS.run(&pool).await?;
+            Backend::Postgres(pool)
+        } else if url.starts_with("sqlite:") {
+            let connect_error = |source| IngestError::Connect {
+                backend: "sqlite",
+                source,
+            };
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(connect_error)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await
+                .map_err(connect_error)?;
+            SQLITE_MIGRATIONS.run(&pool).await?;
+            Backend::Sqlite(pool)
+        } else {
+            return Err(IngestError::UnsupportedDatabaseUrl(redact(url)));
+        };
+        Ok(Self { backend })
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes every pooled connection (waits for checked-out ones to come back).
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await);
+    }
+
+    /// Checks the database answers.
+    ///
+    /// # Errors
+    /// [`IngestError::Database`] when it does not.
+    pub async fn ping(&self) -> Result<(), IngestError> {
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Number of calls whose core (phase 1) is stored.
+    ///
+    /// # Errors
+    /// [`IngestError::Database`].
+    pub async fn call_count(&self) -> Result<u64, IngestError> {
+        self.count("SELECT COUNT(*) FROM call_logs WHERE has_core", None)
+            .await
+    }
+
+    /// Number of spans stored for `call_id`.
+    ///
+    /// # Errors
+    /// [`IngestError::Database`].
+    pub async fn span_count(&self, call_id: &str) -> Result<u64, IngestError> {
+        self.count(
+            "SELECT COUNT(*) FROM session_traces WHERE call_id = $1",
+            Some(call_id),
+        )
+        .await
+    }
+
+    /// Number of spans stored over all calls.
+    ///
+    /// # Errors
+    /// [`IngestError::Database`].
+    pub async fn total_span_count(&self) -> Result<u64, IngestError> {
+        self.count("SELECT COUNT(*) FROM session_traces", None)
+            .await
+    }
+
+    /// Number of span rows whose (call_id, span_id) occurs more than once. Zero by construction
+    /// (a unique key); tests and the demo use it to prove exactly-once storage.
+    ///
+    /// # Errors
+    /// [`IngestError::Database`].
+    pub async fn duplicate_span_rows(&self) -> Result<u64, IngestError> {
+        self.count(
+            "SELECT COUNT(*) FROM session_traces s WHERE EXISTS (SELECT 1 FROM session_traces o \
+             WHERE o.call_id = s.call_id AND o.span_id = s.span_id AND o.id <> s.id)",
+            None,
+        )
+        .await
+    }
+
+    async fn count(&self, sql: &'static str, arg: Option<&str>) -> Result<u64, IngestError> {
+        let n: i64 = on_pool!(self, pool => {
+            let q = sqlx::query_scalar(sql);
+            let q = match arg {
+                Some(a) => q.bind(a),
+                None => q,
+            };
+            q.fetch_one(pool).await
+        })?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The call as `GET /v1/calls/{call_id}` shows it: core fields, `transcript_with_metrics`
+    /// and detail progress (`batches_received`, `spans_stored`, `total_batches`, `complete`).
+    /// `None` when nothing (neither core nor detail) is stored for the call.
+    ///
+    /// # Errors
+    /// [`IngestError::Database`].
+    pub async fn get_call(&self, call_id: &str) -> Result<Option<Value>, IngestError> {
+        let sql = "SELECT * FROM call_logs WHERE call_id = $1";
+        let row: Option<CallRow> = on_pool!(self, pool => {
+            sqlx::query_as(sql).bind(call_id).fetch_optional(pool).await
+        })?;
+        Ok(row.map(CallRow::into_json))
+    }
+
+    /// Stores a core call. Returns `false` (duplicate, nothing changed) when the idempotency key
+    /// or a core for this call_id is already stored.
+    pub(crate) async fn insert_core(
+        &self,
+        core: &CoreCall,
+        idempotency_key: Option<&str>,
+        now_us: i64,
+    ) -> Result<bool, IngestError> {
+        const UPSERT: &str = "INSERT INTO call_logs (call_id, agent_id, has_core, schema_version, \
+             call_started_at, call_ended_at, duration_seconds, end_reason, transcript_json, \
+             summary_metrics, telemetry_summary, truncated, extra, first_seen_us, core_received_us) \
+             VALUES ($1, $2, TRUE, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
+             ON CONFLICT (call_id) DO UPDATE SET agent_id = excluded.agent_id, has_core = TRUE, \
+             schema_version = excluded.schema_version, call_started_at = excluded.call_started_at, \
+             call_ended_at = excluded.call_ended_at, duration_seconds = excluded.duration_seconds, \
+             end_reason = excluded.end_reason, transcript_json = excluded.transcript_json, \
+             summary_metrics = excluded.summary_metrics, \
+             telemetry_summary = excluded.telemetry_summary, truncated = excluded.truncated, \
+             extra = excluded.extra, core_received_us = excluded.core_received_us \
+             WHERE call_logs.has_core = FALSE";
+        let stored = on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
+                return Ok(false);
+            }
+            let done = sqlx::query(UPSERT)
+                .bind(&core.call_id)
+                .bind(&core.agent_id)
+                .bind(&core.call_started_at)
+                .bind(&core.call_ended_at)
+                .bind(core.duration_seconds)
+                .bind(&core.end_reason)
+                .bind(Json(&core.transcript_json))
+                .bind(Json(&core.summary_metrics))
+                .bind(Json(&core.telemetry_summary))
+                .bind(core.truncated)
+                .bind(Json(&core.extra))
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Ok(false);
+            }
+            tx.commit().await?;
+            Ok::<bool, sqlx::Error>(true)
+        })?;
+        Ok(stored)
+    }
+
+    /// Stores one detail batch and its spans, creating the call row if the core has not come
+    /// yet, and updates the call's detail progress — all in one transaction.
+    pub(crate) async fn insert_detail(
+        &self,
+        batch: &DetailBatch,
+        idempotency_key: Option<&str>,
+        now_us: i64,
+    ) -> Result<DetailOutcome, IngestError> {
+        const DUPLICATE: DetailOutcome = DetailOutcome {
+            duplicate: true,
+            spans_inserted: 0,
+        };
+        const CLAIM_BATCH: &str = "INSERT INTO detail_batches (call_id, batch_seq, is_final, \
+             late, total_batches, span_count, received_us) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT DO NOTHING";
+        const ENSURE_CALL: &str = "INSERT INTO call_logs (call_id, agent_id, first_seen_us) \
+             VALUES ($1, $2, $3) ON CONFLICT (call_id) DO NOTHING";
+        // A batch counts toward completeness unless it is late (sent after the final batch,
+        // batch_seq >= total_batches).
+        const PROGRESS: &str = "UPDATE call_logs SET \
+             batches_received = batches_received + 1, \
+             data_batches_received = data_batches_received + CASE \
+                 WHEN $2 THEN 0 \
+                 WHEN COALESCE($3, total_batches) IS NULL THEN 1 \
+                 WHEN $4 < COALESCE($3, total_batches) THEN 1 ELSE 0 END, \
+             spans_stored = spans_stored + $5, \
+             total_batches = COALESCE($3, total_batches), \
+             transcript_with_metrics = COALESCE($6, transcript_with_metrics), \
+             agent_id = COALESCE(agent_id, $7) \
+             WHERE call_id = $1";
+        // Runs after PROGRESS in the same transaction, which holds the row lock: sees its values.
+        const COMPLETE: &str = "UPDATE call_logs SET complete = (total_batches IS NOT NULL \
+             AND data_batches_received >= total_batches) WHERE call_id = $1";
+
+        let span_count = i64::try_from(batch.spans.len()).unwrap_or(i64::MAX);
+        let outcome = on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
+                return Ok(DUPLICATE);
+            }
+            let claimed = sqlx::query(CLAIM_BATCH)
+                .bind(&batch.call_id)
+                .bind(batch.batch_seq)
+                .bind(batch.is_final)
+                .bind(batch.late)
+                .bind(batch.total_batches)
+                .bind(span_count)
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            if claimed.rows_affected() == 0 {
+                return Ok(DUPLICATE);
+            }
+            let mut inserted: u64 = 0;
+            for chunk in batch.spans.chunks(SPAN_INSERT_CHUNK) {
+                let mut qb = QueryBuilder::new(
+                    "INSERT INTO session_traces (call_id, trace_id, span_id, parent_span_id, \
+                     name, operation, kind, start_time, end_time, duration_ms, status_code, \
+                     status_message, attributes, events, links, batch_seq) ",
+                );
+                qb.push_values(chunk, |mut row, span: &SpanRow| {
+                    row.push_bind(&batch.call_id)
+                        .push_bind(&span.trace_id)
+                        .push_bind(&span.span_id)
+                        .push_bind(&span.parent_span_id)
+                        .push_bind(&span.name)
+                        .push_bind(&span.operation)
+                        .push_bind(&span.kind)
+                        .push_bind(&span.start_time)
+                        .push_bind(&span.end_time)
+                        .push_bind(span.duration_ms)
+                        .push_bind(&span.status_code)
+                        .push_bind(&span.status_message)
+                        .push_bind(json_or_null(&span.attributes))
+                        .push_bind(json_or_null(&span.events))
+                        .push_bind(json_or_null(&span.links))
+                        .push_bind(batch.batch_seq);
+                });
+                qb.push(" ON CONFLICT (call_id, span_id) DO NOTHING");
+                inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+            }
+            sqlx::query(ENSURE_CALL)
+                .bind(&batch.call_id)
+                .bind(&batch.agent_id)
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(PROGRESS)
+                .bind(&batch.call_id)
+                .bind(batch.late)
+                .bind(batch.total_batches)
+                .bind(batch.batch_seq)
+                .bind(i64::try_from(inserted).unwrap_or(i64::MAX))
+                .bind(batch.transcript_with_metrics.as_ref().map(Json))
+                .bind(&batch.agent_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(COMPLETE)
+                .bind(&batch.call_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<DetailOutcome, sqlx::Error>(DetailOutcome {
+                duplicate: false,
+                spans_inserted: inserted,
+            })
+        })?;
+        Ok(outcome)
+    }
+
+    /// One page of calls with a stored core, newest (by receipt) first.
+    pub(crate) async fn list_calls(&self, q: &CallListQuery) -> Result<Vec<Value>, IngestError> {
+        let rows: Vec<CallSummaryRow> = on_pool!(self, pool => {
+            let mut qb = QueryBuilder::new(
+                "SELECT call_id, agent_id, call_started_at, call_ended_at, duration_seconds, \
+                 end_reason, truncated, core_received_us, batches_received, spans_stored, \
+                 total_batches, complete FROM call_logs WHERE has_core",
+            );
+            if let Some(agent) = &q.agent_id {
+                qb.push(" AND agent_id = ").push_bind(agent);
+            }
+            if let Some((us, id)) = &q.before {
+                qb.push(" AND (core_received_us < ")
+                    .push_bind(*us)
+                    .push(" OR (core_received_us = ")
+                    .push_bind(*us)
+                    .push(" AND call_id < ")
+                    .push_bind(id)
+                    .push("))");
+            }
+            qb.push(" ORDER BY core_received_us DESC, call_id DESC LIMIT ")
+                .push_bind(q.limit);
+            qb.build_query_as().fetch_all(pool).await
+        })?;
+        Ok(rows.into_iter().map(CallSummaryRow::into_json).collect())
+    }
+
+    /// One page of a call's spans in storage order, after the row id `after`.
+    pub(crate) async fn list_spans(
+        &self,
+        call_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Value>, IngestError> {
+        let sql = "SELECT * FROM session_traces WHERE call_id = $1 AND id > $2 \
+                   ORDER BY id LIMIT $3";
+        let rows: Vec<SpanDbRow> = on_pool!(self, pool => {
+            sqlx::query_as(sql)
+                .bind(call_id)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows.into_iter().map(SpanDbRow::into_json).collect())
+    }
+}
+
+/// Records the Idempotency-Key (if any) inside `tx`; `false` when it was already recorded.
+async fn claim_key<'c, DB>(
+    tx: &mut sqlx::Transaction<'c, DB>,
+    key: Option<&str>,
+    call_id: &str,
+    now_us: i64,
+) -> Result<bool, sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'a> &'a mut DB::Connection: sqlx::Executor<'a, Database = DB>,
+    for<'a> &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: for<'a> sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> DB::Arguments: sqlx::IntoArguments<DB>,
+    DB::QueryResult: RowsAffected,
+{
+    let Some(key) = key else {
+        return Ok(true);
+    };
+    let done = sqlx::query::<DB>(
+        "INSERT INTO idempotency_keys (key, call_id, received_us) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(key)
+    .bind(call_id)
+    .bind(now_us)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows() > 0)
+}
+
+/// `rows_affected` of either backend's query result, for code generic over the backend.
+trait RowsAffected {
+    fn rows(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+fn json_or_null(v: &Value) -> Option<Json<&Value>> {
+    (!v.is_null()).then_some(Json(v))
+}
+
+/// `url` without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn us_to_ms(us: Option<i64>) -> Option<i64> {
+    us.map(|u| u / 1000)
+}
+
+#[derive(FromRow)]
+struct CallRow {
+    call_id: String,
+    agent_id: Option<String>,
+    has_core: bool,
+    schema_version: Option<i64>,
+    call_started_at: Option<String>,
+    call_ended_at: Option<String>,
+    duration_seconds: Option<f64>,
+    end_reason: Option<String>,
+    transcript_json: Option<Json<Value>>,
+    summary_metrics: Option<Json<Value>>,
+    telemetry_summary: Option<Json<Value>>,
+    truncated: Option<bool>,
+    extra: Option<Json<Value>>,
+    transcript_with_metrics: Option<Json<Value>>,
+    first_seen_us: i64,
+    core_received_us: Option<i64>,
+    batches_received: i64,
+    data_batches_received: i64,
+    spans_stored: i64,
+    total_batches: Option<i64>,
+    complete: bool,
+}
+
+impl CallRow {
+    fn into_json(self) -> Value {
+        let unwrap = |j: Option<Json<Value>>| j.map(|Json(v)| v);
+        json!({
+            "call_id": self.call_id,
+            "agent_id": self.agent_id,
+            "has_core": self.has_core,
+            "schema_version": self.schema_version,
+            "call_started_at": self.call_started_at,
+            "call_ended_at": self.call_ended_at,
+            "duration_seconds": self.duration_seconds,
+            "end_reason": self.end_reason,
+            "transcript_json": unwrap(self.transcript_json),
+            "summary_metrics": unwrap(self.summary_metrics),
+            "telemetry_summary": unwrap(self.telemetry_summary),
+            "truncated": self.truncated,
+            "extra": unwrap(self.extra),
+            "transcript_with_metrics": unwrap(self.transcript_with_metrics),
+            "first_seen_unix_ms": self.first_seen_us / 1000,
+            "received_at_unix_ms": us_to_ms(self.core_received_us),
+            "batches_received": self.batches_received,
+            "data_batches_received": self.data_batches_received,
+            "spans_stored": self.spans_stored,
+            "total_batches": self.total_batches,
+            "complete": self.complete,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct CallSummaryRow {
+    call_id: String,
+    agent_id: Option<String>,
+    call_started_at: Option<String>,
+    call_ended_at: Option<String>,
+    duration_seconds: Option<f64>,
+    end_reason: Option<String>,
+    truncated: Option<bool>,
+    core_received_us: Option<i64>,
+    batches_received: i64,
+    spans_stored: i64,
+    total_batches: Option<i64>,
+    complete: bool,
+}
+
+impl CallSummaryRow {
+    fn into_json(self) -> Value {
+        json!({
+            "call_id": self.call_id,
+            "agent_id": self.agent_id,
+            "call_started_at": self.call_started_at,
+            "call_ended_at": self.call_ended_at,
+            "duration_seconds": self.duration_seconds,
+            "end_reason": self.end_reason,
+            "truncated": self.truncated,
+            "received_at_unix_ms": us_to_ms(self.core_received_us),
+            "cursor": self.core_received_us.map(|us| format!("{us}:{}", self.call_id)),
+            "batches_received": self.batches_received,
+            "spans_stored": self.spans_stored,
+            "total_batches": self.total_batches,
+            "complete": self.complete,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct SpanDbRow {
+    id: i64,
+    call_id: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: Option<String>,
+    name: String,
+    operation: Option<String>,
+    kind: Option<String>,
+    start_time: Option<String>,
+    end_time: Option<String>,
+    duration_ms: Option<f64>,
+    status_code: Option<String>,
+    status_message: Option<String>,
+    attributes: Option<Json<Value>>,
+    events: Option<Json<Value>>,
+    links: Option<Json<Value>>,
+    batch_seq: i64,
+}
+
+impl SpanDbRow {
+    fn into_json(self) -> Value {
+        let unwrap = |j: Option<Json<Value>>| j.map(|Json(v)| v);
+        json!({
+            "id": self.id,
+            "call_id": self.call_id,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+            "name": self.name,
+            "operation": self.operation,
+            "kind": self.kind,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "duration_ms": self.duration_ms,
+            "status": {"code": self.status_code, "message": self.status_message},
+            "attributes": unwrap(self.attributes),
+            "events": unwrap(self.events),
+            "links": unwrap(self.links),
+            "batch_seq": self.batch_seq,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_credentials() {
+        assert_eq!(redact("mysql://u:secret@h/db"), "mysql://…@h/db");
+        assert_eq!(redact("nonsense"), "nonsense");
+    }
+}
