@@ -1,0 +1,618 @@
+//! Wire contract v1: the core summary (phase 1) and detail batches (phase 2), as JSON bytes.
+//!
+//! Spans are written straight into a byte buffer (no intermediate `serde_json::Value`); the
+//! core is a serde struct, shortened until it fits `CALLSCOPE_MAX_SUMMARY_BYTES`.
+
+use std::time::SystemTime;
+
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId};
+use opentelemetry::{Array, KeyValue, Value};
+use opentelemetry_sdk::trace::SpanData;
+use serde::Serialize;
+
+use crate::call::{CallState, TurnRecord, ms, truncate_str};
+use crate::semantics::Operation;
+
+/// Schema version carried by every body.
+pub(crate) const SCHEMA_VERSION: u32 = 1;
+/// Marker appended to an attribute value shortened to fit the request cap.
+const TRUNCATION_MARK: &str = "…[truncated by callscope]";
+/// Text kept per transcript line once a summary must shrink.
+const SHORT_LINE_BYTES: usize = 1000;
+
+/// RFC 3339 UTC with nanoseconds and a `Z`.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn push_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
+    if !*first {
+        out.push(b',');
+    }
+    *first = false;
+    push_str(out, key);
+    out.push(b':');
+}
+
+fn push_f64(out: &mut Vec<u8>, f: f64) {
+    if f.is_finite() {
+        let _ = serde_json::to_writer(&mut *out, &f);
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+fn push_time(out: &mut Vec<u8>, t: SystemTime) {
+    out.push(b'"');
+    out.extend_from_slice(rfc3339(t).as_bytes());
+    out.push(b'"');
+}
+
+fn push_capped_str(out: &mut Vec<u8>, s: &str, cap: usize, cut: &mut u64) {
+    if s.len() <= cap {
+        push_str(out, s);
+    } else {
+        *cut += 1;
+        let kept = truncate_str(s, cap);
+        let mut v = String::with_capacity(kept.len() + TRUNCATION_MARK.len());
+        v.push_str(kept);
+        v.push_str(TRUNCATION_MARK);
+        push_str(out, &v);
+    }
+}
+
+fn push_value(out: &mut Vec<u8>, v: &Value, cap: usize, cut: &mut u64) {
+    fn seq<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
+        out.push(b'[');
+        for (i, x) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            each(out, x);
+        }
+        out.push(b']');
+    }
+    match v {
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::I64(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        Value::F64(f) => push_f64(out, *f),
+        Value::String(s) => push_capped_str(out, s.as_str(), cap, cut),
+        Value::Array(Array::Bool(a)) => seq(out, a, |o, b| {
+            o.extend_from_slice(if *b { b"true" } else { b"false" })
+        }),
+        Value::Array(Array::I64(a)) => seq(out, a, |o, i| {
+            o.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes())
+        }),
+        Value::Array(Array::F64(a)) => seq(out, a, |o, f| push_f64(o, *f)),
+        Value::Array(Array::String(a)) => {
+            seq(out, a, |o, s| push_capped_str(o, s.as_str(), cap, cut))
+        }
+        other => push_str(out, &other.to_string()),
+    }
+}
+
+fn push_attrs(
+    out: &mut Vec<u8>,
+    attrs: &[KeyValue],
+    cap: usize,
+    cut: &mut u64,
+    extra: Option<(&str, u64)>,
+) {
+    out.push(b'{');
+    let mut first = true;
+    for kv in attrs {
+        push_key(out, &mut first, kv.key.as_str());
+        push_value(out, &kv.value, cap, cut);
+    }
+    if let Some((k, n)) = extra {
+        push_key(out, &mut first, k);
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    out.push(b'}');
+}
+
+fn kind_str(k: &SpanKind) -> &'static str {
+    match k {
+        SpanKind::Client => "client",
+        SpanKind::Server => "server",
+        SpanKind::Producer => "producer",
+        SpanKind::Consumer => "consumer",
+        SpanKind::Internal => "internal",
+    }
+}
+
+fn hex_trace(t: TraceId) -> String {
+    format!("{t:032x}")
+}
+
+fn hex_span(s: SpanId) -> String {
+    format!("{s:016x}")
+}
+
+/// Lengths of every string value in a span (attributes, events, links), for sizing.
+fn string_lengths(span: &SpanData) -> Vec<usize> {
+    fn of(attrs: &[KeyValue], out: &mut Vec<usize>) {
+        for kv in attrs {
+            match &kv.value {
+                Value::String(s) => out.push(s.as_str().len()),
+                Value::Array(Array::String(a)) => out.extend(a.iter().map(|s| s.as_str().len())),
+                _ => {}
+            }
+        }
+    }
+    let mut v = Vec::new();
+    of(&span.attributes, &mut v);
+    for e in span.events.iter() {
+        of(&e.attributes, &mut v);
+    }
+    for l in span.links.iter() {
+        of(&l.attributes, &mut v);
+    }
+    v
+}
+
+/// The largest per-value cap under which the string values of a span add up to `budget` bytes.
+fn value_cap(mut lens: Vec<usize>, budget: usize) -> usize {
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    let total: usize = lens.iter().sum();
+    if total <= budget {
+        return usize::MAX;
+    }
+    // Water-filling: the values longer than `cap` are cut to `cap`.
+    let (mut lo, mut hi) = (0usize, lens.first().copied().unwrap_or(0));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        let used: usize = lens
+            .iter()
+            .map(|l| (*l).min(mid) + TRUNCATION_MARK.len())
+            .sum();
+        if used <= budget {
+            lo = mid
+        } else {
+            hi = mid - 1
+        }
+    }
+    lo
+}
+
+/// Writes one span as a `session_traces` element, shortening the largest string values
+/// when the span would not fit `budget` bytes. Returns how many values were shortened.
+pub(crate) fn write_span(out: &mut Vec<u8>, span: &SpanData, op: Operation, budget: usize) -> u64 {
+    let start = out.len();
+    let mut cut = 0;
+    write_span_capped(out, span, op, usize::MAX, &mut cut);
+    if out.len() - start <= budget {
+        return 0;
+    }
+    // Too big: everything that is not a string value stays; cut the strings to fit.
+    let strings: usize = string_lengths(span).iter().sum();
+    let fixed = (out.len() - start).saturating_sub(strings);
+    let cap = value_cap(string_lengths(span), budget.saturating_sub(fixed + 64));
+    out.truncate(start);
+    cut = 0;
+    write_span_capped(out, span, op, cap, &mut cut);
+    cut
+}
+
+fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usize, cut: &mut u64) {
+    let ctx = &span.span_context;
+    let name = truncate_str(&span.name, cap.max(crate::call::MAX_NAME_BYTES));
+    out.push(b'{');
+    let mut f = true;
+    push_key(out, &mut f, "trace_id");
+    push_str(out, &hex_trace(ctx.trace_id()));
+    push_key(out, &mut f, "span_id");
+    push_str(out, &hex_span(ctx.span_id()));
+    push_key(out, &mut f, "parent_span_id");
+    if span.parent_span_id == SpanId::INVALID {
+        out.extend_from_slice(b"null");
+    } else {
+        push_str(out, &hex_span(span.parent_span_id));
+    }
+    push_key(out, &mut f, "name");
+    push_str(out, name);
+    push_key(out, &mut f, "operation");
+    push_str(out, op.as_str());
+    push_key(out, &mut f, "kind");
+    push_str(out, kind_str(&span.span_kind));
+    push_key(out, &mut f, "start_time");
+    push_time(out, span.start_time);
+    push_key(out, &mut f, "end_time");
+    push_time(out, span.end_time);
+    push_key(out, &mut f, "duration_ms");
+    push_f64(
+        out,
+        ms(span
+            .end_time
+            .duration_since(span.start_time)
+            .unwrap_or_default()),
+    );
+    push_key(out, &mut f, "status");
+    match &span.status {
+        Status::Unset => out.extend_from_slice(br#"{"code":"unset"}"#),
+        Status::Ok => out.extend_from_slice(br#"{"code":"ok"}"#),
+        Status::Error { description } => {
+            out.extend_from_slice(br#"{"code":"error","message":"#);
+            push_capped_str(out, description, cap, cut);
+            out.push(b'}');
+        }
+    }
+    push_key(out, &mut f, "attributes");
+    // When cutting, the span says how many of its attribute values were shortened.
+    let marker = (cap != usize::MAX)
+        .then(|| ("callscope.truncated_values", again_count(span, cap)))
+        .filter(|(_, n)| *n > 0);
+    push_attrs(out, &span.attributes, cap, cut, marker);
+    push_key(out, &mut f, "events");
+    out.push(b'[');
+    for (i, e) in span.events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"name":"#);
+        push_str(
+            out,
+            truncate_str(&e.name, cap.max(crate::call::MAX_NAME_BYTES)),
+        );
+        out.extend_from_slice(br#","time":"#);
+        push_time(out, e.timestamp);
+        out.extend_from_slice(br#","attributes":"#);
+        push_attrs(out, &e.attributes, cap, cut, None);
+        out.push(b'}');
+    }
+    out.push(b']');
+    push_key(out, &mut f, "links");
+    out.push(b'[');
+    for (i, l) in span.links.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"trace_id":"#);
+        push_str(out, &hex_trace(l.span_context.trace_id()));
+        out.extend_from_slice(br#","span_id":"#);
+        push_str(out, &hex_span(l.span_context.span_id()));
+        out.extend_from_slice(br#","attributes":"#);
+        push_attrs(out, &l.attributes, cap, cut, None);
+        out.push(b'}');
+    }
+    out.push(b']');
+    out.push(b'}');
+}
+
+/// How many attribute values of the span exceed `cap` (the span-level truncation marker).
+fn again_count(span: &SpanData, cap: usize) -> u64 {
+    let mut n = 0u64;
+    for kv in &span.attributes {
+        match &kv.value {
+            Value::String(s) if s.as_str().len() > cap => n += 1,
+            Value::Array(Array::String(a)) => {
+                n += a.iter().filter(|s| s.as_str().len() > cap).count() as u64
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// What identifies a call's detail batches.
+#[derive(Debug, Clone)]
+pub(crate) struct DetailMeta<'a> {
+    pub call_id: &'a str,
+    pub agent_id: &'a str,
+}
+
+impl DetailMeta<'_> {
+    /// Bytes of a non-final body around its spans (with room for a large `batch_seq`).
+    pub(crate) fn overhead(&self) -> usize {
+        let mut probe = Vec::new();
+        self.write_head(&mut probe, u32::MAX);
+        probe.extend_from_slice(br#"]},"final":false,"late":false}"#);
+        probe.len()
+    }
+
+    fn write_head(&self, out: &mut Vec<u8>, seq: u32) {
+        out.extend_from_slice(br#"{"schema_version":1,"call_id":"#);
+        push_str(out, self.call_id);
+        out.extend_from_slice(br#","agent_id":"#);
+        push_str(out, self.agent_id);
+        out.extend_from_slice(br#","update_type":"detailed_telemetry","batch_seq":"#);
+        out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        out.extend_from_slice(br#","telemetry_data":{"session_traces":["#);
+    }
+
+    /// A detail body: `spans` is the comma-joined span objects; `last` is the final part
+    /// (`total_batches` and the `transcript_with_metrics` JSON array) for the final batch.
+    pub(crate) fn body(
+        &self,
+        seq: u32,
+        spans: &[u8],
+        late: bool,
+        last: Option<(u32, &[u8])>,
+    ) -> Vec<u8> {
+        let extra = last.map_or(0, |(_, t)| t.len() + 64);
+        let mut out = Vec::with_capacity(self.overhead() + spans.len() + extra);
+        self.write_head(&mut out, seq);
+        out.extend_from_slice(spans);
+        out.extend_from_slice(b"]}");
+        match last {
+            Some((total, twm)) => {
+                out.extend_from_slice(br#","final":true,"total_batches":"#);
+                out.extend_from_slice(itoa::Buffer::new().format(total).as_bytes());
+                out.extend_from_slice(br#","transcript_with_metrics":"#);
+                out.extend_from_slice(twm);
+            }
+            None => out.extend_from_slice(br#","final":false"#),
+        }
+        if late {
+            out.extend_from_slice(br#","late":true"#);
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+#[derive(Serialize)]
+struct TurnJson<'a> {
+    turn: u64,
+    role: &'static str,
+    content: &'a str,
+    started_at: String,
+    llm_latency: Option<f64>,
+    tts_latency: Option<f64>,
+    stt_latency: Option<f64>,
+    ttft: Option<f64>,
+    tokens: u64,
+}
+
+/// The `transcript_with_metrics` array, at most `budget` bytes: later turns are left out
+/// first. Returns the JSON and how many records were left out.
+pub(crate) fn transcript_with_metrics(records: &[&TurnRecord], budget: usize) -> (Vec<u8>, u64) {
+    let mut out = Vec::with_capacity(256 * records.len().min(1024));
+    out.push(b'[');
+    let mut left_out = 0;
+    let mut item = Vec::new();
+    for r in records {
+        item.clear();
+        let j = TurnJson {
+            turn: r.turn,
+            role: r.role.as_str(),
+            content: &r.content,
+            started_at: rfc3339(r.started_at),
+            llm_latency: r.llm_latency,
+            tts_latency: r.tts_latency,
+            stt_latency: r.stt_latency,
+            ttft: r.ttft,
+            tokens: r.tokens,
+        };
+        let _ = serde_json::to_writer(&mut item, &j);
+        if out.len() + item.len() + 2 > budget {
+            left_out += 1;
+            continue;
+        }
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&item);
+    }
+    out.push(b']');
+    (out, left_out)
+}
+
+#[derive(Serialize)]
+struct TranscriptLine<'a> {
+    role: &'static str,
+    content: &'a str,
+    at: String,
+}
+
+#[derive(Serialize)]
+struct SummaryMetrics {
+    avg_latency: Option<f64>,
+    total_turns: u64,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct OpLatency {
+    count: u64,
+    avg: f64,
+    min: f64,
+    max: f64,
+}
+
+#[derive(Serialize)]
+struct Slow<'a> {
+    name: &'a str,
+    operation: &'static str,
+    duration_ms: f64,
+    trace_id: String,
+    span_id: String,
+    started_at: String,
+}
+
+#[derive(Serialize)]
+struct TelemetrySummary<'a> {
+    total_spans: u64,
+    error_count: u64,
+    avg_llm_latency: Option<f64>,
+    avg_tts_latency: Option<f64>,
+    avg_stt_latency: Option<f64>,
+    operation_counts: serde_json::Map<String, serde_json::Value>,
+    latency_by_operation: std::collections::BTreeMap<&'static str, OpLatency>,
+    slowest_operations: Vec<Slow<'a>>,
+}
+
+#[derive(Serialize)]
+struct Core<'a> {
+    schema_version: u32,
+    call_id: &'a str,
+    agent_id: &'a str,
+    call_started_at: String,
+    call_ended_at: String,
+    duration_seconds: f64,
+    end_reason: &'static str,
+    transcript_json: &'a [TranscriptLine<'a>],
+    summary_metrics: SummaryMetrics,
+    telemetry_summary: TelemetrySummary<'a>,
+    /// Traces this call covers: detail sent under a trace id (before the call id was known) joins by these.
+    trace_ids: Vec<String>,
+    truncated: bool,
+}
+
+/// A built core body.
+#[derive(Debug)]
+pub(crate) struct CoreBody {
+    pub json: Vec<u8>,
+    pub truncated: bool,
+}
+
+/// Why a core could not be built within its cap.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the core summary of call {call_id} needs {needed} bytes even without its transcript; raise CALLSCOPE_MAX_SUMMARY_BYTES above {needed}"
+)]
+pub(crate) struct CoreTooLarge {
+    pub call_id: String,
+    pub needed: usize,
+}
+
+/// Builds the core summary of an ended call, never larger than `max_bytes`: the transcript is
+/// shortened first (lines cut, then later lines left out), then the trace id list.
+pub(crate) fn core_body(
+    call: &CallState,
+    agent_id: &str,
+    end_reason: &'static str,
+    max_bytes: usize,
+) -> Result<CoreBody, CoreTooLarge> {
+    let now = SystemTime::now();
+    let started = call.started_at.unwrap_or(now);
+    let ended = call.ended_at.unwrap_or(started).max(started);
+    let agg = &call.agg;
+    let mean = |op: Operation| agg.ops[op.index()].mean();
+    let mut operation_counts = serde_json::Map::new();
+    let mut latency_by_operation = std::collections::BTreeMap::new();
+    for op in Operation::ALL {
+        let s = agg.ops[op.index()];
+        if s.count > 0 {
+            operation_counts.insert(op.as_str().to_owned(), s.count.into());
+            latency_by_operation.insert(
+                op.as_str(),
+                OpLatency {
+                    count: s.count,
+                    avg: s.sum_ms / s.count as f64,
+                    min: s.min_ms,
+                    max: s.max_ms,
+                },
+            );
+        }
+    }
+    let slowest = agg.slowest.sorted();
+    let entries = call.transcript.in_time_order();
+    let lines = |cap: usize| -> Vec<TranscriptLine<'_>> {
+        entries
+            .iter()
+            .map(|e| TranscriptLine {
+                role: e.role.as_str(),
+                content: truncate_str(&e.content, cap),
+                at: rfc3339(e.at),
+            })
+            .collect()
+    };
+    let full = lines(usize::MAX);
+    let short = lines(SHORT_LINE_BYTES);
+    let mut core = Core {
+        schema_version: SCHEMA_VERSION,
+        call_id: &call.call_id,
+        agent_id,
+        call_started_at: rfc3339(started),
+        call_ended_at: rfc3339(ended),
+        duration_seconds: ended
+            .duration_since(started)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        end_reason,
+        transcript_json: &full,
+        summary_metrics: SummaryMetrics {
+            avg_latency: agg.avg_latency(),
+            total_turns: agg.turns,
+            total_tokens: agg.tokens,
+        },
+        telemetry_summary: TelemetrySummary {
+            total_spans: agg.total_spans,
+            error_count: agg.error_count,
+            avg_llm_latency: mean(Operation::Llm),
+            avg_tts_latency: mean(Operation::Tts),
+            avg_stt_latency: mean(Operation::Stt),
+            operation_counts,
+            latency_by_operation,
+            slowest_operations: slowest
+                .iter()
+                .map(|s| Slow {
+                    name: &s.name,
+                    operation: s.op.as_str(),
+                    duration_ms: ms(s.duration),
+                    trace_id: hex_trace(s.trace_id),
+                    span_id: hex_span(s.span_id),
+                    started_at: rfc3339(s.started_at),
+                })
+                .collect(),
+        },
+        trace_ids: call.trace_ids.iter().map(|t| hex_trace(*t)).collect(),
+        truncated: call.transcript.truncated,
+    };
+    let encode = |c: &Core<'_>| serde_json::to_vec(c).unwrap_or_default();
+    let json = encode(&core);
+    if json.len() <= max_bytes {
+        return Ok(CoreBody {
+            truncated: core.truncated,
+            json,
+        });
+    }
+    core.truncated = true;
+    // 1. cut every line to a short length
+    core.transcript_json = &short;
+    let json = encode(&core);
+    if json.len() <= max_bytes {
+        return Ok(CoreBody {
+            truncated: true,
+            json,
+        });
+    }
+    // 2. keep the longest prefix of lines that fits (size grows with the count: binary search)
+    let (mut lo, mut hi) = (0usize, short.len());
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        core.transcript_json = &short[..mid];
+        if encode(&core).len() <= max_bytes {
+            lo = mid
+        } else {
+            hi = mid - 1
+        }
+    }
+    core.transcript_json = &short[..lo];
+    let json = encode(&core);
+    if json.len() <= max_bytes {
+        return Ok(CoreBody {
+            truncated: true,
+            json,
+        });
+    }
+    // 3. the trace id list
+    core.trace_ids.truncate(1);
+    let json = encode(&core);
+    if json.len() <= max_bytes {
+        return Ok(CoreBody {
+            truncated: true,
+            json,
+        });
+    }
+    Err(CoreTooLarge {
+        call_id: call.call_id.to_string(),
+        needed: json.len(),
+    })
+}

@@ -1,0 +1,365 @@
+//! [`CallSpanProcessor`]: the `SpanProcessor` the app registers. Its hot path only updates
+//! the call table and hands spans to the worker with a non-blocking send.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use opentelemetry::Context;
+use opentelemetry::baggage::BaggageExt;
+use opentelemetry::trace::{Span as _, TraceContextExt};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
+use crate::registry::{EndReason, Registry, Routed};
+use crate::semantics::{self, CallIdValue, Operation};
+use crate::stats::{Counters, Stats};
+use crate::transport::Transport;
+use crate::worker::{self, Control, DetailMsg};
+
+/// Shortest wait of `force_flush` for the worker (it waits `3 × CALLSCOPE_TIMEOUT_MS` or this).
+const MIN_FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// An OpenTelemetry [`SpanProcessor`] that groups a voice agent's spans by call, keeps running
+/// aggregates per call, sends a small core summary when a call ends (phase 1) and streams the
+/// full spans in byte-capped batches (phase 2).
+///
+/// Register it with the tracer provider; nothing else in the app changes:
+///
+/// ```no_run
+/// # fn main() -> Result<(), callscope::ConfigError> {
+/// let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+///     .with_span_processor(callscope::CallSpanProcessor::from_env()?)
+///     .build();
+/// # Ok(()) }
+/// ```
+///
+/// `on_start` / `on_end` never block and never do I/O; a single worker thread with its own
+/// current-thread tokio runtime does all delivery. `force_flush` delivers everything pending
+/// without ending calls; `shutdown` ends every open call (`end_reason: "shutdown"`) and
+/// delivers within the SDK's timeout.
+#[derive(Debug)]
+pub struct CallSpanProcessor {
+    /// `None` when disabled (`CALLSCOPE_DISABLED` / `OTEL_SDK_DISABLED`).
+    active: Option<Active>,
+}
+
+#[derive(Debug)]
+struct Active {
+    reg: Arc<Registry>,
+    worker: worker::Handle,
+    shut: AtomicBool,
+}
+
+impl CallSpanProcessor {
+    /// Builds the processor from the `CALLSCOPE_*` environment variables (see the README's
+    /// table). An invalid value is a [`ConfigError`] naming the variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_config(Config::from_env()?)
+    }
+
+    /// A builder: starts from the environment, and what is set in code wins.
+    pub fn builder() -> CallSpanProcessorBuilder {
+        CallSpanProcessorBuilder {
+            config: Config::builder(),
+        }
+    }
+
+    /// Builds the processor from a validated [`Config`] and starts its worker thread.
+    pub fn from_config(config: Config) -> Result<Self, ConfigError> {
+        if config.disabled {
+            tracing::info!(
+                "callscope disabled (CALLSCOPE_DISABLED or OTEL_SDK_DISABLED): spans pass through untouched"
+            );
+            return Ok(CallSpanProcessor { active: None });
+        }
+        let config = Arc::new(config);
+        let stats = Arc::new(Counters::default());
+        let transport =
+            Transport::new(&config, stats.clone()).map_err(|e| ConfigError::Startup {
+                reason: e.to_string(),
+            })?;
+        let reg = Arc::new(Registry::new(config, stats));
+        let worker = worker::spawn(reg.clone(), transport).map_err(|e| ConfigError::Startup {
+            reason: format!("could not start the worker thread: {e}"),
+        })?;
+        Ok(CallSpanProcessor {
+            active: Some(Active {
+                reg,
+                worker,
+                shut: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A snapshot of the counters: spans seen, calls open and ended by reason, summaries and
+    /// detail sent or failed, spans dropped by reason, bytes sent, truncations, late spans.
+    /// All zero when disabled.
+    pub fn stats(&self) -> Stats {
+        match &self.active {
+            Some(a) => a.reg.stats.snapshot(a.reg.open_calls() as u64),
+            None => Stats::default(),
+        }
+    }
+
+    /// Whether this processor does anything (false when disabled by configuration).
+    pub fn is_enabled(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+/// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
+fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
+    match cfg.detail {
+        DetailMode::All => true,
+        DetailMode::None => false,
+        DetailMode::Critical => {
+            op == Operation::Tool
+                || matches!(span.status, opentelemetry::trace::Status::Error { .. })
+                || span
+                    .end_time
+                    .duration_since(span.start_time)
+                    .unwrap_or_default()
+                    > cfg.critical_threshold
+        }
+    }
+}
+
+impl Active {
+    fn send_control(&self, c: Control) -> bool {
+        self.worker.control.send(c).is_ok()
+    }
+
+    fn route_detail(&self, span: SpanData, routed: &Routed) {
+        let cfg = &self.reg.config;
+        let stats = &self.reg.stats;
+        if !wants_detail(cfg, &span, routed.op) {
+            Counters::inc(&stats.detail_spans_filtered);
+            return;
+        }
+        let msg = DetailMsg {
+            call_id: routed.call_id.clone(),
+            span,
+            op: routed.op,
+            late: routed.late,
+            provisional: routed.provisional,
+        };
+        match self.worker.data.try_send(msg) {
+            Ok(()) => {
+                self.worker.enqueued.fetch_add(1, Ordering::Release);
+            }
+            Err(TrySendError::Full(_)) => {
+                let n = stats
+                    .spans_dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = n,
+                        "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
+                    );
+                }
+            }
+            Err(TrySendError::Closed(_)) => {
+                Counters::inc(&stats.spans_dropped_send_failed);
+            }
+        }
+    }
+
+    fn send_ends(&self, routed: Routed) {
+        if let Some((from, to)) = routed.joined {
+            self.send_control(Control::Join { from, to });
+        }
+        for e in routed.ended {
+            let mark = self.worker.enqueued.load(Ordering::Acquire);
+            if !self.send_control(Control::End(Box::new(e), mark)) {
+                Counters::inc(&self.reg.stats.summaries_failed);
+            }
+        }
+    }
+
+    /// Waits for the worker to answer `make(ack)`, at most `wait`.
+    fn ask(
+        &self,
+        wait: Duration,
+        make: impl FnOnce(u64, std::sync::mpsc::SyncSender<()>) -> Control,
+    ) -> OTelSdkResult {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let mark = self.worker.enqueued.load(Ordering::Acquire);
+        if !self.send_control(make(mark, tx)) {
+            return Err(OTelSdkError::InternalFailure(
+                "callscope worker is not running".into(),
+            ));
+        }
+        match rx.recv_timeout(wait) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(OTelSdkError::Timeout(wait)),
+        }
+    }
+}
+
+impl SpanProcessor for CallSpanProcessor {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        let Some(a) = &self.active else { return };
+        if a.shut.load(Ordering::Relaxed) {
+            return;
+        }
+        let keys = &a.reg.config.call_id_keys;
+        let trace = span.span_context().trace_id();
+        let baggage = cx.baggage();
+        if baggage.len() > 0 {
+            if let Some(v) = keys.iter().find_map(|k| baggage.get(k.as_str())) {
+                a.reg.learn(trace, CallIdValue::Str(v.as_str()));
+                return;
+            }
+        }
+        // A root span's start attributes are few: reading them now lets children, which end
+        // first, find their call at once.
+        let has_parent = cx.has_active_span() && cx.span().span_context().is_valid();
+        if !has_parent {
+            if let Some(data) = span.exported_data() {
+                if let Some(id) = semantics::find_call_id(&data.attributes, keys) {
+                    a.reg.learn(trace, id);
+                }
+            }
+        }
+    }
+
+    fn on_end(&self, span: SpanData) {
+        let Some(a) = &self.active else { return };
+        if a.shut.load(Ordering::Acquire) {
+            Counters::inc(&a.reg.stats.spans_dropped_after_shutdown);
+            return;
+        }
+        Counters::inc(&a.reg.stats.spans_seen);
+        let routed = a.reg.record(&span);
+        a.route_detail(span, &routed);
+        a.send_ends(routed);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let Some(a) = &self.active else { return Ok(()) };
+        if a.shut.load(Ordering::Acquire) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
+        let wait = (a.reg.config.timeout * 3).max(MIN_FLUSH_WAIT);
+        a.ask(wait, |mark, ack| Control::Flush { mark, ack })
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let Some(a) = &self.active else { return Ok(()) };
+        if a.shut.swap(true, Ordering::AcqRel) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
+        let started = Instant::now();
+        let mark = a.worker.enqueued.load(Ordering::Acquire);
+        for e in a.reg.end_all(EndReason::Shutdown) {
+            a.send_control(Control::End(Box::new(e), mark));
+        }
+        // The worker stops a little before the caller's deadline so it can count what is lost.
+        let deadline = started + timeout.mul_f64(0.9);
+        let result = a.ask(timeout, |mark, ack| Control::Shutdown {
+            mark,
+            deadline,
+            ack,
+        });
+        if let Ok(mut t) = a.worker.thread.lock() {
+            if let Some(t) = t.take() {
+                if result.is_ok() {
+                    let _ = t.join();
+                }
+            }
+        }
+        let s = self.stats();
+        tracing::info!(
+            summaries_sent = s.summaries_sent,
+            summaries_failed = s.summaries_failed,
+            spans_dropped = s.spans_dropped(),
+            "callscope shut down"
+        );
+        result
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Some(a) = &self.active {
+            let name = resource.get(&opentelemetry::Key::from_static_str("service.name"));
+            a.reg
+                .set_resource_agent_id(name.as_ref().map(|v| v.as_str()).as_deref());
+        }
+    }
+}
+
+macro_rules! forward {
+    ($( $(#[$doc:meta])* $name:ident ( $( $arg:ident : $ty:ty ),* ) ; )*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(self, $( $arg: $ty ),*) -> Self {
+                CallSpanProcessorBuilder { config: self.config.$name($( $arg ),*) }
+            }
+        )*
+    };
+}
+
+/// Sets up a [`CallSpanProcessor`] in code. Values set here win over the environment; see
+/// [`ConfigBuilder`] for each setting's variable and default.
+#[derive(Debug, Clone, Default)]
+pub struct CallSpanProcessorBuilder {
+    config: ConfigBuilder,
+}
+
+impl CallSpanProcessorBuilder {
+    forward! {
+        /// URL core summaries are POSTed to (`CALLSCOPE_ENDPOINT`).
+        endpoint(url: impl AsRef<str>);
+        /// URL detail batches are POSTed to (`CALLSCOPE_DETAILED_ENDPOINT`).
+        detailed_endpoint(url: impl AsRef<str>);
+        /// Sent as `Authorization: Bearer <key>` (`CALLSCOPE_API_KEY`).
+        api_key(key: impl Into<String>);
+        /// An extra request header (`CALLSCOPE_HEADERS`).
+        header(name: impl Into<String>, value: impl Into<String>);
+        /// `agent_id` in payloads (`CALLSCOPE_AGENT_ID`).
+        agent_id(id: impl Into<String>);
+        /// Attribute / baggage keys that carry the call id (`CALLSCOPE_CALL_ID_KEYS`).
+        call_id_keys(keys: impl IntoIterator<Item = impl Into<String>>);
+        /// Span names whose end ends the call (`CALLSCOPE_ROOT_SPAN_NAMES`).
+        root_span_names(names: impl IntoIterator<Item = impl Into<String>>);
+        /// A call with no span for this long is ended (`CALLSCOPE_CALL_IDLE_TIMEOUT_MS`).
+        call_idle_timeout(timeout: Duration);
+        /// Open calls kept before the oldest is evicted (`CALLSCOPE_MAX_OPEN_CALLS`).
+        max_open_calls(n: usize);
+        /// Hard cap on the core body (`CALLSCOPE_MAX_SUMMARY_BYTES`).
+        max_summary_bytes(bytes: usize);
+        /// Hard cap on any request body (`CALLSCOPE_MAX_REQUEST_BYTES`).
+        max_request_bytes(bytes: usize);
+        /// Which spans travel as detail (`CALLSCOPE_DETAIL`).
+        detail(mode: DetailMode);
+        /// Threshold of `DetailMode::Critical` (`CALLSCOPE_CRITICAL_MS`).
+        critical_threshold(threshold: Duration);
+        /// Request body compression (`CALLSCOPE_COMPRESSION`).
+        compression(compression: Compression);
+        /// Per-request timeout (`CALLSCOPE_TIMEOUT_MS`).
+        timeout(timeout: Duration);
+        /// Spans queued to the worker (`CALLSCOPE_QUEUE_SIZE`).
+        queue_size(n: usize);
+        /// Turns the processor off (`CALLSCOPE_DISABLED`).
+        disabled(disabled: bool);
+        /// A detail batch waiting this long is sent (`CALLSCOPE_BATCH_TIMEOUT_MS`).
+        batch_timeout(timeout: Duration);
+        /// Total time a payload is retried (`CALLSCOPE_RETRY_MAX_ELAPSED_MS`).
+        retry_max_elapsed(budget: Duration);
+        /// Detail uploads at once (`CALLSCOPE_MAX_CONCURRENT_DETAIL`).
+        max_concurrent_detail(n: usize);
+        /// Bound on all pending detail (`CALLSCOPE_MAX_BUFFER_BYTES`).
+        max_buffer_bytes(bytes: usize);
+        /// Ignore the process environment entirely.
+        without_env();
+    }
+
+    /// Validates the configuration and starts the processor.
+    pub fn build(self) -> Result<CallSpanProcessor, ConfigError> {
+        CallSpanProcessor::from_config(self.config.build()?)
+    }
+}

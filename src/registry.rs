@@ -1,0 +1,389 @@
+//! The table of open calls: grouping spans into calls, call ends, eviction, idle expiry.
+//!
+//! Shared by the span hot path (`on_start` / `on_end`) and the worker (idle scan, shutdown).
+//! The fast path takes one DashMap shard lock; creating or ending a call also takes the
+//! `lifecycle` mutex (lock order: lifecycle, then a shard — never the other way round).
+
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry_sdk::trace::SpanData;
+
+use crate::call::{CallState, SpanView, truncate_str};
+use crate::config::Config;
+use crate::semantics::{self, CallIdValue, Operation};
+use crate::stats::Counters;
+
+/// Longest call id kept; longer ones are cut (and counted).
+pub(crate) const MAX_CALL_ID_BYTES: usize = 256;
+
+/// Why a call ended (`end_reason` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndReason {
+    RootSpanEnded,
+    IdleTimeout,
+    Shutdown,
+    Evicted,
+}
+
+impl EndReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            EndReason::RootSpanEnded => "root_span_ended",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Evicted => "evicted",
+        }
+    }
+}
+
+/// A call that ended, with why.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    pub state: CallState,
+    pub reason: EndReason,
+}
+
+/// Where `on_end` put a span.
+#[derive(Debug)]
+pub(crate) struct Routed {
+    pub call_id: Arc<str>,
+    pub op: Operation,
+    /// The call had already ended: the span is a late span.
+    pub late: bool,
+    /// The call is still keyed by its trace id (no call id seen yet).
+    pub provisional: bool,
+    /// Calls this span ended (its own at a root span, others by eviction).
+    pub ended: Vec<Ended>,
+    /// A provisional call that this span's call id joined: `(from, to)`.
+    pub joined: Option<(Arc<str>, Arc<str>)>,
+}
+
+#[derive(Debug, Default)]
+struct Lifecycle {
+    /// Open calls in creation order (may hold ended ones; compacted now and then).
+    open_order: VecDeque<Arc<str>>,
+    /// Recently ended calls: spans for them are late spans.
+    ended: HashSet<Arc<str>>,
+    ended_order: VecDeque<(Arc<str>, Vec<TraceId>)>,
+}
+
+/// The open calls and the trace → call index.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    pub(crate) config: Arc<Config>,
+    pub(crate) stats: Arc<Counters>,
+    clock: Instant,
+    calls: DashMap<Arc<str>, CallState>,
+    traces: DashMap<TraceId, Arc<str>>,
+    lifecycle: Mutex<Lifecycle>,
+    resource_agent_id: RwLock<Option<Arc<str>>>,
+    /// How many ended calls are remembered for late-span detection.
+    ended_cap: usize,
+    /// Bound on the trace → call index.
+    traces_cap: usize,
+    /// Bytes of text kept per call.
+    text_cap: usize,
+}
+
+fn lock(m: &Mutex<Lifecycle>) -> MutexGuard<'_, Lifecycle> {
+    // A panic while holding the lock leaves consistent-enough state (sets and queues).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    pub(crate) fn new(config: Arc<Config>, stats: Arc<Counters>) -> Self {
+        let open = config.max_open_calls;
+        Registry {
+            ended_cap: open.saturating_mul(2).max(1024),
+            traces_cap: open.saturating_mul(64).max(65_536),
+            text_cap: config.max_summary_bytes,
+            calls: DashMap::with_capacity(open.min(1024)),
+            traces: DashMap::with_capacity(open.min(1024)),
+            lifecycle: Mutex::new(Lifecycle::default()),
+            resource_agent_id: RwLock::new(None),
+            clock: Instant::now(),
+            config,
+            stats,
+        }
+    }
+
+    /// The processor's monotonic clock, in ns since it started.
+    pub(crate) fn now_ns(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Open calls now.
+    pub(crate) fn open_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Records `service.name` of the provider's resource (the default agent id).
+    pub(crate) fn set_resource_agent_id(&self, id: Option<&str>) {
+        if let Ok(mut g) = self.resource_agent_id.write() {
+            *g = id.map(Arc::from);
+        }
+    }
+
+    /// `agent_id` for payloads: CALLSCOPE_AGENT_ID, else the resource's service.name.
+    pub(crate) fn agent_id(&self) -> Arc<str> {
+        if let Some(a) = &self.config.agent_id {
+            return Arc::from(a.as_str());
+        }
+        self.resource_agent_id
+            .read()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| Arc::from("unknown_service"))
+    }
+
+    /// The shared `Arc<str>` for a call id (no new allocation when the call is open).
+    fn intern(&self, id: &str) -> Arc<str> {
+        match self.calls.get(id) {
+            Some(e) => e.key().clone(),
+            None => Arc::from(id),
+        }
+    }
+
+    fn cut_call_id<'a>(&self, id: CallIdValue<'a>) -> Cow<'a, str> {
+        let id = match id {
+            CallIdValue::Str(s) => Cow::Borrowed(s),
+            CallIdValue::Int(i) => Cow::Owned(i.to_string()),
+        };
+        if id.len() <= MAX_CALL_ID_BYTES {
+            return id;
+        }
+        Counters::inc(&self.stats.call_ids_truncated);
+        tracing::warn!(
+            len = id.len(),
+            "call id longer than {MAX_CALL_ID_BYTES} bytes cut"
+        );
+        Cow::Owned(truncate_str(&id, MAX_CALL_ID_BYTES).to_owned())
+    }
+
+    fn map_trace(&self, trace: TraceId, call: &Arc<str>) {
+        if self.traces.len() < self.traces_cap {
+            self.traces.entry(trace).or_insert_with(|| call.clone());
+        }
+    }
+
+    /// `on_start`: learn the call id of a trace early, from the parent context's baggage or
+    /// (for a root span) from the attributes it starts with.
+    pub(crate) fn learn(&self, trace: TraceId, id: CallIdValue<'_>) {
+        if self.traces.contains_key(&trace) {
+            return;
+        }
+        let id = self.cut_call_id(id);
+        let key = self.intern(&id);
+        self.map_trace(trace, &key);
+    }
+
+    /// `on_end`: updates the span's call and says where the span's detail goes.
+    pub(crate) fn record(&self, span: &SpanData) -> Routed {
+        let keys = &self.config.call_id_keys;
+        let (op, facts) = semantics::read_span(&span.name, &span.attributes, keys);
+        let trace_id = span.span_context.trace_id();
+        let explicit = facts.call_id.map(|c| self.cut_call_id(c));
+        let is_root = span.parent_span_id == SpanId::INVALID
+            || self.config.root_span_names.iter().any(|n| *n == span.name);
+        let view = SpanView {
+            name: &span.name,
+            op,
+            trace_id,
+            span_id: span.span_context.span_id(),
+            parent_span_id: span.parent_span_id,
+            start: span.start_time,
+            end: span.end_time,
+            is_error: matches!(span.status, opentelemetry::trace::Status::Error { .. }),
+            is_user_turn: semantics::is_user_turn(&span.name),
+            facts,
+        };
+        let now = self.now_ns();
+        let mut routed = Routed {
+            call_id: Arc::from(""),
+            op,
+            late: false,
+            provisional: false,
+            ended: Vec::new(),
+            joined: None,
+        };
+
+        // 1. which call
+        let known = self.traces.get(&trace_id).map(|e| e.value().clone());
+        let key = match (explicit.as_deref(), known) {
+            (Some(id), Some(k)) if *k == *id => k,
+            (Some(id), Some(k)) if self.is_provisional(&k) => {
+                let real = self.join(&k, id, trace_id);
+                routed.joined = Some((k, real.clone()));
+                real
+            }
+            (Some(id), _) => {
+                let k = self.intern(id);
+                self.map_trace(trace_id, &k);
+                k
+            }
+            (None, Some(k)) => k,
+            (None, None) => {
+                let k: Arc<str> = Arc::from(format!("{trace_id:032x}"));
+                self.map_trace(trace_id, &k);
+                routed.provisional = true;
+                k
+            }
+        };
+
+        // 2. update it (fast path: one shard lock)
+        let mut cut = 0;
+        if let Some(mut c) = self.calls.get_mut(&*key) {
+            cut = c.record(&view, now);
+            routed.provisional = c.provisional;
+        } else {
+            let mut lc = lock(&self.lifecycle);
+            if let Some(mut c) = self.calls.get_mut(&*key) {
+                cut = c.record(&view, now);
+                routed.provisional = c.provisional;
+            } else if lc.ended.contains(&key) {
+                routed.late = true;
+                Counters::inc(&self.stats.late_spans);
+            } else {
+                self.evict_for_new(&mut lc, &mut routed.ended);
+                let mut st = CallState::new(key.clone(), routed.provisional, now, self.text_cap);
+                cut = st.record(&view, now);
+                self.calls.insert(key.clone(), st);
+                lc.open_order.push_back(key.clone());
+                Counters::inc(&self.stats.calls_started);
+            }
+        }
+        if cut > 0 {
+            Counters::add(&self.stats.text_truncations, cut);
+            tracing::debug!(call_id = %key, cut, "transcript text cut to the call's cap");
+        }
+
+        // 3. a root span ends its call
+        if is_root && !routed.late {
+            if let Some(e) = self.end(&key, EndReason::RootSpanEnded) {
+                routed.ended.push(e);
+            }
+        }
+        routed.call_id = key;
+        routed
+    }
+
+    fn is_provisional(&self, k: &str) -> bool {
+        self.calls.get(k).is_some_and(|c| c.provisional)
+    }
+
+    /// The call id `id` showed up on a trace whose spans so far sit in provisional call `prov`:
+    /// fold it into the real call and point the trace at it.
+    fn join(&self, prov: &Arc<str>, id: &str, trace: TraceId) -> Arc<str> {
+        let mut lc = lock(&self.lifecycle);
+        let real = self.intern(id);
+        self.traces.insert(trace, real.clone());
+        if lc.ended.contains(&real) {
+            // The real call is over: the provisional one lives on and ends by itself.
+            return real;
+        }
+        let Some((_, p)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
+            return real;
+        };
+        let cut = if let Some(mut r) = self.calls.get_mut(&*real) {
+            r.merge(p)
+        } else {
+            let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
+            let cut = st.merge(p);
+            self.calls.insert(real.clone(), st);
+            lc.open_order.push_back(real.clone());
+            cut
+        };
+        Counters::add(&self.stats.text_truncations, cut);
+        Counters::inc(&self.stats.calls_joined);
+        real
+    }
+
+    /// Keeps the open calls under `max_open_calls` by ending the oldest.
+    fn evict_for_new(&self, lc: &mut Lifecycle, out: &mut Vec<Ended>) {
+        while self.calls.len() >= self.config.max_open_calls {
+            let Some(oldest) = lc.open_order.pop_front() else {
+                break;
+            };
+            if let Some(e) = self.end_locked(lc, &oldest, EndReason::Evicted) {
+                tracing::warn!(call_id = %oldest, "open call evicted: CALLSCOPE_MAX_OPEN_CALLS reached");
+                out.push(e);
+            }
+        }
+        if lc.open_order.len() > self.config.max_open_calls.saturating_mul(2) + 64 {
+            lc.open_order.retain(|k| self.calls.contains_key(k));
+        }
+    }
+
+    /// Ends a call (if open) and remembers it for late-span detection.
+    pub(crate) fn end(&self, key: &str, reason: EndReason) -> Option<Ended> {
+        let mut lc = lock(&self.lifecycle);
+        self.end_locked(&mut lc, key, reason)
+    }
+
+    fn end_locked(&self, lc: &mut Lifecycle, key: &str, reason: EndReason) -> Option<Ended> {
+        let (k, state) = self.calls.remove(key)?;
+        self.remember_ended(lc, k, state.trace_ids.clone());
+        self.count_end(reason);
+        Some(Ended { state, reason })
+    }
+
+    fn remember_ended(&self, lc: &mut Lifecycle, k: Arc<str>, traces: Vec<TraceId>) {
+        lc.ended.insert(k.clone());
+        lc.ended_order.push_back((k, traces));
+        while lc.ended_order.len() > self.ended_cap {
+            if let Some((old, traces)) = lc.ended_order.pop_front() {
+                lc.ended.remove(&old);
+                for t in traces {
+                    self.traces.remove_if(&t, |_, v| *v == old);
+                }
+            }
+        }
+    }
+
+    fn count_end(&self, reason: EndReason) {
+        let c = match reason {
+            EndReason::RootSpanEnded => &self.stats.calls_ended_root,
+            EndReason::IdleTimeout => &self.stats.calls_ended_idle,
+            EndReason::Shutdown => &self.stats.calls_ended_shutdown,
+            EndReason::Evicted => &self.stats.calls_ended_evicted,
+        };
+        Counters::inc(c);
+    }
+
+    /// Ends every call idle for `CALLSCOPE_CALL_IDLE_TIMEOUT_MS` on the processor's clock.
+    pub(crate) fn expire_idle(&self) -> Vec<Ended> {
+        let now = self.now_ns();
+        let limit = u64::try_from(self.config.call_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let idle = |c: &CallState| now.saturating_sub(c.last_seen_ns) >= limit;
+        let expired: Vec<Arc<str>> = self
+            .calls
+            .iter()
+            .filter(|e| idle(e.value()))
+            .map(|e| e.key().clone())
+            .collect();
+        let mut out = Vec::new();
+        for k in expired {
+            let mut lc = lock(&self.lifecycle);
+            if let Some((k, state)) = self.calls.remove_if(&k, |_, c| idle(c)) {
+                self.remember_ended(&mut lc, k, state.trace_ids.clone());
+                self.count_end(EndReason::IdleTimeout);
+                out.push(Ended {
+                    state,
+                    reason: EndReason::IdleTimeout,
+                });
+            }
+        }
+        out
+    }
+
+    /// Ends every open call (at shutdown).
+    pub(crate) fn end_all(&self, reason: EndReason) -> Vec<Ended> {
+        let keys: Vec<Arc<str>> = self.calls.iter().map(|e| e.key().clone()).collect();
+        keys.iter().filter_map(|k| self.end(k, reason)).collect()
+    }
+}

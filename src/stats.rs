@@ -1,0 +1,121 @@
+//! Counters kept by the processor and the snapshot [`Stats`] that `stats()` returns.
+//!
+//! Every drop, truncation and give-up increments a counter here; nothing is lost silently.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// A snapshot of the processor's counters, taken by
+        /// [`CallSpanProcessor::stats`](crate::CallSpanProcessor::stats).
+        ///
+        /// Counters only grow; `calls_open` is the number of calls open at the snapshot.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            /// Calls open (spans seen, not yet ended) at the time of the snapshot.
+            pub calls_open: u64,
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        /// The live counters behind [`Stats`].
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $( pub(crate) $name: AtomicU64, )*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self, calls_open: u64) -> Stats {
+                Stats {
+                    calls_open,
+                    $( $name: self.$name.load(Ordering::Relaxed), )*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Spans handed to `on_end` while enabled.
+    spans_seen,
+    /// Calls opened (first span of a call id seen).
+    calls_started,
+    /// Calls ended because their root span ended (`end_reason: "root_span_ended"`).
+    calls_ended_root,
+    /// Calls ended after `CALLSCOPE_CALL_IDLE_TIMEOUT_MS` without a span (`"idle_timeout"`).
+    calls_ended_idle,
+    /// Calls ended by `shutdown` (`"shutdown"`).
+    calls_ended_shutdown,
+    /// Calls ended early because `CALLSCOPE_MAX_OPEN_CALLS` was reached (`"evicted"`).
+    calls_ended_evicted,
+    /// Provisional calls (keyed by trace id) joined into the call whose id showed up later.
+    calls_joined,
+    /// Core summaries acknowledged by the receiver.
+    summaries_sent,
+    /// Core summaries given up on (rejected, retries exhausted, or shutdown timed out).
+    summaries_failed,
+    /// Core summaries whose transcript was shortened to fit `CALLSCOPE_MAX_SUMMARY_BYTES`.
+    summaries_truncated,
+    /// Detail batches acknowledged by the receiver.
+    detail_batches_sent,
+    /// Detail batches given up on.
+    detail_batches_failed,
+    /// Spans in acknowledged detail batches.
+    detail_spans_sent,
+    /// Spans not sent as detail because of `CALLSCOPE_DETAIL` (`critical` or `none`): by choice, not loss.
+    detail_spans_filtered,
+    /// Spans whose detail was dropped because the worker queue (`CALLSCOPE_QUEUE_SIZE`) was full.
+    spans_dropped_queue_full,
+    /// Spans whose detail was dropped because pending detail passed `CALLSCOPE_MAX_BUFFER_BYTES`.
+    spans_dropped_buffer_full,
+    /// Spans in detail batches that were given up on.
+    spans_dropped_send_failed,
+    /// Spans ended after `shutdown` (ignored).
+    spans_dropped_after_shutdown,
+    /// Spans that arrived for a call that had already ended (sent as late detail).
+    late_spans,
+    /// Request bodies sent, as bytes on the wire (after compression), acknowledged or not.
+    bytes_sent,
+    /// Request bodies before compression.
+    bytes_uncompressed,
+    /// HTTP requests retried.
+    requests_retried,
+    /// Texts (transcript lines, turn records) cut or left out to keep a call within its bounds.
+    text_truncations,
+    /// Attribute values shortened so a single span fits `CALLSCOPE_MAX_REQUEST_BYTES`.
+    attributes_truncated,
+    /// Call ids longer than 256 bytes, cut.
+    call_ids_truncated,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    #[inline]
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one to a counter.
+    #[inline]
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    /// Spans whose detail was lost for any reason (not counting `detail_spans_filtered`).
+    pub fn spans_dropped(&self) -> u64 {
+        self.spans_dropped_queue_full
+            + self.spans_dropped_buffer_full
+            + self.spans_dropped_send_failed
+            + self.spans_dropped_after_shutdown
+    }
+
+    /// Calls ended for any reason.
+    pub fn calls_ended(&self) -> u64 {
+        self.calls_ended_root
+            + self.calls_ended_idle
+            + self.calls_ended_shutdown
+            + self.calls_ended_evicted
+    }
+}
