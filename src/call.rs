@@ -346,7 +346,8 @@ impl TurnAcc {
             Operation::Stt => self.stt_ms = Some(d),
             _ => {}
         }
-        if let Some(t) = v.facts.ttft_ms {
+        // Time to first token is the LLM's (a tts/stt span's ttfb is its own first byte).
+        if let (Operation::Llm, Some(t)) = (v.op, v.facts.ttft_ms) {
             self.ttft_ms.get_or_insert(t);
         }
         self.tokens = self.tokens.saturating_add(v.facts.tokens());

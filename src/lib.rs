@@ -64,7 +64,7 @@ mod transport;
 mod worker;
 
 pub use config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-pub use processor::{CallSpanProcessor, CallSpanProcessorBuilder};
+pub use processor::{CallSpanProcessor, CallSpanProcessorBuilder, StatsHandle};
 pub use stats::Stats;
 
 /// Names of the environment variables and their defaults.

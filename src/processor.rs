@@ -99,15 +99,36 @@ impl CallSpanProcessor {
     /// detail sent or failed, spans dropped by reason, bytes sent, truncations, late spans.
     /// All zero when disabled.
     pub fn stats(&self) -> Stats {
-        match &self.active {
-            Some(a) => a.reg.stats.snapshot(a.reg.open_calls() as u64),
-            None => Stats::default(),
+        self.stats_handle().snapshot()
+    }
+
+    /// A cheap handle that reads [`stats`](Self::stats) after the processor was moved into the
+    /// tracer provider.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            reg: self.active.as_ref().map(|a| a.reg.clone()),
         }
     }
 
     /// Whether this processor does anything (false when disabled by configuration).
     pub fn is_enabled(&self) -> bool {
         self.active.is_some()
+    }
+}
+
+/// Reads a [`CallSpanProcessor`]'s counters from anywhere (clone it freely).
+#[derive(Debug, Clone)]
+pub struct StatsHandle {
+    reg: Option<Arc<Registry>>,
+}
+
+impl StatsHandle {
+    /// A snapshot of the counters; see [`CallSpanProcessor::stats`].
+    pub fn snapshot(&self) -> Stats {
+        match &self.reg {
+            Some(r) => r.stats.snapshot(r.open_calls() as u64),
+            None => Stats::default(),
+        }
     }
 }
 

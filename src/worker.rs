@@ -95,6 +95,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         tasks: JoinSet::new(),
         inflight: HashMap::new(),
         epoch: 0,
+        finished_epoch: 0,
         waiters: Vec::new(),
         stop_at: None,
         exit: false,
@@ -185,6 +186,8 @@ struct Worker {
     tasks: JoinSet<Delivery>,
     inflight: HashMap<Id, Inflight>,
     epoch: u64,
+    /// `epoch` right after the latest ended call was finished (its final batch dispatched).
+    finished_epoch: u64,
     waiters: Vec<Waiter>,
     stop_at: Option<Instant>,
     exit: bool,
@@ -599,6 +602,7 @@ impl Worker {
         if let Some(b) = self.buffers.remove(&key) {
             self.remember_seq(key, b.buf.next_seq);
         }
+        self.finished_epoch = self.epoch;
     }
 
     fn remember_seq(&mut self, key: Arc<str>, next: u32) {
@@ -630,6 +634,7 @@ impl Worker {
         }
         let min_inflight = self.inflight.values().map(|f| f.epoch).min();
         let epoch = self.epoch;
+        let finished_epoch = self.finished_epoch;
         let received = self.received;
         let pending_marks: Vec<u64> = self.pending.values().map(|p| p.mark).collect();
         let mut stop = false;
@@ -642,6 +647,8 @@ impl Worker {
                 w.epoch = Some(epoch);
                 return true;
             }
+            // Finals dispatched while the flush waited count too.
+            w.epoch = w.epoch.max(Some(finished_epoch));
             if min_inflight.is_some_and(|m| Some(m) < w.epoch) {
                 return true;
             }

@@ -1,0 +1,529 @@
+//! End-to-end tests of the processor against a real HTTP receiver on 127.0.0.1:0.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use callscope::{CallSpanProcessor, CallSpanProcessorBuilder, StatsHandle};
+use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use serde_json::Value;
+use support::voice::{self, CallShape, Truth};
+use support::{Receiver, Recorded, Reply, detail_span_ids};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn setup(
+    rx: &Receiver,
+    f: impl FnOnce(CallSpanProcessorBuilder) -> CallSpanProcessorBuilder,
+) -> (SdkTracerProvider, StatsHandle) {
+    support::init_logs();
+    let p = f(CallSpanProcessor::builder()
+        .without_env()
+        .endpoint(rx.url())
+        .agent_id("test-agent"))
+    .build()
+    .unwrap();
+    let stats = p.stats_handle();
+    (
+        SdkTracerProvider::builder().with_span_processor(p).build(),
+        stats,
+    )
+}
+
+fn t0(i: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 10_000)
+}
+
+fn approx(a: &Value, b: f64) {
+    let a = a.as_f64().unwrap_or_else(|| panic!("{a} is not a number"));
+    assert!((a - b).abs() < 1e-6, "{a} != {b}");
+}
+
+/// Every aggregate in a core summary equals the truth recorded while emitting.
+fn assert_core_matches(core: &Value, truth: &Truth) {
+    let ts = &core["telemetry_summary"];
+    assert_eq!(core["call_id"], truth.call_id.as_str());
+    assert_eq!(core["schema_version"], 1);
+    assert_eq!(
+        ts["total_spans"], truth.total_spans,
+        "total_spans of {}",
+        truth.call_id
+    );
+    assert_eq!(ts["error_count"], truth.errors);
+    for (op, n) in &truth.op_counts {
+        assert_eq!(ts["operation_counts"][op], *n, "count of {op}");
+    }
+    assert_eq!(
+        ts["operation_counts"].as_object().unwrap().len(),
+        truth.op_counts.len()
+    );
+    for (field, op) in [
+        ("avg_llm_latency", "llm"),
+        ("avg_tts_latency", "tts"),
+        ("avg_stt_latency", "stt"),
+    ] {
+        match truth.avg(op) {
+            Some(avg) => approx(&ts[field], avg),
+            None => assert!(ts[field].is_null()),
+        }
+    }
+    let top: Vec<f64> = ts["slowest_operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["duration_ms"].as_f64().unwrap())
+        .collect();
+    let want = truth.top5();
+    assert_eq!(top.len(), want.len());
+    for (a, b) in top.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "top-5 {top:?} != {want:?}");
+    }
+    for s in ts["slowest_operations"].as_array().unwrap() {
+        assert_eq!(s["trace_id"].as_str().unwrap().len(), 32);
+        assert_eq!(s["span_id"].as_str().unwrap().len(), 16);
+        assert!(s["started_at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(core["summary_metrics"]["total_tokens"], truth.tokens);
+    assert_eq!(core["summary_metrics"]["total_turns"], truth.turns);
+    let lines: Vec<(String, String)> = core["transcript_json"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["role"].as_str().unwrap().to_owned(),
+                l["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = truth
+        .transcript
+        .iter()
+        .map(|(r, c)| ((*r).to_owned(), c.clone()))
+        .collect();
+    assert_eq!(lines, want, "transcript of {}", truth.call_id);
+    assert_eq!(core["truncated"], false);
+}
+
+fn final_of<'a>(details: &'a [Recorded], call_id: &str) -> Vec<&'a Recorded> {
+    details
+        .iter()
+        .filter(|r| r.call_id() == call_id && r.json["final"] == true)
+        .collect()
+}
+
+#[test]
+fn three_calls_interleaved_on_threads_get_three_exact_summaries() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b);
+    let tracer = Arc::new(provider.tracer("voice"));
+    let barrier = Arc::new(Barrier::new(3));
+    let handles: Vec<_> = (0..3u64)
+        .map(|i| {
+            let tracer = tracer.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let shape = CallShape {
+                    turns: 6 + i as u32 * 2,
+                    tool_every: 2 + i as u32,
+                    ..CallShape::default()
+                };
+                voice::livekit_call(&*tracer, &format!("call-{i}"), &shape, t0(i), i * 1000)
+            })
+        })
+        .collect();
+    let truths: Vec<Truth> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    provider.force_flush().unwrap();
+    assert_eq!(rx.cores().len(), 3);
+    for t in &truths {
+        let core = rx.core_of(&t.call_id).unwrap();
+        assert_core_matches(&core, t);
+        assert_eq!(core["end_reason"], "root_span_ended");
+        assert_eq!(core["agent_id"], "test-agent");
+        // every span of the call arrived exactly once, under the right call
+        let ids = detail_span_ids(&rx.details(), &t.call_id);
+        assert_eq!(ids.len() as u64, t.total_spans);
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+    }
+    let s = stats.snapshot();
+    assert_eq!(s.calls_ended_root, 3);
+    assert_eq!(s.summaries_sent, 3);
+    assert_eq!(s.spans_dropped(), 0);
+    assert_eq!(s.calls_open, 0);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn livekit_session_with_old_and_new_attribute_names() {
+    let rx = Receiver::start();
+    let (provider, _stats) = setup(&rx, |b| b);
+    let tracer = provider.tracer("livekit");
+    let shape = CallShape {
+        turns: 8,
+        tool_every: 3,
+        mix_pii_names: true,
+        span_bytes: 0,
+    };
+    let truth = voice::livekit_call(&tracer, "lk-room-1", &shape, t0(1), 7);
+    provider.force_flush().unwrap();
+    let core = rx.core_of("lk-room-1").unwrap();
+    assert_core_matches(&core, &truth);
+    assert_eq!(truth.errors, 1, "the fixture makes one tool fail");
+    // agent response latency: from the end of each user turn to the start of the next tts
+    assert!(core["summary_metrics"]["avg_latency"].as_f64().unwrap() > 0.0);
+    // transcript_with_metrics on the final batch: one user and one assistant record per turn
+    let details = rx.details();
+    let finals = final_of(&details, "lk-room-1");
+    assert_eq!(finals.len(), 1);
+    let twm = finals[0].json["transcript_with_metrics"]
+        .as_array()
+        .unwrap();
+    assert_eq!(twm.len(), 16);
+    let assistant: Vec<&Value> = twm.iter().filter(|r| r["role"] == "assistant").collect();
+    assert_eq!(assistant.len(), 8);
+    for (i, r) in assistant.iter().enumerate() {
+        assert_eq!(r["turn"], i as u64 + 1);
+        assert!(
+            r["content"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("agent line {i}:"))
+        );
+        assert!(r["llm_latency"].as_f64().unwrap() >= 200.0);
+        assert!(r["tts_latency"].as_f64().unwrap() >= 150.0);
+        approx(&r["ttft"], 120.0);
+        assert_eq!(r["tokens"], 340 + i as u64 + i as u64 % 7);
+    }
+    for r in twm.iter().filter(|r| r["role"] == "user") {
+        assert!(r["stt_latency"].as_f64().unwrap() >= 300.0);
+    }
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn pipecat_session_maps_generic_keys() {
+    let rx = Receiver::start();
+    let (provider, _stats) = setup(&rx, |b| b);
+    let tracer = provider.tracer("pipecat");
+    let truth = voice::pipecat_call(&tracer, "conv-42", 4, t0(2));
+    provider.force_flush().unwrap();
+    let core = rx.core_of("conv-42").unwrap();
+    assert_core_matches(&core, &truth);
+    approx(&core["telemetry_summary"]["avg_llm_latency"], 300.0);
+    approx(&core["telemetry_summary"]["avg_tts_latency"], 200.0);
+    approx(&core["telemetry_summary"]["avg_stt_latency"], 250.0);
+    let details = rx.details();
+    let twm = final_of(&details, "conv-42")[0].json["transcript_with_metrics"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let a: Vec<&Value> = twm.iter().filter(|r| r["role"] == "assistant").collect();
+    assert_eq!(a.len(), 4);
+    assert_eq!(a[2]["turn"], 3);
+    approx(&a[2]["ttft"], 200.0);
+    assert_eq!(a[2]["tokens"], 110);
+    provider.shutdown().unwrap();
+}
+
+/// Opens a root span that is not ended; ends `n` children under it.
+fn open_call<T: Tracer>(tracer: &T, call_id: &str, n: usize) -> Context
+where
+    T::Span: Send + Sync + 'static,
+{
+    let root = tracer.build_with_context(
+        tracer
+            .span_builder("agent_session")
+            .with_attributes(vec![KeyValue::new("call_id", call_id.to_owned())]),
+        &Context::new(),
+    );
+    let cx = Context::new().with_span(root);
+    for i in 0..n {
+        let mut s = tracer.start_with_context(
+            if i % 2 == 0 {
+                "llm_request"
+            } else {
+                "tts_request"
+            },
+            &cx,
+        );
+        s.end();
+    }
+    cx
+}
+
+#[test]
+fn idle_timeout_ends_a_call_and_later_spans_are_late() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| {
+        b.call_idle_timeout(Duration::from_millis(100))
+            .batch_timeout(Duration::from_millis(50))
+    });
+    let tracer = provider.tracer("idle");
+    let cx = open_call(&tracer, "idle-1", 3);
+    assert!(
+        rx.wait_for(WAIT, |r| r.iter().any(|r| r.is_core())),
+        "no summary after the idle timeout"
+    );
+    let core = rx.core_of("idle-1").unwrap();
+    assert_eq!(core["end_reason"], "idle_timeout");
+    assert_eq!(core["telemetry_summary"]["total_spans"], 3);
+    // the root ends after its call did: a late span, sent as late detail
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let s = stats.snapshot();
+    assert_eq!(s.calls_ended_idle, 1);
+    assert_eq!(s.late_spans, 1);
+    // delivered once: in a `late` batch, or in the final one if the call was still finishing
+    let ids = detail_span_ids(&rx.details(), "idle-1");
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 4);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_ends_open_calls_and_delivers() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b);
+    let tracer = provider.tracer("shutdown");
+    let _a = open_call(&tracer, "open-a", 4);
+    let _b = open_call(&tracer, "open-b", 2);
+    provider.shutdown().unwrap();
+    let a = rx.core_of("open-a").unwrap();
+    assert_eq!(a["end_reason"], "shutdown");
+    assert_eq!(a["telemetry_summary"]["total_spans"], 4);
+    assert_eq!(
+        rx.core_of("open-b").unwrap()["telemetry_summary"]["total_spans"],
+        2
+    );
+    let details = rx.details();
+    assert_eq!(final_of(&details, "open-a").len(), 1);
+    assert_eq!(detail_span_ids(&details, "open-a").len(), 4);
+    let s = stats.snapshot();
+    assert_eq!(s.calls_ended_shutdown, 2);
+    assert_eq!(s.summaries_sent, 2);
+}
+
+#[test]
+fn eviction_ends_the_oldest_open_call() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.max_open_calls(2));
+    let tracer = provider.tracer("evict");
+    let _a = open_call(&tracer, "ev-a", 1);
+    let _b = open_call(&tracer, "ev-b", 1);
+    let _c = open_call(&tracer, "ev-c", 1);
+    provider.force_flush().unwrap();
+    assert_eq!(rx.core_of("ev-a").unwrap()["end_reason"], "evicted");
+    assert!(rx.core_of("ev-b").is_none());
+    let s = stats.snapshot();
+    assert_eq!(s.calls_ended_evicted, 1);
+    assert_eq!(s.calls_open, 2);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn a_5mb_transcript_is_cut_to_the_summary_cap() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| {
+        b.max_summary_bytes(500_000).max_request_bytes(1_000_000)
+    });
+    let tracer = provider.tracer("big");
+    let cx = open_call(&tracer, "chatty", 0);
+    for i in 0..100u64 {
+        let mut s = tracer.build_with_context(
+            tracer
+                .span_builder("user_turn")
+                .with_attributes(vec![KeyValue::new(
+                    "lk.user_transcript",
+                    voice::text(i, 50_000),
+                )]),
+            &cx,
+        );
+        s.end();
+    }
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let cores: Vec<Recorded> = rx.cores();
+    assert_eq!(cores.len(), 1);
+    assert!(
+        cores[0].json_len <= 500_000,
+        "core is {} bytes",
+        cores[0].json_len
+    );
+    assert_eq!(cores[0].json["truncated"], true);
+    assert!(
+        !cores[0].json["transcript_json"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(cores[0].json["telemetry_summary"]["total_spans"], 101);
+    let s = stats.snapshot();
+    assert_eq!(s.summaries_truncated, 1);
+    assert!(s.text_truncations > 0);
+    // every detail body fits its cap too, and all 101 spans arrived
+    for d in rx.details() {
+        assert!(d.json_len <= 1_000_000);
+    }
+    assert_eq!(detail_span_ids(&rx.details(), "chatty").len(), 101);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn five_hundred_10kb_spans_stream_in_capped_batches_and_final_follows_the_core_ack() {
+    const CAP: usize = 1_000_000;
+    // The core answer is held back: the final batch must still come after it.
+    let rx = Receiver::scripted(|_, body, _| {
+        if body.get("update_type").is_none() {
+            Reply::ok().delayed(Duration::from_millis(300))
+        } else {
+            Reply::ok()
+        }
+    });
+    let (provider, stats) = setup(&rx, |b| b.max_request_bytes(CAP).api_key("k-123"));
+    let tracer = provider.tracer("bulk");
+    let shape = CallShape {
+        turns: 62,
+        span_bytes: 10_000,
+        tool_every: 5,
+        mix_pii_names: false,
+    };
+    let truth = voice::livekit_call(&tracer, "bulk-1", &shape, t0(3), 5);
+    assert!(truth.total_spans >= 500, "{} spans", truth.total_spans);
+    provider.force_flush().unwrap();
+    let all = rx.requests();
+    let core = all.iter().find(|r| r.is_core()).unwrap();
+    assert_eq!(core.idempotency_key.as_deref(), Some("bulk-1:core"));
+    assert_eq!(core.authorization.as_deref(), Some("Bearer k-123"));
+    let details: Vec<&Recorded> = all.iter().filter(|r| !r.is_core()).collect();
+    assert!(
+        details.len() >= 5,
+        "10 KB × 500 spans under a 1 MB cap needs several batches, got {}: {:?}",
+        details.len(),
+        details
+            .iter()
+            .map(|d| (d.json_len, d.json["final"].clone()))
+            .collect::<Vec<_>>()
+    );
+    for d in &details {
+        assert!(
+            d.wire_len <= CAP && d.json_len <= CAP,
+            "batch of {} bytes",
+            d.json_len
+        );
+        assert_eq!(d.content_encoding.as_deref(), Some("gzip"));
+        let seq = d.json["batch_seq"].as_u64().unwrap();
+        assert_eq!(
+            d.idempotency_key.as_deref(),
+            Some(format!("bulk-1:detail:{seq}").as_str())
+        );
+    }
+    let recs: Vec<Recorded> = details.iter().map(|r| (*r).clone()).collect();
+    let ids = detail_span_ids(&recs, "bulk-1");
+    assert_eq!(ids.len() as u64, truth.total_spans);
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        ids.len(),
+        "a span was sent twice"
+    );
+    let finals: Vec<&&Recorded> = details.iter().filter(|r| r.json["final"] == true).collect();
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].json["total_batches"], details.len() as u64);
+    assert!(
+        finals[0].arrived >= core.answered,
+        "final batch sent before the core was acknowledged"
+    );
+    let mut seqs: Vec<u64> = details
+        .iter()
+        .map(|d| d.json["batch_seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..details.len() as u64).collect::<Vec<_>>());
+    // gzip on realistic spans
+    let wire: usize = details.iter().map(|d| d.wire_len).sum();
+    let raw: usize = details.iter().map(|d| d.json_len).sum();
+    assert!(wire * 3 < raw, "gzip ratio {raw}/{wire}");
+    let s = stats.snapshot();
+    assert_eq!(s.detail_spans_sent, truth.total_spans);
+    assert_eq!(s.detail_batches_sent, details.len() as u64);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn a_full_queue_drops_detail_but_never_the_summary() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.queue_size(1));
+    let tracer = Arc::new(provider.tracer("flood"));
+    let cx = open_call(&*tracer, "flood-1", 0);
+    let big = Arc::new(voice::text(1, 256 * 1024));
+    let per_thread = 150;
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let (tracer, cx, big) = (tracer.clone(), cx.clone(), big.clone());
+            s.spawn(move || {
+                for _ in 0..per_thread {
+                    let mut sp = tracer.build_with_context(
+                        tracer
+                            .span_builder("llm_request")
+                            .with_attributes(vec![KeyValue::new("gen_ai.prompt", big.to_string())]),
+                        &cx,
+                    );
+                    sp.end();
+                }
+            });
+        }
+    });
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let n = 2 * per_thread as u64 + 1;
+    let s = stats.snapshot();
+    assert_eq!(s.spans_seen, n);
+    assert!(
+        s.spans_dropped_queue_full > 0,
+        "queue of 1 never filled: {s:?}"
+    );
+    assert_eq!(s.detail_spans_sent + s.spans_dropped_queue_full, n, "{s:?}");
+    let core = rx.core_of("flood-1").unwrap();
+    assert_eq!(
+        core["telemetry_summary"]["total_spans"], n,
+        "the summary counts every span"
+    );
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn the_call_id_set_on_the_root_after_start_still_groups_its_children() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b);
+    let tracer = provider.tracer("late-id");
+    let root = tracer.start("agent_session");
+    let trace_id = root.span_context().trace_id();
+    let cx = Context::new().with_span(root);
+    // children end before the root knows its call id
+    for name in ["stt", "llm_request", "tts_request"] {
+        tracer.start_with_context(name, &cx).end();
+    }
+    cx.span()
+        .set_attribute(KeyValue::new("call_id", "joined-1"));
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let core = rx
+        .core_of("joined-1")
+        .expect("the call is named by its late id");
+    assert_eq!(core["telemetry_summary"]["total_spans"], 4);
+    assert!(
+        core["trace_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == &format!("{trace_id:032x}"))
+    );
+    assert_eq!(detail_span_ids(&rx.details(), "joined-1").len(), 4);
+    assert_eq!(stats.snapshot().calls_joined, 1);
+    provider.shutdown().unwrap();
+}
