@@ -59,6 +59,36 @@ pub struct CallShape {
     pub tool_every: u32,
     /// Use the newer `lk.pii.*` attribute names on odd turns.
     pub mix_pii_names: bool,
+    /// Reach this many spans per call with extra `tts_request` chunks (TTS streams sentence by
+    /// sentence), spread over the turns; `None` = the natural count.
+    pub target_spans: Option<u32>,
+}
+
+impl CallShape {
+    /// Spans a call of this shape emits.
+    pub fn spans(&self) -> u64 {
+        self.natural_spans()
+            .max(u64::from(self.target_spans.unwrap_or(0)))
+    }
+
+    fn tools(&self) -> u64 {
+        if self.tool_every == 0 {
+            0
+        } else {
+            u64::from(self.turns / self.tool_every)
+        }
+    }
+
+    fn natural_spans(&self) -> u64 {
+        1 + u64::from(self.turns) * 8 + self.tools()
+    }
+
+    /// Extra tts chunks in turn `i`.
+    fn extra_in_turn(&self, i: u32) -> u64 {
+        let extra = self.spans() - self.natural_spans();
+        let n = u64::from(self.turns.max(1));
+        (u64::from(i) + 1) * extra / n - u64::from(i) * extra / n
+    }
 }
 
 impl Default for CallShape {
@@ -68,6 +98,7 @@ impl Default for CallShape {
             span_bytes: 64,
             tool_every: 3,
             mix_pii_names: true,
+            target_spans: None,
         }
     }
 }
@@ -348,15 +379,20 @@ where
             c,
             vec![KeyValue::new("lk.response.ttfb", 0.08_f64)],
         );
-        e.span(
-            &tn_cx,
-            "tts_request",
-            "tts",
-            c + ms(2),
-            c + ms(tts_dur - 2),
-            vec![],
-            false,
-        );
+        let chunks = 1 + shape.extra_in_turn(turn);
+        let step = ((tts_dur - 4) / chunks).max(1);
+        for k in 0..chunks {
+            let s0 = c + ms(2 + k * step);
+            e.span(
+                &tn_cx,
+                "tts_request",
+                "tts",
+                s0,
+                s0 + ms(step),
+                vec![],
+                false,
+            );
+        }
         e.close(&tn_cx, "tts_node", "tts", c, c + ms(tts_dur));
         c += ms(tts_dur);
         e.close(&at_cx, "agent_turn", "turn", at_start, c);
