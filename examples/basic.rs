@@ -24,7 +24,11 @@ fn main() -> ExitCode {
     };
     let stats = processor.stats_handle();
     let provider = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name("basic-example-agent").build())
+        .with_resource(
+            Resource::builder()
+                .with_service_name("basic-example-agent")
+                .build(),
+        )
         .with_span_processor(processor)
         .build();
     let tracer = provider.tracer("basic");
@@ -37,11 +41,17 @@ fn main() -> ExitCode {
     let cx = Context::new().with_span(session);
     for turn in 0..3 {
         let mut user = tracer.start_with_context("user_turn", &cx);
-        user.set_attribute(KeyValue::new("lk.user_transcript", format!("question number {turn}")));
+        user.set_attribute(KeyValue::new(
+            "lk.user_transcript",
+            format!("question number {turn}"),
+        ));
         user.end();
         let agent_cx = cx.with_span(tracer.start_with_context("agent_turn", &cx));
         let mut llm = tracer.start_with_context("llm_node", &agent_cx);
-        llm.set_attribute(KeyValue::new("lk.response.text", format!("answer number {turn}")));
+        llm.set_attribute(KeyValue::new(
+            "lk.response.text",
+            format!("answer number {turn}"),
+        ));
         llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", 120_i64));
         llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", 30_i64));
         llm.end();
@@ -62,5 +72,9 @@ fn main() -> ExitCode {
         s.detail_spans_sent,
         s.spans_dropped()
     );
-    if s.summaries_sent == 1 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if s.summaries_sent == 1 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
