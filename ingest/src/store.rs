@@ -232,6 +232,7 @@ impl Store {
         let stored = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
+                tx.rollback().await?;
                 return Ok(false);
             }
             let done = sqlx::query(UPSERT)
@@ -250,6 +251,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             if done.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(false);
             }
             tx.commit().await?;
@@ -296,6 +298,7 @@ impl Store {
         let outcome = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
+                tx.rollback().await?;
                 return Ok(DUPLICATE);
             }
             let claimed = sqlx::query(CLAIM_BATCH)
@@ -309,6 +312,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             if claimed.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(DUPLICATE);
             }
             let mut inserted: u64 = 0;

@@ -37,7 +37,6 @@ CREATE TABLE detail_batches (
     late           BOOLEAN NOT NULL,
     total_batches  BIGINT,
     span_count     BIGINT  NOT NULL,
-    spans_inserted BIGINT  NOT NULL,
     received_us    BIGINT  NOT NULL,
     PRIMARY KEY (call_id, batch_seq)
 );

@@ -1,0 +1,223 @@
+//! End-to-end tests: `serve` on 127.0.0.1:0, driven over real TCP with reqwest, on every backend.
+
+mod common;
+
+use std::sync::Arc;
+
+use callscope_ingest::{IngestConfig, IngestError, RunningServer, serve};
+use common::{KEY, backends, core, detail, gzip, key_for};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn start(url: &str, tweak: impl FnOnce(&mut IngestConfig)) -> RunningServer {
+    let mut config = IngestConfig::new(url);
+    config.api_keys = vec![KEY.to_owned()];
+    tweak(&mut config);
+    serve(config).await.expect("server starts")
+}
+
+async fn post(
+    client: &reqwest::Client,
+    server: &RunningServer,
+    body: &Value,
+) -> (StatusCode, Value) {
+    let resp = client
+        .post(server.endpoint())
+        .bearer_auth(KEY)
+        .header("idempotency-key", key_for(body))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_json(client: &reqwest::Client, server: &RunningServer, path: &str) -> Value {
+    client
+        .get(format!("http://{}{path}", server.local_addr))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .expect("request sent")
+        .json()
+        .await
+        .expect("JSON reply")
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_keys_or_with_an_unknown_database() {
+    let config = IngestConfig::new("sqlite://never-created.db");
+    assert!(matches!(serve(config).await, Err(IngestError::NoApiKeys)));
+    let mut config = IngestConfig::new("mysql://u:pw@h/db");
+    config.no_auth = true;
+    let err = serve(config).await.expect_err("unsupported URL");
+    assert!(
+        matches!(err, IngestError::UnsupportedDatabaseUrl(_)),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("pw"), "password leaked: {err}");
+}
+
+#[tokio::test]
+async fn two_phase_delivery_over_tcp() {
+    for db in backends().await {
+        let server = start(&db.url, |_| {}).await;
+        let client = reqwest::Client::new();
+        let health = get_json(&client, &server, "/healthz").await;
+        assert_eq!(health["ok"], true);
+
+        let (status, reply) = post(&client, &server, &core("e1", "agent-1")).await;
+        assert_eq!(status, StatusCode::OK, "[{}] {reply}", db.name);
+        // Detail batches gzip-compressed, as a sender does for large batches.
+        for (seq, body) in [
+            detail("e1", 0, 0..50, None),
+            detail("e1", 1, 50..80, Some(2)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let resp = client
+                .post(server.endpoint())
+                .header("x-api-key", KEY)
+                .header("idempotency-key", key_for(body))
+                .header("content-encoding", "gzip")
+                .header("content-type", "application/json")
+                .body(gzip(body.to_string().as_bytes()))
+                .send()
+                .await
+                .expect("request sent");
+            assert_eq!(resp.status(), StatusCode::OK, "batch {seq}");
+            assert!(resp.headers().contains_key("x-request-id"));
+        }
+        let call = get_json(&client, &server, "/v1/calls/e1").await;
+        assert_eq!(call["complete"], true, "[{}] {call}", db.name);
+        assert_eq!(call["spans_stored"], 80);
+        assert_eq!(server.store.get_call("e1").await.expect("get"), Some(call));
+
+        let resp = client
+            .post(server.endpoint())
+            .json(&core("e2", "a"))
+            .send()
+            .await;
+        assert_eq!(resp.expect("sent").status(), StatusCode::UNAUTHORIZED);
+
+        let store = server.store.clone();
+        server.shutdown().await.expect("clean shutdown");
+        assert_eq!(
+            store.span_count("e1").await.expect("store still usable"),
+            80
+        );
+        assert_eq!(store.duplicate_span_rows().await.expect("count"), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_duplicates_are_stored_once() {
+    const TASKS: usize = 24;
+    for db in backends().await {
+        let server = Arc::new(start(&db.url, |_| {}).await);
+        let client = reqwest::Client::new();
+        for body in [core("d1", "agent-1"), detail("d1", 0, 0..40, None)] {
+            let body = Arc::new(body);
+            let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|_| {
+                    let (client, server, body, barrier) = (
+                        client.clone(),
+                        server.clone(),
+                        body.clone(),
+                        barrier.clone(),
+                    );
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        post(&client, &server, &body).await
+                    })
+                })
+                .collect();
+            let mut fresh = 0;
+            for t in tasks {
+                let (status, reply) = t.await.expect("task");
+                assert_eq!(status, StatusCode::OK, "[{}] {reply}", db.name);
+                if reply["duplicate"] == json!(false) {
+                    fresh += 1;
+                }
+            }
+            assert_eq!(
+                fresh,
+                1,
+                "[{}] exactly one stores {}",
+                db.name,
+                key_for(&body)
+            );
+        }
+        assert_eq!(server.store.span_count("d1").await.expect("count"), 40);
+
+        // Different batches of one call at once: progress counters must not lose updates.
+        let batches = 12u64;
+        let tasks: Vec<_> = (0..batches)
+            .map(|seq| {
+                let (client, server) = (client.clone(), server.clone());
+                let total = (seq == batches - 1).then_some(batches);
+                let first = u32::try_from(seq * 10).expect("small");
+                let body = detail("d2", seq, first..first + 10, total);
+                tokio::spawn(async move { post(&client, &server, &body).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.expect("task").0, StatusCode::OK);
+        }
+        let call = server
+            .store
+            .get_call("d2")
+            .await
+            .expect("get")
+            .expect("stored");
+        assert_eq!(call["batches_received"], 12, "[{}] {call}", db.name);
+        assert_eq!(call["spans_stored"], 120);
+        assert_eq!(call["complete"], true);
+        assert_eq!(server.store.total_span_count().await.expect("count"), 160);
+        assert_eq!(server.store.duplicate_span_rows().await.expect("count"), 0);
+        let server = Arc::into_inner(server).expect("all tasks done");
+        server.shutdown().await.expect("clean shutdown");
+    }
+}
+
+#[tokio::test]
+async fn limits_hold_over_tcp() {
+    for db in backends().await {
+        let server = start(&db.url, |c| {
+            c.max_body_bytes = 50_000;
+            c.max_decompressed_bytes = 2_000_000;
+        })
+        .await;
+        let client = reqwest::Client::new();
+        let (status, reply) = post(&client, &server, &detail("l1", 0, 0..200, None)).await;
+        assert_eq!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "[{}] {reply}",
+            db.name
+        );
+
+        let bomb = gzip(&vec![b'0'; 20_000_000]);
+        assert!(bomb.len() < 50_000);
+        let resp = client
+            .post(server.endpoint())
+            .header("x-api-key", KEY)
+            .header("content-encoding", "gzip")
+            .body(bomb)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        let (status, reply) = post(&client, &server, &json!({"schema_version": 1})).await;
+        assert_eq!(
+            (status, reply["field"].clone()),
+            (StatusCode::BAD_REQUEST, json!("call_id"))
+        );
+        assert_eq!(server.store.total_span_count().await.expect("count"), 0);
+        server.shutdown().await.expect("clean shutdown");
+    }
+}
