@@ -1,0 +1,132 @@
+//! The processor and the real ingest server end to end: processor → HTTP → database rows.
+//! Runs on SQLite, and on PostgreSQL when `CALLSCOPE_TEST_DATABASE_URL` is set.
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+mod support;
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use callscope::{CallSpanProcessor, Compression};
+use callscope_ingest::{IngestConfig, serve};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use support::voice::{self, CallShape};
+
+/// Database URLs to run on: a fresh SQLite file, and a fresh PostgreSQL schema when configured.
+fn databases(tmp: &tempfile::TempDir, name: &str) -> Vec<(String, Option<String>)> {
+    let mut v = vec![(
+        format!(
+            "sqlite://{}",
+            tmp.path().join(format!("{name}.db")).display()
+        ),
+        None,
+    )];
+    match std::env::var("CALLSCOPE_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            let schema = format!("e2e_{name}_{:08x}", fastrand::u32(..));
+            let sep = if url.contains('?') { '&' } else { '?' };
+            v.push((
+                format!("{url}{sep}options=-csearch_path%3D{schema}"),
+                Some(schema),
+            ));
+        }
+        _ => eprintln!("{name}: PostgreSQL variant skipped (CALLSCOPE_TEST_DATABASE_URL not set)"),
+    }
+    v
+}
+
+async fn create_schema(schema: &str) {
+    let url = std::env::var("CALLSCOPE_TEST_DATABASE_URL").unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn drop_schema(schema: &str) {
+    let url = std::env::var("CALLSCOPE_TEST_DATABASE_URL").unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Three calls of 500 spans × 10 KB (5 MB each, uncompressed on the wire) under the ingest
+/// server's 6 MB body limit: every span stored exactly once, every call complete.
+#[test]
+fn lambda_sized_limit_is_honoured_end_to_end() {
+    support::init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (url, schema) in databases(&tmp, "limit") {
+        if let Some(s) = &schema {
+            rt.block_on(create_schema(s));
+        }
+        let mut cfg = IngestConfig::new(url.clone());
+        cfg.api_keys = vec!["e2e-key".into()];
+        cfg.max_body_bytes = 6_000_000;
+        let server = rt.block_on(serve(cfg)).unwrap();
+        let processor = CallSpanProcessor::builder()
+            .without_env()
+            .endpoint(server.endpoint())
+            .api_key("e2e-key")
+            .compression(Compression::None)
+            .max_request_bytes(6_000_000)
+            .build()
+            .unwrap();
+        let stats = processor.stats_handle();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .build();
+        let tracer = provider.tracer("e2e");
+        let shape = CallShape {
+            turns: 50,
+            span_bytes: 10_000,
+            tool_every: 4,
+            mix_pii_names: true,
+            target_spans: Some(500),
+        };
+        let mut emitted = Vec::new();
+        for i in 0..3u64 {
+            let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 1000);
+            let truth = voice::livekit_call(&tracer, &format!("e2e-{i}"), &shape, t0, i);
+            assert_eq!(truth.total_spans, 500);
+            emitted.push(truth);
+        }
+        provider.force_flush().unwrap();
+        let s = stats.snapshot();
+        assert_eq!(s.summaries_sent, 3, "{url}: {s:?}");
+        assert_eq!(s.spans_dropped(), 0, "{url}: {s:?}");
+        assert_eq!(s.detail_batches_failed, 0, "{url}: {s:?}");
+        let store = server.store.clone();
+        rt.block_on(async {
+            assert_eq!(store.call_count().await.unwrap(), 3);
+            for t in &emitted {
+                assert_eq!(store.span_count(&t.call_id).await.unwrap(), 500, "{url}");
+                let call = store.get_call(&t.call_id).await.unwrap().unwrap();
+                assert_eq!(call["complete"], true, "{url}: {call}");
+                assert_eq!(call["telemetry_summary"]["total_spans"], 500);
+                assert!(call["transcript_with_metrics"].as_array().unwrap().len() >= 50);
+            }
+            assert_eq!(store.total_span_count().await.unwrap(), 1500);
+            assert_eq!(store.duplicate_span_rows().await.unwrap(), 0);
+        });
+        // 5 MB per call in bodies of up to 6 MB: none rejected by the server (413 would fail above)
+        assert!(s.detail_batches_sent >= 3, "{s:?}");
+        provider.shutdown().unwrap();
+        rt.block_on(server.shutdown()).unwrap();
+        if let Some(s) = &schema {
+            rt.block_on(drop_schema(s));
+        }
+    }
+}
