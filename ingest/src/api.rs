@@ -383,6 +383,13 @@ fn page_limit(raw: Option<&str>, (default, max): (i64, i64)) -> Result<i64, ApiE
     }
 }
 
+/// The cursor of the next page: `field` of the last item when the page is full, else `None`.
+fn next_cursor(items: &[Value], limit: i64, field: &str) -> Option<Value> {
+    let full = i64::try_from(items.len()).unwrap_or(i64::MAX) >= limit;
+    full.then(|| items.last().and_then(|item| item.get(field)).cloned())
+        .flatten()
+}
+
 fn params(q: Result<Query<ListParams>, QueryRejection>) -> Result<ListParams, ApiError> {
     q.map(|Query(p)| p)
         .map_err(|e| bad_param("query", &format!("malformed query string: {e}")))
@@ -414,11 +421,7 @@ async fn list_calls(
         limit,
     };
     let calls = state.store().list_calls(&query).await?;
-    let next_before = if i64::try_from(calls.len()).unwrap_or(i64::MAX) >= limit {
-        calls.last().and_then(|c| c.get("cursor")).cloned()
-    } else {
-        None
-    };
+    let next_before = next_cursor(&calls, limit, "cursor");
     Ok(Json(json!({"calls": calls, "next_before": next_before})).into_response())
 }
 
@@ -451,11 +454,7 @@ async fn list_spans(
         })?,
     };
     let spans = state.store().list_spans(&call_id, after, limit).await?;
-    let next_after: Option<Value> = if i64::try_from(spans.len()).unwrap_or(i64::MAX) >= limit {
-        spans.last().and_then(|s| s.get("id")).cloned()
-    } else {
-        None
-    };
+    let next_after = next_cursor(&spans, limit, "id");
     Ok(Json(json!({"call_id": call_id, "spans": spans, "next_after": next_after})).into_response())
 }
 

@@ -295,6 +295,10 @@ impl Store {
              AND data_batches_received >= total_batches) WHERE call_id = $1";
 
         let span_count = i64::try_from(batch.spans.len()).unwrap_or(i64::MAX);
+        // Insert in span_id order: concurrent batches that share spans then take their unique
+        // index locks in the same order and cannot deadlock each other in PostgreSQL.
+        let mut spans: Vec<&SpanRow> = batch.spans.iter().collect();
+        spans.sort_unstable_by(|a, b| a.span_id.cmp(&b.span_id));
         let outcome = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
@@ -316,13 +320,13 @@ impl Store {
                 return Ok(DUPLICATE);
             }
             let mut inserted: u64 = 0;
-            for chunk in batch.spans.chunks(SPAN_INSERT_CHUNK) {
+            for chunk in spans.chunks(SPAN_INSERT_CHUNK) {
                 let mut qb = QueryBuilder::new(
                     "INSERT INTO session_traces (call_id, trace_id, span_id, parent_span_id, \
                      name, operation, kind, start_time, end_time, duration_ms, status_code, \
                      status_message, attributes, events, links, batch_seq) ",
                 );
-                qb.push_values(chunk, |mut row, span: &SpanRow| {
+                qb.push_values(chunk, |mut row, span: &&SpanRow| {
                     row.push_bind(&batch.call_id)
                         .push_bind(&span.trace_id)
                         .push_bind(&span.span_id)
