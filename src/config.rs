@@ -509,13 +509,13 @@ fn redact_headers(headers: &[(String, String)]) -> Vec<(&str, &str)> {
 /// naming the matching variable.
 ///
 /// `Debug` output hides the API key and header values.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 #[must_use = "a ConfigBuilder does nothing until build() is called"]
 pub struct ConfigBuilder {
     endpoint: Option<String>,
     detailed_endpoint: Option<String>,
-    api_key: Option<String>,
-    headers: Vec<(String, String)>,
+    api_key: Option<Secret>,
+    headers: Vec<(String, Secret)>,
     agent_id: Option<String>,
     call_id_keys: Option<Vec<String>>,
     root_span_names: Option<Vec<String>>,
@@ -539,60 +539,13 @@ pub struct ConfigBuilder {
     without_env: bool,
 }
 
-impl fmt::Debug for ConfigBuilder {
+/// A value set in code that `Debug` must not show (API key, header values).
+#[derive(Clone, Default)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ConfigBuilder {
-            endpoint,
-            detailed_endpoint,
-            api_key,
-            headers,
-            agent_id,
-            call_id_keys,
-            root_span_names,
-            call_idle_timeout,
-            max_open_calls,
-            max_summary_bytes,
-            max_request_bytes,
-            detail,
-            critical_threshold,
-            compression,
-            timeout,
-            queue_size,
-            disabled,
-            batch_timeout,
-            retry_max_elapsed,
-            max_concurrent_detail,
-            max_buffer_bytes,
-            spool_dir,
-            spool_max_bytes,
-            without_env,
-        } = self;
-        f.debug_struct("ConfigBuilder")
-            .field("endpoint", endpoint)
-            .field("detailed_endpoint", detailed_endpoint)
-            .field("api_key", &api_key.as_ref().map(|_| REDACTED))
-            .field("headers", &redact_headers(headers))
-            .field("agent_id", agent_id)
-            .field("call_id_keys", call_id_keys)
-            .field("root_span_names", root_span_names)
-            .field("call_idle_timeout", call_idle_timeout)
-            .field("max_open_calls", max_open_calls)
-            .field("max_summary_bytes", max_summary_bytes)
-            .field("max_request_bytes", max_request_bytes)
-            .field("detail", detail)
-            .field("critical_threshold", critical_threshold)
-            .field("compression", compression)
-            .field("timeout", timeout)
-            .field("queue_size", queue_size)
-            .field("disabled", disabled)
-            .field("batch_timeout", batch_timeout)
-            .field("retry_max_elapsed", retry_max_elapsed)
-            .field("max_concurrent_detail", max_concurrent_detail)
-            .field("max_buffer_bytes", max_buffer_bytes)
-            .field("spool_dir", spool_dir)
-            .field("spool_max_bytes", spool_max_bytes)
-            .field("without_env", without_env)
-            .finish()
+        f.write_str(REDACTED)
     }
 }
 
@@ -611,7 +564,7 @@ impl ConfigBuilder {
 
     /// Bearer API key; see [`Config::api_key`], env `CALLSCOPE_API_KEY`.
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
+        self.api_key = Some(Secret(key.into()));
         self
     }
 
@@ -621,7 +574,7 @@ impl ConfigBuilder {
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into();
         self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
-        self.headers.push((name, value.into()));
+        self.headers.push((name, Secret(value.into())));
         self
     }
 
@@ -812,7 +765,7 @@ impl ConfigBuilder {
             None => endpoint.clone(),
         };
 
-        let api_key = env.or_code(ENV_API_KEY, self.api_key)?;
+        let api_key = env.or_code(ENV_API_KEY, self.api_key.map(|s| s.0))?;
         if let Some(key) = &api_key {
             check_api_key(key)?;
         }
@@ -821,7 +774,7 @@ impl ConfigBuilder {
             Some(raw) => parse_headers(&raw)?,
             None => Vec::new(),
         };
-        for (name, value) in self.headers {
+        for (name, Secret(value)) in self.headers {
             let (name, value) = check_header(&name, value)?;
             headers.retain(|(n, _)| *n != name);
             headers.push((name, value));
