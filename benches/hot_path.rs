@@ -1,1 +1,243 @@
-fn main(){}
+//! Caller cost per span (start + end, 8 attributes, voice-agent span names) as the app sees it,
+//! with no processor, the SDK's `BatchSpanProcessor` + a no-op exporter, and `CallSpanProcessor`
+//! whose worker delivers to a null HTTP receiver on 127.0.0.1 — all in the same run, on one
+//! thread and on two threads. Spans belong to calls of 500 spans (a root `agent_session` with a
+//! `call_id`, children under it); the root's start and end are part of the measured cost.
+//!
+//! `cargo bench --bench hot_path` (about 45 s on 2 cores).
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stderr)]
+
+#[path = "../examples/support/null_sink.rs"]
+mod null_sink;
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use callscope::{CallSpanProcessor, StatsHandle};
+use criterion::{Criterion, Throughput, criterion_group};
+use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::testing::trace::NoopSpanExporter;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+
+/// Spans per simulated call (root included).
+const SPANS_PER_CALL: u64 = 500;
+
+/// LiveKit Agents span names, in the mix a turn produces.
+const NAMES: [&str; 9] = [
+    "user_turn",
+    "stt",
+    "eou_detection",
+    "agent_turn",
+    "llm_node",
+    "llm_request",
+    "tts_node",
+    "tts_request",
+    "function_tool",
+];
+
+/// Eight attributes, as an agent sets them on an LLM/TTS span.
+fn attrs(i: u64) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("gen_ai.request.model", "gpt-4o-mini"),
+        KeyValue::new("gen_ai.usage.input_tokens", 300 + (i % 97) as i64),
+        KeyValue::new("gen_ai.usage.output_tokens", 40 + (i % 13) as i64),
+        KeyValue::new("lk.response.ttft", 0.12_f64),
+        KeyValue::new("lk.speech_id", "speech_5f2c1a9e"),
+        KeyValue::new("lk.room_name", "room-support-0042"),
+        KeyValue::new("lk.participant_identity", "sip_+15550100"),
+        KeyValue::new("lk.agent_name", "support-bot"),
+    ]
+}
+
+/// One app thread emitting the spans of consecutive calls.
+struct Caller<'t> {
+    tracer: &'t SdkTracer,
+    thread: u64,
+    n: u64,
+    calls: u64,
+    root: Option<Context>,
+}
+
+impl<'t> Caller<'t> {
+    fn new(tracer: &'t SdkTracer, thread: u64) -> Self {
+        Caller {
+            tracer,
+            thread,
+            n: 0,
+            calls: 0,
+            root: None,
+        }
+    }
+
+    fn span(&mut self) {
+        if self.n % SPANS_PER_CALL == 0 {
+            self.end_call();
+            self.calls += 1;
+            let root = self
+                .tracer
+                .span_builder("agent_session")
+                .with_attributes([KeyValue::new(
+                    "call_id",
+                    format!("call-{}-{}", self.thread, self.calls),
+                )])
+                .start_with_context(self.tracer, &Context::new());
+            self.root = Some(Context::new().with_span(root));
+            self.n += 1;
+        }
+        let Some(root) = &self.root else { return };
+        let i = self.n;
+        let mut s = self
+            .tracer
+            .span_builder(NAMES[(i % NAMES.len() as u64) as usize])
+            .with_attributes(attrs(i))
+            .start_with_context(self.tracer, root);
+        s.end();
+        self.n += 1;
+    }
+
+    fn end_call(&mut self) {
+        if let Some(root) = self.root.take() {
+            root.span().end();
+        }
+    }
+}
+
+/// Time for each of `threads` threads to emit `iters` spans (the slowest thread's time).
+fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Duration {
+    if threads == 1 {
+        let mut c = Caller::new(tracer, 0);
+        let t = Instant::now();
+        for _ in 0..iters {
+            c.span();
+        }
+        c.end_call();
+        return t.elapsed();
+    }
+    let barrier = Barrier::new(threads as usize);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|th| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut c = Caller::new(tracer, th);
+                    barrier.wait();
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        c.span();
+                    }
+                    c.end_call();
+                    t.elapsed()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .max()
+            .unwrap_or_default()
+    })
+}
+
+enum Pipeline {
+    None,
+    Bsp,
+    Callscope,
+}
+
+fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, Option<StatsHandle>) {
+    let b = SdkTracerProvider::builder();
+    match p {
+        Pipeline::None => (b.build(), None),
+        Pipeline::Bsp => (
+            b.with_span_processor(BatchSpanProcessor::builder(NoopSpanExporter::new()).build())
+                .build(),
+            None,
+        ),
+        Pipeline::Callscope => {
+            let cs = CallSpanProcessor::builder()
+                .without_env()
+                .endpoint(&sink.url)
+                .agent_id("bench")
+                .build()
+                .unwrap();
+            let stats = cs.stats_handle();
+            (b.with_span_processor(cs).build(), Some(stats))
+        }
+    }
+}
+
+fn caller_cost(c: &mut Criterion) {
+    let sink = null_sink::NullSink::start(1).unwrap();
+    for threads in [1u64, 2] {
+        let mut g = c.benchmark_group(format!("caller_cost/{threads}_thread"));
+        g.throughput(Throughput::Elements(1));
+        for (name, p) in [
+            ("no_processor", Pipeline::None),
+            ("sdk_batch_noop", Pipeline::Bsp),
+            ("callscope_null_http", Pipeline::Callscope),
+        ] {
+            let (provider, stats) = provider(&p, &sink);
+            let tracer = provider.tracer("bench");
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| black_box(run(&tracer, threads, iters)))
+            });
+            let _ = provider.force_flush();
+            if let Some(s) = stats {
+                let s = s.snapshot();
+                eprintln!(
+                    "  {name}/{threads}t: spans_seen={} queue_full_drops={} detail_spans_sent={} summaries_sent={} wire_bytes={}",
+                    s.spans_seen,
+                    s.spans_dropped_queue_full,
+                    s.detail_spans_sent,
+                    s.summaries_sent,
+                    s.bytes_sent
+                );
+            }
+            let _ = provider.shutdown();
+        }
+        g.finish();
+    }
+}
+
+/// `HOT_PATH_PROFILE=<none|bsp|callscope> HOT_PATH_SPANS=<n>`: emit n spans on one thread and
+/// exit, for `valgrind --tool=callgrind` (instruction counts per span are repeatable, unlike time).
+fn profile(which: &str) {
+    let spans = std::env::var("HOT_PATH_SPANS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000u64);
+    let p = match which {
+        "none" => Pipeline::None,
+        "bsp" => Pipeline::Bsp,
+        _ => Pipeline::Callscope,
+    };
+    let sink = null_sink::NullSink::start(1).unwrap();
+    let (provider, stats) = provider(&p, &sink);
+    let tracer = provider.tracer("bench");
+    let took = run(&tracer, 1, spans);
+    let _ = provider.force_flush();
+    eprintln!("{which}: {spans} spans in {took:?}");
+    if let Some(s) = stats {
+        eprintln!("  {:?}", s.snapshot());
+    }
+    let _ = provider.shutdown();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .configure_from_args();
+    targets = caller_cost
+}
+fn main() {
+    if let Ok(which) = std::env::var("HOT_PATH_PROFILE") {
+        profile(&which);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

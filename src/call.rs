@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry_sdk::trace::SpanData;
 
+use crate::fasthash::FastState;
 use crate::semantics::{Operation, SpanFacts};
 
 /// How many slowest spans a summary keeps.
@@ -33,7 +35,23 @@ pub(crate) struct SpanView<'a> {
     pub facts: SpanFacts<'a>,
 }
 
-impl SpanView<'_> {
+impl<'a> SpanView<'a> {
+    /// The view of an ended SDK span, classified as `op` with `facts` read from its attributes.
+    pub(crate) fn of(span: &'a SpanData, op: Operation, facts: SpanFacts<'a>) -> Self {
+        SpanView {
+            name: &span.name,
+            op,
+            trace_id: span.span_context.trace_id(),
+            span_id: span.span_context.span_id(),
+            parent_span_id: span.parent_span_id,
+            start: span.start_time,
+            end: span.end_time,
+            is_error: matches!(span.status, opentelemetry::trace::Status::Error { .. }),
+            is_user_turn: crate::semantics::is_user_turn(&span.name),
+            facts,
+        }
+    }
+
     /// Duration from the span's own timestamps; an end before the start counts as zero.
     pub(crate) fn duration(&self) -> Duration {
         self.end
@@ -105,12 +123,16 @@ pub(crate) struct SlowSpan {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TopK {
     items: Vec<SlowSpan>,
+    /// Duration of the fastest kept span once `TOP_K` are kept: most spans stop at this check.
+    floor: Duration,
 }
 
 impl TopK {
-    fn offer(&mut self, view: &SpanView<'_>, seq: u64) {
-        let duration = view.duration();
+    fn offer(&mut self, view: &SpanView<'_>, seq: u64, duration: Duration) {
         if self.items.len() == TOP_K {
+            if duration <= self.floor {
+                return;
+            }
             // Only a strictly slower span displaces the fastest kept one.
             let Some((idx, min)) = self.min() else { return };
             if duration <= min {
@@ -127,6 +149,15 @@ impl TopK {
             span_id: view.span_id,
             started_at: view.start,
         });
+        self.update_floor();
+    }
+
+    fn update_floor(&mut self) {
+        if self.items.len() == TOP_K
+            && let Some((_, min)) = self.min()
+        {
+            self.floor = min;
+        }
     }
 
     fn min(&self) -> Option<(usize, Duration)> {
@@ -149,12 +180,13 @@ impl TopK {
         for s in &other.items {
             if self.items.len() < TOP_K {
                 self.items.push(s.clone());
-            } else if let Some((idx, min)) = self.min() {
-                if s.duration > min {
-                    self.items[idx] = s.clone();
-                }
+            } else if let Some((idx, min)) = self.min()
+                && s.duration > min
+            {
+                self.items[idx] = s.clone();
             }
         }
+        self.update_floor();
     }
 }
 
@@ -193,8 +225,9 @@ impl Aggregates {
         if v.is_error {
             self.error_count += 1;
         }
-        self.ops[v.op.index()].add(ms(v.duration()));
-        self.slowest.offer(v, seq);
+        let d = v.duration();
+        self.ops[v.op.index()].add(ms(d));
+        self.slowest.offer(v, seq, d);
         self.tokens = self.tokens.saturating_add(v.facts.tokens());
         if v.op == Operation::Turn && !v.is_user_turn {
             self.turns += 1;
@@ -204,13 +237,13 @@ impl Aggregates {
             self.last_user_speech_end =
                 Some(self.last_user_speech_end.map_or(v.end, |e| e.max(v.end)));
             self.awaiting_agent_speech = true;
-        } else if v.op == Operation::Tts && self.awaiting_agent_speech {
-            if let Some(user_end) = self.last_user_speech_end {
-                if let Ok(gap) = v.start.duration_since(user_end) {
-                    self.response_latency.add(ms(gap));
-                    self.awaiting_agent_speech = false;
-                }
-            }
+        } else if v.op == Operation::Tts
+            && self.awaiting_agent_speech
+            && let Some(user_end) = self.last_user_speech_end
+            && let Ok(gap) = v.start.duration_since(user_end)
+        {
+            self.response_latency.add(ms(gap));
+            self.awaiting_agent_speech = false;
         }
     }
 
@@ -339,11 +372,11 @@ impl TurnAcc {
 
     /// Takes this span's own values: its own latency wins over a child's of the same type.
     fn absorb_own(&mut self, v: &SpanView<'_>, text_cap: usize) {
-        let d = ms(v.duration());
+        let d = || Some(ms(v.duration()));
         match v.op {
-            Operation::Llm => self.llm_ms = Some(d),
-            Operation::Tts => self.tts_ms = Some(d),
-            Operation::Stt => self.stt_ms = Some(d),
+            Operation::Llm => self.llm_ms = d(),
+            Operation::Tts => self.tts_ms = d(),
+            Operation::Stt => self.stt_ms = d(),
             _ => {}
         }
         // Time to first token is the LLM's (a tts/stt span's ttfb is its own first byte).
@@ -388,7 +421,7 @@ pub(crate) struct TurnRecord {
 /// Builds per-turn records from turn spans and the spans under them.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Turns {
-    open: HashMap<SpanId, TurnAcc>,
+    open: HashMap<SpanId, TurnAcc, FastState>,
     pub records: Vec<TurnRecord>,
     record_bytes: usize,
     agent_turns: u64,
@@ -745,7 +778,7 @@ mod tests {
             // top-5: a full stable sort by duration, slowest first, earliest arrival on ties.
             let mut all: Vec<(Duration, SpanId)> =
                 views.iter().map(|v| (v.duration(), v.span_id)).collect();
-            all.sort_by(|a, b| b.0.cmp(&a.0));
+            all.sort_by_key(|b| std::cmp::Reverse(b.0));
             let want: Vec<(Duration, SpanId)> = all.into_iter().take(TOP_K).collect();
             let got: Vec<(Duration, SpanId)> =
                 agg.slowest.sorted().iter().map(|s| (s.duration, s.span_id)).collect();

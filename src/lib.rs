@@ -54,14 +54,21 @@
 mod batch;
 mod call;
 mod config;
+mod fasthash;
 mod payload;
 mod processor;
 mod registry;
 mod retry;
 mod semantics;
+mod spool;
 mod stats;
 mod transport;
 mod worker;
+
+/// Unstable hooks for the benches in `benches/`; not part of the API (see the module).
+#[doc(hidden)]
+#[path = "bench_hooks.rs"]
+pub mod __bench;
 
 pub use config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
 pub use processor::{CallSpanProcessor, CallSpanProcessorBuilder, StatsHandle};

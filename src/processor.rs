@@ -228,24 +228,23 @@ impl SpanProcessor for CallSpanProcessor {
         if a.shut.load(Ordering::Relaxed) {
             return;
         }
-        let keys = &a.reg.config.call_id_keys;
+        let keys = &a.reg.id_keys;
         let trace = span.span_context().trace_id();
         let baggage = cx.baggage();
-        if baggage.len() > 0 {
-            if let Some(v) = keys.iter().find_map(|k| baggage.get(k.as_str())) {
-                a.reg.learn(trace, CallIdValue::Str(v.as_str()));
-                return;
-            }
+        if !baggage.is_empty()
+            && let Some(v) = keys.as_slice().iter().find_map(|k| baggage.get(k.as_str()))
+        {
+            a.reg.learn(trace, CallIdValue::Str(v.as_str()));
+            return;
         }
         // A root span's start attributes are few: reading them now lets children, which end
         // first, find their call at once.
         let has_parent = cx.has_active_span() && cx.span().span_context().is_valid();
-        if !has_parent {
-            if let Some(data) = span.exported_data() {
-                if let Some(id) = semantics::find_call_id(&data.attributes, keys) {
-                    a.reg.learn(trace, id);
-                }
-            }
+        if !has_parent
+            && let Some(data) = span.exported_data()
+            && let Some(id) = semantics::find_call_id(&data.attributes, keys)
+        {
+            a.reg.learn(trace, id);
         }
     }
 
@@ -287,12 +286,11 @@ impl SpanProcessor for CallSpanProcessor {
             deadline,
             ack,
         });
-        if let Ok(mut t) = a.worker.thread.lock() {
-            if let Some(t) = t.take() {
-                if result.is_ok() {
-                    let _ = t.join();
-                }
-            }
+        if let Ok(mut t) = a.worker.thread.lock()
+            && let Some(t) = t.take()
+            && result.is_ok()
+        {
+            let _ = t.join();
         }
         let s = self.stats();
         tracing::info!(

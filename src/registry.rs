@@ -15,7 +15,8 @@ use opentelemetry_sdk::trace::SpanData;
 
 use crate::call::{CallState, SpanView, truncate_str};
 use crate::config::Config;
-use crate::semantics::{self, CallIdValue, Operation};
+use crate::fasthash::FastState;
+use crate::semantics::{self, CallIdKeys, CallIdValue, Operation};
 use crate::stats::Counters;
 
 /// Longest call id kept; longer ones are cut (and counted).
@@ -77,9 +78,11 @@ struct Lifecycle {
 pub(crate) struct Registry {
     pub(crate) config: Arc<Config>,
     pub(crate) stats: Arc<Counters>,
+    /// `config.call_id_keys`, ready for the per-attribute test.
+    pub(crate) id_keys: CallIdKeys,
     clock: Instant,
-    calls: DashMap<Arc<str>, CallState>,
-    traces: DashMap<TraceId, Arc<str>>,
+    calls: DashMap<Arc<str>, CallState, FastState>,
+    traces: DashMap<TraceId, Arc<str>, FastState>,
     lifecycle: Mutex<Lifecycle>,
     resource_agent_id: RwLock<Option<Arc<str>>>,
     /// How many ended calls are remembered for late-span detection.
@@ -102,11 +105,12 @@ impl Registry {
             ended_cap: open.saturating_mul(2).max(1024),
             traces_cap: open.saturating_mul(64).max(65_536),
             text_cap: config.max_summary_bytes,
-            calls: DashMap::with_capacity(open.min(1024)),
-            traces: DashMap::with_capacity(open.min(1024)),
+            calls: DashMap::with_capacity_and_hasher(open.min(1024), FastState::default()),
+            traces: DashMap::with_capacity_and_hasher(open.min(1024), FastState::default()),
             lifecycle: Mutex::new(Lifecycle::default()),
             resource_agent_id: RwLock::new(None),
             clock: Instant::now(),
+            id_keys: CallIdKeys::new(&config.call_id_keys),
             config,
             stats,
         }
@@ -184,33 +188,17 @@ impl Registry {
 
     /// `on_end`: updates the span's call and says where the span's detail goes.
     pub(crate) fn record(&self, span: &SpanData) -> Routed {
-        let keys = &self.config.call_id_keys;
-        let (op, facts) = semantics::read_span(&span.name, &span.attributes, keys);
+        let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.id_keys);
         let trace_id = span.span_context.trace_id();
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
         let is_root = span.parent_span_id == SpanId::INVALID
             || self.config.root_span_names.iter().any(|n| *n == span.name);
-        let view = SpanView {
-            name: &span.name,
-            op,
-            trace_id,
-            span_id: span.span_context.span_id(),
-            parent_span_id: span.parent_span_id,
-            start: span.start_time,
-            end: span.end_time,
-            is_error: matches!(span.status, opentelemetry::trace::Status::Error { .. }),
-            is_user_turn: semantics::is_user_turn(&span.name),
-            facts,
-        };
+        let view = SpanView::of(span, op, facts);
         let now = self.now_ns();
-        let mut routed = Routed {
-            call_id: Arc::from(""),
-            op,
-            late: false,
-            provisional: false,
-            ended: Vec::new(),
-            joined: None,
-        };
+        let mut provisional = false;
+        let mut late = false;
+        let mut ended = Vec::new();
+        let mut joined = None;
 
         // 1. which call
         let known = self.traces.get(&trace_id).map(|e| e.value().clone());
@@ -218,7 +206,7 @@ impl Registry {
             (Some(id), Some(k)) if *k == *id => k,
             (Some(id), Some(k)) if self.is_provisional(&k) => {
                 let real = self.join(&k, id, trace_id);
-                routed.joined = Some((k, real.clone()));
+                joined = Some((k, real.clone()));
                 real
             }
             (Some(id), _) => {
@@ -230,7 +218,7 @@ impl Registry {
             (None, None) => {
                 let k: Arc<str> = Arc::from(format!("{trace_id:032x}"));
                 self.map_trace(trace_id, &k);
-                routed.provisional = true;
+                provisional = true;
                 k
             }
         };
@@ -239,18 +227,18 @@ impl Registry {
         let mut cut = 0;
         if let Some(mut c) = self.calls.get_mut(&*key) {
             cut = c.record(&view, now);
-            routed.provisional = c.provisional;
+            provisional = c.provisional;
         } else {
             let mut lc = lock(&self.lifecycle);
             if let Some(mut c) = self.calls.get_mut(&*key) {
                 cut = c.record(&view, now);
-                routed.provisional = c.provisional;
+                provisional = c.provisional;
             } else if lc.ended.contains(&key) {
-                routed.late = true;
+                late = true;
                 Counters::inc(&self.stats.late_spans);
             } else {
-                self.evict_for_new(&mut lc, &mut routed.ended);
-                let mut st = CallState::new(key.clone(), routed.provisional, now, self.text_cap);
+                self.evict_for_new(&mut lc, &mut ended);
+                let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
                 cut = st.record(&view, now);
                 self.calls.insert(key.clone(), st);
                 lc.open_order.push_back(key.clone());
@@ -263,13 +251,20 @@ impl Registry {
         }
 
         // 3. a root span ends its call
-        if is_root && !routed.late {
-            if let Some(e) = self.end(&key, EndReason::RootSpanEnded) {
-                routed.ended.push(e);
-            }
+        if is_root
+            && !late
+            && let Some(e) = self.end(&key, EndReason::RootSpanEnded)
+        {
+            ended.push(e);
         }
-        routed.call_id = key;
-        routed
+        Routed {
+            call_id: key,
+            op,
+            late,
+            provisional,
+            ended,
+            joined,
+        }
     }
 
     fn is_provisional(&self, k: &str) -> bool {

@@ -160,44 +160,91 @@ fn text(v: &Value) -> Option<&str> {
     as_str(v).filter(|s| !s.trim().is_empty())
 }
 
-/// Finds a call id under `keys` (first key in `keys` order wins) in attributes.
-pub(crate) fn find_call_id<'a>(attrs: &'a [KeyValue], keys: &[String]) -> Option<CallIdValue<'a>> {
-    let mut best: Option<(usize, CallIdValue<'a>)> = None;
-    for kv in attrs {
-        let key = kv.key.as_str();
-        if let Some(rank) = keys.iter().position(|k| k == key) {
-            if best.as_ref().is_some_and(|(r, _)| *r <= rank) {
-                continue;
-            }
-            let id = match &kv.value {
-                Value::String(s) if !s.as_str().is_empty() => CallIdValue::Str(s.as_str()),
-                Value::I64(i) => CallIdValue::Int(*i),
-                _ => continue,
-            };
-            best = Some((rank, id));
+/// The configured call-id keys (`CALLSCOPE_CALL_ID_KEYS`) with a mask of their lengths, so
+/// that almost every attribute key is ruled out by one bit test instead of string compares.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallIdKeys {
+    keys: Vec<String>,
+    lens: u64,
+}
+
+fn len_bit(len: usize) -> u64 {
+    1 << len.min(63)
+}
+
+impl CallIdKeys {
+    pub(crate) fn new(keys: &[String]) -> Self {
+        CallIdKeys {
+            lens: keys.iter().fold(0, |m, k| m | len_bit(k.len())),
+            keys: keys.to_vec(),
         }
+    }
+
+    /// The keys, first wins.
+    pub(crate) fn as_slice(&self) -> &[String] {
+        &self.keys
+    }
+
+    /// Position of `key` among the call-id keys.
+    #[inline]
+    fn rank(&self, key: &str) -> Option<usize> {
+        if self.lens & len_bit(key.len()) == 0 {
+            return None;
+        }
+        self.keys.iter().position(|k| k == key)
+    }
+}
+
+/// Keeps the call id of the best-ranked key seen so far (`best`) up to date with one attribute.
+#[inline]
+fn offer_call_id<'a>(
+    best: &mut Option<(usize, CallIdValue<'a>)>,
+    keys: &CallIdKeys,
+    kv: &'a KeyValue,
+) {
+    let Some(rank) = keys.rank(kv.key.as_str()) else {
+        return;
+    };
+    if best.as_ref().is_some_and(|(r, _)| *r <= rank) {
+        return;
+    }
+    let id = match &kv.value {
+        Value::String(s) if !s.as_str().is_empty() => CallIdValue::Str(s.as_str()),
+        Value::I64(i) => CallIdValue::Int(*i),
+        _ => return,
+    };
+    *best = Some((rank, id));
+}
+
+/// Finds a call id under `keys` (first key in `keys` order wins) in attributes.
+pub(crate) fn find_call_id<'a>(
+    attrs: &'a [KeyValue],
+    keys: &CallIdKeys,
+) -> Option<CallIdValue<'a>> {
+    let mut best = None;
+    for kv in attrs {
+        offer_call_id(&mut best, keys, kv);
     }
     best.map(|(_, id)| id)
 }
 
-/// Classifies a span and reads its facts in one pass over the attributes.
+/// Classifies a span and reads its facts (call id included) in one pass over the attributes.
 pub(crate) fn read_span<'a>(
     name: &str,
     attrs: &'a [KeyValue],
-    call_id_keys: &[String],
+    call_id_keys: &CallIdKeys,
 ) -> (Operation, SpanFacts<'a>) {
     let by_name = operation_by_name(name);
     let mut genai_op: Option<&str> = None;
     let mut has_tool_name = false;
-    let mut f = SpanFacts {
-        call_id: find_call_id(attrs, call_id_keys),
-        ..SpanFacts::default()
-    };
+    let mut f = SpanFacts::default();
+    let mut best_id = None;
     // Pipecat's generic keys (`transcript`, `output`) only count on the right span type,
     // which may only be known after the pass (gen_ai.operation.name): keep them aside.
     let mut generic_transcript: Option<&str> = None;
     let mut generic_output: Option<&str> = None;
     for kv in attrs {
+        offer_call_id(&mut best_id, call_id_keys, kv);
         let v = &kv.value;
         match kv.key.as_str() {
             "lk.user_transcript" | "lk.pii.user_transcript" => {
@@ -231,6 +278,7 @@ pub(crate) fn read_span<'a>(
             _ => {}
         }
     }
+    f.call_id = best_id.map(|(_, id)| id);
     let op = by_name.unwrap_or_else(|| match genai_op {
         Some(g) => operation_by_genai(g),
         None if has_tool_name => Operation::Tool,
@@ -249,11 +297,12 @@ pub(crate) fn read_span<'a>(
 mod tests {
     use super::*;
 
-    fn keys() -> Vec<String> {
-        ["call_id", "session.id", "conversation.id"]
+    fn keys() -> CallIdKeys {
+        let keys: Vec<String> = ["call_id", "session.id", "conversation.id"]
             .into_iter()
             .map(String::from)
-            .collect()
+            .collect();
+        CallIdKeys::new(&keys)
     }
 
     #[test]

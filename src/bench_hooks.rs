@@ -1,0 +1,145 @@
+//! **Unstable, not part of the API.** Thin wrappers over the pipeline's pure stages, so the
+//! criterion benches in `benches/` can time each stage alone on the same code the processor runs.
+//! Anything here may change or disappear in any release; applications must not use it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::SpanData;
+
+use crate::batch::CallBuffer;
+use crate::call::{CallState, SpanView};
+use crate::config::Config;
+use crate::payload;
+use crate::registry::Registry;
+use crate::semantics;
+use crate::stats::Counters;
+use crate::transport::Transport;
+
+/// Span classification and fact reading (`on_end`'s single attribute pass); returns the
+/// operation name and whether a call id was found under `keys`.
+pub fn classify(span: &SpanData, keys: &[String]) -> (&'static str, bool) {
+    let keys = semantics::CallIdKeys::new(keys);
+    let (op, facts) = semantics::read_span(&span.name, &span.attributes, &keys);
+    (op.as_str(), facts.call_id.is_some())
+}
+
+/// Call-id resolution from attributes (what `on_start` does for a root span): whether an id
+/// was found under `keys`.
+pub fn find_call_id(attrs: &[KeyValue], keys: &[String]) -> bool {
+    semantics::find_call_id(attrs, &semantics::CallIdKeys::new(keys)).is_some()
+}
+
+/// The call table alone (`on_end` without the hand-off to the worker): call-id resolution
+/// through the trace index, aggregate update under the call's shard lock, call ends.
+#[derive(Debug)]
+pub struct CallTable {
+    reg: Registry,
+}
+
+impl CallTable {
+    /// An empty table with `config`'s limits.
+    pub fn new(config: Config) -> Self {
+        CallTable {
+            reg: Registry::new(Arc::new(config), Arc::new(Counters::default())),
+        }
+    }
+
+    /// Records one ended span; returns how many calls it ended.
+    pub fn record(&self, span: &SpanData) -> usize {
+        self.reg.record(span).ended.len()
+    }
+
+    /// Calls open now.
+    pub fn open_calls(&self) -> usize {
+        self.reg.open_calls()
+    }
+}
+
+/// One call's running state (aggregates, top-5, transcript, turn records), fed span by span.
+#[derive(Debug)]
+pub struct Aggregate {
+    state: CallState,
+    keys: semantics::CallIdKeys,
+}
+
+impl Aggregate {
+    /// An empty call; `keys` are the call-id keys read from each span.
+    pub fn new(keys: Vec<String>) -> Self {
+        Aggregate {
+            state: CallState::new(Arc::from("bench-call"), false, 0, 500_000),
+            keys: semantics::CallIdKeys::new(&keys),
+        }
+    }
+
+    /// Reads and adds one span (classification plus aggregate update).
+    pub fn record(&mut self, span: &SpanData) {
+        let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.keys);
+        self.state.record(&SpanView::of(span, op, facts), 0);
+    }
+
+    /// Spans recorded.
+    pub fn total_spans(&self) -> u64 {
+        self.state.agg.total_spans
+    }
+
+    /// The core summary body (phase 1), at most `max_bytes`; `None` if it cannot fit.
+    pub fn core_json(&self, max_bytes: usize) -> Option<Vec<u8>> {
+        payload::core_body(&self.state, "bench-agent", "root_span_ended", max_bytes)
+            .ok()
+            .map(|c| c.json)
+    }
+
+    /// The `transcript_with_metrics` array of the final detail batch.
+    pub fn transcript_with_metrics(&self, budget: usize) -> Vec<u8> {
+        payload::transcript_with_metrics(&self.state.turns.in_time_order(), budget).0
+    }
+}
+
+/// Appends one span as a `session_traces` JSON element (the worker's serializer); returns how
+/// many values were shortened to fit `budget`.
+pub fn write_span(out: &mut Vec<u8>, span: &SpanData, budget: usize) -> u64 {
+    let (op, _) = semantics::read_span(&span.name, &span.attributes, &Default::default());
+    payload::write_span(out, span, op, budget)
+}
+
+/// The per-call byte-capped batcher: push serialized spans, get full batches back.
+#[derive(Debug, Default)]
+pub struct Batcher {
+    buf: CallBuffer,
+}
+
+impl Batcher {
+    /// Adds a serialized span; returns the byte size of the batch it completed, if any.
+    pub fn push(&mut self, span: &[u8], budget: usize) -> Option<usize> {
+        self.buf
+            .push(span, budget, Instant::now())
+            .map(|l| l.bytes.len())
+    }
+
+    /// Takes what is held (the last batch); returns its byte size.
+    pub fn take(&mut self) -> usize {
+        self.buf.take().bytes.len()
+    }
+}
+
+/// The transport's body encoder (gzip at the level the worker uses when `config` asks for it).
+#[derive(Debug)]
+pub struct Encoder {
+    transport: Transport,
+}
+
+impl Encoder {
+    /// An encoder for `config` (builds, but never uses, the HTTP client).
+    pub fn new(config: &Config) -> Option<Self> {
+        Transport::new(config, Arc::new(Counters::default()))
+            .ok()
+            .map(|transport| Encoder { transport })
+    }
+
+    /// The body as it would go on the wire.
+    pub fn encode(&self, json: &[u8]) -> Vec<u8> {
+        self.transport.encode(json)
+    }
+}
