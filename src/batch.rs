@@ -1,6 +1,15 @@
-//! Byte-capped batching of serialized spans, per call. Pure: no I/O, no clock of its own.
+//! Byte-capped batching of serialized spans, per call, and the rework of a detail body the
+//! receiver refused with 413 (split in halves, renumber, shorten a lone span). Pure: no I/O, no
+//! clock of its own.
 
 use std::time::Instant;
+
+use serde_json::Value;
+
+/// Appended to a string value shortened to fit (the same mark as the payload encoder's).
+const TRUNCATION_MARK: &str = "…[truncated by callscope]";
+/// Attribute on a span saying how many of its values were shortened.
+const TRUNCATED_VALUES_KEY: &str = "callscope.truncated_values";
 
 /// Serialized spans waiting to be sent for one call: comma-joined JSON objects.
 #[derive(Debug, Default)]
@@ -34,29 +43,6 @@ impl SpanList {
     /// Size after appending a span of `len` bytes.
     pub(crate) fn len_with(&self, len: usize) -> usize {
         self.bytes.len() + usize::from(!self.bytes.is_empty()) + len
-    }
-
-    /// Splits into two halves by span count (for a receiver that answered 413).
-    pub(crate) fn split(self) -> (SpanList, SpanList) {
-        let mid = self.ends.len() / 2;
-        if mid == 0 {
-            return (self, SpanList::default());
-        }
-        let cut = self.ends[mid - 1];
-        let first = SpanList {
-            bytes: self.bytes[..cut].to_vec(),
-            ends: self.ends[..mid].to_vec(),
-        };
-        // skip the comma after the cut
-        let rest = &self.bytes[cut + 1..];
-        let ends = self.ends[mid..].iter().map(|e| e - cut - 1).collect();
-        (
-            first,
-            SpanList {
-                bytes: rest.to_vec(),
-                ends,
-            },
-        )
     }
 }
 
@@ -100,11 +86,187 @@ impl CallBuffer {
     }
 }
 
+/// A detail body parsed for rework (413 handling, renumbering). Rare path: parsing is fine here.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DetailDoc(Value);
+
+impl DetailDoc {
+    /// Parses a detail body; `None` if it is not one.
+    pub(crate) fn parse(json: &[u8]) -> Option<DetailDoc> {
+        let v: Value = serde_json::from_slice(json).ok()?;
+        v.get("telemetry_data")?.get("session_traces")?.as_array()?;
+        Some(DetailDoc(v))
+    }
+
+    fn spans_mut(&mut self) -> Option<&mut Vec<Value>> {
+        self.0
+            .get_mut("telemetry_data")?
+            .get_mut("session_traces")?
+            .as_array_mut()
+    }
+
+    /// Number of spans.
+    pub(crate) fn span_count(&self) -> usize {
+        self.0["telemetry_data"]["session_traces"]
+            .as_array()
+            .map_or(0, Vec::len)
+    }
+
+    /// Whether this is the final batch.
+    pub(crate) fn is_final(&self) -> bool {
+        self.0.get("final") == Some(&Value::Bool(true))
+    }
+
+    /// Splits the spans in halves: the first half becomes a non-final batch, the second keeps
+    /// everything else (the final part, if any). `None` with fewer than two spans.
+    pub(crate) fn split(mut self) -> Option<(DetailDoc, DetailDoc)> {
+        let spans = self.spans_mut()?;
+        if spans.len() < 2 {
+            return None;
+        }
+        let second = spans.split_off(spans.len() / 2);
+        let mut first = self.clone();
+        first.make_plain();
+        if let Some(s) = self.spans_mut() {
+            *s = second;
+        }
+        Some((first, self))
+    }
+
+    /// Turns the body into a plain (non-final) batch: no `total_batches`, no transcript.
+    pub(crate) fn make_plain(&mut self) {
+        if let Some(m) = self.0.as_object_mut() {
+            m.insert("final".into(), Value::Bool(false));
+            m.remove("total_batches");
+            m.remove("transcript_with_metrics");
+        }
+    }
+
+    /// Sets `batch_seq`, and `total_batches = seq + 1` on a final batch.
+    pub(crate) fn renumber(&mut self, seq: u32) {
+        let fin = self.is_final();
+        if let Some(m) = self.0.as_object_mut() {
+            m.insert("batch_seq".into(), seq.into());
+            if fin {
+                m.insert("total_batches".into(), (u64::from(seq) + 1).into());
+            }
+        }
+    }
+
+    /// Shortens the largest string attribute values of every span (halving the longest until
+    /// the body is at most `budget` bytes or nothing long is left), marking each shortened span
+    /// with `callscope.truncated_values`. Returns how many values were cut.
+    pub(crate) fn shorten(&mut self, budget: usize) -> u64 {
+        let mut cut = 0;
+        // Each round halves the longest value: a few dozen rounds reach any budget.
+        for _ in 0..64 {
+            if self.to_vec().len() <= budget {
+                break;
+            }
+            let Some(spans) = self.spans_mut() else { break };
+            let mut longest: Option<(usize, String, usize)> = None;
+            for (i, s) in spans.iter().enumerate() {
+                let Some(attrs) = s.get("attributes").and_then(Value::as_object) else {
+                    continue;
+                };
+                for (k, v) in attrs {
+                    if let Some(t) = v.as_str()
+                        && t.len() > 64
+                        && longest.as_ref().is_none_or(|l| t.len() > l.2)
+                    {
+                        longest = Some((i, k.clone(), t.len()));
+                    }
+                }
+            }
+            let Some((i, key, len)) = longest else { break };
+            let Some(attrs) = spans[i]
+                .get_mut("attributes")
+                .and_then(Value::as_object_mut)
+            else {
+                break;
+            };
+            if let Some(Value::String(t)) = attrs.get_mut(&key) {
+                let base = t.strip_suffix(TRUNCATION_MARK).unwrap_or(t);
+                let was_cut = base.len() != t.len();
+                let kept = crate::call::truncate_str(base, len / 2).to_owned();
+                *t = kept + TRUNCATION_MARK;
+                if !was_cut {
+                    cut += 1;
+                    let n = attrs
+                        .get(TRUNCATED_VALUES_KEY)
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    attrs.insert(TRUNCATED_VALUES_KEY.into(), (n + 1).into());
+                }
+            }
+        }
+        cut
+    }
+
+    /// The body again.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.0).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn doc(n: usize, last: bool) -> DetailDoc {
+        let spans: Vec<Value> = (0..n)
+            .map(|i| serde_json::json!({"span_id": format!("{i:016}"), "attributes": {"big": "x".repeat(1000), "n": i}}))
+            .collect();
+        let mut v = serde_json::json!({"schema_version": 1, "call_id": "c", "batch_seq": 3,
+            "update_type": "detailed_telemetry", "final": last,
+            "telemetry_data": {"session_traces": spans}});
+        if last {
+            v["total_batches"] = 4.into();
+            v["transcript_with_metrics"] = serde_json::json!([{"turn": 1}]);
+        }
+        DetailDoc::parse(&serde_json::to_vec(&v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn splitting_a_final_keeps_one_final_with_the_second_half() {
+        let (a, mut b) = doc(5, true).split().unwrap();
+        assert_eq!((a.span_count(), b.span_count()), (2, 3));
+        assert!(!a.is_final());
+        assert!(a.0.get("total_batches").is_none() && a.0.get("transcript_with_metrics").is_none());
+        assert!(b.is_final());
+        b.renumber(7);
+        assert_eq!(b.0["batch_seq"], 7);
+        assert_eq!(b.0["total_batches"], 8);
+        assert!(doc(1, false).split().is_none());
+        assert!(DetailDoc::parse(b"{\"a\":1}").is_none());
+        assert!(DetailDoc::parse(b"not json").is_none());
+    }
+
+    #[test]
+    fn shortening_a_lone_span_marks_and_counts() {
+        let mut d = doc(1, false);
+        let before = d.to_vec().len();
+        let cut = d.shorten(600);
+        assert_eq!(cut, 1);
+        let after = d.to_vec();
+        assert!(
+            after.len() <= 600 && after.len() < before,
+            "{}",
+            after.len()
+        );
+        let span = &d.0["telemetry_data"]["session_traces"][0];
+        assert_eq!(span["attributes"][TRUNCATED_VALUES_KEY], 1);
+        assert!(
+            span["attributes"]["big"]
+                .as_str()
+                .unwrap()
+                .ends_with(TRUNCATION_MARK)
+        );
+        // Nothing long left to cut: the budget cannot be met, and it stops.
+        assert_eq!(d.shorten(10), 0);
+    }
 
     fn span(i: usize, len: usize) -> Vec<u8> {
         let body = format!("{{\"i\":{i},\"p\":\"");
@@ -118,27 +280,6 @@ mod tests {
         let json = format!("[{}]", String::from_utf8_lossy(&list.bytes));
         let v: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
         v.iter().map(|s| s["i"].as_u64().unwrap()).collect()
-    }
-
-    #[test]
-    fn split_keeps_every_span_once() {
-        let mut l = SpanList::default();
-        for i in 0..5 {
-            l.push(&span(i, 30));
-        }
-        let (a, b) = l.split();
-        assert_eq!(ids(&a), vec![0, 1]);
-        assert_eq!(ids(&b), vec![2, 3, 4]);
-        assert_eq!(b.ends.last().copied(), Some(b.bytes.len()));
-    }
-
-    #[test]
-    fn split_of_one_is_itself() {
-        let mut l = SpanList::default();
-        l.push(&span(0, 30));
-        let (a, b) = l.split();
-        assert_eq!(a.len(), 1);
-        assert!(b.is_empty());
     }
 
     proptest! {
@@ -159,10 +300,6 @@ mod tests {
             for b in &batches {
                 prop_assert!(b.bytes.len() <= budget || b.len() == 1, "batch of {} bytes, budget {}", b.bytes.len(), budget);
                 seen.extend(ids(b));
-                // splitting keeps it all too
-                let n = b.len();
-                let (x, y) = SpanList { bytes: b.bytes.clone(), ends: b.ends.clone() }.split();
-                prop_assert_eq!(x.len() + y.len(), n);
             }
             prop_assert_eq!(seen, (0..sizes.len() as u64).collect::<Vec<_>>());
         }

@@ -61,6 +61,7 @@ mod registry;
 mod retry;
 mod semantics;
 mod spool;
+mod spool;
 mod stats;
 mod transport;
 mod worker;

@@ -66,7 +66,8 @@ counters! {
     detail_spans_filtered,
     /// Spans whose detail was dropped because the worker queue (`CALLSCOPE_QUEUE_SIZE`) was full.
     spans_dropped_queue_full,
-    /// Spans whose detail was dropped because pending detail passed `CALLSCOPE_MAX_BUFFER_BYTES`.
+    /// Spans whose detail was dropped because pending detail passed `CALLSCOPE_MAX_BUFFER_BYTES`
+    /// (no spool set).
     spans_dropped_buffer_full,
     /// Spans in detail batches that were given up on.
     spans_dropped_send_failed,
@@ -80,6 +81,32 @@ counters! {
     bytes_uncompressed,
     /// HTTP requests retried.
     requests_retried,
+    /// Payloads the receiver refused with a status that retrying cannot fix (400, 401, 403, 404...).
+    requests_rejected,
+    /// Payloads given up because `CALLSCOPE_RETRY_MAX_ELAPSED_MS` ran out.
+    retry_budget_exhausted,
+    /// Detail batches split in halves because the receiver answered 413.
+    batches_split,
+    /// Detail batches dropped (oldest first) because pending detail passed
+    /// `CALLSCOPE_MAX_BUFFER_BYTES` and no spool is set; their spans are in `spans_dropped_buffer_full`.
+    detail_batches_dropped_buffer_full,
+    /// Spans dropped because the spool was full (`CALLSCOPE_SPOOL_MAX_BYTES`); oldest detail first.
+    spans_dropped_spool_full,
+    /// Payloads written to the disk spool.
+    spool_records_written,
+    /// Payloads read back from the spool at start (left by an earlier run or a crash).
+    spool_records_replayed,
+    /// Spool segments whose tail was torn or corrupt (cut off; the records before it replayed).
+    spool_corrupt_tails,
+    /// Spool I/O errors (the payload then stays in memory only).
+    spool_errors,
+    /// Detail bodies let go from memory because pending detail passed `CALLSCOPE_MAX_BUFFER_BYTES`
+    /// (they stay in the spool and are read back when their turn comes).
+    spool_spills,
+    /// Summaries left undelivered in the spool at shutdown (sent by the next start).
+    summaries_left_in_spool,
+    /// Spans left undelivered in the spool at shutdown (sent by the next start).
+    spans_left_in_spool,
     /// Texts (transcript lines, turn records) cut or left out to keep a call within its bounds.
     text_truncations,
     /// Attribute values shortened so a single span fits `CALLSCOPE_MAX_REQUEST_BYTES`.
@@ -109,6 +136,7 @@ impl Stats {
             + self.spans_dropped_buffer_full
             + self.spans_dropped_send_failed
             + self.spans_dropped_after_shutdown
+            + self.spans_dropped_spool_full
     }
 
     /// Calls ended for any reason.

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{
@@ -46,7 +46,12 @@ pub(crate) struct TransportError(#[from] reqwest::Error);
 /// The HTTP side of the worker.
 #[derive(Debug)]
 pub(crate) struct Transport {
+    /// Detail uploads.
     client: Client,
+    /// Summaries: a pool of their own, so they never queue behind a large detail upload.
+    core_client: Client,
+    /// Summaries currently waiting to be retried (detail holds back while it is not zero).
+    cores_retrying: tokio::sync::watch::Sender<usize>,
     core_url: Url,
     detail_url: Url,
     headers: HeaderMap,
@@ -68,23 +73,27 @@ impl Transport {
                 headers.insert(k, v);
             }
         }
-        if let Some(key) = &cfg.api_key {
-            if let Ok(mut v) = HeaderValue::try_from(format!("Bearer {key}")) {
-                v.set_sensitive(true);
-                headers.insert(AUTHORIZATION, v);
-            }
+        if let Some(key) = &cfg.api_key
+            && let Ok(mut v) = HeaderValue::try_from(format!("Bearer {key}"))
+        {
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
         }
         let gzip = matches!(cfg.compression, Compression::Gzip);
         if gzip {
             headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        let client = Client::builder()
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout)
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .build()?;
+        let build = || {
+            Client::builder()
+                .timeout(cfg.timeout)
+                .connect_timeout(cfg.timeout)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build()
+        };
         Ok(Transport {
-            client,
+            client: build()?,
+            core_client: build()?,
+            cores_retrying: tokio::sync::watch::Sender::new(0),
             core_url: cfg.endpoint.clone(),
             detail_url: cfg.detailed_endpoint.clone(),
             headers,
@@ -110,90 +119,176 @@ impl Transport {
     }
 
     /// POSTs `body` (already encoded) until acknowledged, rejected, or the retry budget is spent.
+    ///
+    /// Summaries have their own client (own connection pool) and priority: while any summary is
+    /// waiting to be retried, detail uploads hold back before each attempt, so on recovery the
+    /// summaries reach the receiver first.
     pub(crate) async fn deliver(&self, lane: Lane, body: Bytes, idempotency_key: &str) -> Delivery {
-        let url = match lane {
-            Lane::Core => &self.core_url,
-            Lane::Detail => &self.detail_url,
+        let (client, url) = match lane {
+            Lane::Core => (&self.core_client, &self.core_url),
+            Lane::Detail => (&self.client, &self.detail_url),
         };
-        let started = Instant::now();
-        let mut attempt: u32 = 0;
-        loop {
-            let sent = self
-                .client
-                .post(url.clone())
-                .headers(self.headers.clone())
-                .header("idempotency-key", idempotency_key)
-                .body(body.clone())
-                .send()
-                .await;
-            Counters::add(&self.stats.bytes_sent, body.len() as u64);
-            let (retry_after, response, transport_error) = match sent {
-                Ok(resp) => {
-                    let ra = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    (ra, Some(resp), None)
+        let mut trouble: Option<CoreTrouble<'_>> = None;
+        let send = |_attempt: u32| {
+            let body = body.clone();
+            async move {
+                if lane == Lane::Detail {
+                    let mut rx = self.cores_retrying.subscribe();
+                    // The sender lives as long as `self`: this cannot fail while we run.
+                    let _ = rx.wait_for(|n| *n == 0).await;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, %url, "request failed");
-                    let kind = if e.is_timeout() {
-                        Outcome::Timeout
-                    } else if e.is_connect() {
-                        Outcome::ConnectError
-                    } else {
-                        Outcome::OtherTransportError
-                    };
-                    (None, None, Some(kind))
+                let sent = client
+                    .post(url.clone())
+                    .headers(self.headers.clone())
+                    .header("idempotency-key", idempotency_key)
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(resp) => {
+                        let ra = resp
+                            .headers()
+                            .get(reqwest::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        (Attempt::Status(resp.status().as_u16(), ra), Some(resp))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, %url, "request failed");
+                        let kind = if e.is_timeout() {
+                            Attempt::Timeout
+                        } else if e.is_connect() {
+                            Attempt::ConnectError
+                        } else {
+                            Attempt::OtherTransportError
+                        };
+                        (kind, None)
+                    }
                 }
-            };
-            let outcome = match (&response, transport_error) {
-                (Some(r), _) => Outcome::Status {
-                    code: r.status().as_u16(),
-                    retry_after: retry_after.as_deref(),
-                },
-                (None, Some(kind)) => kind,
-                (None, None) => Outcome::OtherTransportError,
-            };
-            let decision = retry::decide(
-                &outcome,
-                attempt,
-                started.elapsed(),
-                &self.backoff,
-                SystemTime::now(),
-                fastrand::f64(),
-            );
-            match decision {
-                Decision::Done => return Delivery::Acked,
-                Decision::Split => return Delivery::TooLarge,
-                Decision::RetryAfter(wait) => {
-                    Counters::inc(&self.stats.requests_retried);
-                    tracing::debug!(?wait, attempt, key = idempotency_key, "retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt = attempt.saturating_add(1);
-                }
-                Decision::GiveUp(reason) => {
-                    let snippet = match response {
-                        Some(r) => body_snippet(r).await,
-                        None => String::new(),
-                    };
-                    match reason {
-                        GiveUpReason::Rejected(code) => tracing::error!(
+            }
+        };
+        let on_retry = |attempt: u32, wait: Duration| {
+            Counters::inc(&self.stats.requests_retried);
+            tracing::debug!(?wait, attempt, key = idempotency_key, "retrying");
+            if lane == Lane::Core && trouble.is_none() {
+                trouble = Some(CoreTrouble::new(&self.cores_retrying));
+            }
+        };
+        let (decision, response, attempts) =
+            retry_loop(&self.backoff, send, fastrand::f64, on_retry).await;
+        drop(trouble);
+        Counters::add(
+            &self.stats.bytes_sent,
+            body.len() as u64 * u64::from(attempts),
+        );
+        match decision {
+            Decision::Done => Delivery::Acked,
+            Decision::Split => Delivery::TooLarge,
+            Decision::RetryAfter(_) => Delivery::Failed,
+            Decision::GiveUp(reason) => {
+                let snippet = match response {
+                    Some(r) => body_snippet(r).await,
+                    None => String::new(),
+                };
+                match reason {
+                    GiveUpReason::Rejected(code) => {
+                        Counters::inc(&self.stats.requests_rejected);
+                        tracing::error!(
                             status = code,
                             key = idempotency_key,
                             response = %snippet,
                             "receiver rejected the payload; not retrying"
-                        ),
-                        _ => tracing::error!(
-                            key = idempotency_key,
-                            attempts = attempt + 1,
-                            "giving up after retries (CALLSCOPE_RETRY_MAX_ELAPSED_MS)"
-                        ),
+                        )
                     }
-                    return Delivery::Failed;
+                    GiveUpReason::RetryBudgetExhausted => {
+                        Counters::inc(&self.stats.retry_budget_exhausted);
+                        tracing::error!(
+                            key = idempotency_key,
+                            attempts,
+                            "giving up after retries (CALLSCOPE_RETRY_MAX_ELAPSED_MS)"
+                        )
+                    }
                 }
+                Delivery::Failed
             }
+        }
+    }
+}
+
+/// Marks one summary as waiting for a retry while it lives (detail holds back meanwhile).
+struct CoreTrouble<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> CoreTrouble<'a> {
+    fn new(w: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        w.send_modify(|n| *n += 1);
+        CoreTrouble(w)
+    }
+}
+
+impl Drop for CoreTrouble<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// What one attempt ended with (owned form of [`Outcome`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// The receiver answered with this status and `Retry-After` value.
+    Status(u16, Option<String>),
+    /// No connection could be made.
+    ConnectError,
+    /// The request timed out.
+    Timeout,
+    /// Another transport failure (reset mid-body, ...).
+    OtherTransportError,
+}
+
+impl Attempt {
+    fn outcome(&self) -> Outcome<'_> {
+        match self {
+            Attempt::Status(code, ra) => Outcome::Status {
+                code: *code,
+                retry_after: ra.as_deref(),
+            },
+            Attempt::ConnectError => Outcome::ConnectError,
+            Attempt::Timeout => Outcome::Timeout,
+            Attempt::OtherTransportError => Outcome::OtherTransportError,
+        }
+    }
+}
+
+/// The retry loop, apart from HTTP: `send(attempt)` makes one attempt, the pure policy decides,
+/// waits use tokio's clock (so tests run it on paused time). Returns the final decision (never
+/// `RetryAfter`), the last response and the number of attempts.
+pub(crate) async fn retry_loop<R, Fut>(
+    backoff: &Backoff,
+    mut send: impl FnMut(u32) -> Fut,
+    mut rand01: impl FnMut() -> f64,
+    mut on_retry: impl FnMut(u32, Duration),
+) -> (Decision, Option<R>, u32)
+where
+    Fut: std::future::Future<Output = (Attempt, Option<R>)>,
+{
+    let started = tokio::time::Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        let (outcome, response) = send(attempt).await;
+        let decision = retry::decide(
+            &outcome.outcome(),
+            attempt,
+            started.elapsed(),
+            backoff,
+            SystemTime::now(),
+            rand01(),
+        );
+        match decision {
+            Decision::RetryAfter(wait) => {
+                on_retry(attempt, wait);
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+            d => return (d, response, attempt.saturating_add(1)),
         }
     }
 }
@@ -206,5 +301,87 @@ async fn body_snippet(r: reqwest::Response) -> String {
             String::from_utf8_lossy(&b[..end]).into_owned()
         }
         Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    fn scripted(
+        answers: Vec<Attempt>,
+    ) -> impl FnMut(u32) -> std::future::Ready<(Attempt, Option<()>)> {
+        let answers = RefCell::new(answers.into_iter());
+        move |_| {
+            let a = answers
+                .borrow_mut()
+                .next()
+                .unwrap_or(Attempt::Status(200, None));
+            std::future::ready((a, None))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_and_retry_after_on_paused_time() {
+        let t0 = tokio::time::Instant::now();
+        let mut waits = Vec::new();
+        let (d, _, attempts) = retry_loop(
+            &Backoff::new(Duration::from_secs(300)),
+            scripted(vec![
+                Attempt::Status(503, None),
+                Attempt::Status(429, Some("7".into())),
+                Attempt::ConnectError,
+                Attempt::Timeout,
+                Attempt::Status(200, None),
+            ]),
+            || 1.0,
+            |_, w| waits.push(w),
+        )
+        .await;
+        assert_eq!(d, Decision::Done);
+        assert_eq!(attempts, 5);
+        // Full jitter at its top: 0.5 s, then Retry-After 7 s, then 2 s, 4 s.
+        let want = [500, 7000, 2000, 4000].map(Duration::from_millis);
+        assert_eq!(waits, want);
+        assert_eq!(t0.elapsed(), want.iter().sum::<Duration>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_ends_the_loop() {
+        let t0 = tokio::time::Instant::now();
+        let (d, _, attempts) = retry_loop(
+            &Backoff::new(Duration::from_secs(5)),
+            scripted(vec![Attempt::Status(500, None); 100]),
+            || 1.0,
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(d, Decision::GiveUp(GiveUpReason::RetryBudgetExhausted));
+        // 0.5 + 1 + 2 = 3.5 s waited; the next 4 s would pass the 5 s budget.
+        assert_eq!(attempts, 4);
+        assert_eq!(t0.elapsed(), Duration::from_millis(3500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejections_and_413_end_at_once() {
+        for (code, want) in [
+            (400, Decision::GiveUp(GiveUpReason::Rejected(400))),
+            (401, Decision::GiveUp(GiveUpReason::Rejected(401))),
+            (404, Decision::GiveUp(GiveUpReason::Rejected(404))),
+            (413, Decision::Split),
+        ] {
+            let t0 = tokio::time::Instant::now();
+            let (d, _, attempts) = retry_loop(
+                &Backoff::new(Duration::from_secs(300)),
+                scripted(vec![Attempt::Status(code, None)]),
+                || 0.5,
+                |_, _| {},
+            )
+            .await;
+            assert_eq!((d, attempts), (want, 1));
+            assert_eq!(t0.elapsed(), Duration::ZERO);
+        }
     }
 }

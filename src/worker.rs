@@ -2,8 +2,17 @@
 //!
 //! It receives detail spans (lossy bounded queue) and control messages (call ends, joins,
 //! flush, shutdown; never dropped), serializes and batches detail per call, builds the core at
-//! call end, sends it on its own lane, and sends a call's `final` batch only once the core was
-//! acknowledged and every span queued before the call ended has been batched.
+//! call end, and delivers:
+//!
+//! - every payload becomes a [`Job`]; with a spool it is written there first (fsync batched:
+//!   one sync before each round of dispatch) and deleted when acknowledged;
+//! - summaries are dispatched at once on their own lane; detail jobs wait in a FIFO and run at
+//!   most `CALLSCOPE_MAX_CONCURRENT_DETAIL` at a time;
+//! - a call's `final` batch is held until its core was acknowledged and none of its other
+//!   batches is still pending, so `total_batches` (set when it is dispatched) counts every batch,
+//!   including halves made by a 413 split;
+//! - pending detail is bounded by `CALLSCOPE_MAX_BUFFER_BYTES`: past it, bodies are let go from
+//!   memory (kept in the spool) or, without a spool, the oldest detail batch is dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -13,15 +22,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use opentelemetry_sdk::trace::SpanData;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::{Id, JoinSet};
 
-use crate::batch::{CallBuffer, SpanList};
+use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::CallState;
 use crate::config::{Config, DetailMode};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
 use crate::semantics::Operation;
+use crate::spool::{Meta, RecId, Spool};
 use crate::stats::Counters;
 use crate::transport::{Delivery, Lane, Transport};
 
@@ -32,6 +42,8 @@ const LATE_SEQ_BASE: u32 = 1 << 30;
 const ENDED_SEQS_KEPT: usize = 16_384;
 /// Room kept in every body for the final part's fixed fields.
 const FINAL_FIELDS_BYTES: usize = 96;
+/// A lone span the receiver still refuses at this size is given up.
+const MIN_SHORTENED_BYTES: usize = 1024;
 
 /// One span's detail on its way to the worker.
 #[derive(Debug)]
@@ -70,15 +82,27 @@ pub(crate) struct Handle {
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Starts the worker thread.
+/// Starts the worker thread (opening the spool first, if one is configured: a spool that cannot
+/// be opened is a startup error naming the directory).
 pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::Result<Handle> {
     let cfg = registry.config.clone();
     let (data_tx, data_rx) = mpsc::channel(cfg.queue_size);
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let enqueued = Arc::new(AtomicU64::new(0));
-    let worker = Worker {
+    let (spool, replay) = match &cfg.spool_dir {
+        Some(dir) => {
+            let (s, o) = Spool::open(dir, cfg.spool_max_bytes).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("CALLSCOPE_SPOOL_DIR {}: {e}", dir.display()),
+                )
+            })?;
+            (Some(s), o)
+        }
+        None => (None, crate::spool::Opened::default()),
+    };
+    let mut worker = Worker {
         stats: registry.stats.clone(),
-        detail_sem: Arc::new(Semaphore::new(cfg.max_concurrent_detail)),
         transport: Arc::new(transport),
         cfg,
         reg: registry,
@@ -93,16 +117,23 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         ended_order: VecDeque::new(),
         late_seq: LATE_SEQ_BASE,
         tasks: JoinSet::new(),
-        inflight: HashMap::new(),
-        epoch: 0,
-        finished_epoch: 0,
+        running: HashMap::new(),
+        running_detail: 0,
+        cores: VecDeque::new(),
+        queue: VecDeque::new(),
+        held: HashMap::new(),
+        open: HashMap::new(),
+        core_outcome: HashMap::new(),
+        next_job: 0,
         waiters: Vec::new(),
         stop_at: None,
         exit: false,
         buffered_bytes: 0,
-        inflight_bytes: 0,
+        mem_bytes: 0,
+        spool,
         scratch: Vec::with_capacity(16 * 1024),
     };
+    worker.replay(replay);
     let thread = std::thread::Builder::new()
         .name("callscope-worker".into())
         .spawn(move || {
@@ -142,26 +173,46 @@ enum CoreState {
 struct PendingEnd {
     state: CallState,
     mark: u64,
-    core: CoreState,
+}
+
+/// A payload on its way: a core or a detail batch.
+#[derive(Debug)]
+struct Job {
+    /// Creation order; flush waits for the jobs created before it (split halves inherit it).
+    id: u64,
+    call: Arc<str>,
+    meta: Meta,
+    /// The body (uncompressed JSON); `None` when let go from memory (it is in the spool).
+    json: Option<Vec<u8>>,
+    /// Spool record and its size on disk.
+    rec: Option<(RecId, u64)>,
+}
+
+impl Job {
+    fn mem(&self) -> usize {
+        self.json.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A final batch waiting for its core and its call's other batches.
+#[derive(Debug)]
+struct Held {
+    job: Job,
+    /// Its `batch_seq` changed since it was encoded (a split took its number).
+    renumber: bool,
 }
 
 #[derive(Debug)]
-enum Work {
-    Core { call_id: Arc<str> },
-    Detail { spans: u64 },
-}
-
-#[derive(Debug)]
-struct Inflight {
-    epoch: u64,
-    bytes: usize,
-    work: Work,
+struct Running {
+    job: Job,
+    /// Bytes of the encoded body.
+    wire: usize,
 }
 
 #[derive(Debug)]
 struct Waiter {
     mark: u64,
-    /// Set once every span up to `mark` was batched: tasks started before it must finish.
+    /// Set once every span up to `mark` was batched: jobs created before it must settle.
     epoch: Option<u64>,
     ack: SyncSender<()>,
     stop: bool,
@@ -172,7 +223,6 @@ struct Worker {
     cfg: Arc<Config>,
     stats: Arc<Counters>,
     transport: Arc<Transport>,
-    detail_sem: Arc<Semaphore>,
     data_rx: mpsc::Receiver<DetailMsg>,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
@@ -184,15 +234,27 @@ struct Worker {
     ended_order: VecDeque<Arc<str>>,
     late_seq: u32,
     tasks: JoinSet<Delivery>,
-    inflight: HashMap<Id, Inflight>,
-    epoch: u64,
-    /// `epoch` right after the latest ended call was finished (its final batch dispatched).
-    finished_epoch: u64,
+    running: HashMap<Id, Running>,
+    running_detail: usize,
+    /// Summaries not yet dispatched (waiting for the spool sync only).
+    cores: VecDeque<Job>,
+    /// Detail batches waiting for an upload slot, oldest first.
+    queue: VecDeque<Job>,
+    /// Final batches waiting for their core and their call's other batches.
+    held: HashMap<Arc<str>, Held>,
+    /// Non-final detail jobs alive per call (queued or running).
+    open: HashMap<Arc<str>, usize>,
+    /// Outcome of each call's core, while its final may still need it.
+    core_outcome: HashMap<Arc<str>, CoreState>,
+    next_job: u64,
     waiters: Vec<Waiter>,
     stop_at: Option<Instant>,
     exit: bool,
+    /// Bytes of spans in open per-call buffers.
     buffered_bytes: usize,
-    inflight_bytes: usize,
+    /// Bytes of detail bodies held in memory (queued, held, running; running counts its wire body too).
+    mem_bytes: usize,
+    spool: Option<Spool>,
     scratch: Vec<u8>,
 }
 
@@ -203,6 +265,7 @@ impl Worker {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut data_open = true;
+        self.pump();
         while !self.exit {
             tokio::select! {
                 biased;
@@ -277,6 +340,8 @@ impl Worker {
         for k in due {
             self.flush_buffer(&k);
         }
+        // Batched fsync: whatever was written since the last one (acks included).
+        self.sync_spool();
         if self.stop_at.is_some_and(|d| now >= d) {
             self.abandon();
         }
@@ -292,9 +357,16 @@ impl Worker {
             .cloned()
             .unwrap_or_else(|| msg.call_id.clone());
         if !self.buffers.contains_key(&key) {
-            let late = msg.late && !self.pending.contains_key(&key);
+            // A span of a call whose final batch already went out raced its call's end (queued
+            // before the end by another thread, counted after it): it travels as late detail
+            // with a fresh batch number, never reusing one the receiver already stored.
+            let ended = self.ended_seqs.get(&key).copied();
+            let late = (msg.late || ended.is_some()) && !self.pending.contains_key(&key);
+            if late && !msg.late {
+                Counters::inc(&self.stats.late_spans);
+            }
             let next_seq = if late {
-                self.ended_seqs.get(&key).copied().unwrap_or_else(|| {
+                ended.unwrap_or_else(|| {
                     self.late_seq = self.late_seq.saturating_add(1);
                     self.late_seq
                 })
@@ -325,9 +397,13 @@ impl Worker {
         if let Some(list) = full {
             self.send_batch(&key, list, None);
         }
-        // Over the memory budget: stream this call's batch out early.
-        if self.buffered_bytes + self.inflight_bytes > self.cfg.max_buffer_bytes {
-            self.flush_buffer(&key);
+        // Over the memory budget: spill or drop queued batches; if open buffers alone are
+        // over it, stream this call's batch out early.
+        if self.buffered_bytes + self.mem_bytes > self.cfg.max_buffer_bytes {
+            self.enforce_budget();
+            if self.buffered_bytes + self.mem_bytes > self.cfg.max_buffer_bytes {
+                self.flush_buffer(&key);
+            }
         }
     }
 
@@ -360,14 +436,13 @@ impl Worker {
             let list = b.buf.take();
             self.send_batch(key, list, None);
         }
-        if late {
-            if let Some(b) = self.buffers.remove(key) {
-                self.remember_seq(key.clone(), b.buf.next_seq);
-            }
+        if late && let Some(b) = self.buffers.remove(key) {
+            self.remember_seq(key.clone(), b.buf.next_seq);
         }
     }
 
-    /// Frames and sends one batch of `key`'s spans; `last` makes it the final batch.
+    /// Frames one batch of `key`'s spans as a job; `last` (the transcript) makes it the final
+    /// batch, which is held until it may go.
     fn send_batch(&mut self, key: &Arc<str>, list: SpanList, last: Option<&[u8]>) {
         let Some(b) = self.buffers.get_mut(key) else {
             return;
@@ -383,78 +458,498 @@ impl Worker {
             agent_id: &agent,
         };
         let json = meta.body(seq, &list.bytes, late, last.map(|t| (seq + 1, t)));
-        let spans = list.len() as u64;
+        let meta = Meta {
+            core: false,
+            is_final: last.is_some(),
+            late,
+            seq,
+            spans: list.len() as u32,
+            call_id: key.to_string(),
+        };
         drop(list);
-        if self.inflight_bytes + json.len() > self.cfg.max_buffer_bytes {
-            Counters::add(&self.stats.spans_dropped_buffer_full, spans);
-            Counters::inc(&self.stats.detail_batches_failed);
-            tracing::warn!(call_id = %key, spans, "detail batch dropped: CALLSCOPE_MAX_BUFFER_BYTES reached (receiver too slow or down)");
+        let id = self.new_id();
+        let is_final = meta.is_final;
+        let Some(job) = self.make_job(id, key.clone(), meta, json) else {
+            if is_final {
+                self.core_outcome.remove(key);
+            }
             return;
+        };
+        if job.meta.is_final {
+            self.hold(job, false);
+        } else {
+            self.enqueue(job, false);
         }
-        let body = Bytes::from(self.transport.encode(&json));
-        let idem = format!("{key}:detail:{seq}");
-        let t = self.transport.clone();
-        let sem = self.detail_sem.clone();
-        self.spawn(Work::Detail { spans }, body.len(), async move {
-            let Ok(_permit) = sem.acquire_owned().await else {
-                return Delivery::Failed;
-            };
-            t.deliver(Lane::Detail, body, &idem).await
-        });
     }
 
-    fn spawn(
-        &mut self,
-        work: Work,
-        bytes: usize,
-        fut: impl std::future::Future<Output = Delivery> + Send + 'static,
-    ) {
-        let handle = self.tasks.spawn(fut);
-        self.inflight.insert(
-            handle.id(),
-            Inflight {
-                epoch: self.epoch,
-                bytes,
-                work,
-            },
-        );
-        self.epoch += 1;
-        self.inflight_bytes += bytes;
+    fn new_id(&mut self) -> u64 {
+        self.next_job += 1;
+        self.next_job
+    }
+
+    /// A job, written to the spool first when there is one. `None` if it had to be dropped
+    /// (spool full).
+    fn make_job(&mut self, id: u64, call: Arc<str>, meta: Meta, json: Vec<u8>) -> Option<Job> {
+        let mut job = Job {
+            id,
+            call,
+            meta,
+            json: Some(json),
+            rec: None,
+        };
+        if self.spool.is_some() {
+            self.spool_job(&mut job)?;
+        }
+        Some(job)
+    }
+
+    /// Writes a job to the spool; makes room (dropping the oldest detail) when it is full.
+    fn spool_job(&mut self, job: &mut Job) -> Option<()> {
+        let len = job.mem();
+        if !job.meta.core {
+            while !self.spool.as_ref().is_some_and(|s| s.fits(len)) {
+                let Some(old) = self.queue.pop_front() else {
+                    break;
+                };
+                self.drop_detail(old, DropWhy::SpoolFull);
+            }
+            if !self.spool.as_ref().is_some_and(|s| s.fits(len)) {
+                let spans = u64::from(job.meta.spans);
+                Counters::add(&self.stats.spans_dropped_spool_full, spans);
+                Counters::inc(&self.stats.detail_batches_failed);
+                tracing::warn!(call_id = %job.call, spans, "detail batch dropped: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
+                return None;
+            }
+        }
+        let spool = self.spool.as_mut()?;
+        let json = job.json.as_deref().unwrap_or_default();
+        match spool.append(&job.meta, json) {
+            Ok(rec) => {
+                job.rec = Some(rec);
+                Counters::inc(&self.stats.spool_records_written);
+            }
+            Err(e) => {
+                Counters::inc(&self.stats.spool_errors);
+                tracing::error!(error = %e, "could not write to the spool; the payload is kept in memory only");
+            }
+        }
+        Some(())
+    }
+
+    /// Queues a detail job for upload (`front`: it goes next).
+    fn enqueue(&mut self, job: Job, front: bool) {
+        self.mem_bytes += job.mem();
+        if !job.meta.is_final {
+            *self.open.entry(job.call.clone()).or_insert(0) += 1;
+        }
+        if front {
+            self.queue.push_front(job);
+        } else {
+            self.queue.push_back(job);
+        }
+        self.enforce_budget();
+    }
+
+    /// Holds a final batch until its core is acknowledged and its call has nothing else pending.
+    fn hold(&mut self, job: Job, renumber: bool) {
+        self.mem_bytes += job.mem();
+        let key = job.call.clone();
+        if let Some(old) = self.held.insert(key.clone(), Held { job, renumber }) {
+            // The same call id ended again before its first final went: send that one as is.
+            self.mem_bytes = self.mem_bytes.saturating_sub(old.job.mem());
+            self.enqueue(old.job, false);
+        }
+        self.try_release(&key);
+        self.enforce_budget();
+    }
+
+    /// Moves a held final to the front of the queue once it may go; turns it into a plain
+    /// batch when its core failed.
+    fn try_release(&mut self, key: &Arc<str>) {
+        if self.open.get(key).copied().unwrap_or(0) > 0 {
+            return;
+        }
+        let core = self
+            .core_outcome
+            .get(key)
+            .copied()
+            .unwrap_or(CoreState::Acked);
+        if core == CoreState::InFlight || !self.held.contains_key(key) {
+            return;
+        }
+        let Some(Held { mut job, renumber }) = self.held.remove(key) else {
+            return;
+        };
+        self.core_outcome.remove(key);
+        self.mem_bytes = self.mem_bytes.saturating_sub(job.mem());
+        if core == CoreState::Failed {
+            // No acknowledged core: no final batch; its spans still go (the receiver keeps
+            // detail that arrives before its core).
+            if job.meta.spans == 0 {
+                self.settle(&job);
+                return;
+            }
+            job.meta.is_final = false;
+            self.rework(job, |d| d.make_plain(), true);
+        } else if renumber {
+            let seq = job.meta.seq;
+            self.rework(job, |d| d.renumber(seq), true);
+        } else {
+            self.enqueue(job, true);
+        }
+    }
+
+    /// Rewrites a job's body (rare paths: renumbering, 413), replacing its spool record, and
+    /// queues it.
+    fn rework(&mut self, job: Job, f: impl FnOnce(&mut DetailDoc), front: bool) {
+        let Some(mut doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
+            self.fail_detail(job, "its body could not be read back");
+            return;
+        };
+        f(&mut doc);
+        self.settle(&job);
+        let Some(new) = self.make_job(job.id, job.call.clone(), job.meta.clone(), doc.to_vec())
+        else {
+            return;
+        };
+        if new.meta.is_final {
+            self.hold(new, false);
+        } else {
+            self.enqueue(new, front);
+        }
+    }
+
+    fn body_of(&self, job: &Job) -> Option<Vec<u8>> {
+        if let Some(j) = &job.json {
+            return Some(j.clone());
+        }
+        let (rec, _) = job.rec?;
+        match self.spool.as_ref()?.read(rec) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                Counters::inc(&self.stats.spool_errors);
+                tracing::error!(error = %e, "could not read a payload back from the spool");
+                None
+            }
+        }
+    }
+
+    /// Bounds pending detail by `CALLSCOPE_MAX_BUFFER_BYTES`: with a spool, bodies are let go
+    /// from memory (newest first: the oldest go next); without one, the oldest detail batch is
+    /// dropped. Summaries are never dropped.
+    fn enforce_budget(&mut self) {
+        let max = self.cfg.max_buffer_bytes;
+        if self.spool.is_some() {
+            for job in self.queue.iter_mut().rev() {
+                if self.buffered_bytes + self.mem_bytes <= max {
+                    return;
+                }
+                if job.rec.is_some()
+                    && let Some(j) = job.json.take()
+                {
+                    self.mem_bytes = self.mem_bytes.saturating_sub(j.len());
+                    Counters::inc(&self.stats.spool_spills);
+                }
+            }
+            for h in self.held.values_mut() {
+                if self.buffered_bytes + self.mem_bytes <= max {
+                    return;
+                }
+                if h.job.rec.is_some()
+                    && let Some(j) = h.job.json.take()
+                {
+                    self.mem_bytes = self.mem_bytes.saturating_sub(j.len());
+                    Counters::inc(&self.stats.spool_spills);
+                }
+            }
+            return;
+        }
+        // Uploads in progress are never cut off (the receiver may already have stored them,
+        // and a loss must be certain to be counted): they are the bound's slack, at most
+        // `CALLSCOPE_MAX_CONCURRENT_DETAIL` bodies.
+        while self.buffered_bytes + self.mem_bytes > max {
+            let Some(old) = self.queue.pop_front() else {
+                return;
+            };
+            self.drop_detail(old, DropWhy::BufferFull);
+        }
+    }
+
+    /// Drops a queued detail job (counted), keeping the call's bookkeeping.
+    fn drop_detail(&mut self, job: Job, why: DropWhy) {
+        self.mem_bytes = self.mem_bytes.saturating_sub(job.mem());
+        let spans = u64::from(job.meta.spans);
+        match why {
+            DropWhy::BufferFull => {
+                Counters::add(&self.stats.spans_dropped_buffer_full, spans);
+                Counters::inc(&self.stats.detail_batches_dropped_buffer_full);
+                tracing::warn!(call_id = %job.call, spans, "oldest detail batch dropped: CALLSCOPE_MAX_BUFFER_BYTES reached (receiver too slow or down)");
+            }
+            DropWhy::SpoolFull => {
+                Counters::add(&self.stats.spans_dropped_spool_full, spans);
+                tracing::warn!(call_id = %job.call, spans, "oldest detail batch dropped: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
+            }
+        }
+        Counters::inc(&self.stats.detail_batches_failed);
+        self.settle(&job);
+        self.close_open(&job);
+    }
+
+    /// One fsync for everything written to the spool since the last one.
+    fn sync_spool(&mut self) {
+        if let Some(spool) = self.spool.as_mut()
+            && spool.dirty()
+            && let Err(e) = spool.sync()
+        {
+            Counters::inc(&self.stats.spool_errors);
+            tracing::error!(error = %e, "spool fsync failed");
+        }
+    }
+
+    /// The job is done with: its spool record goes.
+    fn settle(&mut self, job: &Job) {
+        if let (Some((rec, bytes)), Some(spool)) = (job.rec, self.spool.as_mut())
+            && let Err(e) = spool.ack(rec, bytes)
+        {
+            Counters::inc(&self.stats.spool_errors);
+            tracing::warn!(error = %e, "could not mark a spool record acknowledged (it may be sent again after a restart)");
+        }
+    }
+
+    /// A non-final detail job of its call is no longer pending: maybe its final may go.
+    fn close_open(&mut self, job: &Job) {
+        if job.meta.core || job.meta.is_final {
+            return;
+        }
+        if let Some(n) = self.open.get_mut(&job.call) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(&job.call);
+                self.try_release(&job.call.clone());
+            }
+        }
+    }
+
+    fn fail_detail(&mut self, job: Job, why: &str) {
+        let spans = u64::from(job.meta.spans);
+        Counters::inc(&self.stats.detail_batches_failed);
+        Counters::add(&self.stats.spans_dropped_send_failed, spans);
+        tracing::error!(call_id = %job.call, seq = job.meta.seq, spans, "detail batch not delivered: {why}");
+        self.settle(&job);
+        self.close_open(&job);
+    }
+
+    /// Makes spooled records durable, then starts summaries and as many detail uploads as
+    /// `CALLSCOPE_MAX_CONCURRENT_DETAIL` allows.
+    fn pump(&mut self) {
+        if self.stop_at.is_some_and(|d| Instant::now() >= d) {
+            return;
+        }
+        let waiting = !self.cores.is_empty()
+            || (!self.queue.is_empty() && self.running_detail < self.cfg.max_concurrent_detail);
+        if !waiting {
+            return;
+        }
+        self.sync_spool();
+        while let Some(job) = self.cores.pop_front() {
+            self.start(job, Lane::Core);
+        }
+        while self.running_detail < self.cfg.max_concurrent_detail {
+            let Some(mut job) = self.queue.pop_front() else {
+                break;
+            };
+            if job.json.is_none() {
+                match self.body_of(&job) {
+                    Some(j) => {
+                        self.mem_bytes += j.len();
+                        job.json = Some(j);
+                    }
+                    None => {
+                        self.fail_detail(job, "its body could not be read back from the spool");
+                        continue;
+                    }
+                }
+            }
+            self.running_detail += 1;
+            self.start(job, Lane::Detail);
+        }
+    }
+
+    fn start(&mut self, job: Job, lane: Lane) {
+        let json = job.json.as_deref().unwrap_or_default();
+        let body = Bytes::from(self.transport.encode(json));
+        let wire = body.len();
+        let idem = if job.meta.core {
+            format!("{}:core", job.call)
+        } else {
+            format!("{}:detail:{}", job.call, job.meta.seq)
+        };
+        let t = self.transport.clone();
+        let handle = self
+            .tasks
+            .spawn(async move { t.deliver(lane, body, &idem).await });
+        if !job.meta.core {
+            self.mem_bytes += wire;
+        }
+        self.running.insert(handle.id(), Running { job, wire });
     }
 
     fn on_done(&mut self, id: Id, result: Delivery) {
-        let Some(f) = self.inflight.remove(&id) else {
+        let Some(Running { job, wire, .. }) = self.running.remove(&id) else {
             return;
         };
-        self.inflight_bytes = self.inflight_bytes.saturating_sub(f.bytes);
-        let ok = result == Delivery::Acked;
-        match f.work {
-            Work::Core { call_id } => {
-                if ok {
-                    Counters::inc(&self.stats.summaries_sent);
-                } else {
-                    Counters::inc(&self.stats.summaries_failed);
-                    tracing::error!(%call_id, ?result, "call summary not delivered");
+        if job.meta.core {
+            return self.core_done(job, result);
+        }
+        self.running_detail = self.running_detail.saturating_sub(1);
+        self.mem_bytes = self.mem_bytes.saturating_sub(wire + job.mem());
+        match result {
+            Delivery::Acked => {
+                Counters::inc(&self.stats.detail_batches_sent);
+                Counters::add(&self.stats.detail_spans_sent, u64::from(job.meta.spans));
+                self.settle(&job);
+                if job.meta.is_final {
+                    self.remember_seq(job.call.clone(), job.meta.seq + 1);
                 }
-                if let Some(p) = self.pending.get_mut(&call_id) {
-                    p.core = if ok {
-                        CoreState::Acked
-                    } else {
-                        CoreState::Failed
-                    };
-                }
+                self.close_open(&job);
             }
-            Work::Detail { spans } => {
-                if ok {
-                    Counters::inc(&self.stats.detail_batches_sent);
-                    Counters::add(&self.stats.detail_spans_sent, spans);
-                } else {
-                    Counters::inc(&self.stats.detail_batches_failed);
-                    Counters::add(&self.stats.spans_dropped_send_failed, spans);
-                    tracing::error!(spans, ?result, "detail batch not delivered");
-                }
+            Delivery::TooLarge => self.split(job),
+            Delivery::Failed => self.fail_detail(job, "rejected or out of retries"),
+        }
+    }
+
+    fn core_done(&mut self, job: Job, result: Delivery) {
+        let call_id = job.call.clone();
+        let ok = result == Delivery::Acked;
+        if ok {
+            Counters::inc(&self.stats.summaries_sent);
+        } else {
+            Counters::inc(&self.stats.summaries_failed);
+            if result == Delivery::TooLarge {
+                tracing::error!(%call_id, "call summary refused as too large (413): lower CALLSCOPE_MAX_SUMMARY_BYTES under the receiver's limit");
+            } else {
+                tracing::error!(%call_id, ?result, "call summary not delivered");
             }
         }
+        self.settle(&job);
+        let state = if ok {
+            CoreState::Acked
+        } else {
+            CoreState::Failed
+        };
+        if self.core_outcome.contains_key(&call_id) {
+            self.core_outcome.insert(call_id.clone(), state);
+            self.try_release(&call_id);
+        }
+    }
+
+    /// 413: split the batch in halves (first half keeps its number, the second takes a new
+    /// one, or the held final's); a lone span is shortened instead.
+    fn split(&mut self, job: Job) {
+        let Some(doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
+            return self.fail_detail(job, "413 and its body could not be read back");
+        };
+        if doc.span_count() < 2 {
+            let size = doc.to_vec().len();
+            let budget = size / 2;
+            let mut doc = doc;
+            let cut = if budget >= MIN_SHORTENED_BYTES {
+                doc.shorten(budget)
+            } else {
+                0
+            };
+            let new_len = doc.to_vec().len();
+            if new_len >= size {
+                return self.fail_detail(
+                    job,
+                    "the receiver refuses even a single span (413) and nothing is left to shorten",
+                );
+            }
+            Counters::add(&self.stats.attributes_truncated, cut);
+            tracing::warn!(call_id = %job.call, values = cut, bytes = new_len,
+                "receiver answered 413 to a single span: its largest attribute values were shortened");
+            let (call, meta, id) = (job.call.clone(), job.meta.clone(), job.id);
+            let new = self.make_job(id, call, meta, doc.to_vec());
+            self.settle(&job);
+            match new {
+                Some(new) if new.meta.is_final => self.hold(new, false),
+                Some(new) => {
+                    self.enqueue(new, true);
+                    self.close_open(&job);
+                }
+                None => self.close_open(&job),
+            }
+            return;
+        }
+        let Some((mut a, mut b)) = doc.split() else {
+            return self.fail_detail(job, "413 and the batch cannot be split");
+        };
+        Counters::inc(&self.stats.batches_split);
+        let key = job.call.clone();
+        let seq_a = job.meta.seq;
+        let seq_b = if job.meta.is_final {
+            self.next_seq(&key)
+        } else if let Some(h) = self.held.get_mut(&key) {
+            // The held final gives up its number and takes the next one when it goes.
+            let s = h.job.meta.seq;
+            h.renumber = true;
+            let next = self.next_seq(&key);
+            if let Some(h) = self.held.get_mut(&key) {
+                h.job.meta.seq = next;
+            }
+            s
+        } else {
+            self.next_seq(&key)
+        };
+        tracing::info!(call_id = %key, seq = seq_a, new_seq = seq_b, spans = job.meta.spans,
+            "receiver answered 413: batch split in halves");
+        a.renumber(seq_a);
+        b.renumber(seq_b);
+        let meta_a = Meta {
+            is_final: false,
+            seq: seq_a,
+            spans: a.span_count() as u32,
+            ..job.meta.clone()
+        };
+        let meta_b = Meta {
+            seq: seq_b,
+            spans: b.span_count() as u32,
+            ..job.meta.clone()
+        };
+        let id = job.id;
+        // Both halves are on disk before the whole is let go.
+        let ja = self.make_job(id, key.clone(), meta_a, a.to_vec());
+        let jb = self.make_job(id, key.clone(), meta_b, b.to_vec());
+        self.settle(&job);
+        // Queue the halves first so the call's final stays held, then close the whole.
+        let mut keep_open = Vec::new();
+        for j in [jb, ja].into_iter().flatten() {
+            if j.meta.is_final {
+                keep_open.push(j);
+            } else {
+                self.enqueue(j, true);
+            }
+        }
+        self.close_open(&job);
+        for j in keep_open {
+            self.hold(j, false);
+        }
+    }
+
+    /// The next batch number of a call, wherever its counter lives now.
+    fn next_seq(&mut self, key: &Arc<str>) -> u32 {
+        if let Some(b) = self.buffers.get_mut(key) {
+            return b.buf.seq();
+        }
+        let s = match self.ended_seqs.get(key) {
+            Some(s) => *s,
+            None => {
+                self.late_seq = self.late_seq.saturating_add(1);
+                self.late_seq
+            }
+        };
+        self.remember_seq(key.clone(), s + 1);
+        s
     }
 
     // ---- call ends -----------------------------------------------------------------------
@@ -493,63 +988,51 @@ impl Worker {
         let call_id = state.call_id.clone();
         if let Some(old) = self.pending.remove(&call_id) {
             // The same id ended twice before its first end was finished: finish that one now.
-            self.finish(
-                call_id.clone(),
-                PendingEnd {
-                    core: CoreState::Failed,
-                    ..old
-                },
-            );
+            self.finish(call_id.clone(), old);
         }
         let agent = self.reg.agent_id();
-        let core =
-            match payload::core_body(&state, &agent, reason.as_str(), self.cfg.max_summary_bytes) {
-                Ok(core) => core,
-                Err(err) => {
-                    Counters::inc(&self.stats.summaries_failed);
-                    tracing::error!(%call_id, error = %err, "call summary not built");
-                    self.pending.insert(
-                        call_id,
-                        PendingEnd {
-                            state,
-                            mark,
-                            core: CoreState::Failed,
-                        },
-                    );
-                    return;
+        let core_state = match payload::core_body(
+            &state,
+            &agent,
+            reason.as_str(),
+            self.cfg.max_summary_bytes,
+        ) {
+            Ok(core) => {
+                if core.truncated {
+                    Counters::inc(&self.stats.summaries_truncated);
+                    tracing::warn!(%call_id, "call summary transcript shortened to fit CALLSCOPE_MAX_SUMMARY_BYTES");
                 }
-            };
-        if core.truncated {
-            Counters::inc(&self.stats.summaries_truncated);
-            tracing::warn!(%call_id, "call summary transcript shortened to fit CALLSCOPE_MAX_SUMMARY_BYTES");
-        }
-        let body = Bytes::from(self.transport.encode(&core.json));
-        let t = self.transport.clone();
-        let idem = format!("{call_id}:core");
-        self.spawn(
-            Work::Core {
-                call_id: call_id.clone(),
-            },
-            body.len(),
-            async move { t.deliver(Lane::Core, body, &idem).await },
-        );
-        self.pending.insert(
-            call_id,
-            PendingEnd {
-                state,
-                mark,
-                core: CoreState::InFlight,
-            },
-        );
+                let meta = Meta {
+                    core: true,
+                    is_final: false,
+                    late: false,
+                    seq: 0,
+                    spans: 0,
+                    call_id: call_id.to_string(),
+                };
+                let id = self.new_id();
+                if let Some(job) = self.make_job(id, call_id.clone(), meta, core.json) {
+                    self.cores.push_back(job);
+                }
+                CoreState::InFlight
+            }
+            Err(err) => {
+                Counters::inc(&self.stats.summaries_failed);
+                tracing::error!(%call_id, error = %err, "call summary not built");
+                CoreState::Failed
+            }
+        };
+        self.core_outcome.insert(call_id.clone(), core_state);
+        self.pending.insert(call_id, PendingEnd { state, mark });
     }
 
-    /// Finishes ended calls whose core is settled and whose spans have all been batched.
+    /// Finishes ended calls whose spans have all been batched; dispatches what may go.
     fn progress(&mut self) {
         if !self.pending.is_empty() {
             let ready: Vec<Arc<str>> = self
                 .pending
                 .iter()
-                .filter(|(_, p)| p.core != CoreState::InFlight && self.received >= p.mark)
+                .filter(|(_, p)| self.received >= p.mark)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in ready {
@@ -561,11 +1044,15 @@ impl Worker {
         if !self.waiters.is_empty() {
             self.check_waiters();
         }
+        self.pump();
     }
 
+    /// Every span of an ended call is batched: its remaining spans and its transcript become
+    /// the final batch, held until the core is acknowledged.
     fn finish(&mut self, key: Arc<str>, p: PendingEnd) {
         if self.cfg.detail == DetailMode::None {
             self.buffers.remove(&key);
+            self.core_outcome.remove(&key);
             return;
         }
         if !self.buffers.contains_key(&key) {
@@ -573,7 +1060,10 @@ impl Worker {
             let b = self.new_buf(&key, false, false, next);
             self.buffers.insert(key.clone(), b);
         }
-        if p.core == CoreState::Acked {
+        if self.core_outcome.get(&key) == Some(&CoreState::Failed) {
+            self.core_outcome.remove(&key);
+            self.flush_buffer(&key);
+        } else {
             let Some(b) = self.buffers.get_mut(&key) else {
                 return;
             };
@@ -594,15 +1084,10 @@ impl Worker {
                 .map(|b| b.buf.take())
                 .unwrap_or_default();
             self.send_batch(&key, list, Some(&twm));
-        } else {
-            // No acknowledged core: no final batch; the spans still go out (the receiver keeps
-            // detail that arrives before its core).
-            self.flush_buffer(&key);
         }
         if let Some(b) = self.buffers.remove(&key) {
             self.remember_seq(key, b.buf.next_seq);
         }
-        self.finished_epoch = self.epoch;
     }
 
     fn remember_seq(&mut self, key: Arc<str>, next: u32) {
@@ -617,7 +1102,70 @@ impl Worker {
         }
     }
 
-    // ---- flush and shutdown --------------------------------------------------------------
+    // ---- start, flush and shutdown -------------------------------------------------------
+
+    /// Queues what an earlier run left in the spool: summaries first, finals after their core.
+    fn replay(&mut self, opened: crate::spool::Opened) {
+        if opened.corrupt_tails > 0 {
+            Counters::add(&self.stats.spool_corrupt_tails, opened.corrupt_tails);
+        }
+        let n = opened.records.len();
+        if n == 0 {
+            return;
+        }
+        Counters::add(&self.stats.spool_records_replayed, n as u64);
+        tracing::info!(
+            records = n,
+            "replaying payloads left in the spool by an earlier run"
+        );
+        for r in opened.records {
+            let call: Arc<str> = Arc::from(r.meta.call_id.as_str());
+            let id = self.new_id();
+            let job = Job {
+                id,
+                call: call.clone(),
+                meta: r.meta,
+                json: None,
+                rec: Some((r.id, r.bytes)),
+            };
+            if job.meta.core {
+                self.core_outcome.insert(call, CoreState::InFlight);
+                self.cores.push_back(job);
+            } else {
+                let next = job.meta.seq.saturating_add(1);
+                if self.ended_seqs.get(&call).is_none_or(|s| *s < next) {
+                    self.remember_seq(call, next);
+                }
+                if job.meta.is_final {
+                    self.hold(job, false);
+                } else {
+                    self.enqueue(job, false);
+                }
+            }
+        }
+        // Bodies are read back when their turn comes; only summaries are loaded now.
+        let cores: Vec<Job> = self.cores.drain(..).collect();
+        for mut job in cores {
+            job.json = self.body_of(&job);
+            if job.json.is_some() {
+                self.cores.push_back(job);
+            } else {
+                Counters::inc(&self.stats.summaries_failed);
+                self.settle(&job);
+                self.core_outcome
+                    .insert(job.call.clone(), CoreState::Failed);
+                self.try_release(&job.call);
+            }
+        }
+    }
+
+    /// The oldest job not yet settled.
+    fn oldest_job(&self) -> Option<u64> {
+        let q = self.queue.iter().chain(&self.cores).map(|j| j.id);
+        let h = self.held.values().map(|h| h.job.id);
+        let r = self.running.values().map(|r| r.job.id);
+        q.chain(h).chain(r).min()
+    }
 
     fn check_waiters(&mut self) {
         let mut flush_now = false;
@@ -632,9 +1180,8 @@ impl Worker {
                 self.flush_buffer(&k);
             }
         }
-        let min_inflight = self.inflight.values().map(|f| f.epoch).min();
-        let epoch = self.epoch;
-        let finished_epoch = self.finished_epoch;
+        let oldest = self.oldest_job();
+        let next = self.next_job + 1;
         let received = self.received;
         let pending_marks: Vec<u64> = self.pending.values().map(|p| p.mark).collect();
         let mut stop = false;
@@ -642,14 +1189,12 @@ impl Worker {
             if received < w.mark {
                 return true;
             }
-            // Calls that ended before the flush must be finished (their finals sent) first.
+            // Calls that ended before the flush must be finished (their finals made) first.
             if w.epoch.is_none() || pending_marks.iter().any(|m| *m <= w.mark) {
-                w.epoch = Some(epoch);
+                w.epoch = Some(next);
                 return true;
             }
-            // Finals dispatched while the flush waited count too.
-            w.epoch = w.epoch.max(Some(finished_epoch));
-            if min_inflight.is_some_and(|m| Some(m) < w.epoch) {
+            if oldest.is_some_and(|o| Some(o) < w.epoch) {
                 return true;
             }
             let _ = w.ack.try_send(());
@@ -661,36 +1206,89 @@ impl Worker {
         }
     }
 
-    /// The shutdown deadline passed: count what is still undelivered and stop.
+    /// The shutdown deadline passed: with a spool, everything not yet acknowledged is left
+    /// there for the next start (counted as left in the spool); without one, it is counted lost.
     fn abandon(&mut self) {
-        for (_, f) in self.inflight.drain() {
-            match f.work {
-                Work::Core { call_id } => {
-                    Counters::inc(&self.stats.summaries_failed);
-                    tracing::error!(%call_id, "call summary not delivered before the shutdown timeout");
-                }
-                Work::Detail { spans } => {
-                    Counters::inc(&self.stats.detail_batches_failed);
-                    Counters::add(&self.stats.spans_dropped_send_failed, spans);
+        self.tasks.abort_all();
+        if self.spool.is_some() {
+            // Batch what is still queued in memory so it reaches the disk too.
+            while let Ok(d) = self.data_rx.try_recv() {
+                self.on_detail(d);
+            }
+            let pending: Vec<Arc<str>> = self.pending.keys().cloned().collect();
+            for k in pending {
+                if let Some(p) = self.pending.remove(&k) {
+                    self.finish(k, p);
                 }
             }
+            let keys: Vec<Arc<str>> = self.buffers.keys().cloned().collect();
+            for k in keys {
+                self.flush_buffer(&k);
+            }
         }
-        self.tasks.abort_all();
-        let mut lost = 0u64;
-        for (_, b) in self.buffers.drain() {
-            lost += b.buf.list.len() as u64;
+        let spooled = self.spool.is_some();
+        let mut jobs: Vec<Job> = self.running.drain().map(|(_, r)| r.job).collect();
+        jobs.extend(self.cores.drain(..));
+        jobs.extend(self.queue.drain(..));
+        jobs.extend(self.held.drain().map(|(_, h)| h.job));
+        let (mut cores, mut spans, mut unspooled) = (0u64, 0u64, 0u64);
+        for j in &jobs {
+            if spooled && j.rec.is_none() {
+                // Could not be written to the spool: lost after all.
+                unspooled += u64::from(j.meta.spans);
+                if j.meta.core {
+                    Counters::inc(&self.stats.summaries_failed);
+                }
+                continue;
+            }
+            if j.meta.core {
+                cores += 1;
+            } else {
+                spans += u64::from(j.meta.spans);
+            }
         }
-        // Spans still queued were never batched.
-        lost += self
-            .enqueued
-            .load(Ordering::Acquire)
-            .saturating_sub(self.received);
-        if lost > 0 {
-            Counters::add(&self.stats.spans_dropped_send_failed, lost);
-            tracing::error!(
-                spans = lost,
-                "detail not delivered before the shutdown timeout"
-            );
+        if spooled {
+            self.sync_spool();
+            Counters::add(&self.stats.summaries_left_in_spool, cores);
+            Counters::add(&self.stats.spans_left_in_spool, spans);
+            if unspooled > 0 {
+                Counters::add(&self.stats.spans_dropped_send_failed, unspooled);
+            }
+            if cores + spans > 0 {
+                tracing::warn!(
+                    summaries = cores,
+                    spans,
+                    "not delivered before the shutdown timeout: left in the spool for the next start"
+                );
+            }
+        } else {
+            let mut lost = spans;
+            for (_, b) in self.buffers.drain() {
+                lost += b.buf.list.len() as u64;
+            }
+            // Spans still queued were never batched.
+            lost += self
+                .enqueued
+                .load(Ordering::Acquire)
+                .saturating_sub(self.received);
+            Counters::add(&self.stats.summaries_failed, cores);
+            if cores > 0 {
+                tracing::error!(
+                    summaries = cores,
+                    "call summaries not delivered before the shutdown timeout"
+                );
+            }
+            if lost > 0 {
+                Counters::add(&self.stats.spans_dropped_send_failed, lost);
+                Counters::add(
+                    &self.stats.detail_batches_failed,
+                    jobs.iter().filter(|j| !j.meta.core).count() as u64,
+                );
+                tracing::error!(
+                    spans = lost,
+                    "detail not delivered before the shutdown timeout"
+                );
+            }
         }
         self.pending.clear();
         for w in self.waiters.drain(..) {
@@ -698,4 +1296,10 @@ impl Worker {
         }
         self.exit = true;
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum DropWhy {
+    BufferFull,
+    SpoolFull,
 }

@@ -2,6 +2,7 @@
 //! runtime, so tests stay plain `#[test]`s that may block), and helpers to build providers.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod fault;
 #[path = "../../examples/support/voice.rs"]
 pub mod voice;
 

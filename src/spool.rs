@@ -1,0 +1,627 @@
+//! The disk spool (`CALLSCOPE_SPOOL_DIR`): every payload not yet acknowledged is written here
+//! before it is sent, so a crash or a receiver outage does not lose it.
+//!
+//! Layout: append-only segment files `<id>.seg` (id zero-padded, increasing). Each record is
+//! framed as `len: u32 LE | crc32c(payload): u32 LE | payload`. A payload is either a data
+//! record (a core or detail body and what the worker needs to resend it) or an ack record naming
+//! a data record that was acknowledged. A segment file is deleted once every data record in it
+//! was acknowledged (and it is no longer the one being appended to).
+//!
+//! Recovery reads the segments in order; the first frame that is short or fails its CRC ends
+//! that segment (a torn or corrupt tail): it is counted, the file is cut back to its valid
+//! prefix, and every record before it is replayed. The framing and recovery logic below
+//! (`frame`, `read_frames`, `Payload::decode`) is pure and tested without a disk.
+//!
+//! All spool I/O runs on the worker thread, never in `on_end`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Bytes of a frame header (`len` and `crc`).
+const HEADER: usize = 8;
+/// Largest payload accepted when reading (a longer `len` is a corrupt frame).
+const MAX_PAYLOAD: usize = 1 << 30;
+/// A segment is closed and a new one started past this size.
+const SEGMENT_BYTES: u64 = 4 << 20;
+
+const TAG_CORE: u8 = 1;
+const TAG_DETAIL: u8 = 2;
+const TAG_ACK: u8 = 3;
+const FLAG_FINAL: u8 = 1;
+const FLAG_LATE: u8 = 2;
+
+/// Where a data record lives: its segment and its byte offset there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct RecId {
+    pub seg: u64,
+    pub off: u64,
+}
+
+/// What a data record is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// Core summary (else a detail batch).
+    pub core: bool,
+    /// A detail batch with `"final": true`.
+    pub is_final: bool,
+    /// A detail batch of late spans.
+    pub late: bool,
+    pub seq: u32,
+    /// Spans in the batch.
+    pub spans: u32,
+    pub call_id: String,
+}
+
+/// A record's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Payload {
+    /// A body to deliver (uncompressed JSON).
+    Data { meta: Meta, json: Vec<u8> },
+    /// The data record at this place was acknowledged.
+    Ack(RecId),
+}
+
+impl Payload {
+    /// Serializes the payload (without the frame).
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Payload::Data { meta, json } => {
+                out.push(if meta.core { TAG_CORE } else { TAG_DETAIL });
+                let flags = if meta.is_final { FLAG_FINAL } else { 0 }
+                    | if meta.late { FLAG_LATE } else { 0 };
+                out.push(flags);
+                out.extend_from_slice(&meta.seq.to_le_bytes());
+                out.extend_from_slice(&meta.spans.to_le_bytes());
+                // Call ids are capped at 256 bytes upstream; be safe anyway.
+                let id = crate::call::truncate_str(&meta.call_id, usize::from(u16::MAX));
+                out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(json);
+            }
+            Payload::Ack(id) => {
+                out.push(TAG_ACK);
+                out.extend_from_slice(&id.seg.to_le_bytes());
+                out.extend_from_slice(&id.off.to_le_bytes());
+            }
+        }
+    }
+
+    /// Parses a payload; `None` for anything malformed (never panics).
+    pub(crate) fn decode(b: &[u8]) -> Option<Payload> {
+        let (&tag, rest) = b.split_first()?;
+        match tag {
+            TAG_ACK => {
+                let seg = u64::from_le_bytes(rest.get(0..8)?.try_into().ok()?);
+                let off = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
+                (rest.len() == 16).then_some(Payload::Ack(RecId { seg, off }))
+            }
+            TAG_CORE | TAG_DETAIL => {
+                let flags = *rest.first()?;
+                let seq = u32::from_le_bytes(rest.get(1..5)?.try_into().ok()?);
+                let spans = u32::from_le_bytes(rest.get(5..9)?.try_into().ok()?);
+                let n = usize::from(u16::from_le_bytes(rest.get(9..11)?.try_into().ok()?));
+                let id = std::str::from_utf8(rest.get(11..11 + n)?).ok()?;
+                let json = rest.get(11 + n..)?.to_vec();
+                Some(Payload::Data {
+                    meta: Meta {
+                        core: tag == TAG_CORE,
+                        is_final: flags & FLAG_FINAL != 0,
+                        late: flags & FLAG_LATE != 0,
+                        seq,
+                        spans,
+                        call_id: id.to_owned(),
+                    },
+                    json,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Appends one framed payload to `out`.
+pub(crate) fn frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The frames of a segment: `(offset, payload)` of each valid frame in order, and the length
+/// of the valid prefix (less than `buf.len()` when the tail is torn or corrupt).
+pub(crate) fn read_frames(buf: &[u8]) -> (Vec<(u64, &[u8])>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < buf.len() {
+        let Some(head) = buf.get(at..at + HEADER) else {
+            break;
+        };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len > MAX_PAYLOAD {
+            break;
+        }
+        let Some(payload) = buf.get(at + HEADER..at + HEADER + len) else {
+            break;
+        };
+        if crc32c::crc32c(payload) != crc {
+            break;
+        }
+        out.push((at as u64, payload));
+        at += HEADER + len;
+    }
+    (out, at)
+}
+
+/// A data record read back at start (its body stays on disk until its turn comes).
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub id: RecId,
+    pub meta: Meta,
+    /// Bytes the record takes on disk.
+    pub bytes: u64,
+}
+
+/// What one segment holds: its data records, the acks it carries, and its valid length.
+fn scan(seg: u64, buf: &[u8]) -> (Vec<Recovered>, Vec<RecId>, usize) {
+    let (frames, valid) = read_frames(buf);
+    let mut data = Vec::new();
+    let mut acks = Vec::new();
+    for (off, p) in frames {
+        match Payload::decode(p) {
+            Some(Payload::Ack(id)) => acks.push(id),
+            Some(Payload::Data { meta, .. }) => data.push(Recovered {
+                id: RecId { seg, off },
+                meta,
+                bytes: (HEADER + p.len()) as u64,
+            }),
+            None => {}
+        }
+    }
+    (data, acks, valid)
+}
+
+/// The pure half of recovery: the unacknowledged data records of several segments
+/// (`(segment id, file bytes)` in id order), and per segment the length of its valid prefix.
+#[cfg(test)]
+pub(crate) fn recover(segs: &[(u64, Vec<u8>)]) -> (Vec<Recovered>, Vec<usize>) {
+    let mut acked = HashSet::new();
+    let mut data = Vec::new();
+    let mut valid = Vec::new();
+    for (seg, buf) in segs {
+        let (d, a, v) = scan(*seg, buf);
+        data.extend(d);
+        acked.extend(a);
+        valid.push(v);
+    }
+    data.retain(|r| !acked.contains(&r.id));
+    (data, valid)
+}
+
+#[derive(Debug, Default)]
+struct Segment {
+    /// Unacknowledged data records.
+    live: usize,
+    /// Their bytes.
+    live_bytes: u64,
+}
+
+/// The open spool. Not thread-safe by design: only the worker owns it.
+#[derive(Debug)]
+pub(crate) struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    segs: BTreeMap<u64, Segment>,
+    cur_id: u64,
+    cur: File,
+    cur_len: u64,
+    live_bytes: u64,
+    dirty: bool,
+    scratch: Vec<u8>,
+}
+
+/// What opening the spool found.
+#[derive(Debug, Default)]
+pub(crate) struct Opened {
+    /// Unacknowledged records, in the order they were written.
+    pub records: Vec<Recovered>,
+    /// Segments whose tail was torn or corrupt (and cut off).
+    pub corrupt_tails: u64,
+    /// Bytes cut off those tails.
+    pub corrupt_bytes: u64,
+}
+
+fn seg_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` and reads back what a previous run left.
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> io::Result<(Spool, Opened)> {
+        fs::create_dir_all(dir)?;
+        let mut ids: Vec<u64> = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else {
+                continue;
+            };
+            if let Ok(id) = stem.parse::<u64>() {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        // One segment in memory at a time.
+        let mut acked = HashSet::new();
+        let mut records = Vec::new();
+        let mut opened = Opened::default();
+        for &id in &ids {
+            let path = seg_path(dir, id);
+            let mut buf = Vec::new();
+            File::open(&path)?.read_to_end(&mut buf)?;
+            let (data, acks, ok) = scan(id, &buf);
+            records.extend(data);
+            acked.extend(acks);
+            if ok < buf.len() {
+                opened.corrupt_tails += 1;
+                opened.corrupt_bytes += (buf.len() - ok) as u64;
+                tracing::warn!(
+                    segment = id,
+                    valid_bytes = ok,
+                    cut_bytes = buf.len() - ok,
+                    "spool segment has a torn or corrupt tail: cut off, the records before it are replayed"
+                );
+                File::options()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(ok as u64)?;
+            }
+        }
+        records.retain(|r| !acked.contains(&r.id));
+        let mut segs: BTreeMap<u64, Segment> = BTreeMap::new();
+        let mut live_bytes = 0;
+        for r in &records {
+            let s = segs.entry(r.id.seg).or_default();
+            s.live += 1;
+            s.live_bytes += r.bytes;
+            live_bytes += r.bytes;
+        }
+        // Segments with nothing left to deliver go now.
+        for id in &ids {
+            if !segs.contains_key(id) {
+                remove_segment(dir, *id);
+            }
+        }
+        let cur_id = ids.last().map_or(0, |l| l + 1);
+        let cur = new_segment(dir, cur_id)?;
+        segs.insert(cur_id, Segment::default());
+        opened.records = records;
+        Ok((
+            Spool {
+                dir: dir.to_owned(),
+                max_bytes,
+                segs,
+                cur_id,
+                cur,
+                cur_len: 0,
+                live_bytes,
+                dirty: false,
+                scratch: Vec::new(),
+            },
+            opened,
+        ))
+    }
+
+    /// Bytes of unacknowledged records.
+    #[cfg(test)]
+    pub(crate) fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// Whether a record of `json_len` bytes fits under `CALLSCOPE_SPOOL_MAX_BYTES`.
+    pub(crate) fn fits(&self, json_len: usize) -> bool {
+        self.live_bytes + (json_len + 64) as u64 <= self.max_bytes
+    }
+
+    /// Appends a data record (not yet synced: call [`sync`](Self::sync) before relying on it).
+    /// Returns where it is and the bytes it takes (to pass to [`ack`](Self::ack)).
+    pub(crate) fn append(&mut self, meta: &Meta, json: &[u8]) -> io::Result<(RecId, u64)> {
+        if self.cur_len >= SEGMENT_BYTES {
+            self.rotate()?;
+        }
+        let payload = Payload::Data {
+            meta: meta.clone(),
+            json: Vec::new(),
+        };
+        let mut p = std::mem::take(&mut self.scratch);
+        p.clear();
+        payload.encode(&mut p);
+        p.extend_from_slice(json);
+        let mut framed = Vec::with_capacity(p.len() + HEADER);
+        frame(&p, &mut framed);
+        self.scratch = p;
+        let id = RecId {
+            seg: self.cur_id,
+            off: self.cur_len,
+        };
+        self.write(&framed)?;
+        let s = self.segs.entry(self.cur_id).or_default();
+        s.live += 1;
+        s.live_bytes += framed.len() as u64;
+        self.live_bytes += framed.len() as u64;
+        Ok((id, framed.len() as u64))
+    }
+
+    fn write(&mut self, framed: &[u8]) -> io::Result<()> {
+        if let Err(e) = self.cur.write_all(framed) {
+            // Leave no half record behind us for the next append.
+            let _ = self.cur.set_len(self.cur_len);
+            let _ = self.cur.seek(SeekFrom::Start(self.cur_len));
+            return Err(e);
+        }
+        self.cur_len += framed.len() as u64;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Whether records were written since the last sync.
+    pub(crate) fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Makes every record written so far durable (one `fsync` for all of them).
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.cur.sync_data()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Marks a data record acknowledged; deletes its segment when nothing in it is left.
+    /// `bytes` is what [`append`](Self::append) or recovery reported for it.
+    pub(crate) fn ack(&mut self, id: RecId, bytes: u64) -> io::Result<()> {
+        self.live_bytes = self.live_bytes.saturating_sub(bytes);
+        let empty = match self.segs.get_mut(&id.seg) {
+            Some(s) => {
+                s.live = s.live.saturating_sub(1);
+                s.live_bytes = s.live_bytes.saturating_sub(bytes);
+                s.live == 0
+            }
+            None => false,
+        };
+        if empty && id.seg != self.cur_id {
+            self.segs.remove(&id.seg);
+            remove_segment(&self.dir, id.seg);
+            return Ok(());
+        }
+        if empty && self.cur_len >= SEGMENT_BYTES / 4 {
+            // The current segment holds nothing live: start afresh instead of growing it.
+            return self.rotate();
+        }
+        let mut p = Vec::with_capacity(17);
+        Payload::Ack(id).encode(&mut p);
+        let mut framed = Vec::with_capacity(p.len() + HEADER);
+        frame(&p, &mut framed);
+        self.write(&framed)
+    }
+
+    /// Reads a data record back (for a body that was let go from memory).
+    pub(crate) fn read(&self, id: RecId) -> io::Result<Vec<u8>> {
+        let mut f = File::open(seg_path(&self.dir, id.seg))?;
+        f.seek(SeekFrom::Start(id.off))?;
+        let mut head = [0u8; HEADER];
+        f.read_exact(&mut head)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad spool frame",
+            ));
+        }
+        let mut buf = vec![0u8; HEADER + len];
+        buf[..HEADER].copy_from_slice(&head);
+        f.read_exact(&mut buf[HEADER..])?;
+        match read_frames(&buf).0.first().map(|(_, p)| Payload::decode(p)) {
+            Some(Some(Payload::Data { json, .. })) => Ok(json),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "spool record failed its CRC",
+            )),
+        }
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.sync()?;
+        let old = self.cur_id;
+        self.cur_id += 1;
+        self.cur = new_segment(&self.dir, self.cur_id)?;
+        self.cur_len = 0;
+        self.segs.insert(self.cur_id, Segment::default());
+        if self.segs.get(&old).is_some_and(|s| s.live == 0) {
+            self.segs.remove(&old);
+            remove_segment(&self.dir, old);
+        }
+        Ok(())
+    }
+}
+
+fn new_segment(dir: &Path, id: u64) -> io::Result<File> {
+    let f = File::options()
+        .create(true)
+        .append(true)
+        .open(seg_path(dir, id))?;
+    // Make the new file's name durable too.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(f)
+}
+
+fn remove_segment(dir: &Path, id: u64) {
+    if let Err(e) = fs::remove_file(seg_path(dir, id))
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(segment = id, error = %e, "could not delete an acknowledged spool segment");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn meta(i: u32) -> Meta {
+        Meta {
+            core: i.is_multiple_of(3),
+            is_final: i.is_multiple_of(5),
+            late: i.is_multiple_of(7),
+            seq: i,
+            spans: i * 2,
+            call_id: format!("call-{i}"),
+        }
+    }
+
+    fn data(i: u32, len: usize) -> Payload {
+        Payload::Data {
+            meta: meta(i),
+            json: vec![b'a' + (i % 26) as u8; len],
+        }
+    }
+
+    fn segment(payloads: &[Payload]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            let mut b = Vec::new();
+            p.encode(&mut b);
+            frame(&b, &mut out);
+        }
+        out
+    }
+
+    fn decoded(buf: &[u8]) -> Vec<Payload> {
+        read_frames(buf)
+            .0
+            .iter()
+            .map(|(_, p)| Payload::decode(p).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn payloads_round_trip() {
+        let ps = vec![
+            data(0, 0),
+            data(1, 100),
+            Payload::Ack(RecId { seg: 3, off: 99 }),
+        ];
+        let seg = segment(&ps);
+        assert_eq!(decoded(&seg), ps);
+        assert_eq!(read_frames(&seg).1, seg.len());
+    }
+
+    #[test]
+    fn torn_tail_keeps_the_prefix() {
+        let ps: Vec<Payload> = (0..4).map(|i| data(i, 50)).collect();
+        let seg = segment(&ps);
+        let cut = seg.len() - 10;
+        let (frames, ok) = read_frames(&seg[..cut]);
+        assert_eq!(frames.len(), 3);
+        assert!(ok < cut);
+    }
+
+    #[test]
+    fn acked_records_are_not_replayed() {
+        let a = segment(&[data(1, 10), data(2, 10)]);
+        let second = read_frames(&a).0[1].0;
+        let b = segment(&[Payload::Ack(RecId { seg: 7, off: 0 })]);
+        let (recs, valid) = recover(&[(7, a.clone()), (8, b)]);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(
+            recs[0].id,
+            RecId {
+                seg: 7,
+                off: second
+            }
+        );
+        assert_eq!(recs[0].meta, meta(2));
+        assert_eq!(valid[0], a.len());
+    }
+
+    #[test]
+    fn garbage_payloads_decode_to_none() {
+        assert_eq!(Payload::decode(&[]), None);
+        assert_eq!(Payload::decode(&[TAG_ACK, 1, 2]), None);
+        assert_eq!(Payload::decode(&[TAG_DETAIL, 0, 1]), None);
+        assert_eq!(Payload::decode(&[9, 9, 9]), None);
+        // A call id length past the end.
+        assert_eq!(
+            Payload::decode(&[TAG_CORE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255]),
+            None
+        );
+    }
+
+    #[test]
+    fn spool_on_disk_replays_deletes_and_cuts_torn_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert!(o.records.is_empty());
+        let (a, bytes_a) = s.append(&meta(1), b"{\"a\":1}").unwrap();
+        let _b = s.append(&meta(2), b"{\"b\":2}").unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.read(a).unwrap(), b"{\"a\":1}");
+        s.ack(a, bytes_a).unwrap();
+        drop(s);
+        // A torn write at the end of the segment.
+        let seg = seg_path(dir.path(), 0);
+        let mut f = File::options().append(true).open(&seg).unwrap();
+        f.write_all(&[40, 0, 0, 0, 1, 2]).unwrap();
+        drop(f);
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(o.corrupt_tails, 1);
+        assert_eq!(o.records.len(), 1);
+        assert_eq!(s.read(o.records[0].id).unwrap(), b"{\"b\":2}");
+        assert_eq!(o.records[0].meta, meta(2));
+        let r = &o.records[0];
+        s.ack(r.id, r.bytes).unwrap();
+        assert_eq!(s.live_bytes(), 0);
+        // Segment 0 had nothing left and is gone; the new one stays.
+        assert!(!seg.exists());
+        drop(s);
+        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert!(o.records.is_empty());
+        assert_eq!(o.corrupt_tails, 0);
+    }
+
+    proptest! {
+        /// Any truncation or corruption of a segment never panics and yields a prefix of the
+        /// records written.
+        #[test]
+        fn damage_yields_a_prefix(
+            lens in prop::collection::vec(0usize..300, 1..20),
+            cut in any::<prop::sample::Index>(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+        ) {
+            let ps: Vec<Payload> = lens.iter().enumerate().map(|(i, l)| data(i as u32, *l)).collect();
+            let mut seg = segment(&ps);
+            let n = cut.index(seg.len() + 1);
+            seg.truncate(n);
+            for (at, x) in &flips {
+                if !seg.is_empty() {
+                    let i = at.index(seg.len());
+                    seg[i] ^= x;
+                }
+            }
+            let (frames, ok) = read_frames(&seg);
+            prop_assert!(ok <= seg.len());
+            let got: Vec<Option<Payload>> = frames.iter().map(|(_, p)| Payload::decode(p)).collect();
+            prop_assert!(got.len() <= ps.len());
+            for (g, want) in got.iter().zip(&ps) {
+                prop_assert_eq!(g.as_ref(), Some(want));
+            }
+            let (recs, _) = recover(&[(0, seg.clone())]);
+            prop_assert_eq!(recs.len(), got.len());
+        }
+    }
+}

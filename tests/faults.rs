@@ -1,0 +1,436 @@
+//! Fault-injection suite: the processor against a faulty front (tests/support/fault.rs) before
+//! the real ingest server. Each test waits on signals (requests seen, stats), never on sleeps.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callscope::{CallSpanProcessor, Compression, Config, ConfigBuilder, StatsHandle};
+use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use support::fault::{Fault, FaultProxy, Ingest, Req};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn start(
+    url: &str,
+    f: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> (SdkTracerProvider, StatsHandle) {
+    support::init_logs();
+    let cfg = f(Config::builder()
+        .without_env()
+        .endpoint(url)
+        .agent_id("faults")
+        .compression(Compression::None)
+        .queue_size(1 << 20))
+    .build()
+    .unwrap();
+    let p = CallSpanProcessor::from_config(cfg).unwrap();
+    let stats = p.stats_handle();
+    (
+        SdkTracerProvider::builder().with_span_processor(p).build(),
+        stats,
+    )
+}
+
+/// One call: an `agent_session` root and `spans - 1` children with `pad` bytes of text each.
+fn emit_call(provider: &SdkTracerProvider, call_id: &str, spans: usize, pad: usize) {
+    let tracer = provider.tracer("faults");
+    let root = tracer.build_with_context(
+        tracer
+            .span_builder("agent_session")
+            .with_attributes(vec![KeyValue::new("call_id", call_id.to_owned())]),
+        &Context::new(),
+    );
+    let cx = Context::new().with_span(root);
+    for i in 1..spans {
+        let mut s = tracer.build_with_context(
+            tracer
+                .span_builder(if i % 2 == 0 {
+                    "llm_request"
+                } else {
+                    "tts_request"
+                })
+                .with_attributes(vec![KeyValue::new("payload", "p".repeat(pad))]),
+            &cx,
+        );
+        s.end();
+    }
+    cx.span().end();
+}
+
+fn delivered(stats: &StatsHandle, calls: u64, spans: u64) -> bool {
+    let s = stats.snapshot();
+    s.summaries_sent == calls && s.detail_spans_sent == spans
+}
+
+/// Every call's summary and spans stored exactly once, and complete.
+fn assert_stored(ingest: &Ingest, calls: usize, spans: usize) {
+    assert_eq!(ingest.calls(), calls as u64);
+    assert_eq!(ingest.total_spans(), (calls * spans) as u64);
+    assert_eq!(ingest.duplicates(), 0);
+    for c in 0..calls {
+        let id = format!("call-{c}");
+        assert_eq!(ingest.spans(&id), spans as u64, "spans of {id}");
+        let call = ingest.call(&id).unwrap();
+        assert_eq!(call["complete"], true, "{id} not complete: {call}");
+    }
+}
+
+#[test]
+fn a_5xx_burst_is_retried_and_stored_once() {
+    let ingest = Ingest::start();
+    let proxy = FaultProxy::start(Some(&ingest.url), |r: &Req| match r.n {
+        0 => Fault::Status(500),
+        1 => Fault::Status(502),
+        2 => Fault::Status(503),
+        3 => Fault::Status(504),
+        _ => Fault::Pass,
+    });
+    let (provider, stats) = start(&proxy.url(), |b| b);
+    emit_call(&provider, "call-0", 20, 100);
+    assert!(proxy.wait_for(WAIT, |_, _| delivered(&stats, 1, 20)));
+    assert!(stats.snapshot().requests_retried >= 4);
+    assert_stored(&ingest, 1, 20);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn retry_after_of_a_429_is_honoured() {
+    let ingest = Ingest::start();
+    let proxy = FaultProxy::start(Some(&ingest.url), |r: &Req| {
+        if r.n == 0 {
+            Fault::StatusWith(429, vec![("retry-after".into(), "1".into())])
+        } else {
+            Fault::Pass
+        }
+    });
+    let (provider, stats) = start(&proxy.url(), |b| b);
+    emit_call(&provider, "call-0", 5, 10);
+    assert!(proxy.wait_for(WAIT, |_, _| delivered(&stats, 1, 5)));
+    let seen = proxy.seen();
+    let first = &seen[0];
+    let again = seen[1..]
+        .iter()
+        .find(|s| s.req.key == first.req.key)
+        .unwrap();
+    assert!(
+        again.at.duration_since(first.at) >= Duration::from_millis(950),
+        "retried after {:?}",
+        again.at.duration_since(first.at)
+    );
+    assert_stored(&ingest, 1, 5);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn a_413_splits_batches_and_numbering_stays_complete() {
+    // The receiver refuses bodies above 12 KB; the sender batches up to 64 KB.
+    let ingest = Ingest::with_max_body(12_000);
+    let proxy = FaultProxy::start(Some(&ingest.url), |_| Fault::Pass);
+    let (provider, stats) = start(&proxy.url(), |b| b.max_request_bytes(64 * 1024));
+    emit_call(&provider, "call-0", 60, 1_000);
+    // One lone span above the receiver's limit: shortened, marked, counted, still stored.
+    emit_call(&provider, "call-1", 2, 30_000);
+    assert!(
+        proxy.wait_for(Duration::from_secs(15), |_, _| delivered(&stats, 2, 62)),
+        "{:?} {:?}",
+        stats.snapshot(),
+        proxy
+            .seen()
+            .iter()
+            .map(|s| (s.req.key.clone(), s.req.wire_len, s.status))
+            .collect::<Vec<_>>()
+    );
+    let s = stats.snapshot();
+    assert!(s.batches_split >= 3, "{s:?}");
+    assert!(s.attributes_truncated >= 1, "{s:?}");
+    assert_eq!(s.spans_dropped(), 0);
+    // The final batch's total_batches counts every half: the call is complete.
+    assert_eq!(ingest.spans("call-0"), 60);
+    assert_eq!(ingest.spans("call-1"), 2);
+    for id in ["call-0", "call-1"] {
+        assert_eq!(ingest.call(id).unwrap()["complete"], true, "{id}");
+    }
+    assert_eq!(ingest.duplicates(), 0);
+    let finals = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.ok() && s.req.key.starts_with("call-0:detail:"))
+        .count();
+    assert!(finals >= 6, "{finals} batches");
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn a_connection_reset_mid_body_is_retried() {
+    let ingest = Ingest::start();
+    let proxy = FaultProxy::start(Some(&ingest.url), |r: &Req| {
+        if r.n < 3 { Fault::Reset } else { Fault::Pass }
+    });
+    let (provider, stats) = start(&proxy.url(), |b| b);
+    emit_call(&provider, "call-0", 30, 2_000);
+    assert!(proxy.wait_for(WAIT, |_, _| delivered(&stats, 1, 30)));
+    assert_stored(&ingest, 1, 30);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn a_response_slower_than_the_timeout_is_retried_and_stored_once() {
+    let ingest = Ingest::start();
+    // Every first attempt is answered after the sender gave up (but stored upstream).
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let proxy = FaultProxy::start(Some(&ingest.url), move |r: &Req| {
+        if seen.lock().unwrap().insert(r.key.clone()) {
+            Fault::Slow(Duration::from_millis(900))
+        } else {
+            Fault::Pass
+        }
+    });
+    let (provider, stats) = start(&proxy.url(), |b| b.timeout(Duration::from_millis(300)));
+    emit_call(&provider, "call-0", 10, 100);
+    assert!(proxy.wait_for(WAIT, |_, _| delivered(&stats, 1, 10)));
+    assert!(stats.snapshot().requests_retried >= 2);
+    assert_stored(&ingest, 1, 10);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn down_then_up_delivers_summaries_before_detail() {
+    let ingest = Ingest::start();
+    let proxy = FaultProxy::start(Some(&ingest.url), |_| Fault::Pass);
+    proxy.set_down(true);
+    let (provider, stats) = start(&proxy.url(), |b| b);
+    for c in 0..5 {
+        emit_call(&provider, &format!("call-{c}"), 40, 500);
+    }
+    // Let the outage be seen (every summary has failed at least once), then come back.
+    assert!(proxy.wait_for(WAIT, |_, refused| refused >= 5));
+    proxy.set_down(false);
+    assert!(proxy.wait_for(WAIT, |_, _| delivered(&stats, 5, 200)));
+    let seen = proxy.seen();
+    let last_core = seen
+        .iter()
+        .filter(|s| s.req.is_core())
+        .map(|s| s.at)
+        .max()
+        .unwrap();
+    let first_detail = seen
+        .iter()
+        .filter(|s| !s.req.is_core())
+        .map(|s| s.at)
+        .min()
+        .unwrap();
+    assert!(
+        last_core <= first_detail,
+        "a detail batch went before every summary was in"
+    );
+    assert_stored(&ingest, 5, 40);
+    provider.shutdown().unwrap();
+}
+
+// ---- kill -9 and restart with the same spool ------------------------------------------------
+
+const CHILD_ENV: &str = "CALLSCOPE_FAULTS_CHILD";
+const KILL_CALLS: usize = 8;
+const KILL_SPANS: usize = 20;
+
+/// In the child: emit the calls with a spool, then wait to be killed.
+fn child_emit(dir: &str, url: &str) {
+    let (provider, _stats) = start(url, |b| {
+        b.spool_dir(dir)
+            .max_concurrent_detail(64)
+            .retry_max_elapsed(Duration::from_secs(3600))
+    });
+    for c in 0..KILL_CALLS {
+        emit_call(&provider, &format!("call-{c}"), KILL_SPANS, 200);
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn kill_9_then_restart_with_the_same_spool_delivers_everything() {
+    if let Ok(v) = std::env::var(CHILD_ENV) {
+        let (dir, url) = v.split_once('|').unwrap();
+        child_emit(dir, url);
+        return;
+    }
+    let ingest = Ingest::start();
+    // Summaries pass; detail is refused (503) for as long as the child lives.
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r2 = refuse.clone();
+    let proxy = FaultProxy::start(Some(&ingest.url), move |r: &Req| {
+        if !r.is_core() && r2.load(std::sync::atomic::Ordering::SeqCst) {
+            Fault::Status(503)
+        } else {
+            Fault::Pass
+        }
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "kill_9_then_restart_with_the_same_spool_delivers_everything",
+            "--nocapture",
+        ])
+        .env(
+            CHILD_ENV,
+            format!("{}|{}", spool.path().display(), proxy.url()),
+        )
+        .spawn()
+        .unwrap();
+    // Every call's only batch (its final) was tried once: it is on disk, synced.
+    let tried = proxy.wait_for(WAIT, |seen, _| {
+        let keys: HashSet<&str> = seen.iter().map(|s| s.req.key.as_str()).collect();
+        (0..KILL_CALLS).all(|c| keys.contains(format!("call-{c}:detail:0").as_str()))
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(tried, "the child never tried every batch");
+    assert_eq!(ingest.total_spans(), 0);
+    // A torn write at the end of the newest segment, as a crash mid-append leaves it.
+    tear_newest_segment(spool.path());
+    refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (provider, stats) = start(&proxy.url(), |b| b.spool_dir(spool.path()));
+    assert!(proxy.wait_for(WAIT, |_, _| {
+        stats.snapshot().detail_spans_sent == (KILL_CALLS * KILL_SPANS) as u64
+    }));
+    let s = stats.snapshot();
+    assert!(s.spool_records_replayed >= KILL_CALLS as u64, "{s:?}");
+    assert_eq!(s.spool_corrupt_tails, 1);
+    assert_stored(&ingest, KILL_CALLS, KILL_SPANS);
+    provider.shutdown().unwrap();
+    // Everything acknowledged: nothing is replayed again.
+    let (provider, stats) = start(&proxy.url(), |b| b.spool_dir(spool.path()));
+    assert_eq!(stats.snapshot().spool_records_replayed, 0);
+    provider.shutdown().unwrap();
+}
+
+fn tear_newest_segment(dir: &Path) {
+    use std::io::Write;
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let last = segs.last().unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+    f.write_all(&[200, 0, 0, 0, 7, 7, 7, 7, 1, 2, 3]).unwrap();
+}
+
+// ---- acceptance ------------------------------------------------------------------------------
+
+/// Sizes of the acceptance run: small in `cargo test` (debug build); `examples/faults.rs` runs
+/// the full 200 × 500 (see RELIABILITY.md).
+const CALLS: usize = 40;
+const SPANS: usize = 100;
+
+/// Every fault in turn, by request number: 5xx, 429 + Retry-After, resets, slow answers, 413
+/// above 24 KB; plus an outage while the calls are emitted.
+fn all_faults(timeout: Duration) -> impl FnMut(&Req) -> Fault + Send + 'static {
+    move |r: &Req| {
+        if r.wire_len > 24_000 {
+            return Fault::Status(413);
+        }
+        match r.n % 23 {
+            1 => Fault::Status(503),
+            4 => Fault::Status(500),
+            7 => Fault::StatusWith(429, vec![("retry-after".into(), "1".into())]),
+            10 => Fault::Reset,
+            13 => Fault::Slow(timeout * 2),
+            16 => Fault::Status(502),
+            _ => Fault::Pass,
+        }
+    }
+}
+
+#[test]
+fn acceptance_every_fault_with_the_spool_stores_everything_once() {
+    let ingest = Ingest::start();
+    let timeout = Duration::from_millis(400);
+    let proxy = FaultProxy::start(Some(&ingest.url), all_faults(timeout));
+    let spool = tempfile::tempdir().unwrap();
+    let (provider, stats) = start(&proxy.url(), |b| {
+        b.spool_dir(spool.path())
+            .timeout(timeout)
+            .max_request_bytes(48 * 1024)
+            .max_buffer_bytes(256 * 1024)
+    });
+    for c in 0..CALLS {
+        if c == CALLS / 4 {
+            proxy.set_down(true);
+        }
+        if c == CALLS / 2 {
+            proxy.set_down(false);
+        }
+        emit_call(&provider, &format!("call-{c}"), SPANS, 150);
+    }
+    proxy.set_down(false);
+    let ok = proxy.wait_for(Duration::from_secs(120), |_, _| {
+        delivered(&stats, CALLS as u64, (CALLS * SPANS) as u64)
+    });
+    let s = stats.snapshot();
+    assert!(ok, "not all delivered: {s:?}");
+    assert_eq!(s.spans_dropped(), 0, "{s:?}");
+    assert_eq!(s.summaries_failed, 0);
+    assert!(s.requests_retried > 0 && s.batches_split > 0, "{s:?}");
+    assert_stored(&ingest, CALLS, SPANS);
+    provider.shutdown().unwrap();
+}
+
+#[test]
+fn acceptance_without_a_spool_every_loss_is_counted_exactly() {
+    let ingest = Ingest::start();
+    let firsts = Arc::new(Mutex::new(HashSet::new()));
+    // Summaries only meet transient faults; some detail batches are refused for good (400),
+    // others fail until the short retry budget runs out, and a slow receiver fills the buffer.
+    let proxy = FaultProxy::start(Some(&ingest.url), move |r: &Req| {
+        let first = firsts.lock().unwrap().insert(r.key.clone());
+        if r.is_core() {
+            return if first && r.n % 3 == 0 {
+                Fault::Status(503)
+            } else {
+                Fault::Pass
+            };
+        }
+        match r.n % 11 {
+            2 => Fault::Status(400),
+            5 => Fault::Status(503),
+            _ if r.n < 30 => Fault::Slow(Duration::from_millis(150)),
+            _ => Fault::Pass,
+        }
+    });
+    let (provider, stats) = start(&proxy.url(), |b| {
+        b.retry_max_elapsed(Duration::from_millis(800))
+            .timeout(Duration::from_secs(5))
+            .max_request_bytes(16 * 1024)
+            .max_buffer_bytes(512 * 1024)
+            .max_concurrent_detail(1)
+    });
+    let total = (CALLS * SPANS) as u64;
+    for c in 0..CALLS {
+        emit_call(&provider, &format!("call-{c}"), SPANS, 150);
+    }
+    let settled = proxy.wait_for(Duration::from_secs(120), |_, _| {
+        let s = stats.snapshot();
+        s.summaries_sent == CALLS as u64 && s.detail_spans_sent + s.spans_dropped() == total
+    });
+    provider.shutdown().unwrap();
+    let s = stats.snapshot();
+    assert!(settled, "{s:?}");
+    assert!(s.spans_dropped_send_failed > 0, "{s:?}");
+    assert!(s.spans_dropped_buffer_full > 0, "{s:?}");
+    assert_eq!(ingest.calls(), CALLS as u64);
+    assert_eq!(ingest.duplicates(), 0);
+    // No more and no fewer: what is not stored is exactly what stats() counts as dropped.
+    assert_eq!(ingest.total_spans() + s.spans_dropped(), total, "{s:?}");
+    assert_eq!(s.detail_spans_sent, ingest.total_spans());
+}
