@@ -1,0 +1,277 @@
+//! Bad input, each with a defined outcome: a clear error or a counted drop, never a panic, a
+//! hang or unbounded memory.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use callscope::{CallSpanProcessor, Compression, Config, ConfigBuilder, DetailMode};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks, SpanProcessor};
+use support::Receiver;
+use support::fault::{Fault, FaultProxy};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn processor(url: &str, f: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> CallSpanProcessor {
+    support::init_logs();
+    let cfg = f(Config::builder()
+        .without_env()
+        .endpoint(url)
+        .agent_id("bad-input")
+        .compression(Compression::None))
+    .build()
+    .unwrap();
+    CallSpanProcessor::from_config(cfg).unwrap()
+}
+
+fn t(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_790_000_000 + s)
+}
+
+/// A span as the SDK hands it to `on_end`. `parent: None` = a root span.
+fn span(
+    trace: u128,
+    id: u64,
+    parent: Option<u64>,
+    name: &'static str,
+    attrs: Vec<KeyValue>,
+) -> SpanData {
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: parent.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: false,
+        span_kind: SpanKind::Internal,
+        name: Cow::Borrowed(name),
+        start_time: t(0),
+        end_time: t(1),
+        attributes: attrs,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: InstrumentationScope::builder("bad-input").build(),
+    }
+}
+
+#[test]
+fn a_50_mb_attribute_value_is_shortened_and_counted() {
+    let rx = Receiver::start();
+    let p = processor(&rx.url(), |b| b);
+    let mut s = span(
+        1,
+        2,
+        Some(1),
+        "llm_request",
+        vec![
+            KeyValue::new("call_id", "big"),
+            KeyValue::new("prompt", "x".repeat(50 << 20)),
+        ],
+    );
+    s.attributes.push(KeyValue::new("n", 1));
+    p.on_end(s);
+    p.on_end(span(
+        1,
+        1,
+        None,
+        "agent_session",
+        vec![KeyValue::new("call_id", "big")],
+    ));
+    p.force_flush().unwrap();
+    let st = p.stats();
+    assert!(st.attributes_truncated >= 1, "{st:?}");
+    assert_eq!(st.spans_dropped(), 0);
+    let details = rx.details();
+    let spans = support::detail_span_ids(&details, "big");
+    assert_eq!(spans.len(), 2);
+    assert!(
+        details
+            .iter()
+            .all(|r| r.json_len <= callscope::env::DEFAULT_MAX_REQUEST_BYTES)
+    );
+    assert!(rx.core_of("big").is_some());
+    p.shutdown().unwrap();
+}
+
+#[test]
+fn many_distinct_call_ids_stay_bounded_by_eviction() {
+    let rx = Receiver::start();
+    let p = processor(&rx.url(), |b| b.max_open_calls(20).detail(DetailMode::None));
+    let n = 3_000u64;
+    for i in 0..n {
+        // A child span (never a root): the call stays open until evicted.
+        let id = format!("caller-{i}");
+        p.on_end(span(
+            u128::from(i) + 10,
+            5,
+            Some(4),
+            "llm_request",
+            vec![KeyValue::new("call_id", id)],
+        ));
+        assert!(p.stats().calls_open <= 20);
+    }
+    p.force_flush().unwrap();
+    let st = p.stats();
+    assert_eq!(st.calls_started, n);
+    assert_eq!(st.calls_ended_evicted, n - st.calls_open);
+    assert!(rx.wait_for(WAIT, |r| r.len() as u64 >= n - 20));
+    p.shutdown().unwrap();
+    assert_eq!(p.stats().calls_ended(), n);
+}
+
+#[test]
+fn a_span_ending_before_it_starts_has_zero_duration() {
+    let rx = Receiver::start();
+    let p = processor(&rx.url(), |b| b);
+    let mut s = span(
+        7,
+        2,
+        Some(1),
+        "tts_request",
+        vec![KeyValue::new("call_id", "backwards")],
+    );
+    s.start_time = t(100);
+    s.end_time = t(50);
+    p.on_end(s);
+    p.on_end(span(
+        7,
+        1,
+        None,
+        "agent_session",
+        vec![KeyValue::new("call_id", "backwards")],
+    ));
+    p.force_flush().unwrap();
+    let details = rx.details();
+    let d = details.iter().find(|r| r.call_id() == "backwards").unwrap();
+    let spans = d.json["telemetry_data"]["session_traces"]
+        .as_array()
+        .unwrap();
+    let tts = spans.iter().find(|s| s["name"] == "tts_request").unwrap();
+    assert_eq!(tts["duration_ms"].as_f64(), Some(0.0));
+    p.shutdown().unwrap();
+}
+
+#[test]
+fn spans_without_a_call_id_are_grouped_by_trace() {
+    let rx = Receiver::start();
+    let p = processor(&rx.url(), |b| b);
+    let trace: u128 = 0xabc;
+    p.on_end(span(trace, 2, Some(1), "llm_request", vec![]));
+    p.on_end(span(trace, 1, None, "agent_session", vec![]));
+    p.force_flush().unwrap();
+    let hex = format!("{trace:032x}");
+    let core = rx.core_of(&hex).unwrap();
+    assert_eq!(core["telemetry_summary"]["total_spans"], 2);
+    p.shutdown().unwrap();
+}
+
+#[test]
+fn spans_after_shutdown_are_counted() {
+    let rx = Receiver::start();
+    let p = processor(&rx.url(), |b| b);
+    p.shutdown().unwrap();
+    p.on_end(span(
+        9,
+        1,
+        None,
+        "agent_session",
+        vec![KeyValue::new("call_id", "late")],
+    ));
+    assert_eq!(p.stats().spans_dropped_after_shutdown, 1);
+    assert_eq!(p.stats().spans_seen, 0);
+}
+
+#[test]
+fn an_endpoint_down_at_start_catches_up() {
+    // A port nobody listens on yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = processor(&format!("http://{addr}/v1/calls"), |b| b);
+    p.on_end(span(
+        3,
+        2,
+        Some(1),
+        "llm_request",
+        vec![KeyValue::new("call_id", "early")],
+    ));
+    p.on_end(span(
+        3,
+        1,
+        None,
+        "agent_session",
+        vec![KeyValue::new("call_id", "early")],
+    ));
+    // The app keeps running; the receiver comes up later on that port.
+    let proxy = FaultProxy::start_on(addr, None, |_| Fault::Pass);
+    assert!(proxy.wait_for(WAIT, |_, _| {
+        let s = p.stats();
+        s.summaries_sent == 1 && s.detail_spans_sent == 2
+    }));
+    assert!(p.stats().requests_retried >= 1);
+    p.shutdown().unwrap();
+}
+
+// ---- invalid environment values, through from_env in a child process -------------------------
+
+const CHILD_ENV: &str = "CALLSCOPE_BAD_INPUT_CHILD";
+
+#[test]
+fn invalid_env_values_are_clear_errors() {
+    if let Ok(var) = std::env::var(CHILD_ENV) {
+        let err = CallSpanProcessor::from_env().unwrap_err().to_string();
+        assert!(
+            err.contains(&var),
+            "error for {var} does not name it: {err}"
+        );
+        return;
+    }
+    use callscope::env::*;
+    let bad = [
+        (ENV_ENDPOINT, "not a url"),
+        (ENV_DETAILED_ENDPOINT, "ftp://x"),
+        (ENV_TIMEOUT_MS, "soon"),
+        (ENV_QUEUE_SIZE, "-1"),
+        (ENV_MAX_OPEN_CALLS, "0"),
+        (ENV_MAX_REQUEST_BYTES, "12"),
+        (ENV_MAX_SUMMARY_BYTES, "x"),
+        (ENV_CALL_IDLE_TIMEOUT_MS, "0"),
+        (ENV_BATCH_TIMEOUT_MS, "1e99"),
+        (ENV_RETRY_MAX_ELAPSED_MS, "forever"),
+        (ENV_MAX_CONCURRENT_DETAIL, "0"),
+        (ENV_MAX_BUFFER_BYTES, "1"),
+        (ENV_SPOOL_MAX_BYTES, "0"),
+        (ENV_DETAIL, "some"),
+        (ENV_COMPRESSION, "zstd"),
+        (ENV_CRITICAL_MS, "slow"),
+        (ENV_DISABLED, "maybe"),
+        (ENV_HEADERS, "no-equals-sign"),
+    ];
+    for (var, value) in bad {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "invalid_env_values_are_clear_errors", "--quiet"])
+            .env(CHILD_ENV, var)
+            .env(var, value);
+        if var != ENV_ENDPOINT {
+            cmd.env(ENV_ENDPOINT, "http://127.0.0.1:9/v1/calls");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{var}={value:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
