@@ -17,18 +17,28 @@ use crate::semantics;
 use crate::stats::Counters;
 use crate::transport::Transport;
 
+/// The call-id keys, prepared once as the processor prepares them.
+#[derive(Debug, Clone)]
+pub struct Keys(semantics::CallIdKeys);
+
+impl Keys {
+    /// Prepares `keys` (first wins).
+    pub fn new(keys: &[String]) -> Self {
+        Keys(semantics::CallIdKeys::new(keys))
+    }
+}
+
 /// Span classification and fact reading (`on_end`'s single attribute pass); returns the
 /// operation name and whether a call id was found under `keys`.
-pub fn classify(span: &SpanData, keys: &[String]) -> (&'static str, bool) {
-    let keys = semantics::CallIdKeys::new(keys);
-    let (op, facts) = semantics::read_span(&span.name, &span.attributes, &keys);
+pub fn classify(span: &SpanData, keys: &Keys) -> (&'static str, bool) {
+    let (op, facts) = semantics::read_span(&span.name, &span.attributes, &keys.0);
     (op.as_str(), facts.call_id.is_some())
 }
 
 /// Call-id resolution from attributes (what `on_start` does for a root span): whether an id
 /// was found under `keys`.
-pub fn find_call_id(attrs: &[KeyValue], keys: &[String]) -> bool {
-    semantics::find_call_id(attrs, &semantics::CallIdKeys::new(keys)).is_some()
+pub fn find_call_id(attrs: &[KeyValue], keys: &Keys) -> bool {
+    semantics::find_call_id(attrs, &keys.0).is_some()
 }
 
 /// The call table alone (`on_end` without the hand-off to the worker): call-id resolution
