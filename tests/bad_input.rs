@@ -214,13 +214,20 @@ fn an_endpoint_down_at_start_catches_up() {
         "agent_session",
         vec![KeyValue::new("call_id", "early")],
     ));
-    // The app keeps running; the receiver comes up later on that port.
+    // The app keeps running and the first attempt is refused (no receiver to signal from
+    // yet: poll the counters, bounded).
+    let deadline = std::time::Instant::now() + WAIT;
+    while p.stats().requests_retried == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(p.stats().requests_retried >= 1);
+    assert_eq!(p.stats().summaries_sent, 0);
+    // The receiver comes up later on that port.
     let proxy = FaultProxy::start_on(addr, None, |_| Fault::Pass);
     assert!(proxy.wait_for(WAIT, |_, _| {
         let s = p.stats();
         s.summaries_sent == 1 && s.detail_spans_sent == 2
     }));
-    assert!(p.stats().requests_retried >= 1);
     p.shutdown().unwrap();
 }
 

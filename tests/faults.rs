@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callscope::{CallSpanProcessor, Compression, Config, ConfigBuilder, StatsHandle};
-use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
-use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use support::fault::{Fault, FaultProxy, Ingest, Req};
+use support::fault::{Fault, FaultProxy, Ingest, Req, all_faults, emit_call};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -36,32 +34,6 @@ fn start(
         SdkTracerProvider::builder().with_span_processor(p).build(),
         stats,
     )
-}
-
-/// One call: an `agent_session` root and `spans - 1` children with `pad` bytes of text each.
-fn emit_call(provider: &SdkTracerProvider, call_id: &str, spans: usize, pad: usize) {
-    let tracer = provider.tracer("faults");
-    let root = tracer.build_with_context(
-        tracer
-            .span_builder("agent_session")
-            .with_attributes(vec![KeyValue::new("call_id", call_id.to_owned())]),
-        &Context::new(),
-    );
-    let cx = Context::new().with_span(root);
-    for i in 1..spans {
-        let mut s = tracer.build_with_context(
-            tracer
-                .span_builder(if i % 2 == 0 {
-                    "llm_request"
-                } else {
-                    "tts_request"
-                })
-                .with_attributes(vec![KeyValue::new("payload", "p".repeat(pad))]),
-            &cx,
-        );
-        s.end();
-    }
-    cx.span().end();
 }
 
 fn delivered(stats: &StatsHandle, calls: u64, spans: u64) -> bool {
@@ -332,25 +304,6 @@ fn tear_newest_segment(dir: &Path) {
 /// the full 200 × 500 (see RELIABILITY.md).
 const CALLS: usize = 40;
 const SPANS: usize = 100;
-
-/// Every fault in turn, by request number: 5xx, 429 + Retry-After, resets, slow answers, 413
-/// above 24 KB; plus an outage while the calls are emitted.
-fn all_faults(timeout: Duration) -> impl FnMut(&Req) -> Fault + Send + 'static {
-    move |r: &Req| {
-        if r.wire_len > 24_000 {
-            return Fault::Status(413);
-        }
-        match r.n % 23 {
-            1 => Fault::Status(503),
-            4 => Fault::Status(500),
-            7 => Fault::StatusWith(429, vec![("retry-after".into(), "1".into())]),
-            10 => Fault::Reset,
-            13 => Fault::Slow(timeout * 2),
-            16 => Fault::Status(502),
-            _ => Fault::Pass,
-        }
-    }
-}
 
 #[test]
 fn acceptance_every_fault_with_the_spool_stores_everything_once() {

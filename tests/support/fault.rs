@@ -10,6 +10,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use callscope_ingest::{IngestConfig, RunningServer, Store};
+use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -389,4 +392,49 @@ fn reset(stream: TcpStream) {
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
+}
+
+/// One call: an `agent_session` root and `spans - 1` children with `pad` bytes of text each.
+pub fn emit_call(provider: &SdkTracerProvider, call_id: &str, spans: usize, pad: usize) {
+    let tracer = provider.tracer("faults");
+    let root = tracer.build_with_context(
+        tracer
+            .span_builder("agent_session")
+            .with_attributes(vec![KeyValue::new("call_id", call_id.to_owned())]),
+        &Context::new(),
+    );
+    let cx = Context::new().with_span(root);
+    for i in 1..spans {
+        let mut s = tracer.build_with_context(
+            tracer
+                .span_builder(if i % 2 == 0 {
+                    "llm_request"
+                } else {
+                    "tts_request"
+                })
+                .with_attributes(vec![KeyValue::new("payload", "p".repeat(pad))]),
+            &cx,
+        );
+        s.end();
+    }
+    cx.span().end();
+}
+
+/// The acceptance schedule (tests/faults.rs, examples/faults.rs). Every fault in turn, by request number: 5xx, 429 + Retry-After, resets, slow answers, 413
+/// above 24 KB; plus an outage while the calls are emitted.
+pub fn all_faults(timeout: Duration) -> impl FnMut(&Req) -> Fault + Send + 'static {
+    move |r: &Req| {
+        if r.wire_len > 24_000 {
+            return Fault::Status(413);
+        }
+        match r.n % 23 {
+            1 => Fault::Status(503),
+            4 => Fault::Status(500),
+            7 => Fault::StatusWith(429, vec![("retry-after".into(), "1".into())]),
+            10 => Fault::Reset,
+            13 => Fault::Slow(timeout * 2),
+            16 => Fault::Status(502),
+            _ => Fault::Pass,
+        }
+    }
 }
