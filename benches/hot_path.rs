@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use callscope::{CallSpanProcessor, StatsHandle};
+use callscope::{CallSpanProcessor, DetailMode, StatsHandle};
 use criterion::{Criterion, Throughput, criterion_group};
 use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
@@ -143,6 +143,9 @@ enum Pipeline {
     None,
     Bsp,
     Callscope,
+    /// `CALLSCOPE_DETAIL=none`: aggregation and summaries only, no detail hand-off; shows the
+    /// hot path without the worker's JSON/gzip/HTTP work competing for the 2 cores.
+    CallscopeSummaryOnly,
 }
 
 fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, Option<StatsHandle>) {
@@ -154,11 +157,17 @@ fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, Opt
                 .build(),
             None,
         ),
-        Pipeline::Callscope => {
+        Pipeline::Callscope | Pipeline::CallscopeSummaryOnly => {
+            let detail = if matches!(p, Pipeline::Callscope) {
+                DetailMode::All
+            } else {
+                DetailMode::None
+            };
             let cs = CallSpanProcessor::builder()
                 .without_env()
                 .endpoint(&sink.url)
                 .agent_id("bench")
+                .detail(detail)
                 .build()
                 .unwrap();
             let stats = cs.stats_handle();
@@ -176,6 +185,7 @@ fn caller_cost(c: &mut Criterion) {
             ("no_processor", Pipeline::None),
             ("sdk_batch_noop", Pipeline::Bsp),
             ("callscope_null_http", Pipeline::Callscope),
+            ("callscope_summary_only", Pipeline::CallscopeSummaryOnly),
         ] {
             let (provider, stats) = provider(&p, &sink);
             let tracer = provider.tracer("bench");
@@ -200,7 +210,7 @@ fn caller_cost(c: &mut Criterion) {
     }
 }
 
-/// `HOT_PATH_PROFILE=<none|bsp|callscope> HOT_PATH_SPANS=<n>`: emit n spans on one thread and
+/// `HOT_PATH_PROFILE=<none|bsp|callscope|summary> HOT_PATH_SPANS=<n>`: emit n spans on one thread and
 /// exit, for `valgrind --tool=callgrind` (instruction counts per span are repeatable, unlike time).
 fn profile(which: &str) {
     let spans = std::env::var("HOT_PATH_SPANS")
@@ -210,6 +220,7 @@ fn profile(which: &str) {
     let p = match which {
         "none" => Pipeline::None,
         "bsp" => Pipeline::Bsp,
+        "summary" => Pipeline::CallscopeSummaryOnly,
         _ => Pipeline::Callscope,
     };
     let sink = null_sink::NullSink::start(1).unwrap();

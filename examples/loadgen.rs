@@ -77,6 +77,15 @@ struct Args {
     /// Payload bytes per span in the throughput scenario.
     #[arg(long, default_value_t = 1000)]
     span_bytes: usize,
+    /// callscope's CALLSCOPE_BATCH_TIMEOUT_MS for the run (default: the library's).
+    #[arg(long)]
+    cs_batch_timeout_ms: Option<u64>,
+    /// callscope's CALLSCOPE_MAX_BUFFER_BYTES for the run, in MiB (default: the library's).
+    #[arg(long)]
+    cs_max_buffer_mib: Option<usize>,
+    /// callscope's CALLSCOPE_MAX_REQUEST_BYTES for the run, in KiB (default: the library's).
+    #[arg(long)]
+    cs_max_request_kib: Option<usize>,
     /// Internal: run one scenario for one pipeline and print its result as JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -199,11 +208,15 @@ impl opentelemetry_http::HttpClient for OnRuntime {
     async fn send_bytes(
         &self,
         request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
-    ) -> Result<opentelemetry_http::Response<opentelemetry_http::Bytes>, opentelemetry_http::HttpError>
-    {
+    ) -> Result<
+        opentelemetry_http::Response<opentelemetry_http::Bytes>,
+        opentelemetry_http::HttpError,
+    > {
         let client = self.client.clone();
         self.rt
-            .spawn(async move { opentelemetry_http::HttpClient::send_bytes(&client, request).await })
+            .spawn(
+                async move { opentelemetry_http::HttpClient::send_bytes(&client, request).await },
+            )
             .await?
     }
 }
@@ -258,19 +271,45 @@ struct Pipeline {
     _rt: Option<tokio::runtime::Runtime>,
 }
 
-fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode) -> Pipeline {
+/// callscope settings a run may override.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tuning {
+    batch_timeout_ms: Option<u64>,
+    max_buffer_mib: Option<usize>,
+    max_request_kib: Option<usize>,
+}
+
+impl Tuning {
+    fn of(a: &Args) -> Self {
+        Tuning {
+            batch_timeout_ms: a.cs_batch_timeout_ms,
+            max_buffer_mib: a.cs_max_buffer_mib,
+            max_request_kib: a.cs_max_request_kib,
+        }
+    }
+}
+
+fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning) -> Pipeline {
     let sink = null_sink::NullSink::start(1).unwrap();
     let exported = Arc::new(AtomicU64::new(0));
     let roots_acked = Arc::new(Mutex::new(HashMap::new()));
     match pipe {
         Pipe::Callscope => {
-            let p = CallSpanProcessor::builder()
+            let mut b = CallSpanProcessor::builder()
                 .without_env()
                 .endpoint(endpoint.unwrap_or_else(|| sink.url.clone()))
                 .agent_id("loadgen")
-                .detail(detail)
-                .build()
-                .unwrap();
+                .detail(detail);
+            if let Some(ms) = t.batch_timeout_ms {
+                b = b.batch_timeout(Duration::from_millis(ms));
+            }
+            if let Some(mib) = t.max_buffer_mib {
+                b = b.max_buffer_bytes(mib << 20);
+            }
+            if let Some(kib) = t.max_request_kib {
+                b = b.max_request_bytes(kib << 10);
+            }
+            let p = b.build().unwrap();
             let stats = Some(p.stats_handle());
             Pipeline {
                 pipe,
@@ -306,7 +345,9 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode) -> Pipelin
             let bsp = BatchSpanProcessor::builder(exporter).build();
             Pipeline {
                 pipe,
-                provider: SdkTracerProvider::builder().with_span_processor(bsp).build(),
+                provider: SdkTracerProvider::builder()
+                    .with_span_processor(bsp)
+                    .build(),
                 sink,
                 stats: None,
                 exported,
@@ -338,6 +379,7 @@ impl Pipeline {
                     "wire_bytes": wire,
                     "raw_json_bytes": s.bytes_uncompressed,
                     "summaries_sent": s.summaries_sent,
+                    "stats": format!("{s:?}"),
                 })
             }
             _ => {
@@ -354,7 +396,11 @@ impl Pipeline {
 
     /// Root end → core arrival (callscope) or root batch acknowledged (SDK), in ms.
     fn latencies(&self, ended: &[(String, Instant)]) -> Vec<f64> {
-        let acked = self.roots_acked.lock().map(|m| m.clone()).unwrap_or_default();
+        let acked = self
+            .roots_acked
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         ended
             .iter()
             .filter_map(|(id, t)| {
@@ -400,7 +446,8 @@ fn throughput(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
         &[10_000.0, 40_000.0]
     } else {
         &[
-            10_000.0, 20_000.0, 40_000.0, 60_000.0, 80_000.0, 120_000.0, 160_000.0, 240_000.0,
+            10_000.0, 20_000.0, 40_000.0, 80_000.0, 120_000.0, 160_000.0, 200_000.0, 240_000.0,
+            320_000.0, 400_000.0,
         ]
     };
     let shape = voice::CallShape {
@@ -414,15 +461,14 @@ fn throughput(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
         if Instant::now() > deadline {
             break;
         }
-        let p = pipeline(pipe, None, DetailMode::All);
+        let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
         let tracer = p.tracer();
         let start = Instant::now();
         let mut emitted = 0u64;
         let mut calls = 0u64;
         while start.elapsed().as_secs_f64() < hold && Instant::now() < deadline {
             let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + calls * 3600);
-            let truth =
-                voice::livekit_call(&tracer, &format!("tp-{calls}"), &shape, t0, calls + 1);
+            let truth = voice::livekit_call(&tracer, &format!("tp-{calls}"), &shape, t0, calls + 1);
             emitted += truth.total_spans;
             calls += 1;
             pace(start, emitted, rate);
@@ -459,7 +505,7 @@ fn latency(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
             rate: 5_000.0,
         }
     };
-    let p = pipeline(pipe, None, DetailMode::All);
+    let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
     let tracer = p.tracer();
     let started = Instant::now();
     let (emitted, ended) = emit_interleaved(&tracer, &w, deadline);
@@ -497,7 +543,7 @@ fn rss(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
         }
     };
     let base = vm_hwm_kib();
-    let p = pipeline(pipe, None, DetailMode::All);
+    let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
     let tracer = p.tracer();
     let started = Instant::now();
     let (emitted, _) = emit_interleaved(&tracer, &w, deadline);
@@ -516,7 +562,7 @@ fn wire(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
         span_bytes: 10_000,
         ..voice::CallShape::default()
     };
-    let p = pipeline(pipe, None, DetailMode::All);
+    let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
     let tracer = p.tracer();
     let mut emitted = 0;
     for c in 0..calls {
@@ -524,7 +570,8 @@ fn wire(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
             break;
         }
         let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + c * 3600);
-        emitted += voice::livekit_call(&tracer, &format!("wire-{c}"), &shape, t0, c + 11).total_spans;
+        emitted +=
+            voice::livekit_call(&tracer, &format!("wire-{c}"), &shape, t0, c + 11).total_spans;
     }
     let r = p.finish(emitted);
     json!({"calls": calls, "result": r})
@@ -556,7 +603,12 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
     };
     // A: core logs/s — summary-only calls of 3 turns.
     let cores = if a.quick { 200 } else { 2_000 };
-    let p = pipeline(Pipe::Callscope, Some(server.endpoint()), DetailMode::None);
+    let p = pipeline(
+        Pipe::Callscope,
+        Some(server.endpoint()),
+        DetailMode::None,
+        Tuning::of(a),
+    );
     let tracer = p.tracer();
     let small = voice::CallShape {
         turns: 3,
@@ -569,10 +621,7 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
         voice::livekit_call(&tracer, &format!("core-{c}"), &small, t0, c + 1);
     }
     let store = server.store.clone();
-    let (stored_calls, _) = wait_for(
-        &|| rt.block_on(store.call_count()).unwrap_or(0),
-        cores,
-    );
+    let (stored_calls, _) = wait_for(&|| rt.block_on(store.call_count()).unwrap_or(0), cores);
     let core_secs = t.elapsed().as_secs_f64();
     let _ = p.finish(0);
     // B: spans stored/s — full calls, 1 KB spans.
@@ -582,7 +631,12 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
         span_bytes: 1000,
         ..voice::CallShape::default()
     };
-    let p = pipeline(Pipe::Callscope, Some(server.endpoint()), DetailMode::All);
+    let p = pipeline(
+        Pipe::Callscope,
+        Some(server.endpoint()),
+        DetailMode::All,
+        Tuning::of(a),
+    );
     let tracer = p.tracer();
     let before = rt.block_on(store.total_span_count()).unwrap_or(0);
     let t = Instant::now();
@@ -661,9 +715,11 @@ fn fresh_postgres(url: &str) -> Result<(String, impl FnOnce()), String> {
         let _ = rt.block_on(async {
             use sqlx::Connection;
             let mut c = sqlx::PgConnection::connect(&url).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                .execute(&mut c)
-                .await
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut c)
+            .await
         });
     }))
 }
@@ -711,6 +767,18 @@ fn spawn_child(spec: &str, a: &Args) -> Json {
     if a.quick {
         cmd.arg("--quick");
     }
+    for (flag, v) in [
+        (
+            "--cs-batch-timeout-ms",
+            a.cs_batch_timeout_ms.map(|v| v as usize),
+        ),
+        ("--cs-max-buffer-mib", a.cs_max_buffer_mib),
+        ("--cs-max-request-kib", a.cs_max_request_kib),
+    ] {
+        if let Some(v) = v {
+            cmd.arg(flag).arg(v.to_string());
+        }
+    }
     let Ok(mut child) = cmd.spawn() else {
         return json!({"error": "could not start the child"});
     };
@@ -744,7 +812,7 @@ fn mib(kib: &Json) -> f64 {
 
 fn ratio(a: &Json, b: &Json) -> String {
     match (a.as_f64(), b.as_f64()) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.3}x", a / b),
         _ => "n/a".into(),
     }
 }
@@ -754,14 +822,20 @@ fn report(scenario: &str, cs: &Json, sdk: &Json) {
     match scenario {
         "throughput" => {
             let (c, s) = (&cs["sustained_spans_per_s"], &sdk["sustained_spans_per_s"]);
-            println!("sustained spans/s, zero drops: callscope {c}  sdk bsp+otlp {s}  ratio {}", ratio(c, s));
+            println!(
+                "sustained spans/s, zero drops: callscope {c}  sdk bsp+otlp {s}  ratio {}",
+                ratio(c, s)
+            );
         }
         "latency" => {
             println!(
                 "phase-1 latency (callscope: root end -> core at receiver): {}",
                 cs["phase1"]
             );
-            println!("sdk bsp+otlp (root end -> root's batch acked): {}", sdk["phase1"]);
+            println!(
+                "sdk bsp+otlp (root end -> root's batch acked): {}",
+                sdk["phase1"]
+            );
             println!(
                 "p99 ratio callscope/sdk: {}   drops callscope {} sdk {}",
                 ratio(&cs["phase1"]["p99_ms"], &sdk["phase1"]["p99_ms"]),
@@ -817,7 +891,10 @@ fn main() {
     };
     for s in chosen {
         let name = format!("{s:?}").to_lowercase();
-        eprintln!("running {name}{} ...", if a.quick { " (quick)" } else { "" });
+        eprintln!(
+            "running {name}{} ...",
+            if a.quick { " (quick)" } else { "" }
+        );
         if s == Scenario::Ingest {
             let r = spawn_child("ingest:callscope", &a);
             println!("\n== ingest ==\n{r}");
