@@ -47,9 +47,12 @@ struct Args {
     /// Turns per call.
     #[arg(long, default_value_t = 50)]
     turns: u32,
-    /// Threads emitting calls at once.
-    #[arg(long, default_value_t = 4)]
-    threads: u32,
+    /// Calls running at once (one thread each).
+    #[arg(long, default_value_t = 20)]
+    concurrent: u32,
+    /// Real seconds one call takes (a 5-minute call compressed; span timestamps stay realistic).
+    #[arg(long, default_value_t = 3.0)]
+    call_seconds: f64,
     /// Store in this database instead of a fresh SQLite file (e.g. postgres://postgres@127.0.0.1:5432/test).
     #[arg(long)]
     database_url: Option<String>,
@@ -211,15 +214,19 @@ fn main() -> ExitCode {
         tool_every: 4,
         mix_pii_names: true,
         target_spans: Some(args.spans),
+        turn_pause: Duration::from_secs_f64(
+            args.call_seconds.max(0.0) / f64::from(args.turns.max(1)),
+        ),
     };
     let total = u64::from(args.calls) * shape.spans();
     println!(
-        "simulating {} calls × {} spans × ~{} B ({:.1} MB of span payload) on {} threads",
+        "simulating {} calls × {} spans × ~{} B ({:.1} MB of span payload), {} at once, {} s each",
         args.calls,
         shape.spans(),
         args.span_bytes,
         total as f64 * args.span_bytes as f64 / 1e6,
-        args.threads
+        args.concurrent,
+        args.call_seconds
     );
     let bar = ProgressBar::new(u64::from(args.calls));
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} calls  {elapsed}").unwrap());
@@ -227,7 +234,7 @@ fn main() -> ExitCode {
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let ends: Arc<Mutex<Vec<(String, u64, Instant)>>> = Arc::default();
     std::thread::scope(|s| {
-        for _ in 0..args.threads.max(1) {
+        for _ in 0..args.concurrent.max(1) {
             let (tracer, shape, next, ends, bar) = (
                 tracer.clone(),
                 shape.clone(),

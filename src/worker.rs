@@ -40,6 +40,8 @@ use crate::transport::{Delivery, Lane, Transport};
 const LATE_SEQ_BASE: u32 = 1 << 30;
 /// Ended calls whose next batch number is remembered for late spans.
 const ENDED_SEQS_KEPT: usize = 16_384;
+/// Smallest share of the memory bound an open batch gets, however many calls are open.
+const MIN_OPEN_BATCH_BYTES: usize = 64 * 1024;
 /// Room kept in every body for the final part's fixed fields.
 const FINAL_FIELDS_BYTES: usize = 96;
 /// A lone span the receiver still refuses at this size is given up.
@@ -379,7 +381,13 @@ impl Worker {
         let Some(b) = self.buffers.get(&key) else {
             return;
         };
+        // A span must fit a request; the open batch is also kept to its share of a quarter of
+        // CALLSCOPE_MAX_BUFFER_BYTES, so many concurrent calls stream smaller batches instead of
+        // filling the memory bound with half-built ones (and forcing drops of queued ones).
         let budget = self.cfg.max_request_bytes.saturating_sub(b.overhead);
+        let share =
+            (self.cfg.max_buffer_bytes / 4 / self.buffers.len().max(1)).max(MIN_OPEN_BATCH_BYTES);
+        let open_cap = budget.min(share);
         self.scratch.clear();
         let cut = payload::write_span(&mut self.scratch, &msg.span, msg.op, budget);
         if cut > 0 {
@@ -391,7 +399,7 @@ impl Worker {
         self.buffered_bytes += self.scratch.len() + 1;
         let now = Instant::now();
         let full = match self.buffers.get_mut(&key) {
-            Some(b) => b.buf.push(&self.scratch, budget, now),
+            Some(b) => b.buf.push(&self.scratch, open_cap, now),
             None => None,
         };
         if let Some(list) = full {

@@ -95,6 +95,7 @@ fn lambda_sized_limit_is_honoured_end_to_end() {
             tool_every: 4,
             mix_pii_names: true,
             target_spans: Some(500),
+            ..CallShape::default()
         };
         let mut emitted = Vec::new();
         for i in 0..3u64 {

@@ -169,7 +169,7 @@ fn livekit_session_with_old_and_new_attribute_names() {
         tool_every: 3,
         mix_pii_names: true,
         span_bytes: 0,
-        target_spans: None,
+        ..CallShape::default()
     };
     let truth = voice::livekit_call(&tracer, "lk-room-1", &shape, t0(1), 7);
     provider.force_flush().unwrap();
@@ -394,6 +394,7 @@ fn five_hundred_10kb_spans_stream_in_capped_batches_and_final_follows_the_core_a
         tool_every: 5,
         mix_pii_names: false,
         target_spans: Some(500),
+        ..CallShape::default()
     };
     let truth = voice::livekit_call(&tracer, "bulk-1", &shape, t0(3), 5);
     assert_eq!(truth.total_spans, 500);

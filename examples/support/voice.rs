@@ -62,6 +62,8 @@ pub struct CallShape {
     /// Reach this many spans per call with extra `tts_request` chunks (TTS streams sentence by
     /// sentence), spread over the turns; `None` = the natural count.
     pub target_spans: Option<u32>,
+    /// Real time to wait after each turn (the demo's time compression); timestamps stay virtual.
+    pub turn_pause: Duration,
 }
 
 impl CallShape {
@@ -99,6 +101,7 @@ impl Default for CallShape {
             tool_every: 3,
             mix_pii_names: true,
             target_spans: None,
+            turn_pause: Duration::ZERO,
         }
     }
 }
@@ -398,6 +401,9 @@ where
         e.close(&at_cx, "agent_turn", "turn", at_start, c);
         e.truth.turns += 1;
         t = c + ms(500);
+        if !shape.turn_pause.is_zero() {
+            std::thread::sleep(shape.turn_pause);
+        }
     }
     e.close(&root_cx, "agent_session", "session", t0, t);
     e.truth.root_end = Some(t);
