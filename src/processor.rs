@@ -373,6 +373,10 @@ impl CallSpanProcessorBuilder {
         max_concurrent_detail(n: usize);
         /// Bound on all pending detail (`CALLSCOPE_MAX_BUFFER_BYTES`).
         max_buffer_bytes(bytes: usize);
+        /// Directory of the disk spool for undelivered payloads (`CALLSCOPE_SPOOL_DIR`).
+        spool_dir(dir: impl Into<std::path::PathBuf>);
+        /// Size cap of the disk spool (`CALLSCOPE_SPOOL_MAX_BYTES`).
+        spool_max_bytes(bytes: u64);
         /// Ignore the process environment entirely.
         without_env();
     }
