@@ -74,11 +74,7 @@ impl CallShape {
     }
 
     fn tools(&self) -> u64 {
-        if self.tool_every == 0 {
-            0
-        } else {
-            u64::from(self.turns / self.tool_every)
-        }
+        self.turns.checked_div(self.tool_every).map_or(0, u64::from)
     }
 
     fn natural_spans(&self) -> u64 {
@@ -153,7 +149,7 @@ pub fn text(seed: u64, len: usize) -> String {
         x ^= x >> 7;
         x ^= x << 17;
         s.push_str(WORDS[(x % WORDS.len() as u64) as usize]);
-        s.push(if x % 11 == 0 { '.' } else { ' ' });
+        s.push(if x.is_multiple_of(11) { '.' } else { ' ' });
     }
     s.truncate(len);
     s
@@ -176,6 +172,7 @@ where
     T: Tracer,
     T::Span: Send + Sync + 'static,
 {
+    #[allow(clippy::too_many_arguments)] // a fixture: one line per span reads best at call sites
     fn span(
         &mut self,
         parent: &Context,
