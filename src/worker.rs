@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::{Id, JoinSet};
 
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
-use crate::call::CallState;
+use crate::call::Turns;
 use crate::config::{Config, DetailMode};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
@@ -173,7 +173,9 @@ enum CoreState {
 
 #[derive(Debug)]
 struct PendingEnd {
-    state: CallState,
+    /// Only the per-turn records are kept for the final batch; the rest of the call's state
+    /// (transcript, aggregates) went into the core and is dropped at once.
+    turns: Turns,
     mark: u64,
 }
 
@@ -1031,7 +1033,13 @@ impl Worker {
             }
         };
         self.core_outcome.insert(call_id.clone(), core_state);
-        self.pending.insert(call_id, PendingEnd { state, mark });
+        self.pending.insert(
+            call_id,
+            PendingEnd {
+                turns: state.turns,
+                mark,
+            },
+        );
     }
 
     /// Finishes ended calls whose spans have all been batched; dispatches what may go.
@@ -1076,7 +1084,7 @@ impl Worker {
                 return;
             };
             let budget = self.cfg.max_request_bytes.saturating_sub(b.overhead);
-            let records = p.state.turns.in_time_order();
+            let records = p.turns.in_time_order();
             let (twm, left_out) = payload::transcript_with_metrics(&records, budget);
             if left_out > 0 {
                 Counters::add(&self.stats.text_truncations, left_out);
