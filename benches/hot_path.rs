@@ -72,7 +72,7 @@ impl<'t> Caller<'t> {
     }
 
     fn span(&mut self) {
-        if self.n % SPANS_PER_CALL == 0 {
+        if self.n.is_multiple_of(SPANS_PER_CALL) {
             self.end_call();
             self.calls += 1;
             let root = self

@@ -124,6 +124,40 @@ fn pace(start: Instant, done: u64, rate: f64) {
     }
 }
 
+/// A LiveKit-shaped call of `turns` turns with `span_bytes` of payload text per span.
+fn shape(turns: u32, span_bytes: usize) -> voice::CallShape {
+    voice::CallShape {
+        turns,
+        span_bytes,
+        ..voice::CallShape::default()
+    }
+}
+
+/// Emits call `i` of a series (`<prefix>-<i>`, virtual start an hour after the previous call);
+/// returns its span count.
+fn series_call(tracer: &SdkTracer, prefix: &str, i: u64, shape: &voice::CallShape) -> u64 {
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 3600);
+    voice::livekit_call(tracer, &format!("{prefix}-{i}"), shape, t0, i + 1).total_spans
+}
+
+/// Emits calls `0..n` of a series back to back, stopping at `deadline`; returns spans emitted.
+fn series(
+    tracer: &SdkTracer,
+    prefix: &str,
+    n: u64,
+    shape: &voice::CallShape,
+    deadline: Instant,
+) -> u64 {
+    let mut spans = 0;
+    for i in 0..n {
+        if Instant::now() > deadline {
+            break;
+        }
+        spans += series_call(tracer, prefix, i, shape);
+    }
+    spans
+}
+
 /// Many calls open at once, each emitting `spans_per_call` children round-robin; call `c`
 /// starts at step `c × stagger` so calls end while others still stream. Returns spans emitted
 /// and, per call, the instant its root span ended.
@@ -133,6 +167,24 @@ struct Interleaved {
     span_bytes: usize,
     stagger: usize,
     rate: f64,
+}
+
+impl Interleaved {
+    fn new(
+        calls: usize,
+        spans_per_call: usize,
+        span_bytes: usize,
+        stagger: usize,
+        rate: f64,
+    ) -> Self {
+        Interleaved {
+            calls,
+            spans_per_call,
+            span_bytes,
+            stagger,
+            rate,
+        }
+    }
 }
 
 fn emit_interleaved(
@@ -450,11 +502,7 @@ fn throughput(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
             320_000.0, 400_000.0,
         ]
     };
-    let shape = voice::CallShape {
-        turns: 50,
-        span_bytes: a.span_bytes,
-        ..voice::CallShape::default()
-    };
+    let shape = shape(50, a.span_bytes);
     let mut best = 0.0;
     let mut steps = Vec::new();
     for &rate in rates {
@@ -467,9 +515,7 @@ fn throughput(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
         let mut emitted = 0u64;
         let mut calls = 0u64;
         while start.elapsed().as_secs_f64() < hold && Instant::now() < deadline {
-            let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + calls * 3600);
-            let truth = voice::livekit_call(&tracer, &format!("tp-{calls}"), &shape, t0, calls + 1);
-            emitted += truth.total_spans;
+            emitted += series_call(&tracer, "tp", calls, &shape);
             calls += 1;
             pace(start, emitted, rate);
         }
@@ -488,22 +534,10 @@ fn throughput(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
 /// Phase-1 latency while many calls stream large detail at once.
 fn latency(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
     let w = if a.quick {
-        Interleaved {
-            calls: 10,
-            spans_per_call: 100,
-            span_bytes: 30_000,
-            stagger: 5,
-            rate: 4_000.0,
-        }
+        Interleaved::new(10, 100, 30_000, 5, 4_000.0)
     } else {
         // 100 calls × 500 spans × 30 KB ≈ 15 MB of detail per call.
-        Interleaved {
-            calls: 100,
-            spans_per_call: 500,
-            span_bytes: 30_000,
-            stagger: 5,
-            rate: 5_000.0,
-        }
+        Interleaved::new(100, 500, 30_000, 5, 5_000.0)
     };
     let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
     let tracer = p.tracer();
@@ -526,21 +560,9 @@ fn latency(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
 /// Peak RSS with many concurrent calls of large spans.
 fn rss(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
     let w = if a.quick {
-        Interleaved {
-            calls: 100,
-            spans_per_call: 50,
-            span_bytes: 10_000,
-            stagger: 0,
-            rate: 20_000.0,
-        }
+        Interleaved::new(100, 50, 10_000, 0, 20_000.0)
     } else {
-        Interleaved {
-            calls: 1_000,
-            spans_per_call: 500,
-            span_bytes: 10_000,
-            stagger: 0,
-            rate: 20_000.0,
-        }
+        Interleaved::new(1_000, 500, 10_000, 0, 20_000.0)
     };
     let base = vm_hwm_kib();
     let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
@@ -557,22 +579,8 @@ fn rss(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
 /// Bytes on the wire per raw JSON byte, on LiveKit-shaped calls with 10 KB spans.
 fn wire(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
     let calls = if a.quick { 4 } else { 20 };
-    let shape = voice::CallShape {
-        turns: 50,
-        span_bytes: 10_000,
-        ..voice::CallShape::default()
-    };
     let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
-    let tracer = p.tracer();
-    let mut emitted = 0;
-    for c in 0..calls {
-        if Instant::now() > deadline {
-            break;
-        }
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + c * 3600);
-        emitted +=
-            voice::livekit_call(&tracer, &format!("wire-{c}"), &shape, t0, c + 11).total_spans;
-    }
+    let emitted = series(&p.tracer(), "wire", calls, &shape(50, 10_000), deadline);
     let r = p.finish(emitted);
     json!({"calls": calls, "result": r})
 }
@@ -609,42 +617,23 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
         DetailMode::None,
         Tuning::of(a),
     );
-    let tracer = p.tracer();
-    let small = voice::CallShape {
-        turns: 3,
-        span_bytes: 0,
-        ..voice::CallShape::default()
-    };
     let t = Instant::now();
-    for c in 0..cores {
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + c * 60);
-        voice::livekit_call(&tracer, &format!("core-{c}"), &small, t0, c + 1);
-    }
+    series(&p.tracer(), "core", cores, &shape(3, 0), deadline);
     let store = server.store.clone();
     let (stored_calls, _) = wait_for(&|| rt.block_on(store.call_count()).unwrap_or(0), cores);
     let core_secs = t.elapsed().as_secs_f64();
     let _ = p.finish(0);
     // B: spans stored/s — full calls, 1 KB spans.
     let calls = if a.quick { 4 } else { 40 };
-    let full = voice::CallShape {
-        turns: 50,
-        span_bytes: 1000,
-        ..voice::CallShape::default()
-    };
     let p = pipeline(
         Pipe::Callscope,
         Some(server.endpoint()),
         DetailMode::All,
         Tuning::of(a),
     );
-    let tracer = p.tracer();
     let before = rt.block_on(store.total_span_count()).unwrap_or(0);
     let t = Instant::now();
-    let mut spans = 0;
-    for c in 0..calls {
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000 + c * 3600);
-        spans += voice::livekit_call(&tracer, &format!("detail-{c}"), &full, t0, c + 5).total_spans;
-    }
+    let spans = series(&p.tracer(), "detail", calls, &shape(50, 1000), deadline);
     let _ = p.provider.force_flush();
     let (stored, _) = wait_for(
         &|| {

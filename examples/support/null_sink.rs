@@ -60,10 +60,9 @@ async fn take(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .and_then(|k| k.strip_suffix(":core"))
+        && let Ok(mut c) = state.cores.lock()
     {
-        if let Ok(mut c) = state.cores.lock() {
-            c.entry(call.to_owned()).or_insert(now);
-        }
+        c.entry(call.to_owned()).or_insert(now);
     }
     StatusCode::OK
 }
