@@ -11,15 +11,18 @@
 mod null_sink;
 
 use std::hint::black_box;
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use callscope::{CallSpanProcessor, DetailMode, StatsHandle};
 use criterion::{Criterion, Throughput, criterion_group};
 use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::testing::trace::NoopSpanExporter;
-use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+};
 
 /// Spans per simulated call (root included).
 const SPANS_PER_CALL: u64 = 500;
@@ -49,6 +52,20 @@ fn attrs(i: u64) -> Vec<KeyValue> {
         KeyValue::new("lk.participant_identity", "sip_+15550100"),
         KeyValue::new("lk.agent_name", "support-bot"),
     ]
+}
+
+/// Spans emitted by all callers since the last reset (added up when a caller finishes).
+static EMITTED: AtomicU64 = AtomicU64::new(0);
+
+/// A no-op exporter that counts what reaches it, so the SDK's drops can be reported.
+#[derive(Debug, Default)]
+struct CountingNoop(Arc<AtomicU64>);
+
+impl SpanExporter for CountingNoop {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// One app thread emitting the spans of consecutive calls.
@@ -102,6 +119,12 @@ impl<'t> Caller<'t> {
             root.span().end();
         }
     }
+
+    /// Ends the open call and counts this caller's spans into [`EMITTED`].
+    fn finish(mut self) {
+        self.end_call();
+        EMITTED.fetch_add(self.n, Ordering::Relaxed);
+    }
 }
 
 /// Time for each of `threads` threads to emit `iters` spans (the slowest thread's time).
@@ -112,8 +135,9 @@ fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Duration {
         for _ in 0..iters {
             c.span();
         }
-        c.end_call();
-        return t.elapsed();
+        let took = t.elapsed();
+        c.finish();
+        return took;
     }
     let barrier = Barrier::new(threads as usize);
     std::thread::scope(|s| {
@@ -127,8 +151,9 @@ fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Duration {
                     for _ in 0..iters {
                         c.span();
                     }
-                    c.end_call();
-                    t.elapsed()
+                    let took = t.elapsed();
+                    c.finish();
+                    took
                 })
             })
             .collect();
@@ -148,15 +173,22 @@ enum Pipeline {
     CallscopeSummaryOnly,
 }
 
-fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, Option<StatsHandle>) {
+/// What a pipeline can tell about drops: callscope's counters, or the SDK exporter's count.
+enum Seen {
+    Nothing,
+    Callscope(StatsHandle),
+    Exported(Arc<AtomicU64>),
+}
+
+fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, Seen) {
     let b = SdkTracerProvider::builder();
     match p {
-        Pipeline::None => (b.build(), None),
-        Pipeline::Bsp => (
-            b.with_span_processor(BatchSpanProcessor::builder(NoopSpanExporter::new()).build())
-                .build(),
-            None,
-        ),
+        Pipeline::None => (b.build(), Seen::Nothing),
+        Pipeline::Bsp => {
+            let exported = Arc::new(AtomicU64::new(0));
+            let bsp = BatchSpanProcessor::builder(CountingNoop(exported.clone())).build();
+            (b.with_span_processor(bsp).build(), Seen::Exported(exported))
+        }
         Pipeline::Callscope | Pipeline::CallscopeSummaryOnly => {
             let detail = if matches!(p, Pipeline::Callscope) {
                 DetailMode::All
@@ -171,7 +203,7 @@ fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, Opt
                 .build()
                 .unwrap();
             let stats = cs.stats_handle();
-            (b.with_span_processor(cs).build(), Some(stats))
+            (b.with_span_processor(cs).build(), Seen::Callscope(stats))
         }
     }
 }
@@ -187,22 +219,33 @@ fn caller_cost(c: &mut Criterion) {
             ("callscope_null_http", Pipeline::Callscope),
             ("callscope_summary_only", Pipeline::CallscopeSummaryOnly),
         ] {
-            let (provider, stats) = provider(&p, &sink);
+            let (provider, seen) = provider(&p, &sink);
             let tracer = provider.tracer("bench");
+            EMITTED.store(0, Ordering::Relaxed);
             g.bench_function(name, |b| {
                 b.iter_custom(|iters| black_box(run(&tracer, threads, iters)))
             });
             let _ = provider.force_flush();
-            if let Some(s) = stats {
-                let s = s.snapshot();
-                eprintln!(
-                    "  {name}/{threads}t: spans_seen={} queue_full_drops={} detail_spans_sent={} summaries_sent={} wire_bytes={}",
-                    s.spans_seen,
-                    s.spans_dropped_queue_full,
-                    s.detail_spans_sent,
-                    s.summaries_sent,
-                    s.bytes_sent
-                );
+            let emitted = EMITTED.load(Ordering::Relaxed);
+            match seen {
+                Seen::Callscope(s) => {
+                    let s = s.snapshot();
+                    eprintln!(
+                        "  {name}/{threads}t: emitted={emitted} queue_full_drops={} detail_spans_sent={} summaries_sent={} wire_bytes={}",
+                        s.spans_dropped_queue_full,
+                        s.detail_spans_sent,
+                        s.summaries_sent,
+                        s.bytes_sent
+                    );
+                }
+                Seen::Exported(n) => {
+                    let n = n.load(Ordering::Relaxed);
+                    eprintln!(
+                        "  {name}/{threads}t: emitted={emitted} exported={n} dropped={}",
+                        emitted.saturating_sub(n)
+                    );
+                }
+                Seen::Nothing => {}
             }
             let _ = provider.shutdown();
         }
@@ -224,12 +267,12 @@ fn profile(which: &str) {
         _ => Pipeline::Callscope,
     };
     let sink = null_sink::NullSink::start(1).unwrap();
-    let (provider, stats) = provider(&p, &sink);
+    let (provider, seen) = provider(&p, &sink);
     let tracer = provider.tracer("bench");
     let took = run(&tracer, 1, spans);
     let _ = provider.force_flush();
     eprintln!("{which}: {spans} spans in {took:?}");
-    if let Some(s) = stats {
+    if let Seen::Callscope(s) = seen {
         eprintln!("  {:?}", s.snapshot());
     }
     let _ = provider.shutdown();
