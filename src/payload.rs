@@ -26,8 +26,36 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Most values need no escaping (JSON escapes only `"`, `\\` and control characters):
+    // copy those in one go instead of byte by byte.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `"<hex>"`: the low `digits` hex digits of `v`, lowercase, without allocating.
+fn push_hex(out: &mut Vec<u8>, v: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [b'"'; 34];
+    let n = digits as usize;
+    for (i, b) in buf[1..=n].iter_mut().enumerate() {
+        *b = HEX[((v >> ((n - 1 - i) * 4)) & 0xf) as usize];
+    }
+    out.extend_from_slice(&buf[..n + 2]);
+}
+
+fn push_trace_id(out: &mut Vec<u8>, t: TraceId) {
+    push_hex(out, u128::from_be_bytes(t.to_bytes()), 32);
+}
+
+fn push_span_id(out: &mut Vec<u8>, s: SpanId) {
+    push_hex(out, u128::from(u64::from_be_bytes(s.to_bytes())), 16);
 }
 
 fn push_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
@@ -48,8 +76,10 @@ fn push_f64(out: &mut Vec<u8>, f: f64) {
 }
 
 fn push_time(out: &mut Vec<u8>, t: SystemTime) {
+    use std::io::Write as _;
     out.push(b'"');
-    out.extend_from_slice(rfc3339(t).as_bytes());
+    // Straight into the buffer (no String per timestamp); writing into a Vec cannot fail.
+    let _ = write!(out, "{}", humantime::format_rfc3339_nanos(t));
     out.push(b'"');
 }
 
@@ -205,14 +235,14 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
     out.push(b'{');
     let mut f = true;
     push_key(out, &mut f, "trace_id");
-    push_str(out, &hex_trace(ctx.trace_id()));
+    push_trace_id(out, ctx.trace_id());
     push_key(out, &mut f, "span_id");
-    push_str(out, &hex_span(ctx.span_id()));
+    push_span_id(out, ctx.span_id());
     push_key(out, &mut f, "parent_span_id");
     if span.parent_span_id == SpanId::INVALID {
         out.extend_from_slice(b"null");
     } else {
-        push_str(out, &hex_span(span.parent_span_id));
+        push_span_id(out, span.parent_span_id);
     }
     push_key(out, &mut f, "name");
     push_str(out, name);
@@ -273,9 +303,9 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
             out.push(b',');
         }
         out.extend_from_slice(br#"{"trace_id":"#);
-        push_str(out, &hex_trace(l.span_context.trace_id()));
+        push_trace_id(out, l.span_context.trace_id());
         out.extend_from_slice(br#","span_id":"#);
-        push_str(out, &hex_span(l.span_context.span_id()));
+        push_span_id(out, l.span_context.span_id());
         out.extend_from_slice(br#","attributes":"#);
         push_attrs(out, &l.attributes, cap, cut, None);
         out.push(b'}');
@@ -615,4 +645,54 @@ pub(crate) fn core_body(
         call_id: call.call_id.to_string(),
         needed: json.len(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_escape_exactly_like_serde_json() {
+        for s in [
+            "plain text",
+            "",
+            "quote \" here",
+            "back\\slash",
+            "tab\tnew\nline",
+            "\u{1}ctl",
+            "héllo ☎",
+            "\u{7f}del",
+        ] {
+            let mut out = Vec::new();
+            push_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn ids_are_lowercase_hex_like_format() {
+        for t in [
+            0u128,
+            1,
+            0xdead_beef,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+        ] {
+            let mut out = Vec::new();
+            push_trace_id(&mut out, TraceId::from(t));
+            assert_eq!(
+                out,
+                format!("\"{}\"", hex_trace(TraceId::from(t))).into_bytes()
+            );
+        }
+        for v in [0u64, 1, 0xabc, u64::MAX] {
+            let mut out = Vec::new();
+            push_span_id(&mut out, SpanId::from(v));
+            assert_eq!(
+                out,
+                format!("\"{}\"", hex_span(SpanId::from(v))).into_bytes()
+            );
+        }
+    }
 }
