@@ -61,7 +61,6 @@ mod registry;
 mod retry;
 mod semantics;
 mod spool;
-mod spool;
 mod stats;
 mod transport;
 mod worker;
