@@ -348,7 +348,7 @@ fn acceptance_without_a_spool_every_loss_is_counted_exactly() {
     let proxy = FaultProxy::start(Some(&ingest.url), move |r: &Req| {
         let first = firsts.lock().unwrap().insert(r.key.clone());
         if r.is_core() {
-            return if first && r.n % 3 == 0 {
+            return if first && r.n.is_multiple_of(3) {
                 Fault::Status(503)
             } else {
                 Fault::Pass
