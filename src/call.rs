@@ -9,6 +9,7 @@ use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::SpanData;
 
 use crate::fasthash::FastState;
+use crate::histogram::Histogram;
 use crate::semantics::{Operation, SpanFacts};
 
 /// How many slowest spans a summary keeps.
@@ -208,6 +209,8 @@ pub(crate) struct Aggregates {
     pub total_spans: u64,
     pub error_count: u64,
     pub ops: [LatencyStats; 8],
+    /// Per-operation latency histograms, for percentiles.
+    pub hists: [Histogram; 8],
     pub slowest: TopK,
     pub tokens: u64,
     pub turns: u64,
@@ -227,6 +230,7 @@ impl Aggregates {
         }
         let d = v.duration();
         self.ops[v.op.index()].add(ms(d));
+        self.hists[v.op.index()].add(d);
         self.slowest.offer(v, seq, d);
         self.tokens = self.tokens.saturating_add(v.facts.tokens());
         if v.op == Operation::Turn && !v.is_user_turn {
@@ -259,6 +263,9 @@ impl Aggregates {
         self.total_spans += o.total_spans;
         self.error_count += o.error_count;
         for (a, b) in self.ops.iter_mut().zip(o.ops.iter()) {
+            a.merge(b);
+        }
+        for (a, b) in self.hists.iter_mut().zip(o.hists.iter()) {
             a.merge(b);
         }
         self.slowest.merge(&o.slowest);

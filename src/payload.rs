@@ -453,6 +453,10 @@ struct OpLatency {
     avg: f64,
     min: f64,
     max: f64,
+    /// Percentiles from a log-bucket histogram (within ~12.5 %), clamped to `[min, max]`.
+    p50: Option<f64>,
+    p90: Option<f64>,
+    p99: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -528,6 +532,7 @@ pub(crate) fn core_body(
     let mut latency_by_operation = std::collections::BTreeMap::new();
     for op in Operation::ALL {
         let s = agg.ops[op.index()];
+        let h = &agg.hists[op.index()];
         if s.count > 0 {
             operation_counts.insert(op.as_str().to_owned(), s.count.into());
             latency_by_operation.insert(
@@ -537,6 +542,9 @@ pub(crate) fn core_body(
                     avg: s.sum_ms / s.count as f64,
                     min: s.min_ms,
                     max: s.max_ms,
+                    p50: h.quantile_ms(0.50, s.min_ms, s.max_ms),
+                    p90: h.quantile_ms(0.90, s.min_ms, s.max_ms),
+                    p99: h.quantile_ms(0.99, s.min_ms, s.max_ms),
                 },
             );
         }

@@ -219,6 +219,12 @@ fn pipecat_session_maps_generic_keys() {
     approx(&core["telemetry_summary"]["avg_llm_latency"], 300.0);
     approx(&core["telemetry_summary"]["avg_tts_latency"], 200.0);
     approx(&core["telemetry_summary"]["avg_stt_latency"], 250.0);
+    // percentiles per operation: stt took 100, 200, 300 and 400 ms
+    let stt = &core["telemetry_summary"]["latency_by_operation"]["stt"];
+    let p50 = stt["p50"].as_f64().unwrap();
+    assert!((p50 - 200.0).abs() <= 25.0, "p50 {p50}");
+    approx(&stt["p99"], 400.0);
+    approx(&stt["min"], 100.0);
     let details = rx.details();
     let twm = final_of(&details, "conv-42")[0].json["transcript_with_metrics"]
         .as_array()
