@@ -229,17 +229,36 @@ fn child_emit(dir: &str, url: &str) {
 
 #[test]
 fn kill_9_then_restart_with_the_same_spool_delivers_everything() {
+    kill_9_then_restart(
+        "kill_9_then_restart_with_the_same_spool_delivers_everything",
+        false,
+    );
+}
+
+/// The child dies with its summaries undelivered too: the restart replays them first.
+#[test]
+fn kill_9_with_undelivered_summaries_replays_them_after_restart() {
+    kill_9_then_restart(
+        "kill_9_with_undelivered_summaries_replays_them_after_restart",
+        true,
+    );
+}
+
+/// Runs the calls in a child process (re-executing this test binary as `test_name`) whose
+/// detail — and, with `refuse_cores`, summaries — the receiver refuses (503) while it lives,
+/// kills it with SIGKILL once every payload was tried (so it is on disk), tears the spool's
+/// newest segment, and restarts on the same spool: everything is stored exactly once.
+fn kill_9_then_restart(test_name: &str, refuse_cores: bool) {
     if let Ok(v) = std::env::var(CHILD_ENV) {
         let (dir, url) = v.split_once('|').unwrap();
         child_emit(dir, url);
         return;
     }
     let ingest = Ingest::start();
-    // Summaries pass; detail is refused (503) for as long as the child lives.
     let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let r2 = refuse.clone();
     let proxy = FaultProxy::start(Some(&ingest.url), move |r: &Req| {
-        if !r.is_core() && r2.load(std::sync::atomic::Ordering::SeqCst) {
+        if (refuse_cores || !r.is_core()) && r2.load(std::sync::atomic::Ordering::SeqCst) {
             Fault::Status(503)
         } else {
             Fault::Pass
@@ -247,32 +266,41 @@ fn kill_9_then_restart_with_the_same_spool_delivers_everything() {
     });
     let spool = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "kill_9_then_restart_with_the_same_spool_delivers_everything",
-            "--nocapture",
-        ])
+        .args(["--exact", test_name, "--nocapture"])
         .env(
             CHILD_ENV,
             format!("{}|{}", spool.path().display(), proxy.url()),
         )
         .spawn()
         .unwrap();
-    // Every call's only batch (its final) was tried once: it is on disk, synced.
+    // Every call's summary, or its only batch (the final, sent after the summary), was tried
+    // once: it is on disk, synced.
     let tried = proxy.wait_for(WAIT, |seen, _| {
         let keys: HashSet<&str> = seen.iter().map(|s| s.req.key.as_str()).collect();
-        (0..KILL_CALLS).all(|c| keys.contains(format!("call-{c}:detail:0").as_str()))
+        (0..KILL_CALLS).all(|c| {
+            let key = if refuse_cores {
+                format!("call-{c}:core")
+            } else {
+                format!("call-{c}:detail:0")
+            };
+            keys.contains(key.as_str())
+        })
     });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(tried, "the child never tried every batch");
+    assert!(tried, "the child never tried every payload");
     assert_eq!(ingest.total_spans(), 0);
+    if refuse_cores {
+        assert_eq!(ingest.calls(), 0);
+    }
     // A torn write at the end of the newest segment, as a crash mid-append leaves it.
     tear_newest_segment(spool.path());
     refuse.store(false, std::sync::atomic::Ordering::SeqCst);
     let (provider, stats) = start(&proxy.url(), |b| b.spool_dir(spool.path()));
     assert!(proxy.wait_for(WAIT, |_, _| {
-        stats.snapshot().detail_spans_sent == (KILL_CALLS * KILL_SPANS) as u64
+        let s = stats.snapshot();
+        s.detail_spans_sent == (KILL_CALLS * KILL_SPANS) as u64
+            && (!refuse_cores || s.summaries_sent == KILL_CALLS as u64)
     }));
     let s = stats.snapshot();
     assert!(s.spool_records_replayed >= KILL_CALLS as u64, "{s:?}");
