@@ -229,6 +229,7 @@ impl Store {
              telemetry_summary = excluded.telemetry_summary, truncated = excluded.truncated, \
              extra = excluded.extra, core_received_us = excluded.core_received_us \
              WHERE call_logs.has_core = FALSE";
+        let traces = joinable_traces(&core.extra, &core.call_id);
         let stored = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
@@ -253,6 +254,31 @@ impl Store {
             if done.rows_affected() == 0 {
                 tx.rollback().await?;
                 return Ok(false);
+            }
+            // Spans stored under one of the call's trace ids (sent before the sender knew the
+            // call id) join the call now; later ones are redirected by insert_detail.
+            for trace in &traces {
+                sqlx::query(CLAIM_TRACE)
+                    .bind(trace)
+                    .bind(&core.call_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let moved = sqlx::query(MOVE_SPANS)
+                    .bind(&core.call_id)
+                    .bind(trace)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if moved > 0 {
+                    let moved = i64::try_from(moved).unwrap_or(i64::MAX);
+                    for (call, delta) in [(core.call_id.as_str(), moved), (trace.as_str(), -moved)] {
+                        sqlx::query(ADD_SPANS)
+                            .bind(call)
+                            .bind(delta)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
             }
             tx.commit().await?;
             Ok::<bool, sqlx::Error>(true)
@@ -319,6 +345,16 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(DUPLICATE);
             }
+            // A batch sent under a trace id whose call is known: its spans belong to that call.
+            let owner: Option<String> = if is_trace_id(&batch.call_id) {
+                sqlx::query_scalar(OWNER_OF_TRACE)
+                    .bind(&batch.call_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            } else {
+                None
+            };
+            let span_call = owner.as_deref().unwrap_or(&batch.call_id);
             let mut inserted: u64 = 0;
             for chunk in spans.chunks(SPAN_INSERT_CHUNK) {
                 let mut qb = QueryBuilder::new(
@@ -327,7 +363,7 @@ impl Store {
                      status_message, attributes, events, links, batch_seq) ",
                 );
                 qb.push_values(chunk, |mut row, span: &&SpanRow| {
-                    row.push_bind(&batch.call_id)
+                    row.push_bind(span_call)
                         .push_bind(&span.trace_id)
                         .push_bind(&span.span_id)
                         .push_bind(&span.parent_span_id)
@@ -353,12 +389,20 @@ impl Store {
                 .bind(now_us)
                 .execute(&mut *tx)
                 .await?;
+            let inserted_i64 = i64::try_from(inserted).unwrap_or(i64::MAX);
+            if owner.is_some() && inserted > 0 {
+                sqlx::query(ADD_SPANS)
+                    .bind(span_call)
+                    .bind(inserted_i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             sqlx::query(PROGRESS)
                 .bind(&batch.call_id)
                 .bind(batch.late)
                 .bind(batch.total_batches)
                 .bind(batch.batch_seq)
-                .bind(i64::try_from(inserted).unwrap_or(i64::MAX))
+                .bind(if owner.is_some() { 0 } else { inserted_i64 })
                 .bind(batch.transcript_with_metrics.as_ref().map(Json))
                 .bind(&batch.agent_id)
                 .execute(&mut *tx)
@@ -620,6 +664,42 @@ impl SpanDbRow {
             "batch_seq": self.batch_seq,
         })
     }
+}
+
+/// Records that a trace belongs to a call (the first call to name it keeps it).
+const CLAIM_TRACE: &str =
+    "INSERT INTO call_traces (trace_id, call_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+/// Moves the spans stored under a trace id ($2) to the call ($1), skipping any the call has.
+const MOVE_SPANS: &str = "UPDATE session_traces SET call_id = $1 WHERE call_id = $2 \
+     AND span_id NOT IN (SELECT span_id FROM session_traces WHERE call_id = $1)";
+/// Adjusts a call's stored-span count.
+const ADD_SPANS: &str = "UPDATE call_logs SET spans_stored = spans_stored + $2 WHERE call_id = $1";
+/// The call a trace id belongs to.
+const OWNER_OF_TRACE: &str = "SELECT call_id FROM call_traces WHERE trace_id = $1";
+/// Trace ids joined per core at most (the sender lists at most 256).
+const MAX_JOINED_TRACES: usize = 256;
+
+/// Whether `s` is a trace id in the wire format: 32 lowercase hex digits.
+fn is_trace_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The core's `trace_ids` (an addition to the contract) that can name a trace-keyed call.
+fn joinable_traces(extra: &Value, call_id: &str) -> Vec<String> {
+    extra
+        .get("trace_ids")
+        .and_then(Value::as_array)
+        .map(|ids| {
+            ids.iter()
+                .filter_map(Value::as_str)
+                .filter(|t| is_trace_id(t) && *t != call_id)
+                .take(MAX_JOINED_TRACES)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -492,3 +492,36 @@ async fn lists_page_newest_first() {
         assert_eq!(span_ids, expected);
     }
 }
+
+#[tokio::test]
+async fn spans_sent_under_a_trace_id_join_the_call_that_names_it() {
+    for db in backends().await {
+        let h = harness(&db.url, db.name, |_| {}).await;
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        // Sent before the sender knew the call id: keyed by the trace id.
+        assert_eq!(
+            h.post(&detail(trace, 0, 0..3, None)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(h.store.span_count(trace).await.expect("count"), 3);
+        // The call's own final batch, then its core naming the trace.
+        assert_eq!(
+            h.post(&detail("joined", 0, 3..5, Some(1))).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(h.post(&core("joined", "agent-1")).await.0, StatusCode::OK);
+        let call = h.call("joined").await;
+        assert_eq!(call["spans_stored"], 5, "[{}] {call}", db.name);
+        assert_eq!(call["complete"], true);
+        assert_eq!(h.store.span_count("joined").await.expect("count"), 5);
+        assert_eq!(h.store.span_count(trace).await.expect("count"), 0);
+        // Spans still arriving under the trace id go to the call as well.
+        assert_eq!(
+            h.post(&detail(trace, 1, 5..7, None)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(h.store.span_count("joined").await.expect("count"), 7);
+        assert_eq!(h.call("joined").await["spans_stored"], 7);
+        assert_eq!(h.store.duplicate_span_rows().await.expect("dups"), 0);
+    }
+}
