@@ -1,10 +1,11 @@
 //! Caller cost per span (start + end, 8 attributes, voice-agent span names) as the app sees it,
-//! with no processor, the SDK's `BatchSpanProcessor` + a no-op exporter, and `CallSpanProcessor`
-//! whose worker delivers to a null HTTP receiver on 127.0.0.1 — all in the same run, on one
-//! thread and on two threads. Spans belong to calls of 500 spans (a root `agent_session` with a
+//! with no processor, the SDK's `BatchSpanProcessor` + a no-op exporter, `CallSpanProcessor`
+//! whose I/O stage consumes into a no-op sink (the comparison), and `CallSpanProcessor`
+//! with its full pipeline (JSON, gzip, HTTP) into a null HTTP receiver on 127.0.0.1 — all in the
+//! same run, on one thread and on two threads. Spans belong to calls of 500 spans (a root `agent_session` with a
 //! `call_id`, children under it); the root's start and end are part of the measured cost.
 //!
-//! `cargo bench --bench hot_path` (about 45 s on 2 cores).
+//! `cargo bench --bench hot_path` (about 55 s on 2 cores).
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stderr)]
 
 #[path = "../examples/support/null_sink.rs"]
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use callscope::{CallSpanProcessor, DetailMode, StatsHandle};
+use callscope::{CallSpanProcessor, Config, DetailMode, StatsHandle};
 use criterion::{Criterion, Throughput, criterion_group};
 use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
@@ -167,6 +168,10 @@ fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Duration {
 enum Pipeline {
     None,
     Bsp,
+    /// The worker consumes into a no-op sink (no JSON, gzip or HTTP): the counterpart of the
+    /// SDK's batch processor with a no-op exporter.
+    CallscopeNullSink,
+    /// The full pipeline: JSON, gzip and HTTP to the null receiver, on the same 2 cores.
     Callscope,
     /// `CALLSCOPE_DETAIL=none`: aggregation and summaries only, no detail hand-off; shows the
     /// hot path without the worker's JSON/gzip/HTTP work competing for the 2 cores.
@@ -188,6 +193,17 @@ fn provider(p: &Pipeline, sink: &null_sink::NullSink) -> (SdkTracerProvider, See
             let exported = Arc::new(AtomicU64::new(0));
             let bsp = BatchSpanProcessor::builder(CountingNoop(exported.clone())).build();
             (b.with_span_processor(bsp).build(), Seen::Exported(exported))
+        }
+        Pipeline::CallscopeNullSink => {
+            let config = Config::builder()
+                .without_env()
+                .endpoint(&sink.url)
+                .agent_id("bench")
+                .build()
+                .unwrap();
+            let cs = callscope::__bench::null_sink_processor(config).unwrap();
+            let stats = cs.stats_handle();
+            (b.with_span_processor(cs).build(), Seen::Callscope(stats))
         }
         Pipeline::Callscope | Pipeline::CallscopeSummaryOnly => {
             let detail = if matches!(p, Pipeline::Callscope) {
@@ -216,6 +232,7 @@ fn caller_cost(c: &mut Criterion) {
         for (name, p) in [
             ("no_processor", Pipeline::None),
             ("sdk_batch_noop", Pipeline::Bsp),
+            ("callscope_null_sink", Pipeline::CallscopeNullSink),
             ("callscope_null_http", Pipeline::Callscope),
             ("callscope_summary_only", Pipeline::CallscopeSummaryOnly),
         ] {
@@ -253,7 +270,7 @@ fn caller_cost(c: &mut Criterion) {
     }
 }
 
-/// `HOT_PATH_PROFILE=<none|bsp|callscope|summary> HOT_PATH_SPANS=<n>`: emit n spans on one thread and
+/// `HOT_PATH_PROFILE=<none|bsp|null|callscope|summary> HOT_PATH_SPANS=<n>`: emit n spans on one thread and
 /// exit, for `valgrind --tool=callgrind` (instruction counts per span are repeatable, unlike time).
 fn profile(which: &str) {
     let spans = std::env::var("HOT_PATH_SPANS")
@@ -264,6 +281,7 @@ fn profile(which: &str) {
         "none" => Pipeline::None,
         "bsp" => Pipeline::Bsp,
         "summary" => Pipeline::CallscopeSummaryOnly,
+        "null" => Pipeline::CallscopeNullSink,
         _ => Pipeline::Callscope,
     };
     let sink = null_sink::NullSink::start(1).unwrap();

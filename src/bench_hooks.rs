@@ -15,7 +15,8 @@ use crate::payload;
 use crate::registry::Registry;
 use crate::semantics;
 use crate::stats::Counters;
-use crate::transport::Transport;
+use crate::transport::{Sink, Transport};
+use crate::{CallSpanProcessor, ConfigError};
 
 /// The call-id keys, prepared once as the processor prepares them.
 #[derive(Debug, Clone)]
@@ -153,3 +154,19 @@ impl Encoder {
         self.transport.encode(json)
     }
 }
+
+/// A [`CallSpanProcessor`] whose I/O stage consumes into a no-op sink: the worker receives the
+/// detail queue and the call ends as usual, builds each core, and acknowledges every payload at
+/// once without serializing, compressing or sending it (counted as sent in `stats()`). The
+/// counterpart of the SDK's `BatchSpanProcessor` with a no-op exporter.
+pub fn null_sink_processor(config: Config) -> Result<CallSpanProcessor, ConfigError> {
+    CallSpanProcessor::with_sink(config, Sink::Null)
+}
+
+/// `json` gzip-compressed at `level` (0-9), as the transport compresses bodies.
+pub fn gzip(json: &[u8], level: u32) -> Vec<u8> {
+    crate::transport::gzip(json, level)
+}
+
+/// The gzip level the transport uses for request bodies.
+pub const GZIP_LEVEL: u32 = crate::transport::GZIP_LEVEL;

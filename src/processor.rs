@@ -11,13 +11,13 @@ use opentelemetry::trace::{Span as _, TraceContextExt};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
-use tokio::sync::mpsc::error::TrySendError;
+use std::sync::mpsc::TrySendError;
 
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
 use crate::registry::{EndReason, Registry, Routed};
 use crate::semantics::{self, CallIdValue, Operation};
 use crate::stats::{Counters, Stats};
-use crate::transport::Transport;
+use crate::transport::{Sink, Transport};
 use crate::worker::{self, Control, DetailMsg};
 
 /// Shortest wait of `force_flush` for the worker (it waits `3 × CALLSCOPE_TIMEOUT_MS` or this).
@@ -70,6 +70,11 @@ impl CallSpanProcessor {
 
     /// Builds the processor from a validated [`Config`] and starts its worker thread.
     pub fn from_config(config: Config) -> Result<Self, ConfigError> {
+        Self::with_sink(config, Sink::Http)
+    }
+
+    /// [`from_config`](Self::from_config) with the worker delivering into `sink`.
+    pub(crate) fn with_sink(config: Config, sink: Sink) -> Result<Self, ConfigError> {
         if config.disabled {
             tracing::info!(
                 "callscope disabled (CALLSCOPE_DISABLED or OTEL_SDK_DISABLED): spans pass through untouched"
@@ -78,10 +83,11 @@ impl CallSpanProcessor {
         }
         let config = Arc::new(config);
         let stats = Arc::new(Counters::default());
-        let transport =
-            Transport::new(&config, stats.clone()).map_err(|e| ConfigError::Startup {
+        let transport = Transport::new(&config, stats.clone())
+            .map_err(|e| ConfigError::Startup {
                 reason: e.to_string(),
-            })?;
+            })?
+            .with_sink(sink);
         let reg = Arc::new(Registry::new(config, stats));
         let worker = worker::spawn(reg.clone(), transport).map_err(|e| ConfigError::Startup {
             reason: format!("could not start the worker thread: {e}"),
@@ -149,28 +155,47 @@ fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
     }
 }
 
+/// What a span ended or joined, for the worker's control queue.
+struct Ends {
+    ended: Vec<crate::registry::Ended>,
+    joined: Option<(Arc<str>, Arc<str>)>,
+}
+
 impl Active {
     fn send_control(&self, c: Control) -> bool {
         self.worker.control.send(c).is_ok()
     }
 
-    fn route_detail(&self, span: SpanData, routed: &Routed) {
+    /// Hands the span to the worker. `routed`'s call id is moved into the message (not cloned:
+    /// one reference-count update less per span); its ends are returned for `send_ends`.
+    fn route_detail(&self, span: SpanData, routed: Routed) -> Ends {
         let cfg = &self.reg.config;
         let stats = &self.reg.stats;
-        if !wants_detail(cfg, &span, routed.op) {
+        let Routed {
+            call_id,
+            op,
+            late,
+            provisional,
+            ended,
+            joined,
+        } = routed;
+        let ends = Ends { ended, joined };
+        if !wants_detail(cfg, &span, op) {
             Counters::inc(&stats.detail_spans_filtered);
-            return;
+            return ends;
         }
         let msg = DetailMsg {
-            call_id: routed.call_id.clone(),
+            call_id,
             span,
-            op: routed.op,
-            late: routed.late,
-            provisional: routed.provisional,
+            op,
+            late,
+            provisional,
         };
         match self.worker.data.try_send(msg) {
             Ok(()) => {
-                self.worker.enqueued.fetch_add(1, Ordering::Release);
+                // Counted before the worker is woken: it compares this with what it received.
+                let n = self.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
+                self.worker.wake.after_send(n);
             }
             Err(TrySendError::Full(_)) => {
                 let n = stats
@@ -184,17 +209,18 @@ impl Active {
                     );
                 }
             }
-            Err(TrySendError::Closed(_)) => {
+            Err(TrySendError::Disconnected(_)) => {
                 Counters::inc(&stats.spans_dropped_send_failed);
             }
         }
+        ends
     }
 
-    fn send_ends(&self, routed: Routed) {
-        if let Some((from, to)) = routed.joined {
+    fn send_ends(&self, ends: Ends) {
+        if let Some((from, to)) = ends.joined {
             self.send_control(Control::Join { from, to });
         }
-        for e in routed.ended {
+        for e in ends.ended {
             let mark = self.worker.enqueued.load(Ordering::Acquire);
             if !self.send_control(Control::End(Box::new(e), mark)) {
                 Counters::inc(&self.reg.stats.summaries_failed);
@@ -256,8 +282,8 @@ impl SpanProcessor for CallSpanProcessor {
         }
         Counters::inc(&a.reg.stats.spans_seen);
         let routed = a.reg.record(&span);
-        a.route_detail(span, &routed);
-        a.send_ends(routed);
+        let ends = a.route_detail(span, routed);
+        a.send_ends(ends);
     }
 
     fn force_flush(&self) -> OTelSdkResult {

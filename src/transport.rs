@@ -15,6 +15,9 @@ use crate::config::{Compression, Config};
 use crate::retry::{self, Backoff, Decision, GiveUpReason, Outcome};
 use crate::stats::Counters;
 
+/// gzip level of request bodies (see BENCHMARKS.md for the ratio / speed trade).
+pub(crate) const GZIP_LEVEL: u32 = 1;
+
 /// How much of a rejecting response body is logged.
 const LOGGED_BODY_BYTES: usize = 512;
 
@@ -58,6 +61,18 @@ pub(crate) struct Transport {
     gzip: bool,
     backoff: Backoff,
     stats: Arc<Counters>,
+    /// Where payloads go: the HTTP endpoints, or nowhere (benches only).
+    sink: Sink,
+}
+
+/// Where the worker's payloads go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sink {
+    /// POSTed to the configured endpoints.
+    Http,
+    /// Acknowledged at once without being serialized, compressed or sent (the benches'
+    /// counterpart of the SDK's no-op exporter; reachable only through `callscope::__bench`).
+    Null,
 }
 
 impl Transport {
@@ -100,22 +115,31 @@ impl Transport {
             gzip,
             backoff: Backoff::new(cfg.retry_max_elapsed),
             stats,
+            sink: Sink::Http,
         })
     }
 
-    /// The body as it goes on the wire (gzip at a fast level: JSON compresses well anyway).
+    /// The same transport, delivering into `sink`.
+    pub(crate) fn with_sink(mut self, sink: Sink) -> Self {
+        self.sink = sink;
+        self
+    }
+
+    /// Whether payloads go nowhere (the worker then skips serializing detail).
+    pub(crate) fn is_null(&self) -> bool {
+        self.sink == Sink::Null
+    }
+
+    /// The body as it goes on the wire (gzip at [`GZIP_LEVEL`]). Nothing for the null sink.
     pub(crate) fn encode(&self, json: &[u8]) -> Vec<u8> {
         Counters::add(&self.stats.bytes_uncompressed, json.len() as u64);
+        if self.sink == Sink::Null {
+            return Vec::new();
+        }
         if !self.gzip {
             return json.to_vec();
         }
-        let mut enc = flate2::write::GzEncoder::new(
-            Vec::with_capacity(json.len() / 6 + 64),
-            flate2::Compression::fast(),
-        );
-        // Writing into a Vec cannot fail.
-        let _ = enc.write_all(json);
-        enc.finish().unwrap_or_default()
+        gzip(json, GZIP_LEVEL)
     }
 
     /// POSTs `body` (already encoded) until acknowledged, rejected, or the retry budget is spent.
@@ -124,6 +148,9 @@ impl Transport {
     /// waiting to be retried, detail uploads hold back before each attempt, so on recovery the
     /// summaries reach the receiver first.
     pub(crate) async fn deliver(&self, lane: Lane, body: Bytes, idempotency_key: &str) -> Delivery {
+        if self.sink == Sink::Null {
+            return Delivery::Acked;
+        }
         let (client, url) = match lane {
             Lane::Core => (&self.core_client, &self.core_url),
             Lane::Detail => (&self.client, &self.detail_url),
@@ -213,6 +240,17 @@ impl Transport {
             }
         }
     }
+}
+
+/// `json` gzip-compressed at `level` (0-9).
+pub(crate) fn gzip(json: &[u8], level: u32) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 5 + 64),
+        flate2::Compression::new(level),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(json);
+    enc.finish().unwrap_or_default()
 }
 
 /// Marks one summary as waiting for a retry while it lives (detail holds back meanwhile).

@@ -14,10 +14,10 @@
 //! - pending detail is bounded by `CALLSCOPE_MAX_BUFFER_BYTES`: past it, bodies are let go from
 //!   memory (kept in the spool) or, without a spool, the oldest detail batch is dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,6 +46,62 @@ const MIN_OPEN_BATCH_BYTES: usize = 64 * 1024;
 const FINAL_FIELDS_BYTES: usize = 96;
 /// A lone span the receiver still refuses at this size is given up.
 const MIN_SHORTENED_BYTES: usize = 1024;
+/// Detail messages taken from the queue per loop turn (then control and uploads get a look).
+const DRAIN_MAX: usize = 1024;
+/// After the first span wakes an idle worker, it waits this long for more before draining, so
+/// producers pay the wake-up (a syscall) at most about once per nap, not once per span.
+const WAKE_NAP: Duration = Duration::from_millis(1);
+/// Most spans queued during a nap before a producer cuts it short.
+const MAX_WAKE_EVERY: usize = 4096;
+/// While draining, control messages (call ends) are looked at every this many spans.
+const CONTROL_EVERY: usize = 32;
+
+const RUNNING: u8 = 0;
+const SLEEPING: u8 = 1;
+const NAPPING: u8 = 2;
+
+/// How the processor wakes the worker for detail: only when the worker said it is asleep (once
+/// per sleep), or every `wake_every`-th span while it naps. The worker checks the queue after
+/// saying so (`enqueued` against what it received), so a span is never left behind: either the
+/// worker sees it, or the producer sees the worker asleep and wakes it.
+#[derive(Debug)]
+pub(crate) struct Wake {
+    state: AtomicU8,
+    notify: tokio::sync::Notify,
+    /// A power of two minus one.
+    wake_mask: u64,
+}
+
+impl Wake {
+    fn new(queue_size: usize) -> Self {
+        let every = (queue_size / 4).clamp(1, MAX_WAKE_EVERY);
+        // The largest power of two not above `every`.
+        let every = 1u64 << (usize::BITS - 1 - every.leading_zeros());
+        Wake {
+            state: AtomicU8::new(RUNNING),
+            notify: tokio::sync::Notify::new(),
+            wake_mask: every - 1,
+        }
+    }
+
+    /// Called by the processor after it queued a span and counted it (`n`: the count after).
+    #[inline]
+    pub(crate) fn after_send(&self, n: u64) {
+        let want = match self.state.load(Ordering::SeqCst) {
+            RUNNING => return,
+            SLEEPING => SLEEPING,
+            _ if n & self.wake_mask == 0 => NAPPING,
+            _ => return,
+        };
+        if self
+            .state
+            .compare_exchange(want, RUNNING, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+}
 
 /// One span's detail on its way to the worker.
 #[derive(Debug)]
@@ -77,7 +133,10 @@ pub(crate) enum Control {
 /// The processor's side of the worker.
 #[derive(Debug)]
 pub(crate) struct Handle {
-    pub data: mpsc::Sender<DetailMsg>,
+    /// Detail queue (bounded, never blocks the caller: `try_send`). Sending does not wake the
+    /// worker by itself: the sender calls `wake.after_send` once it counted the span.
+    pub data: SyncSender<DetailMsg>,
+    pub wake: Arc<Wake>,
     pub control: mpsc::UnboundedSender<Control>,
     /// Detail messages successfully enqueued (the worker compares it with what it received).
     pub enqueued: Arc<AtomicU64>,
@@ -88,7 +147,9 @@ pub(crate) struct Handle {
 /// be opened is a startup error naming the directory).
 pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::Result<Handle> {
     let cfg = registry.config.clone();
-    let (data_tx, data_rx) = mpsc::channel(cfg.queue_size);
+    let (data_tx, data_rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
+    let wake = Arc::new(Wake::new(cfg.queue_size));
+    let null_sink = transport.is_null();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let enqueued = Arc::new(AtomicU64::new(0));
     let (spool, replay) = match &cfg.spool_dir {
@@ -109,12 +170,17 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         cfg,
         reg: registry,
         data_rx,
+        data_open: true,
+        wake: wake.clone(),
+        null_sink,
+        null_spans: 0,
         ctrl_rx,
         received: 0,
         enqueued: enqueued.clone(),
         buffers: HashMap::new(),
         redirects: HashMap::new(),
         pending: HashMap::new(),
+        by_mark: BTreeSet::new(),
         ended_seqs: HashMap::new(),
         ended_order: VecDeque::new(),
         late_seq: LATE_SEQ_BASE,
@@ -146,6 +212,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         })?;
     Ok(Handle {
         data: data_tx,
+        wake,
         control: ctrl_tx,
         enqueued,
         thread: std::sync::Mutex::new(Some(thread)),
@@ -227,13 +294,21 @@ struct Worker {
     cfg: Arc<Config>,
     stats: Arc<Counters>,
     transport: Arc<Transport>,
-    data_rx: mpsc::Receiver<DetailMsg>,
+    data_rx: Receiver<DetailMsg>,
+    data_open: bool,
+    wake: Arc<Wake>,
+    /// Detail goes nowhere: spans are counted and dropped unserialized.
+    null_sink: bool,
+    /// Spans taken by the null sink, not yet added to `detail_spans_sent`.
+    null_spans: u64,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
     enqueued: Arc<AtomicU64>,
     buffers: HashMap<Arc<str>, Buf>,
     redirects: HashMap<Arc<str>, Arc<str>>,
     pending: HashMap<Arc<str>, PendingEnd>,
+    /// `pending` by mark, smallest first (entries of calls finished otherwise are skipped).
+    by_mark: BTreeSet<(u64, Arc<str>)>,
     ended_seqs: HashMap<Arc<str>, u32>,
     ended_order: VecDeque<Arc<str>>,
     late_seq: u32,
@@ -268,30 +343,105 @@ impl Worker {
         let period = idle.clamp(Duration::from_millis(10), Duration::from_millis(250));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut data_open = true;
+        let mut nap: Option<tokio::time::Instant> = None;
         self.pump();
         while !self.exit {
+            let mut more = false;
+            if nap.is_none() {
+                let n = self.drain_data();
+                more = n == DRAIN_MAX;
+                if n > 0 {
+                    self.progress();
+                }
+            }
+            // Say we sleep, then look again: a span counted before this is seen here, one
+            // counted after it finds us asleep and wakes us.
+            let mut asleep = false;
+            if nap.is_none() && !more && self.data_open {
+                self.wake.state.store(SLEEPING, Ordering::SeqCst);
+                if self.enqueued.load(Ordering::SeqCst) > self.received {
+                    self.wake.state.store(RUNNING, Ordering::SeqCst);
+                    more = true;
+                } else {
+                    asleep = true;
+                }
+            }
+            let nap_end = nap.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
-                c = self.ctrl_rx.recv() => match c {
-                    Some(c) => self.on_control(c),
-                    // The processor was dropped without shutdown: deliver what we can, briefly.
-                    None => self.begin_stop(0, Instant::now() + Duration::from_secs(5), None),
-                },
+                c = self.ctrl_rx.recv() => {
+                    // Ends and flushes refer to spans queued before them: no napping now.
+                    nap = None;
+                    match c {
+                        Some(c) => self.on_control(c),
+                        // The processor was dropped without shutdown: deliver what we can, briefly.
+                        None => self.begin_stop(0, Instant::now() + Duration::from_secs(5), None),
+                    }
+                }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     match done {
                         Ok((id, result)) => self.on_done(id, result),
                         Err(e) => self.on_done(e.id(), Delivery::Failed),
                     }
                 }
-                d = self.data_rx.recv(), if data_open => match d {
-                    Some(d) => self.on_detail(d),
-                    None => data_open = false,
-                },
+                () = self.wake.notify.notified(), if asleep || nap.is_some() => {
+                    if nap.is_some() {
+                        // Enough spans queued during the nap: drain now.
+                        nap = None;
+                    } else {
+                        // The first span after idle: let a batch gather before draining.
+                        self.wake.state.store(NAPPING, Ordering::SeqCst);
+                        nap = Some(tokio::time::Instant::now() + WAKE_NAP);
+                    }
+                }
+                () = tokio::time::sleep_until(nap_end), if nap.is_some() => nap = None,
                 _ = tick.tick() => self.on_tick(),
+                () = std::future::ready(()), if more => {}
+            }
+            // Written only when it changes: callers read this line on every span.
+            if nap.is_none() && self.wake.state.load(Ordering::Relaxed) != RUNNING {
+                self.wake.state.store(RUNNING, Ordering::SeqCst);
             }
             self.progress();
         }
+    }
+
+    /// Takes up to [`DRAIN_MAX`] queued detail messages; returns how many. Control messages
+    /// are looked at every [`CONTROL_EVERY`] spans and ended calls are finished as soon as their
+    /// last span is in, as when spans came one per loop turn: a drained burst of many calls must
+    /// not hold all of them in open batches (that would push pending detail over its bound).
+    fn drain_data(&mut self) -> usize {
+        let mut n = 0;
+        while n < DRAIN_MAX {
+            if n % CONTROL_EVERY == 0 {
+                while let Ok(c) = self.ctrl_rx.try_recv() {
+                    self.on_control(c);
+                }
+            }
+            match self.data_rx.try_recv() {
+                Ok(d) => {
+                    n += 1;
+                    self.on_detail(d);
+                    if self
+                        .by_mark
+                        .first()
+                        .is_some_and(|(m, _)| *m <= self.received)
+                    {
+                        self.finish_ready();
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.data_open = false;
+                    break;
+                }
+            }
+        }
+        if self.null_spans > 0 {
+            Counters::add(&self.stats.detail_spans_sent, self.null_spans);
+            self.null_spans = 0;
+        }
+        n
     }
 
     fn on_control(&mut self, c: Control) {
@@ -355,6 +505,11 @@ impl Worker {
 
     fn on_detail(&mut self, msg: DetailMsg) {
         self.received += 1;
+        if self.null_sink {
+            // Counted once per drain (the counters share cache lines with the callers').
+            self.null_spans += 1;
+            return;
+        }
         let key = self
             .redirects
             .get(&msg.call_id)
@@ -1033,6 +1188,7 @@ impl Worker {
             }
         };
         self.core_outcome.insert(call_id.clone(), core_state);
+        self.by_mark.insert((mark, call_id.clone()));
         self.pending.insert(
             call_id,
             PendingEnd {
@@ -1044,23 +1200,29 @@ impl Worker {
 
     /// Finishes ended calls whose spans have all been batched; dispatches what may go.
     fn progress(&mut self) {
-        if !self.pending.is_empty() {
-            let ready: Vec<Arc<str>> = self
-                .pending
-                .iter()
-                .filter(|(_, p)| self.received >= p.mark)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in ready {
-                if let Some(p) = self.pending.remove(&k) {
-                    self.finish(k, p);
-                }
-            }
-        }
+        self.finish_ready();
         if !self.waiters.is_empty() {
             self.check_waiters();
         }
         self.pump();
+    }
+
+    /// Finishes the ended calls whose mark `received` has passed, smallest marks first.
+    fn finish_ready(&mut self) {
+        while let Some((mark, _)) = self.by_mark.first()
+            && *mark <= self.received
+        {
+            let Some((mark, k)) = self.by_mark.pop_first() else {
+                break;
+            };
+            // An entry of a call that ended again (a newer end has its own entry) or was
+            // finished otherwise is skipped.
+            if self.pending.get(&k).is_some_and(|p| p.mark == mark)
+                && let Some(p) = self.pending.remove(&k)
+            {
+                self.finish(k, p);
+            }
+        }
     }
 
     /// Every span of an ended call is batched: its remaining spans and its transcript become
@@ -1199,14 +1361,14 @@ impl Worker {
         let oldest = self.oldest_job();
         let next = self.next_job + 1;
         let received = self.received;
-        let pending_marks: Vec<u64> = self.pending.values().map(|p| p.mark).collect();
+        let smallest_pending = self.by_mark.first().map(|(m, _)| *m);
         let mut stop = false;
         self.waiters.retain_mut(|w| {
             if received < w.mark {
                 return true;
             }
             // Calls that ended before the flush must be finished (their finals made) first.
-            if w.epoch.is_none() || pending_marks.iter().any(|m| *m <= w.mark) {
+            if w.epoch.is_none() || smallest_pending.is_some_and(|m| m <= w.mark) {
                 w.epoch = Some(next);
                 return true;
             }
@@ -1307,6 +1469,7 @@ impl Worker {
             }
         }
         self.pending.clear();
+        self.by_mark.clear();
         for w in self.waiters.drain(..) {
             drop(w.ack);
         }
