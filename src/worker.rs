@@ -40,6 +40,8 @@ use crate::transport::{Delivery, Lane, Transport};
 const LATE_SEQ_BASE: u32 = 1 << 30;
 /// Ended calls whose next batch number is remembered for late spans.
 const ENDED_SEQS_KEPT: usize = 16_384;
+/// Outstanding jobs up to which flush waiters are checked on every event (above: per tick).
+const WAITER_SCAN_LIMIT: usize = 1024;
 /// Smallest share of the memory bound an open batch gets, however many calls are open.
 const MIN_OPEN_BATCH_BYTES: usize = 64 * 1024;
 /// Room kept in every body for the final part's fixed fields.
@@ -192,6 +194,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         held: HashMap::new(),
         open: HashMap::new(),
         core_outcome: HashMap::new(),
+        waiter_scan_due: false,
         next_job: 0,
         waiters: Vec::new(),
         stop_at: None,
@@ -325,6 +328,8 @@ struct Worker {
     open: HashMap<Arc<str>, usize>,
     /// Outcome of each call's core, while its final may still need it.
     core_outcome: HashMap<Arc<str>, CoreState>,
+    /// The tick asks for a waiter check whatever the number of outstanding jobs.
+    waiter_scan_due: bool,
     next_job: u64,
     waiters: Vec<Waiter>,
     stop_at: Option<Instant>,
@@ -474,6 +479,7 @@ impl Worker {
     }
 
     fn on_tick(&mut self) {
+        self.waiter_scan_due = true;
         let mark = self.enqueued.load(Ordering::Acquire);
         for e in self.reg.expire_idle() {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");
@@ -1201,7 +1207,12 @@ impl Worker {
     /// Finishes ended calls whose spans have all been batched; dispatches what may go.
     fn progress(&mut self) {
         self.finish_ready();
-        if !self.waiters.is_empty() {
+        // Checking waiters scans every outstanding job: with many outstanding (a flood of call
+        // ends) it runs once per tick instead of once per event, which kept it quadratic.
+        if !self.waiters.is_empty()
+            && (self.waiter_scan_due || self.outstanding() <= WAITER_SCAN_LIMIT)
+        {
+            self.waiter_scan_due = false;
             self.check_waiters();
         }
         self.pump();
@@ -1338,6 +1349,11 @@ impl Worker {
     }
 
     /// The oldest job not yet settled.
+    /// Jobs not yet settled (queued, held or running).
+    fn outstanding(&self) -> usize {
+        self.queue.len() + self.cores.len() + self.held.len() + self.running.len()
+    }
+
     fn oldest_job(&self) -> Option<u64> {
         let q = self.queue.iter().chain(&self.cores).map(|j| j.id);
         let h = self.held.values().map(|h| h.job.id);
