@@ -14,12 +14,14 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use std::sync::mpsc::TrySendError;
 
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-use crate::registry::{EndReason, Registry, Routed};
+use crate::registry::{EndReason, Ended, Registry, Routed};
 use crate::semantics::{self, CallIdValue, Operation};
 use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
 use crate::worker::{self, Control, DetailMsg};
 
+/// Smallest bound on ended calls waiting for the worker.
+const MIN_ENDS_BACKLOG: usize = 1024;
 /// Shortest wait of `force_flush` for the worker (it waits `3 × CALLSCOPE_TIMEOUT_MS` or this).
 const MIN_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
@@ -221,10 +223,33 @@ impl Active {
             self.send_control(Control::Join { from, to });
         }
         for e in ends.ended {
-            let mark = self.worker.enqueued.load(Ordering::Acquire);
-            if !self.send_control(Control::End(Box::new(e), mark)) {
-                Counters::inc(&self.reg.stats.summaries_failed);
+            self.send_end(e);
+        }
+    }
+
+    /// Hands an ended call to the worker. Never blocks: past `CALLSCOPE_MAX_OPEN_CALLS` ended
+    /// calls waiting for the worker (call ends arriving faster than summaries are built), the
+    /// summary is dropped and counted, so memory stays bounded whatever the input.
+    fn send_end(&self, e: Ended) {
+        let stats = &self.reg.stats;
+        let limit = self.reg.config.max_open_calls.max(MIN_ENDS_BACKLOG);
+        if self.worker.ends_queued.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
+            Counters::inc(&stats.summaries_failed);
+            let n = stats
+                .summaries_dropped_backlog
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, call_id = %e.state.call_id,
+                    "call summary dropped: more than CALLSCOPE_MAX_OPEN_CALLS ended calls wait for the callscope worker");
             }
+            return;
+        }
+        let mark = self.worker.enqueued.load(Ordering::Acquire);
+        if !self.send_control(Control::End(Box::new(e), mark)) {
+            self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
+            Counters::inc(&stats.summaries_failed);
         }
     }
 
@@ -301,9 +326,8 @@ impl SpanProcessor for CallSpanProcessor {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         let started = Instant::now();
-        let mark = a.worker.enqueued.load(Ordering::Acquire);
         for e in a.reg.end_all(EndReason::Shutdown) {
-            a.send_control(Control::End(Box::new(e), mark));
+            a.send_end(e);
         }
         // The worker stops a little before the caller's deadline so it can count what is lost.
         let deadline = started + timeout.mul_f64(0.9);

@@ -305,7 +305,15 @@ impl Registry {
                 break;
             };
             if let Some(e) = self.end_locked(lc, &oldest, EndReason::Evicted) {
-                tracing::warn!(call_id = %oldest, "open call evicted: CALLSCOPE_MAX_OPEN_CALLS reached");
+                // Counted in calls_ended_evicted; logged at powers of two so a flood of call
+                // ids cannot flood the log too.
+                let n = self
+                    .stats
+                    .calls_ended_evicted
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(call_id = %oldest, evicted = n, "open call evicted: CALLSCOPE_MAX_OPEN_CALLS reached");
+                }
                 out.push(e);
             }
         }

@@ -54,6 +54,10 @@ counters! {
     summaries_sent,
     /// Core summaries given up on (rejected, retries exhausted, or shutdown timed out).
     summaries_failed,
+    /// Ended calls whose summary was dropped because more than `CALLSCOPE_MAX_OPEN_CALLS`
+    /// ended calls were already waiting for the worker (a flood of call ends); also in
+    /// `summaries_failed`.
+    summaries_dropped_backlog,
     /// Core summaries whose transcript was shortened to fit `CALLSCOPE_MAX_SUMMARY_BYTES`.
     summaries_truncated,
     /// Detail batches acknowledged by the receiver.

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -142,6 +142,8 @@ pub(crate) struct Handle {
     pub control: mpsc::UnboundedSender<Control>,
     /// Detail messages successfully enqueued (the worker compares it with what it received).
     pub enqueued: Arc<AtomicU64>,
+    /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
+    pub ends_queued: Arc<AtomicUsize>,
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -154,6 +156,8 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     let null_sink = transport.is_null();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let enqueued = Arc::new(AtomicU64::new(0));
+    let ends_queued = Arc::new(AtomicUsize::new(0));
+    let backlog_limit = cfg.max_open_calls.max(1024);
     let (spool, replay) = match &cfg.spool_dir {
         Some(dir) => {
             let (s, o) = Spool::open(dir, cfg.spool_max_bytes).map_err(|e| {
@@ -179,6 +183,8 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         ctrl_rx,
         received: 0,
         enqueued: enqueued.clone(),
+        ends_queued: ends_queued.clone(),
+        backlog_limit,
         buffers: HashMap::new(),
         redirects: HashMap::new(),
         pending: HashMap::new(),
@@ -218,6 +224,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         wake,
         control: ctrl_tx,
         enqueued,
+        ends_queued,
         thread: std::sync::Mutex::new(Some(thread)),
     })
 }
@@ -307,6 +314,9 @@ struct Worker {
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
     enqueued: Arc<AtomicU64>,
+    ends_queued: Arc<AtomicUsize>,
+    /// Outstanding payloads above which control messages wait (see the run loop).
+    backlog_limit: usize,
     buffers: HashMap<Arc<str>, Buf>,
     redirects: HashMap<Arc<str>, Arc<str>>,
     pending: HashMap<Arc<str>, PendingEnd>,
@@ -374,7 +384,9 @@ impl Worker {
             let nap_end = nap.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
-                c = self.ctrl_rx.recv() => {
+                // With too many payloads outstanding, stop taking call ends: the backlog then
+                // stays in the channel, where the processor bounds it (counted drops).
+                c = self.ctrl_rx.recv(), if self.outstanding() < self.backlog_limit => {
                     // Ends and flushes refer to spans queued before them: no napping now.
                     nap = None;
                     match c {
@@ -451,7 +463,10 @@ impl Worker {
 
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::End(e, mark) => self.on_end(*e, mark),
+            Control::End(e, mark) => {
+                self.ends_queued.fetch_sub(1, Ordering::AcqRel);
+                self.on_end(*e, mark)
+            }
             Control::Join { from, to } => self.on_join(from, to),
             Control::Flush { mark, ack } => self.waiters.push(Waiter {
                 mark,
