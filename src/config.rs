@@ -158,12 +158,18 @@ pub const ENV_SPOOL_MAX_BYTES: &str = "CALLSCOPE_SPOOL_MAX_BYTES";
 /// Default of `CALLSCOPE_SPOOL_MAX_BYTES`: 1 GiB.
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 
+/// `CALLSCOPE_GZIP_LEVEL`: gzip level of request bodies, 0 (store) to 9 (smallest).
+pub const ENV_GZIP_LEVEL: &str = "CALLSCOPE_GZIP_LEVEL";
+/// Default of `CALLSCOPE_GZIP_LEVEL`: 1, the fastest (about 1/4 of the JSON on voice-agent
+/// spans); 3 gives about 1/5 for three times the compression CPU (see BENCHMARKS.md).
+pub const DEFAULT_GZIP_LEVEL: u32 = 1;
+
 /// Longest accepted value of any `*_MS` variable (and of any duration set in code): 365 days.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Every `CALLSCOPE_*` variable, in README-table order (tests check each one).
 #[cfg(test)]
-const ENV_VARS: [&str; 23] = [
+const ENV_VARS: [&str; 24] = [
     ENV_ENDPOINT,
     ENV_DETAILED_ENDPOINT,
     ENV_API_KEY,
@@ -187,6 +193,7 @@ const ENV_VARS: [&str; 23] = [
     ENV_MAX_BUFFER_BYTES,
     ENV_SPOOL_DIR,
     ENV_SPOOL_MAX_BYTES,
+    ENV_GZIP_LEVEL,
 ];
 
 // What each variable accepts, as shown in error messages.
@@ -419,6 +426,9 @@ pub struct Config {
     /// Cap on the spool's size on disk. Env `CALLSCOPE_SPOOL_MAX_BYTES`, default
     /// 1 GiB, >= 1.
     pub spool_max_bytes: u64,
+    /// Gzip level of request bodies when compression is on. Env `CALLSCOPE_GZIP_LEVEL`,
+    /// default 1, 0 to 9.
+    pub gzip_level: u32,
 }
 
 impl Config {
@@ -463,6 +473,7 @@ impl fmt::Debug for Config {
             max_buffer_bytes,
             spool_dir,
             spool_max_bytes,
+            gzip_level,
         } = self;
         f.debug_struct("Config")
             .field("endpoint", &endpoint.as_str())
@@ -488,6 +499,7 @@ impl fmt::Debug for Config {
             .field("max_buffer_bytes", max_buffer_bytes)
             .field("spool_dir", spool_dir)
             .field("spool_max_bytes", spool_max_bytes)
+            .field("gzip_level", gzip_level)
             .finish()
     }
 }
@@ -535,6 +547,7 @@ pub struct ConfigBuilder {
     max_buffer_bytes: Option<usize>,
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
+    gzip_level: Option<u32>,
     /// `false` (the default) = read the environment in `build()`.
     without_env: bool,
 }
@@ -697,6 +710,12 @@ impl ConfigBuilder {
     /// Cap on the spool's size; see [`Config::spool_max_bytes`], env `CALLSCOPE_SPOOL_MAX_BYTES`.
     pub fn spool_max_bytes(mut self, bytes: u64) -> Self {
         self.spool_max_bytes = Some(bytes);
+        self
+    }
+
+    /// Gzip level of request bodies; see [`Config::gzip_level`], env `CALLSCOPE_GZIP_LEVEL`.
+    pub fn gzip_level(mut self, level: u32) -> Self {
+        self.gzip_level = Some(level);
         self
     }
 
@@ -930,6 +949,18 @@ impl ConfigBuilder {
                 self.spool_max_bytes,
                 DEFAULT_SPOOL_MAX_BYTES,
             )?,
+            gzip_level: UintRule {
+                min: 0,
+                max: 9,
+                expected: "an integer from 0 to 9",
+            }
+            .resolve(
+                &env,
+                ENV_GZIP_LEVEL,
+                self.gzip_level.map(u64::from),
+                u64::from(DEFAULT_GZIP_LEVEL),
+            )
+            .map(|l| u32::try_from(l).unwrap_or(DEFAULT_GZIP_LEVEL))?,
         })
     }
 }
@@ -1311,6 +1342,7 @@ mod tests {
         assert_eq!(c.max_buffer_bytes, 64 * 1024 * 1024);
         assert_eq!(c.spool_dir, None);
         assert_eq!(c.spool_max_bytes, 1024 * 1024 * 1024);
+        assert_eq!(c.gzip_level, 1);
         // The enums' Default agrees with the DEFAULT_ constants.
         assert_eq!(DetailMode::default(), DEFAULT_DETAIL);
         assert_eq!(Compression::default(), DEFAULT_COMPRESSION);
@@ -1432,6 +1464,8 @@ mod tests {
         (ENV_RETRY_MAX_ELAPSED_MS, "31536000001"),
         (ENV_MAX_CONCURRENT_DETAIL, "0"),
         (ENV_MAX_CONCURRENT_DETAIL, "65"),
+        (ENV_GZIP_LEVEL, "10"),
+        (ENV_GZIP_LEVEL, "fast"),
         (ENV_MAX_BUFFER_BYTES, "65535"),
         (ENV_MAX_BUFFER_BYTES, "64MiB"),
         (ENV_SPOOL_MAX_BYTES, "0"),

@@ -427,6 +427,8 @@ impl CallSpanProcessorBuilder {
         spool_dir(dir: impl Into<std::path::PathBuf>);
         /// Size cap of the disk spool (`CALLSCOPE_SPOOL_MAX_BYTES`).
         spool_max_bytes(bytes: u64);
+        /// Gzip level of request bodies, 0 to 9 (`CALLSCOPE_GZIP_LEVEL`).
+        gzip_level(level: u32);
         /// Ignore the process environment entirely.
         without_env();
     }

@@ -15,8 +15,9 @@ use crate::config::{Compression, Config};
 use crate::retry::{self, Backoff, Decision, GiveUpReason, Outcome};
 use crate::stats::Counters;
 
-/// gzip level of request bodies (see BENCHMARKS.md for the ratio / speed trade).
-pub(crate) const GZIP_LEVEL: u32 = 1;
+/// Default gzip level of request bodies (`CALLSCOPE_GZIP_LEVEL`; see BENCHMARKS.md for the
+/// ratio / speed trade).
+pub(crate) const GZIP_LEVEL: u32 = crate::config::DEFAULT_GZIP_LEVEL;
 
 /// How much of a rejecting response body is logged.
 const LOGGED_BODY_BYTES: usize = 512;
@@ -59,6 +60,7 @@ pub(crate) struct Transport {
     detail_url: Url,
     headers: HeaderMap,
     gzip: bool,
+    gzip_level: u32,
     backoff: Backoff,
     stats: Arc<Counters>,
     /// Where payloads go: the HTTP endpoints, or nowhere (benches only).
@@ -113,6 +115,7 @@ impl Transport {
             detail_url: cfg.detailed_endpoint.clone(),
             headers,
             gzip,
+            gzip_level: cfg.gzip_level,
             backoff: Backoff::new(cfg.retry_max_elapsed),
             stats,
             sink: Sink::Http,
@@ -130,7 +133,7 @@ impl Transport {
         self.sink == Sink::Null
     }
 
-    /// The body as it goes on the wire (gzip at [`GZIP_LEVEL`]). Nothing for the null sink.
+    /// The body as it goes on the wire (gzip at `CALLSCOPE_GZIP_LEVEL`). Nothing for the null sink.
     pub(crate) fn encode(&self, json: &[u8]) -> Vec<u8> {
         Counters::add(&self.stats.bytes_uncompressed, json.len() as u64);
         if self.sink == Sink::Null {
@@ -139,7 +142,7 @@ impl Transport {
         if !self.gzip {
             return json.to_vec();
         }
-        gzip(json, GZIP_LEVEL)
+        gzip(json, self.gzip_level)
     }
 
     /// POSTs `body` (already encoded) until acknowledged, rejected, or the retry budget is spent.
@@ -347,6 +350,37 @@ async fn body_snippet(r: reqwest::Response) -> String {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    #[test]
+    fn gzip_level_comes_from_the_config() {
+        let json: Vec<u8> = (0..2000)
+            .map(|i| {
+                format!(
+                    "{{\"span\":{i},\"name\":\"llm_request\",\"text\":\"booking table {}\"}},",
+                    i % 37
+                )
+            })
+            .collect::<String>()
+            .into_bytes();
+        let size = |level: u32| {
+            let cfg = Config::builder()
+                .without_env()
+                .endpoint("http://127.0.0.1:9/v1/calls")
+                .gzip_level(level)
+                .build()
+                .map_err(|e| e.to_string());
+            let t = Transport::new(&cfg.expect("valid config"), Arc::new(Counters::default()))
+                .expect("client");
+            let body = t.encode(&json);
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut back)
+                .expect("gzip");
+            assert_eq!(back, json);
+            body.len()
+        };
+        assert!(size(0) > size(1));
+        assert!(size(1) > size(9));
+    }
 
     fn scripted(
         answers: Vec<Attempt>,
