@@ -243,13 +243,7 @@ fn open_call<T: Tracer>(tracer: &T, call_id: &str, n: usize) -> Context
 where
     T::Span: Send + Sync + 'static,
 {
-    let root = tracer.build_with_context(
-        tracer
-            .span_builder("agent_session")
-            .with_attributes(vec![KeyValue::new("call_id", call_id.to_owned())]),
-        &Context::new(),
-    );
-    let cx = Context::new().with_span(root);
+    let cx = support::open_root(tracer, call_id);
     for i in 0..n {
         let mut s = tracer.start_with_context(
             if i % 2 == 0 {

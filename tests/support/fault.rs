@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use callscope_ingest::{IngestConfig, RunningServer, Store};
 use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -397,13 +397,7 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 /// One call: an `agent_session` root and `spans - 1` children with `pad` bytes of text each.
 pub fn emit_call(provider: &SdkTracerProvider, call_id: &str, spans: usize, pad: usize) {
     let tracer = provider.tracer("faults");
-    let root = tracer.build_with_context(
-        tracer
-            .span_builder("agent_session")
-            .with_attributes(vec![KeyValue::new("call_id", call_id.to_owned())]),
-        &Context::new(),
-    );
-    let cx = Context::new().with_span(root);
+    let cx = super::open_root(&tracer, call_id);
     for i in 1..spans {
         let mut s = tracer.build_with_context(
             tracer
