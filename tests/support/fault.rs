@@ -397,7 +397,7 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 /// One call: an `agent_session` root and `spans - 1` children with `pad` bytes of text each.
 pub fn emit_call(provider: &SdkTracerProvider, call_id: &str, spans: usize, pad: usize) {
     let tracer = provider.tracer("faults");
-    let cx = super::open_root(&tracer, call_id);
+    let cx = open_root(&tracer, call_id);
     for i in 1..spans {
         let mut s = tracer.build_with_context(
             tracer
@@ -431,4 +431,23 @@ pub fn all_faults(timeout: Duration) -> impl FnMut(&Req) -> Fault + Send + 'stat
             _ => Fault::Pass,
         }
     }
+}
+
+/// Starts an `agent_session` root span carrying `call_id` and returns its context (not ended).
+pub fn open_root<T: opentelemetry::trace::Tracer>(
+    tracer: &T,
+    call_id: &str,
+) -> opentelemetry::Context
+where
+    T::Span: Send + Sync + 'static,
+{
+    use opentelemetry::trace::TraceContextExt;
+    let root =
+        tracer.build_with_context(
+            tracer.span_builder("agent_session").with_attributes(vec![
+                opentelemetry::KeyValue::new("call_id", call_id.to_owned()),
+            ]),
+            &opentelemetry::Context::new(),
+        );
+    opentelemetry::Context::new().with_span(root)
 }

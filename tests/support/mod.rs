@@ -3,6 +3,8 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod fault;
+#[allow(unused_imports)] // not every test binary opens calls by hand
+pub use fault::open_root;
 #[path = "../../examples/support/voice.rs"]
 pub mod voice;
 
@@ -264,25 +266,6 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         resp.headers_mut().insert(k, v.parse().unwrap());
     }
     resp
-}
-
-/// Starts an `agent_session` root span carrying `call_id` and returns its context (not ended).
-pub fn open_root<T: opentelemetry::trace::Tracer>(
-    tracer: &T,
-    call_id: &str,
-) -> opentelemetry::Context
-where
-    T::Span: Send + Sync + 'static,
-{
-    use opentelemetry::trace::TraceContextExt;
-    let root =
-        tracer.build_with_context(
-            tracer.span_builder("agent_session").with_attributes(vec![
-                opentelemetry::KeyValue::new("call_id", call_id.to_owned()),
-            ]),
-            &opentelemetry::Context::new(),
-        );
-    opentelemetry::Context::new().with_span(root)
 }
 
 /// Every span id in the acknowledged detail batches of `call_id`, with repeats.
