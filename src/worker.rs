@@ -431,7 +431,10 @@ impl Worker {
         let mut n = 0;
         while n < DRAIN_MAX {
             if n % CONTROL_EVERY == 0 {
-                while let Ok(c) = self.ctrl_rx.try_recv() {
+                // Same backlog rule as the run loop: no call ends while too much is outstanding.
+                while self.outstanding() < self.backlog_limit
+                    && let Ok(c) = self.ctrl_rx.try_recv()
+                {
                     self.on_control(c);
                 }
             }
