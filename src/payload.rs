@@ -96,17 +96,19 @@ fn push_capped_str(out: &mut Vec<u8>, s: &str, cap: usize, cut: &mut u64) {
     }
 }
 
-fn push_value(out: &mut Vec<u8>, v: &Value, cap: usize, cut: &mut u64) {
-    fn seq<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
-        out.push(b'[');
-        for (i, x) in items.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            each(out, x);
+/// A JSON array of `items`, each written by `each`.
+fn seq<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        out.push(b']');
+        each(out, x);
     }
+    out.push(b']');
+}
+
+fn push_value(out: &mut Vec<u8>, v: &Value, cap: usize, cut: &mut u64) {
     match v {
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::I64(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
@@ -279,11 +281,7 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
         .filter(|(_, n)| *n > 0);
     push_attrs(out, &span.attributes, cap, cut, marker);
     push_key(out, &mut f, "events");
-    out.push(b'[');
-    for (i, e) in span.events.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    seq(out, &span.events, |out, e| {
         out.extend_from_slice(br#"{"name":"#);
         push_str(
             out,
@@ -294,14 +292,9 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
         out.extend_from_slice(br#","attributes":"#);
         push_attrs(out, &e.attributes, cap, cut, None);
         out.push(b'}');
-    }
-    out.push(b']');
+    });
     push_key(out, &mut f, "links");
-    out.push(b'[');
-    for (i, l) in span.links.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    seq(out, &span.links, |out, l| {
         out.extend_from_slice(br#"{"trace_id":"#);
         push_trace_id(out, l.span_context.trace_id());
         out.extend_from_slice(br#","span_id":"#);
@@ -309,8 +302,7 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
         out.extend_from_slice(br#","attributes":"#);
         push_attrs(out, &l.attributes, cap, cut, None);
         out.push(b'}');
-    }
-    out.push(b']');
+    });
     out.push(b'}');
 }
 

@@ -213,23 +213,9 @@ impl FaultProxy {
 
     /// Blocks until `cond(log, refused)` holds (woken by each request), at most `timeout`.
     pub fn wait_for(&self, timeout: Duration, cond: impl Fn(&[Seen], usize) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut log = self.shared.log.lock().unwrap();
-        loop {
-            if cond(&log, self.refused()) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            log = self
-                .shared
-                .changed
-                .wait_timeout(log, (deadline - now).min(Duration::from_millis(200)))
-                .unwrap()
-                .0;
-        }
+        wait_until(&self.shared.log, &self.shared.changed, timeout, |log| {
+            cond(log, self.refused())
+        })
     }
 }
 
@@ -450,4 +436,29 @@ where
             &opentelemetry::Context::new(),
         );
     opentelemetry::Context::new().with_span(root)
+}
+
+/// Blocks until `cond(log)` holds, woken by `changed` (each request) and at least every 200 ms
+/// (conditions may also read counters nothing signals), at most `timeout`.
+pub fn wait_until<T>(
+    log: &Mutex<Vec<T>>,
+    changed: &Condvar,
+    timeout: Duration,
+    cond: impl Fn(&[T]) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut guard = log.lock().unwrap();
+    loop {
+        if cond(&guard) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        guard = changed
+            .wait_timeout(guard, (deadline - now).min(Duration::from_millis(200)))
+            .unwrap()
+            .0;
+    }
 }

@@ -179,23 +179,7 @@ impl Receiver {
 
     /// Blocks until `cond(requests)` holds (woken by each request), at most `timeout`.
     pub fn wait_for(&self, timeout: Duration, cond: impl Fn(&[Recorded]) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut log = self.shared.log.lock().unwrap();
-        loop {
-            if cond(&log) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            log = self
-                .shared
-                .changed
-                .wait_timeout(log, deadline - now)
-                .unwrap()
-                .0;
-        }
+        fault::wait_until(&self.shared.log, &self.shared.changed, timeout, cond)
     }
 }
 
