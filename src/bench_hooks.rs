@@ -59,7 +59,10 @@ impl CallTable {
 
     /// Records one ended span; returns how many calls it ended.
     pub fn record(&self, span: &SpanData) -> usize {
-        self.reg.record(span).ended.len()
+        self.reg
+            .record(span, self.reg.now_ns(), crate::registry::RootEnd::Now)
+            .ended
+            .len()
     }
 
     /// Calls open now.

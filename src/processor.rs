@@ -1,5 +1,6 @@
-//! [`CallSpanProcessor`]: the `SpanProcessor` the app registers. Its hot path only updates
-//! the call table and hands spans to the worker with a non-blocking send.
+//! [`CallSpanProcessor`]: the `SpanProcessor` the app registers. Its hot path hands each ended
+//! span to the worker with a non-blocking send; the worker records it into its call. Only when
+//! that queue is full does the caller record the span itself (and drop its detail).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,11 +15,11 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use std::sync::mpsc::TrySendError;
 
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-use crate::registry::{EndReason, Ended, Registry, Routed};
-use crate::semantics::{self, CallIdValue, Operation};
+use crate::registry::{Ended, Registry, RootEnd};
+use crate::semantics::{self, CallIdValue};
 use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
-use crate::worker::{self, Control, DetailMsg};
+use crate::worker::{self, Control};
 
 /// Smallest bound on ended calls waiting for the worker.
 const MIN_ENDS_BACKLOG: usize = 1024;
@@ -140,90 +141,46 @@ impl StatsHandle {
     }
 }
 
-/// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
-fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
-    match cfg.detail {
-        DetailMode::All => true,
-        DetailMode::None => false,
-        DetailMode::Critical => {
-            op == Operation::Tool
-                || matches!(span.status, opentelemetry::trace::Status::Error { .. })
-                || span
-                    .end_time
-                    .duration_since(span.start_time)
-                    .unwrap_or_default()
-                    > cfg.critical_threshold
-        }
-    }
-}
-
-/// What a span ended or joined, for the worker's control queue.
-struct Ends {
-    ended: Vec<crate::registry::Ended>,
-    joined: Option<(Arc<str>, Arc<str>)>,
-}
-
 impl Active {
     fn send_control(&self, c: Control) -> bool {
         self.worker.control.send(c).is_ok()
     }
 
-    /// Hands the span to the worker. `routed`'s call id is moved into the message (not cloned:
-    /// one reference-count update less per span); its ends are returned for `send_ends`.
-    fn route_detail(&self, span: SpanData, routed: Routed) -> Ends {
-        let cfg = &self.reg.config;
-        let stats = &self.reg.stats;
-        let Routed {
-            call_id,
-            op,
-            late,
-            provisional,
-            ended,
-            joined,
-        } = routed;
-        let ends = Ends { ended, joined };
-        if !wants_detail(cfg, &span, op) {
+    /// The queue to the worker is full: record the span here so the summary stays exact, and
+    /// drop (and count) only its detail. A root span's call is ended by the worker once the
+    /// spans queued before it are recorded.
+    #[cold]
+    fn record_inline(&self, span: SpanData) {
+        let reg = &self.reg;
+        let stats = &reg.stats;
+        Counters::inc(&stats.spans_seen);
+        let routed = reg.record(&span, reg.now_ns(), RootEnd::Defer);
+        if worker::wants_detail(&reg.config, &span, routed.op) {
+            let n = stats
+                .spans_dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
+                );
+            }
+        } else {
             Counters::inc(&stats.detail_spans_filtered);
-            return ends;
         }
-        let msg = DetailMsg {
-            call_id,
-            span,
-            op,
-            late,
-            provisional,
-        };
-        match self.worker.data.try_send(msg) {
-            Ok(()) => {
-                // Counted before the worker is woken: it compares this with what it received.
-                let n = self.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
-                self.worker.wake.after_send(n);
-            }
-            Err(TrySendError::Full(_)) => {
-                let n = stats
-                    .spans_dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        dropped = n,
-                        "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
-                    );
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                Counters::inc(&stats.spans_dropped_send_failed);
-            }
-        }
-        ends
-    }
-
-    fn send_ends(&self, ends: Ends) {
-        if let Some((from, to)) = ends.joined {
+        if let Some((from, to)) = routed.joined {
             self.send_control(Control::Join { from, to });
         }
-        for e in ends.ended {
+        for e in routed.ended {
             self.send_end(e);
+        }
+        if routed.root_deferred {
+            let mark = self.worker.enqueued.load(Ordering::Acquire);
+            self.send_control(Control::RootEnded {
+                call_id: routed.call_id,
+                mark,
+            });
         }
     }
 
@@ -305,10 +262,19 @@ impl SpanProcessor for CallSpanProcessor {
             Counters::inc(&a.reg.stats.spans_dropped_after_shutdown);
             return;
         }
-        Counters::inc(&a.reg.stats.spans_seen);
-        let routed = a.reg.record(&span);
-        let ends = a.route_detail(span, routed);
-        a.send_ends(ends);
+        // The hot path is the hand-off alone: the worker records the span into its call.
+        match a.worker.data.try_send(span) {
+            Ok(()) => {
+                // Counted before the worker is woken: it compares this with what it received.
+                let n = a.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
+                a.worker.wake.after_send(n);
+            }
+            Err(TrySendError::Full(span)) => a.record_inline(span),
+            Err(TrySendError::Disconnected(_)) => {
+                Counters::inc(&a.reg.stats.spans_seen);
+                Counters::inc(&a.reg.stats.spans_dropped_send_failed);
+            }
+        }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -326,10 +292,8 @@ impl SpanProcessor for CallSpanProcessor {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         let started = Instant::now();
-        for e in a.reg.end_all(EndReason::Shutdown) {
-            a.send_end(e);
-        }
-        // The worker stops a little before the caller's deadline so it can count what is lost.
+        // The worker ends every open call once the spans queued before this are recorded, and
+        // stops a little before the caller's deadline so it can count what is lost.
         let deadline = started + timeout.mul_f64(0.9);
         let result = a.ask(timeout, |mark, ack| Control::Shutdown {
             mark,

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
@@ -62,6 +63,19 @@ pub(crate) struct Routed {
     pub ended: Vec<Ended>,
     /// A provisional call that this span's call id joined: `(from, to)`.
     pub joined: Option<(Arc<str>, Arc<str>)>,
+    /// A root span whose call end was deferred ([`RootEnd::Defer`]): the caller ends the call
+    /// once the spans queued before this one are recorded.
+    pub root_deferred: bool,
+}
+
+/// What [`Registry::record`] does when the span is its call's root span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RootEnd {
+    /// End the call now (the worker, which records spans in queue order).
+    Now,
+    /// Leave the call open and say so in [`Routed::root_deferred`] (a caller recording a span
+    /// itself because the queue was full: spans queued before it are not recorded yet).
+    Defer,
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +96,9 @@ pub(crate) struct Registry {
     pub(crate) id_keys: CallIdKeys,
     clock: Instant,
     calls: DashMap<Arc<str>, CallState, FastState>,
+    /// `calls.len()`, kept under the lifecycle lock: a reader racing the span recorders would
+    /// otherwise sum the shards mid-change and may see more calls than ever were open at once.
+    open: AtomicUsize,
     traces: DashMap<TraceId, Arc<str>, FastState>,
     lifecycle: Mutex<Lifecycle>,
     resource_agent_id: RwLock<Option<Arc<str>>>,
@@ -106,6 +123,7 @@ impl Registry {
             traces_cap: open.saturating_mul(64).max(65_536),
             text_cap: config.max_summary_bytes,
             calls: DashMap::with_capacity_and_hasher(open.min(1024), FastState::default()),
+            open: AtomicUsize::new(0),
             traces: DashMap::with_capacity_and_hasher(open.min(1024), FastState::default()),
             lifecycle: Mutex::new(Lifecycle::default()),
             resource_agent_id: RwLock::new(None),
@@ -123,7 +141,7 @@ impl Registry {
 
     /// Open calls now.
     pub(crate) fn open_calls(&self) -> usize {
-        self.calls.len()
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Records `service.name` of the provider's resource (the default agent id).
@@ -186,15 +204,15 @@ impl Registry {
         self.map_trace(trace, &key);
     }
 
-    /// `on_end`: updates the span's call and says where the span's detail goes.
-    pub(crate) fn record(&self, span: &SpanData) -> Routed {
+    /// Updates the span's call and says where the span's detail goes. `now` is
+    /// [`now_ns`](Self::now_ns), read by the caller (once per batch of spans on the worker).
+    pub(crate) fn record(&self, span: &SpanData, now: u64, root: RootEnd) -> Routed {
         let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.id_keys);
         let trace_id = span.span_context.trace_id();
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
         let is_root = span.parent_span_id == SpanId::INVALID
             || self.config.root_span_names.iter().any(|n| *n == span.name);
         let view = SpanView::of(span, op, facts);
-        let now = self.now_ns();
         let mut provisional = false;
         let mut late = false;
         let mut ended = Vec::new();
@@ -241,6 +259,7 @@ impl Registry {
                 let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
                 cut = st.record(&view, now);
                 self.calls.insert(key.clone(), st);
+                self.open.fetch_add(1, Ordering::Relaxed);
                 lc.open_order.push_back(key.clone());
                 Counters::inc(&self.stats.calls_started);
             }
@@ -251,11 +270,12 @@ impl Registry {
         }
 
         // 3. a root span ends its call
-        if is_root
-            && !late
-            && let Some(e) = self.end(&key, EndReason::RootSpanEnded)
-        {
-            ended.push(e);
+        let mut root_deferred = false;
+        if is_root && !late {
+            match root {
+                RootEnd::Defer => root_deferred = true,
+                RootEnd::Now => ended.extend(self.end(&key, EndReason::RootSpanEnded)),
+            }
         }
         Routed {
             call_id: key,
@@ -264,6 +284,7 @@ impl Registry {
             provisional,
             ended,
             joined,
+            root_deferred,
         }
     }
 
@@ -284,12 +305,14 @@ impl Registry {
         let Some((_, p)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
             return real;
         };
+        self.open.fetch_sub(1, Ordering::Relaxed);
         let cut = if let Some(mut r) = self.calls.get_mut(&*real) {
             r.merge(p)
         } else {
             let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
             let cut = st.merge(p);
             self.calls.insert(real.clone(), st);
+            self.open.fetch_add(1, Ordering::Relaxed);
             lc.open_order.push_back(real.clone());
             cut
         };
@@ -300,17 +323,14 @@ impl Registry {
 
     /// Keeps the open calls under `max_open_calls` by ending the oldest.
     fn evict_for_new(&self, lc: &mut Lifecycle, out: &mut Vec<Ended>) {
-        while self.calls.len() >= self.config.max_open_calls {
+        while self.open.load(Ordering::Relaxed) >= self.config.max_open_calls {
             let Some(oldest) = lc.open_order.pop_front() else {
                 break;
             };
             if let Some(e) = self.end_locked(lc, &oldest, EndReason::Evicted) {
                 // Counted in calls_ended_evicted; logged at powers of two so a flood of call
                 // ids cannot flood the log too.
-                let n = self
-                    .stats
-                    .calls_ended_evicted
-                    .load(std::sync::atomic::Ordering::Relaxed);
+                let n = self.stats.calls_ended_evicted.load(Ordering::Relaxed);
                 if n.is_power_of_two() {
                     tracing::warn!(call_id = %oldest, evicted = n, "open call evicted: CALLSCOPE_MAX_OPEN_CALLS reached");
                 }
@@ -330,6 +350,7 @@ impl Registry {
 
     fn end_locked(&self, lc: &mut Lifecycle, key: &str, reason: EndReason) -> Option<Ended> {
         let (k, state) = self.calls.remove(key)?;
+        self.open.fetch_sub(1, Ordering::Relaxed);
         self.remember_ended(lc, k, state.trace_ids.clone());
         self.count_end(reason);
         Some(Ended { state, reason })
@@ -373,6 +394,7 @@ impl Registry {
         for k in expired {
             let mut lc = lock(&self.lifecycle);
             if let Some((k, state)) = self.calls.remove_if(&k, |_, c| idle(c)) {
+                self.open.fetch_sub(1, Ordering::Relaxed);
                 self.remember_ended(&mut lc, k, state.trace_ids.clone());
                 self.count_end(EndReason::IdleTimeout);
                 out.push(Ended {

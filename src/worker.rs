@@ -1,8 +1,10 @@
 //! The worker: one thread with its own current-thread tokio runtime that owns all I/O.
 //!
-//! It receives detail spans (lossy bounded queue) and control messages (call ends, joins,
-//! flush, shutdown; never dropped), serializes and batches detail per call, builds the core at
-//! call end, and delivers:
+//! It receives the ended spans (lossy bounded queue: when it is full the caller records the span
+//! itself and only its detail is dropped) and control messages (call ends, joins, flush,
+//! shutdown; never dropped). It records each span into its call's aggregates (so the app's
+//! thread only pays for the hand-off), serializes and batches detail per call, builds the core
+//! at call end, and delivers:
 //!
 //! - every payload becomes a [`Job`]; with a spool it is written there first (fsync batched:
 //!   one sync before each round of dispatch) and deleted when acknowledged;
@@ -29,7 +31,7 @@ use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::Turns;
 use crate::config::{Config, DetailMode};
 use crate::payload::{self, DetailMeta};
-use crate::registry::{Ended, Registry};
+use crate::registry::{EndReason, Ended, Registry, RootEnd, Routed};
 use crate::semantics::Operation;
 use crate::spool::{Meta, RecId, Spool};
 use crate::stats::Counters;
@@ -105,9 +107,9 @@ impl Wake {
     }
 }
 
-/// One span's detail on its way to the worker.
+/// One span's detail, once its call is known.
 #[derive(Debug)]
-pub(crate) struct DetailMsg {
+struct DetailMsg {
     pub call_id: Arc<str>,
     pub span: SpanData,
     pub op: Operation,
@@ -122,9 +124,13 @@ pub(crate) enum Control {
     End(Box<Ended>, u64),
     /// A provisional call (trace id) joined its real call id.
     Join { from: Arc<str>, to: Arc<str> },
+    /// A caller recorded a root span itself (the queue was full): end the call once the
+    /// `mark` spans queued before it are recorded.
+    RootEnded { call_id: Arc<str>, mark: u64 },
     /// Deliver everything pending; ack when done.
     Flush { mark: u64, ack: SyncSender<()> },
-    /// Deliver everything pending before `deadline`, then stop.
+    /// End every open call once the `mark` spans queued before are recorded, deliver
+    /// everything pending before `deadline`, then stop.
     Shutdown {
         mark: u64,
         deadline: Instant,
@@ -135,12 +141,12 @@ pub(crate) enum Control {
 /// The processor's side of the worker.
 #[derive(Debug)]
 pub(crate) struct Handle {
-    /// Detail queue (bounded, never blocks the caller: `try_send`). Sending does not wake the
+    /// Span queue (bounded, never blocks the caller: `try_send`). Sending does not wake the
     /// worker by itself: the sender calls `wake.after_send` once it counted the span.
-    pub data: SyncSender<DetailMsg>,
+    pub data: SyncSender<SpanData>,
     pub wake: Arc<Wake>,
     pub control: mpsc::UnboundedSender<Control>,
-    /// Detail messages successfully enqueued (the worker compares it with what it received).
+    /// Spans successfully enqueued (the worker compares it with what it received).
     pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
@@ -177,6 +183,9 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         reg: registry,
         data_rx,
         data_open: true,
+        seen: 0,
+        root_ends: Vec::new(),
+        end_all_at: None,
         wake: wake.clone(),
         null_sink,
         null_spans: 0,
@@ -304,8 +313,14 @@ struct Worker {
     cfg: Arc<Config>,
     stats: Arc<Counters>,
     transport: Arc<Transport>,
-    data_rx: Receiver<DetailMsg>,
+    data_rx: Receiver<SpanData>,
     data_open: bool,
+    /// Spans recorded since `spans_seen` was last updated.
+    seen: u64,
+    /// Root spans recorded by their callers, ended once `received` passes the mark.
+    root_ends: Vec<(u64, Arc<str>)>,
+    /// Every open call ends (shutdown) once `received` passes this mark.
+    end_all_at: Option<u64>,
     wake: Arc<Wake>,
     /// Detail goes nowhere: spans are counted and dropped unserialized.
     null_sink: bool,
@@ -362,7 +377,10 @@ impl Worker {
         self.pump();
         while !self.exit {
             let mut more = false;
-            if nap.is_none() {
+            // With too many payloads outstanding, spans stay queued: the queue fills, callers
+            // record spans themselves and call ends wait in the bounded control backlog.
+            let gated = self.outstanding() >= self.backlog_limit;
+            if nap.is_none() && !gated {
                 let n = self.drain_data();
                 more = n == DRAIN_MAX;
                 if n > 0 {
@@ -372,7 +390,7 @@ impl Worker {
             // Say we sleep, then look again: a span counted before this is seen here, one
             // counted after it finds us asleep and wakes us.
             let mut asleep = false;
-            if nap.is_none() && !more && self.data_open {
+            if nap.is_none() && !more && !gated && self.data_open {
                 self.wake.state.store(SLEEPING, Ordering::SeqCst);
                 if self.enqueued.load(Ordering::SeqCst) > self.received {
                     self.wake.state.store(RUNNING, Ordering::SeqCst);
@@ -392,7 +410,7 @@ impl Worker {
                     match c {
                         Some(c) => self.on_control(c),
                         // The processor was dropped without shutdown: deliver what we can, briefly.
-                        None => self.begin_stop(0, Instant::now() + Duration::from_secs(5), None),
+                        None => self.begin_stop(None, Instant::now() + Duration::from_secs(5), None),
                     }
                 }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -429,23 +447,31 @@ impl Worker {
     /// not hold all of them in open batches (that would push pending detail over its bound).
     fn drain_data(&mut self) -> usize {
         let mut n = 0;
+        let mut now = 0;
         while n < DRAIN_MAX {
             if n % CONTROL_EVERY == 0 {
                 // Same backlog rule as the run loop: no call ends while too much is outstanding.
+                if self.outstanding() >= self.backlog_limit {
+                    break;
+                }
                 while self.outstanding() < self.backlog_limit
                     && let Ok(c) = self.ctrl_rx.try_recv()
                 {
                     self.on_control(c);
                 }
+                // One clock read per few spans: it only dates the call's last activity.
+                now = self.reg.now_ns();
             }
             match self.data_rx.try_recv() {
-                Ok(d) => {
+                Ok(span) => {
                     n += 1;
-                    self.on_detail(d);
+                    self.on_span(span, now);
                     if self
                         .by_mark
                         .first()
                         .is_some_and(|(m, _)| *m <= self.received)
+                        || !self.root_ends.is_empty()
+                        || self.end_all_at.is_some()
                     {
                         self.finish_ready();
                     }
@@ -457,11 +483,55 @@ impl Worker {
                 }
             }
         }
+        self.count_seen();
+        n
+    }
+
+    /// Adds what this thread counted locally to the shared counters (they share cache lines
+    /// with the callers', so once per drain rather than once per span).
+    fn count_seen(&mut self) {
+        if self.seen > 0 {
+            Counters::add(&self.stats.spans_seen, self.seen);
+            self.seen = 0;
+        }
         if self.null_spans > 0 {
             Counters::add(&self.stats.detail_spans_sent, self.null_spans);
             self.null_spans = 0;
         }
-        n
+    }
+
+    /// Records a queued span into its call and routes its detail; a root span ends its call
+    /// here, after every span queued before it was recorded.
+    fn on_span(&mut self, span: SpanData, now: u64) {
+        self.received += 1;
+        self.seen += 1;
+        let routed = self.reg.record(&span, now, RootEnd::Now);
+        let Routed {
+            call_id,
+            op,
+            late,
+            provisional,
+            ended,
+            joined,
+            root_deferred: _,
+        } = routed;
+        if let Some((from, to)) = joined {
+            self.on_join(from, to);
+        }
+        if wants_detail(&self.cfg, &span, op) {
+            self.on_detail(DetailMsg {
+                call_id,
+                span,
+                op,
+                late,
+                provisional,
+            });
+        } else {
+            Counters::inc(&self.stats.detail_spans_filtered);
+        }
+        for e in ended {
+            self.on_end(e, self.received);
+        }
     }
 
     fn on_control(&mut self, c: Control) {
@@ -471,6 +541,7 @@ impl Worker {
                 self.on_end(*e, mark)
             }
             Control::Join { from, to } => self.on_join(from, to),
+            Control::RootEnded { call_id, mark } => self.root_ends.push((mark, call_id)),
             Control::Flush { mark, ack } => self.waiters.push(Waiter {
                 mark,
                 epoch: None,
@@ -481,15 +552,20 @@ impl Worker {
                 mark,
                 deadline,
                 ack,
-            } => self.begin_stop(mark, deadline, Some(ack)),
+            } => self.begin_stop(Some(mark), deadline, Some(ack)),
         }
     }
 
-    fn begin_stop(&mut self, mark: u64, deadline: Instant, ack: Option<SyncSender<()>>) {
+    /// Stops by `deadline`. With a `mark` (shutdown), every open call ends once the spans
+    /// queued before it are recorded; without one (the processor was dropped), calls stay open.
+    fn begin_stop(&mut self, mark: Option<u64>, deadline: Instant, ack: Option<SyncSender<()>>) {
         self.stop_at = Some(self.stop_at.map_or(deadline, |d| d.min(deadline)));
         let ack = ack.unwrap_or_else(|| std::sync::mpsc::sync_channel(1).0);
+        if let Some(m) = mark {
+            self.end_all_at = Some(m);
+        }
         self.waiters.push(Waiter {
-            mark,
+            mark: mark.unwrap_or(0),
             epoch: None,
             ack,
             stop: true,
@@ -528,7 +604,6 @@ impl Worker {
     // ---- detail ------------------------------------------------------------------------
 
     fn on_detail(&mut self, msg: DetailMsg) {
-        self.received += 1;
         if self.null_sink {
             // Counted once per drain (the counters share cache lines with the callers').
             self.null_spans += 1;
@@ -1236,8 +1311,32 @@ impl Worker {
         self.pump();
     }
 
-    /// Finishes the ended calls whose mark `received` has passed, smallest marks first.
+    /// Ends the calls whose end waited for spans queued before it (root spans recorded by
+    /// callers, shutdown), then finishes the ended calls whose mark `received` has passed,
+    /// smallest marks first.
     fn finish_ready(&mut self) {
+        if !self.root_ends.is_empty() {
+            let received = self.received;
+            let mut ready = Vec::new();
+            self.root_ends.retain(|(m, k)| {
+                let due = *m <= received;
+                if due {
+                    ready.push(k.clone());
+                }
+                !due
+            });
+            for k in ready {
+                if let Some(e) = self.reg.end(&k, EndReason::RootSpanEnded) {
+                    self.on_end(e, received);
+                }
+            }
+        }
+        if self.end_all_at.is_some_and(|m| m <= self.received) {
+            self.end_all_at = None;
+            for e in self.reg.end_all(EndReason::Shutdown) {
+                self.on_end(e, self.received);
+            }
+        }
         while let Some((mark, _)) = self.by_mark.first()
             && *mark <= self.received
         {
@@ -1424,9 +1523,11 @@ impl Worker {
         self.tasks.abort_all();
         if self.spool.is_some() {
             // Batch what is still queued in memory so it reaches the disk too.
-            while let Ok(d) = self.data_rx.try_recv() {
-                self.on_detail(d);
+            let now = self.reg.now_ns();
+            while let Ok(span) = self.data_rx.try_recv() {
+                self.on_span(span, now);
             }
+            self.count_seen();
             let pending: Vec<Arc<str>> = self.pending.keys().cloned().collect();
             for k in pending {
                 if let Some(p) = self.pending.remove(&k) {
@@ -1508,6 +1609,23 @@ impl Worker {
             drop(w.ack);
         }
         self.exit = true;
+    }
+}
+
+/// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
+pub(crate) fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
+    match cfg.detail {
+        DetailMode::All => true,
+        DetailMode::None => false,
+        DetailMode::Critical => {
+            op == Operation::Tool
+                || matches!(span.status, opentelemetry::trace::Status::Error { .. })
+                || span
+                    .end_time
+                    .duration_since(span.start_time)
+                    .unwrap_or_default()
+                    > cfg.critical_threshold
+        }
     }
 }
 

@@ -457,6 +457,51 @@ fn five_hundred_10kb_spans_stream_in_capped_batches_and_final_follows_the_core_a
     provider.shutdown().unwrap();
 }
 
+/// Roots ending while the queue is full are recorded by the caller, but their calls end only
+/// once the spans queued before them are recorded: no child becomes a late span.
+#[test]
+fn roots_recorded_past_a_full_queue_end_their_calls_after_their_children() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.queue_size(1));
+    let tracer = Arc::new(provider.tracer("flood-roots"));
+    let (calls, children) = (40, 10);
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let tracer = tracer.clone();
+            s.spawn(move || {
+                for c in 0..calls / 2 {
+                    open_call(&*tracer, &format!("fr-{t}-{c}"), children)
+                        .span()
+                        .end();
+                }
+            });
+        }
+    });
+    provider.force_flush().unwrap();
+    let s = stats.snapshot();
+    assert!(
+        s.spans_dropped_queue_full > 0,
+        "queue of 1 never filled: {s:?}"
+    );
+    assert_eq!(s.late_spans, 0, "{s:?}");
+    assert_eq!(s.calls_ended_root, calls as u64, "{s:?}");
+    let n = (calls * (children + 1)) as u64;
+    assert_eq!(s.spans_seen, n);
+    assert_eq!(s.detail_spans_sent + s.spans_dropped_queue_full, n, "{s:?}");
+    assert!(rx.wait_for(WAIT, |r| r.iter().filter(|r| r.is_core()).count() == calls));
+    for t in 0..2 {
+        for c in 0..calls / 2 {
+            let core = rx.core_of(&format!("fr-{t}-{c}")).unwrap();
+            assert_eq!(core["end_reason"], "root_span_ended");
+            assert_eq!(
+                core["telemetry_summary"]["total_spans"],
+                children as u64 + 1
+            );
+        }
+    }
+    provider.shutdown().unwrap();
+}
+
 #[test]
 fn a_full_queue_drops_detail_but_never_the_summary() {
     let rx = Receiver::start();
