@@ -60,7 +60,7 @@ impl CallTable {
     /// Records one ended span; returns how many calls it ended.
     pub fn record(&self, span: &SpanData) -> usize {
         self.reg
-            .record(span, self.reg.now_ns(), crate::registry::RootEnd::Now)
+            .record(span, self.reg.now_ns())
             .ended
             .len()
     }

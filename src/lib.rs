@@ -55,6 +55,7 @@ mod batch;
 mod call;
 mod config;
 mod fasthash;
+mod handoff;
 mod histogram;
 mod payload;
 mod processor;

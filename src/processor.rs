@@ -1,6 +1,5 @@
-//! [`CallSpanProcessor`]: the `SpanProcessor` the app registers. Its hot path hands each ended
-//! span to the worker with a non-blocking send; the worker records it into its call. Only when
-//! that queue is full does the caller record the span itself (and drop its detail).
+//! [`CallSpanProcessor`]: the `SpanProcessor` the app registers. Its hot path only updates
+//! the call table and hands spans to the worker with a non-blocking send.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,14 +11,14 @@ use opentelemetry::trace::{Span as _, TraceContextExt};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
-use std::sync::mpsc::TrySendError;
 
+use crate::handoff::Pushed;
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-use crate::registry::{Ended, Registry, RootEnd};
-use crate::semantics::{self, CallIdValue};
+use crate::registry::{EndReason, Ended, Registry, Routed};
+use crate::semantics::{self, CallIdValue, Operation};
 use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
-use crate::worker::{self, Control};
+use crate::worker::{self, Control, DetailMsg};
 
 /// Smallest bound on ended calls waiting for the worker.
 const MIN_ENDS_BACKLOG: usize = 1024;
@@ -141,46 +140,91 @@ impl StatsHandle {
     }
 }
 
+/// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
+fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
+    match cfg.detail {
+        DetailMode::All => true,
+        DetailMode::None => false,
+        DetailMode::Critical => {
+            op == Operation::Tool
+                || matches!(span.status, opentelemetry::trace::Status::Error { .. })
+                || span
+                    .end_time
+                    .duration_since(span.start_time)
+                    .unwrap_or_default()
+                    > cfg.critical_threshold
+        }
+    }
+}
+
+/// What a span ended or joined, for the worker's control queue.
+struct Ends {
+    ended: Vec<crate::registry::Ended>,
+    joined: Option<(Arc<str>, Arc<str>)>,
+}
+
 impl Active {
     fn send_control(&self, c: Control) -> bool {
         self.worker.control.send(c).is_ok()
     }
 
-    /// The queue to the worker is full: record the span here so the summary stays exact, and
-    /// drop (and count) only its detail. A root span's call is ended by the worker once the
-    /// spans queued before it are recorded.
-    #[cold]
-    fn record_inline(&self, span: SpanData) {
-        let reg = &self.reg;
-        let stats = &reg.stats;
-        Counters::inc(&stats.spans_seen);
-        let routed = reg.record(&span, reg.now_ns(), RootEnd::Defer);
-        if worker::wants_detail(&reg.config, &span, routed.op) {
-            let n = stats
-                .spans_dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    dropped = n,
-                    "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
-                );
-            }
-        } else {
+    /// Hands the span to the worker. `routed`'s call id is moved into the message (not cloned:
+    /// one reference-count update less per span); its ends are returned for `send_ends`.
+    fn route_detail(&self, span: SpanData, routed: Routed) -> Ends {
+        let cfg = &self.reg.config;
+        let stats = &self.reg.stats;
+        let Routed {
+            call_id,
+            op,
+            late,
+            provisional,
+            ended,
+            joined,
+        } = routed;
+        let ends = Ends { ended, joined };
+        if !wants_detail(cfg, &span, op) {
             Counters::inc(&stats.detail_spans_filtered);
+            return ends;
         }
-        if let Some((from, to)) = routed.joined {
+        let msg = DetailMsg {
+            call_id,
+            span,
+            op,
+            late,
+            provisional,
+        };
+        match self.worker.data.push(msg) {
+            Pushed::Kept => {}
+            // Counted before the worker is woken: it compares this with what it received.
+            Pushed::Shipped { shipped } => self.worker.wake.after_send(shipped),
+            Pushed::Refused { chunk, closed } => {
+                let k = chunk.len() as u64;
+                drop(chunk);
+                if closed {
+                    Counters::add(&stats.spans_dropped_send_failed, k);
+                } else {
+                    let n = stats
+                        .spans_dropped_queue_full
+                        .fetch_add(k, Ordering::Relaxed);
+                    // Logged when the count passes a power of two.
+                    if (n + k).ilog2() != n.checked_ilog2().unwrap_or(u32::MAX) {
+                        tracing::warn!(
+                            dropped = n + k,
+                            "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
+                        );
+                    }
+                }
+            }
+        }
+        ends
+    }
+
+    fn send_ends(&self, ends: Ends) {
+        if let Some((from, to)) = ends.joined {
             self.send_control(Control::Join { from, to });
         }
-        for e in routed.ended {
+        for e in ends.ended {
             self.send_end(e);
-        }
-        if routed.root_deferred {
-            let mark = self.worker.enqueued.load(Ordering::Acquire);
-            self.send_control(Control::RootEnded {
-                call_id: routed.call_id,
-                mark,
-            });
         }
     }
 
@@ -203,8 +247,7 @@ impl Active {
             }
             return;
         }
-        let mark = self.worker.enqueued.load(Ordering::Acquire);
-        if !self.send_control(Control::End(Box::new(e), mark)) {
+        if !self.send_control(Control::End(Box::new(e))) {
             self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
             Counters::inc(&stats.summaries_failed);
         }
@@ -214,11 +257,10 @@ impl Active {
     fn ask(
         &self,
         wait: Duration,
-        make: impl FnOnce(u64, std::sync::mpsc::SyncSender<()>) -> Control,
+        make: impl FnOnce(std::sync::mpsc::SyncSender<()>) -> Control,
     ) -> OTelSdkResult {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let mark = self.worker.enqueued.load(Ordering::Acquire);
-        if !self.send_control(make(mark, tx)) {
+        if !self.send_control(make(tx)) {
             return Err(OTelSdkError::InternalFailure(
                 "callscope worker is not running".into(),
             ));
@@ -262,19 +304,10 @@ impl SpanProcessor for CallSpanProcessor {
             Counters::inc(&a.reg.stats.spans_dropped_after_shutdown);
             return;
         }
-        // The hot path is the hand-off alone: the worker records the span into its call.
-        match a.worker.data.try_send(span) {
-            Ok(()) => {
-                // Counted before the worker is woken: it compares this with what it received.
-                let n = a.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
-                a.worker.wake.after_send(n);
-            }
-            Err(TrySendError::Full(span)) => a.record_inline(span),
-            Err(TrySendError::Disconnected(_)) => {
-                Counters::inc(&a.reg.stats.spans_seen);
-                Counters::inc(&a.reg.stats.spans_dropped_send_failed);
-            }
-        }
+        Counters::inc(&a.reg.stats.spans_seen);
+        let routed = a.reg.record(&span, a.reg.coarse_now_ns());
+        let ends = a.route_detail(span, routed);
+        a.send_ends(ends);
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -283,7 +316,7 @@ impl SpanProcessor for CallSpanProcessor {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         let wait = (a.reg.config.timeout * 3).max(MIN_FLUSH_WAIT);
-        a.ask(wait, |mark, ack| Control::Flush { mark, ack })
+        a.ask(wait, |ack| Control::Flush { ack })
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -292,11 +325,12 @@ impl SpanProcessor for CallSpanProcessor {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         let started = Instant::now();
-        // The worker ends every open call once the spans queued before this are recorded, and
-        // stops a little before the caller's deadline so it can count what is lost.
+        for e in a.reg.end_all(EndReason::Shutdown) {
+            a.send_end(e);
+        }
+        // The worker stops a little before the caller's deadline so it can count what is lost.
         let deadline = started + timeout.mul_f64(0.9);
-        let result = a.ask(timeout, |mark, ack| Control::Shutdown {
-            mark,
+        let result = a.ask(timeout, |ack| Control::Shutdown {
             deadline,
             ack,
         });

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
@@ -63,19 +63,6 @@ pub(crate) struct Routed {
     pub ended: Vec<Ended>,
     /// A provisional call that this span's call id joined: `(from, to)`.
     pub joined: Option<(Arc<str>, Arc<str>)>,
-    /// A root span whose call end was deferred ([`RootEnd::Defer`]): the caller ends the call
-    /// once the spans queued before this one are recorded.
-    pub root_deferred: bool,
-}
-
-/// What [`Registry::record`] does when the span is its call's root span.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RootEnd {
-    /// End the call now (the worker, which records spans in queue order).
-    Now,
-    /// Leave the call open and say so in [`Routed::root_deferred`] (a caller recording a span
-    /// itself because the queue was full: spans queued before it are not recorded yet).
-    Defer,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +82,10 @@ pub(crate) struct Registry {
     /// `config.call_id_keys`, ready for the per-attribute test.
     pub(crate) id_keys: CallIdKeys,
     clock: Instant,
+    /// [`now_ns`](Self::now_ns) as the worker last read it (every tick and loop turn): what the
+    /// hot path dates a call's activity with, one clock read less per span. It only feeds the
+    /// idle timeout, which is far longer than a tick.
+    coarse_now: AtomicU64,
     calls: DashMap<Arc<str>, CallState, FastState>,
     /// `calls.len()`, kept under the lifecycle lock: a reader racing the span recorders would
     /// otherwise sum the shards mid-change and may see more calls than ever were open at once.
@@ -128,6 +119,7 @@ impl Registry {
             lifecycle: Mutex::new(Lifecycle::default()),
             resource_agent_id: RwLock::new(None),
             clock: Instant::now(),
+            coarse_now: AtomicU64::new(0),
             id_keys: CallIdKeys::new(&config.call_id_keys),
             config,
             stats,
@@ -137,6 +129,17 @@ impl Registry {
     /// The processor's monotonic clock, in ns since it started.
     pub(crate) fn now_ns(&self) -> u64 {
         u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// [`now_ns`](Self::now_ns) as of the worker's last look (at most a tick old).
+    #[inline]
+    pub(crate) fn coarse_now_ns(&self) -> u64 {
+        self.coarse_now.load(Ordering::Relaxed)
+    }
+
+    /// Reads the clock for [`coarse_now_ns`](Self::coarse_now_ns).
+    pub(crate) fn refresh_clock(&self) {
+        self.coarse_now.store(self.now_ns(), Ordering::Relaxed);
     }
 
     /// Open calls now.
@@ -204,9 +207,9 @@ impl Registry {
         self.map_trace(trace, &key);
     }
 
-    /// Updates the span's call and says where the span's detail goes. `now` is
-    /// [`now_ns`](Self::now_ns), read by the caller (once per batch of spans on the worker).
-    pub(crate) fn record(&self, span: &SpanData, now: u64, root: RootEnd) -> Routed {
+    /// `on_end`: updates the span's call and says where the span's detail goes. `now` is the
+    /// processor's clock ([`now_ns`](Self::now_ns) or the coarse [`coarse_now_ns`](Self::coarse_now_ns)).
+    pub(crate) fn record(&self, span: &SpanData, now: u64) -> Routed {
         let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.id_keys);
         let trace_id = span.span_context.trace_id();
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
@@ -270,12 +273,8 @@ impl Registry {
         }
 
         // 3. a root span ends its call
-        let mut root_deferred = false;
         if is_root && !late {
-            match root {
-                RootEnd::Defer => root_deferred = true,
-                RootEnd::Now => ended.extend(self.end(&key, EndReason::RootSpanEnded)),
-            }
+            ended.extend(self.end(&key, EndReason::RootSpanEnded));
         }
         Routed {
             call_id: key,
@@ -284,7 +283,6 @@ impl Registry {
             provisional,
             ended,
             joined,
-            root_deferred,
         }
     }
 

@@ -1,10 +1,10 @@
 //! The worker: one thread with its own current-thread tokio runtime that owns all I/O.
 //!
-//! It receives the ended spans (lossy bounded queue: when it is full the caller records the span
-//! itself and only its detail is dropped) and control messages (call ends, joins, flush,
-//! shutdown; never dropped). It records each span into its call's aggregates (so the app's
-//! thread only pays for the hand-off), serializes and batches detail per call, builds the core
-//! at call end, and delivers:
+//! It receives detail spans (in chunks through [`crate::handoff`], lossy and bounded; spans still
+//! gathering in a stripe are swept on every tick and before a call end, flush or shutdown is
+//! handled) and control messages (call ends, joins,
+//! flush, shutdown; never dropped), serializes and batches detail per call, builds the core at
+//! call end, and delivers:
 //!
 //! - every payload becomes a [`Job`]; with a spool it is written there first (fsync batched:
 //!   one sync before each round of dispatch) and deleted when acknowledged;
@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,9 @@ use tokio::task::{Id, JoinSet};
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::Turns;
 use crate::config::{Config, DetailMode};
+use crate::handoff::{self, Handoff, Stripes};
 use crate::payload::{self, DetailMeta};
-use crate::registry::{EndReason, Ended, Registry, RootEnd, Routed};
+use crate::registry::{Ended, Registry};
 use crate::semantics::Operation;
 use crate::spool::{Meta, RecId, Spool};
 use crate::stats::Counters;
@@ -57,8 +58,6 @@ const DRAIN_MAX: usize = 1024;
 const WAKE_NAP: Duration = Duration::from_millis(1);
 /// Most spans queued during a nap before a producer cuts it short.
 const MAX_WAKE_EVERY: usize = 4096;
-/// While draining, control messages (call ends) are looked at every this many spans.
-const CONTROL_EVERY: usize = 32;
 
 const RUNNING: u8 = 0;
 const SLEEPING: u8 = 1;
@@ -66,8 +65,8 @@ const NAPPING: u8 = 2;
 
 /// How the processor wakes the worker for detail: only when the worker said it is asleep (once
 /// per sleep), or every `wake_every`-th span while it naps. The worker checks the queue after
-/// saying so (`enqueued` against what it received), so a span is never left behind: either the
-/// worker sees it, or the producer sees the worker asleep and wakes it.
+/// saying so (spans shipped against what it received), so a chunk is never left behind: either
+/// the worker sees it, or the producer sees the worker asleep and wakes it.
 #[derive(Debug)]
 pub(crate) struct Wake {
     state: AtomicU8,
@@ -107,9 +106,9 @@ impl Wake {
     }
 }
 
-/// One span's detail, once its call is known.
+/// One span's detail on its way to the worker.
 #[derive(Debug)]
-struct DetailMsg {
+pub(crate) struct DetailMsg {
     pub call_id: Arc<str>,
     pub span: SpanData,
     pub op: Operation,
@@ -120,19 +119,14 @@ struct DetailMsg {
 /// Messages that are never dropped.
 #[derive(Debug)]
 pub(crate) enum Control {
-    /// A call ended; `mark` = detail messages enqueued before it ended.
-    End(Box<Ended>, u64),
+    /// A call ended (its spans' detail is swept from the stripes when this is handled).
+    End(Box<Ended>),
     /// A provisional call (trace id) joined its real call id.
     Join { from: Arc<str>, to: Arc<str> },
-    /// A caller recorded a root span itself (the queue was full): end the call once the
-    /// `mark` spans queued before it are recorded.
-    RootEnded { call_id: Arc<str>, mark: u64 },
     /// Deliver everything pending; ack when done.
-    Flush { mark: u64, ack: SyncSender<()> },
-    /// End every open call once the `mark` spans queued before are recorded, deliver
-    /// everything pending before `deadline`, then stop.
+    Flush { ack: SyncSender<()> },
+    /// Deliver everything pending before `deadline`, then stop.
     Shutdown {
-        mark: u64,
         deadline: Instant,
         ack: SyncSender<()>,
     },
@@ -141,13 +135,11 @@ pub(crate) enum Control {
 /// The processor's side of the worker.
 #[derive(Debug)]
 pub(crate) struct Handle {
-    /// Span queue (bounded, never blocks the caller: `try_send`). Sending does not wake the
-    /// worker by itself: the sender calls `wake.after_send` once it counted the span.
-    pub data: SyncSender<SpanData>,
+    /// Detail hand-off (bounded, never blocks the caller). Shipping a chunk does not wake the
+    /// worker by itself: the sender calls `wake.after_send` once it counted the chunk.
+    pub data: Handoff<DetailMsg>,
     pub wake: Arc<Wake>,
     pub control: mpsc::UnboundedSender<Control>,
-    /// Spans successfully enqueued (the worker compares it with what it received).
-    pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -157,11 +149,11 @@ pub(crate) struct Handle {
 /// be opened is a startup error naming the directory).
 pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::Result<Handle> {
     let cfg = registry.config.clone();
-    let (data_tx, data_rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
+    let (data_tx, data_rx) = handoff::new(cfg.queue_size);
+    let stripes = data_tx.stripes.clone();
     let wake = Arc::new(Wake::new(cfg.queue_size));
     let null_sink = transport.is_null();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
-    let enqueued = Arc::new(AtomicU64::new(0));
     let ends_queued = Arc::new(AtomicUsize::new(0));
     let backlog_limit = cfg.max_open_calls.max(1024);
     let (spool, replay) = match &cfg.spool_dir {
@@ -183,15 +175,12 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         reg: registry,
         data_rx,
         data_open: true,
-        seen: 0,
-        root_ends: Vec::new(),
-        end_all_at: None,
         wake: wake.clone(),
         null_sink,
         null_spans: 0,
         ctrl_rx,
         received: 0,
-        enqueued: enqueued.clone(),
+        stripes,
         ends_queued: ends_queued.clone(),
         backlog_limit,
         buffers: HashMap::new(),
@@ -232,7 +221,6 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         data: data_tx,
         wake,
         control: ctrl_tx,
-        enqueued,
         ends_queued,
         thread: std::sync::Mutex::new(Some(thread)),
     })
@@ -313,14 +301,8 @@ struct Worker {
     cfg: Arc<Config>,
     stats: Arc<Counters>,
     transport: Arc<Transport>,
-    data_rx: Receiver<SpanData>,
+    data_rx: Receiver<Vec<DetailMsg>>,
     data_open: bool,
-    /// Spans recorded since `spans_seen` was last updated.
-    seen: u64,
-    /// Root spans recorded by their callers, ended once `received` passes the mark.
-    root_ends: Vec<(u64, Arc<str>)>,
-    /// Every open call ends (shutdown) once `received` passes this mark.
-    end_all_at: Option<u64>,
     wake: Arc<Wake>,
     /// Detail goes nowhere: spans are counted and dropped unserialized.
     null_sink: bool,
@@ -328,7 +310,8 @@ struct Worker {
     null_spans: u64,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
-    enqueued: Arc<AtomicU64>,
+    /// The hand-off's stripes (swept by the worker) and its count of spans shipped.
+    stripes: Arc<Stripes<DetailMsg>>,
     ends_queued: Arc<AtomicUsize>,
     /// Outstanding payloads above which control messages wait (see the run loop).
     backlog_limit: usize,
@@ -376,11 +359,9 @@ impl Worker {
         let mut nap: Option<tokio::time::Instant> = None;
         self.pump();
         while !self.exit {
+            self.reg.refresh_clock();
             let mut more = false;
-            // With too many payloads outstanding, spans stay queued: the queue fills, callers
-            // record spans themselves and call ends wait in the bounded control backlog.
-            let gated = self.outstanding() >= self.backlog_limit;
-            if nap.is_none() && !gated {
+            if nap.is_none() {
                 let n = self.drain_data();
                 more = n == DRAIN_MAX;
                 if n > 0 {
@@ -390,9 +371,9 @@ impl Worker {
             // Say we sleep, then look again: a span counted before this is seen here, one
             // counted after it finds us asleep and wakes us.
             let mut asleep = false;
-            if nap.is_none() && !more && !gated && self.data_open {
+            if nap.is_none() && !more && self.data_open {
                 self.wake.state.store(SLEEPING, Ordering::SeqCst);
-                if self.enqueued.load(Ordering::SeqCst) > self.received {
+                if self.stripes.shipped() > self.received {
                     self.wake.state.store(RUNNING, Ordering::SeqCst);
                     more = true;
                 } else {
@@ -410,7 +391,7 @@ impl Worker {
                     match c {
                         Some(c) => self.on_control(c),
                         // The processor was dropped without shutdown: deliver what we can, briefly.
-                        None => self.begin_stop(None, Instant::now() + Duration::from_secs(5), None),
+                        None => self.begin_stop(Instant::now() + Duration::from_secs(5), None),
                     }
                 }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -441,39 +422,33 @@ impl Worker {
         }
     }
 
-    /// Takes up to [`DRAIN_MAX`] queued detail messages; returns how many. Control messages
-    /// are looked at every [`CONTROL_EVERY`] spans and ended calls are finished as soon as their
-    /// last span is in, as when spans came one per loop turn: a drained burst of many calls must
-    /// not hold all of them in open batches (that would push pending detail over its bound).
+    /// Takes queued chunks of detail until [`DRAIN_MAX`] spans; returns how many spans.
+    /// Control messages are looked at between chunks and ended calls are finished as soon as
+    /// their last span is in, as when spans came one per loop turn: a drained burst of many
+    /// calls must not hold all of them in open batches (that would push pending detail over
+    /// its bound).
     fn drain_data(&mut self) -> usize {
         let mut n = 0;
-        let mut now = 0;
         while n < DRAIN_MAX {
-            if n % CONTROL_EVERY == 0 {
-                // Same backlog rule as the run loop: no call ends while too much is outstanding.
-                if self.outstanding() >= self.backlog_limit {
-                    break;
-                }
-                while self.outstanding() < self.backlog_limit
-                    && let Ok(c) = self.ctrl_rx.try_recv()
-                {
-                    self.on_control(c);
-                }
-                // One clock read per few spans: it only dates the call's last activity.
-                now = self.reg.now_ns();
+            // Same backlog rule as the run loop: no call ends while too much is outstanding.
+            while self.outstanding() < self.backlog_limit
+                && let Ok(c) = self.ctrl_rx.try_recv()
+            {
+                self.on_control(c);
             }
             match self.data_rx.try_recv() {
-                Ok(span) => {
-                    n += 1;
-                    self.on_span(span, now);
-                    if self
-                        .by_mark
-                        .first()
-                        .is_some_and(|(m, _)| *m <= self.received)
-                        || !self.root_ends.is_empty()
-                        || self.end_all_at.is_some()
-                    {
-                        self.finish_ready();
+                Ok(chunk) => {
+                    n += chunk.len();
+                    for d in chunk {
+                        self.received += 1;
+                        self.on_detail(d);
+                        if self
+                            .by_mark
+                            .first()
+                            .is_some_and(|(m, _)| *m <= self.received)
+                        {
+                            self.finish_ready();
+                        }
                     }
                 }
                 Err(TryRecvError::Empty) => break,
@@ -483,89 +458,49 @@ impl Worker {
                 }
             }
         }
-        self.count_seen();
-        n
-    }
-
-    /// Adds what this thread counted locally to the shared counters (they share cache lines
-    /// with the callers', so once per drain rather than once per span).
-    fn count_seen(&mut self) {
-        if self.seen > 0 {
-            Counters::add(&self.stats.spans_seen, self.seen);
-            self.seen = 0;
-        }
         if self.null_spans > 0 {
             Counters::add(&self.stats.detail_spans_sent, self.null_spans);
             self.null_spans = 0;
         }
-    }
-
-    /// Records a queued span into its call and routes its detail; a root span ends its call
-    /// here, after every span queued before it was recorded.
-    fn on_span(&mut self, span: SpanData, now: u64) {
-        self.received += 1;
-        self.seen += 1;
-        let routed = self.reg.record(&span, now, RootEnd::Now);
-        let Routed {
-            call_id,
-            op,
-            late,
-            provisional,
-            ended,
-            joined,
-            root_deferred: _,
-        } = routed;
-        if let Some((from, to)) = joined {
-            self.on_join(from, to);
-        }
-        if wants_detail(&self.cfg, &span, op) {
-            self.on_detail(DetailMsg {
-                call_id,
-                span,
-                op,
-                late,
-                provisional,
-            });
-        } else {
-            Counters::inc(&self.stats.detail_spans_filtered);
-        }
-        for e in ended {
-            self.on_end(e, self.received);
-        }
+        n
     }
 
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::End(e, mark) => {
+            Control::End(e) => {
                 self.ends_queued.fetch_sub(1, Ordering::AcqRel);
+                let mark = self.sweep_mark();
                 self.on_end(*e, mark)
             }
             Control::Join { from, to } => self.on_join(from, to),
-            Control::RootEnded { call_id, mark } => self.root_ends.push((mark, call_id)),
-            Control::Flush { mark, ack } => self.waiters.push(Waiter {
-                mark,
-                epoch: None,
-                ack,
-                stop: false,
-            }),
-            Control::Shutdown {
-                mark,
-                deadline,
-                ack,
-            } => self.begin_stop(Some(mark), deadline, Some(ack)),
+            Control::Flush { ack } => {
+                let mark = self.sweep_mark();
+                self.waiters.push(Waiter {
+                    mark,
+                    epoch: None,
+                    ack,
+                    stop: false,
+                });
+            }
+            Control::Shutdown { deadline, ack } => self.begin_stop(deadline, Some(ack)),
         }
     }
 
-    /// Stops by `deadline`. With a `mark` (shutdown), every open call ends once the spans
-    /// queued before it are recorded; without one (the processor was dropped), calls stay open.
-    fn begin_stop(&mut self, mark: Option<u64>, deadline: Instant, ack: Option<SyncSender<()>>) {
+    /// Takes the spans waiting in the stripes into their batches and returns the number of
+    /// spans shipped through the channel: once `received` reaches it, every span handed off
+    /// before this call is batched (see [`crate::handoff`]).
+    fn sweep_mark(&mut self) -> u64 {
+        let stripes = self.stripes.clone();
+        stripes.sweep(|d| self.on_detail(d));
+        stripes.shipped()
+    }
+
+    fn begin_stop(&mut self, deadline: Instant, ack: Option<SyncSender<()>>) {
         self.stop_at = Some(self.stop_at.map_or(deadline, |d| d.min(deadline)));
         let ack = ack.unwrap_or_else(|| std::sync::mpsc::sync_channel(1).0);
-        if let Some(m) = mark {
-            self.end_all_at = Some(m);
-        }
+        let mark = self.sweep_mark();
         self.waiters.push(Waiter {
-            mark: mark.unwrap_or(0),
+            mark,
             epoch: None,
             ack,
             stop: true,
@@ -574,7 +509,9 @@ impl Worker {
 
     fn on_tick(&mut self) {
         self.waiter_scan_due = true;
-        let mark = self.enqueued.load(Ordering::Acquire);
+        self.reg.refresh_clock();
+        // A quiet thread's spans wait in its stripe at most one tick.
+        let mark = self.sweep_mark();
         for e in self.reg.expire_idle() {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");
             self.on_end(e, mark);
@@ -1311,32 +1248,8 @@ impl Worker {
         self.pump();
     }
 
-    /// Ends the calls whose end waited for spans queued before it (root spans recorded by
-    /// callers, shutdown), then finishes the ended calls whose mark `received` has passed,
-    /// smallest marks first.
+    /// Finishes the ended calls whose mark `received` has passed, smallest marks first.
     fn finish_ready(&mut self) {
-        if !self.root_ends.is_empty() {
-            let received = self.received;
-            let mut ready = Vec::new();
-            self.root_ends.retain(|(m, k)| {
-                let due = *m <= received;
-                if due {
-                    ready.push(k.clone());
-                }
-                !due
-            });
-            for k in ready {
-                if let Some(e) = self.reg.end(&k, EndReason::RootSpanEnded) {
-                    self.on_end(e, received);
-                }
-            }
-        }
-        if self.end_all_at.is_some_and(|m| m <= self.received) {
-            self.end_all_at = None;
-            for e in self.reg.end_all(EndReason::Shutdown) {
-                self.on_end(e, self.received);
-            }
-        }
         while let Some((mark, _)) = self.by_mark.first()
             && *mark <= self.received
         {
@@ -1523,11 +1436,11 @@ impl Worker {
         self.tasks.abort_all();
         if self.spool.is_some() {
             // Batch what is still queued in memory so it reaches the disk too.
-            let now = self.reg.now_ns();
-            while let Ok(span) = self.data_rx.try_recv() {
-                self.on_span(span, now);
+            while let Ok(chunk) = self.data_rx.try_recv() {
+                self.received += chunk.len() as u64;
+                chunk.into_iter().for_each(|d| self.on_detail(d));
             }
-            self.count_seen();
+            self.sweep_mark();
             let pending: Vec<Arc<str>> = self.pending.keys().cloned().collect();
             for k in pending {
                 if let Some(p) = self.pending.remove(&k) {
@@ -1579,11 +1492,9 @@ impl Worker {
             for (_, b) in self.buffers.drain() {
                 lost += b.buf.list.len() as u64;
             }
-            // Spans still queued were never batched.
-            lost += self
-                .enqueued
-                .load(Ordering::Acquire)
-                .saturating_sub(self.received);
+            // Spans still queued or gathering in a stripe were never batched.
+            lost += self.stripes.shipped().saturating_sub(self.received);
+            lost += self.stripes.sweep(drop) as u64;
             Counters::add(&self.stats.summaries_failed, cores);
             if cores > 0 {
                 tracing::error!(
@@ -1609,23 +1520,6 @@ impl Worker {
             drop(w.ack);
         }
         self.exit = true;
-    }
-}
-
-/// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
-pub(crate) fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
-    match cfg.detail {
-        DetailMode::All => true,
-        DetailMode::None => false,
-        DetailMode::Critical => {
-            op == Operation::Tool
-                || matches!(span.status, opentelemetry::trace::Status::Error { .. })
-                || span
-                    .end_time
-                    .duration_since(span.start_time)
-                    .unwrap_or_default()
-                    > cfg.critical_threshold
-        }
     }
 }
 
