@@ -296,6 +296,74 @@ fn profile(which: &str) {
     let _ = provider.shutdown();
 }
 
+/// `HOT_PATH_ROUNDS=<r> [HOT_PATH_SPANS=<n>] [HOT_PATH_THREADS=<t>]`: the pipelines take turns,
+/// `r` rounds of `n` spans each on `t` threads, and the median time per span and the median of
+/// the per-round ratios to the SDK are printed. Taking turns round by round puts every
+/// pipeline under the same background load, which on this shared machine moves by ±30 % over
+/// the minutes a criterion run takes; the ratios are then far steadier than criterion's.
+fn rounds(r: usize) {
+    let spans = std::env::var("HOT_PATH_SPANS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000u64);
+    let threads = std::env::var("HOT_PATH_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1u64);
+    let sink = null_sink::NullSink::start(1).unwrap();
+    let lines = [
+        ("no_processor", Pipeline::None),
+        ("sdk_batch_noop", Pipeline::Bsp),
+        ("callscope_null_sink", Pipeline::CallscopeNullSink),
+        ("callscope_summary_only", Pipeline::CallscopeSummaryOnly),
+    ];
+    let built: Vec<_> = lines
+        .iter()
+        .map(|(name, p)| {
+            let (provider, seen) = provider(p, &sink);
+            let tracer = provider.tracer("bench");
+            (*name, provider, seen, tracer)
+        })
+        .collect();
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
+    for _ in 0..r {
+        for (i, (_, provider, _, tracer)) in built.iter().enumerate() {
+            let took = run(tracer, threads, spans);
+            // Let each worker catch up before the next pipeline's turn.
+            let _ = provider.force_flush();
+            ns[i].push(took.as_nanos() as f64 / spans as f64);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let sdk = ns[1].clone();
+    eprintln!(
+        "{r} rounds x {spans} spans, {threads} thread(s); median ns/span and median per-round ratio to sdk_batch_noop:"
+    );
+    for (i, (name, provider, seen, _)) in built.into_iter().enumerate() {
+        let mut ratios: Vec<f64> = ns[i].iter().zip(&sdk).map(|(a, b)| a / b).collect();
+        let drops = match &seen {
+            Seen::Callscope(s) => {
+                let s = s.snapshot();
+                format!(
+                    "queue_full_drops={} detail_spans_sent={}",
+                    s.spans_dropped_queue_full, s.detail_spans_sent
+                )
+            }
+            Seen::Exported(n) => format!("exported={}", n.load(Ordering::Relaxed)),
+            Seen::Nothing => String::new(),
+        };
+        eprintln!(
+            "  {name:<24} {:>7.1} ns  ratio {:.2}  {drops}",
+            median(&mut ns[i].clone()),
+            median(&mut ratios)
+        );
+        let _ = provider.shutdown();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
@@ -308,6 +376,13 @@ criterion_group! {
 fn main() {
     if let Ok(which) = std::env::var("HOT_PATH_PROFILE") {
         profile(&which);
+        return;
+    }
+    if let Some(r) = std::env::var("HOT_PATH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+    {
+        rounds(r);
         return;
     }
     benches();

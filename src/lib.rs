@@ -55,7 +55,6 @@ mod batch;
 mod call;
 mod config;
 mod fasthash;
-mod handoff;
 mod histogram;
 mod payload;
 mod processor;

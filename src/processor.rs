@@ -11,8 +11,8 @@ use opentelemetry::trace::{Span as _, TraceContextExt};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
+use std::sync::mpsc::TrySendError;
 
-use crate::handoff::Pushed;
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
 use crate::registry::{EndReason, Ended, Registry, Routed};
 use crate::semantics::{self, CallIdValue, Operation};
@@ -193,27 +193,26 @@ impl Active {
             late,
             provisional,
         };
-        match self.worker.data.push(msg) {
-            Pushed::Kept => {}
-            // Counted before the worker is woken: it compares this with what it received.
-            Pushed::Shipped { shipped } => self.worker.wake.after_send(shipped),
-            Pushed::Refused { chunk, closed } => {
-                let k = chunk.len() as u64;
-                drop(chunk);
-                if closed {
-                    Counters::add(&stats.spans_dropped_send_failed, k);
-                } else {
-                    let n = stats
-                        .spans_dropped_queue_full
-                        .fetch_add(k, Ordering::Relaxed);
-                    // Logged when the count passes a power of two.
-                    if (n + k).ilog2() != n.checked_ilog2().unwrap_or(u32::MAX) {
-                        tracing::warn!(
-                            dropped = n + k,
-                            "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
-                        );
-                    }
+        match self.worker.data.try_send(msg) {
+            Ok(()) => {
+                // Counted before the worker is woken: it compares this with what it received.
+                let n = self.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
+                self.worker.wake.after_send(n);
+            }
+            Err(TrySendError::Full(_)) => {
+                let n = stats
+                    .spans_dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = n,
+                        "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
+                    );
                 }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                Counters::inc(&stats.spans_dropped_send_failed);
             }
         }
         ends
@@ -247,7 +246,8 @@ impl Active {
             }
             return;
         }
-        if !self.send_control(Control::End(Box::new(e))) {
+        let mark = self.worker.enqueued.load(Ordering::Acquire);
+        if !self.send_control(Control::End(Box::new(e), mark)) {
             self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
             Counters::inc(&stats.summaries_failed);
         }
@@ -257,10 +257,11 @@ impl Active {
     fn ask(
         &self,
         wait: Duration,
-        make: impl FnOnce(std::sync::mpsc::SyncSender<()>) -> Control,
+        make: impl FnOnce(u64, std::sync::mpsc::SyncSender<()>) -> Control,
     ) -> OTelSdkResult {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if !self.send_control(make(tx)) {
+        let mark = self.worker.enqueued.load(Ordering::Acquire);
+        if !self.send_control(make(mark, tx)) {
             return Err(OTelSdkError::InternalFailure(
                 "callscope worker is not running".into(),
             ));
@@ -316,7 +317,7 @@ impl SpanProcessor for CallSpanProcessor {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         let wait = (a.reg.config.timeout * 3).max(MIN_FLUSH_WAIT);
-        a.ask(wait, |ack| Control::Flush { ack })
+        a.ask(wait, |mark, ack| Control::Flush { mark, ack })
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -330,7 +331,8 @@ impl SpanProcessor for CallSpanProcessor {
         }
         // The worker stops a little before the caller's deadline so it can count what is lost.
         let deadline = started + timeout.mul_f64(0.9);
-        let result = a.ask(timeout, |ack| Control::Shutdown {
+        let result = a.ask(timeout, |mark, ack| Control::Shutdown {
+            mark,
             deadline,
             ack,
         });

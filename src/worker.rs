@@ -1,8 +1,6 @@
 //! The worker: one thread with its own current-thread tokio runtime that owns all I/O.
 //!
-//! It receives detail spans (in chunks through [`crate::handoff`], lossy and bounded; spans still
-//! gathering in a stripe are swept on every tick and before a call end, flush or shutdown is
-//! handled) and control messages (call ends, joins,
+//! It receives detail spans (lossy bounded queue) and control messages (call ends, joins,
 //! flush, shutdown; never dropped), serializes and batches detail per call, builds the core at
 //! call end, and delivers:
 //!
@@ -18,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -30,7 +28,6 @@ use tokio::task::{Id, JoinSet};
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::Turns;
 use crate::config::{Config, DetailMode};
-use crate::handoff::{self, Handoff, Stripes};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
 use crate::semantics::Operation;
@@ -58,6 +55,8 @@ const DRAIN_MAX: usize = 1024;
 const WAKE_NAP: Duration = Duration::from_millis(1);
 /// Most spans queued during a nap before a producer cuts it short.
 const MAX_WAKE_EVERY: usize = 4096;
+/// While draining, control messages (call ends) are looked at every this many spans.
+const CONTROL_EVERY: usize = 32;
 
 const RUNNING: u8 = 0;
 const SLEEPING: u8 = 1;
@@ -65,8 +64,8 @@ const NAPPING: u8 = 2;
 
 /// How the processor wakes the worker for detail: only when the worker said it is asleep (once
 /// per sleep), or every `wake_every`-th span while it naps. The worker checks the queue after
-/// saying so (spans shipped against what it received), so a chunk is never left behind: either
-/// the worker sees it, or the producer sees the worker asleep and wakes it.
+/// saying so (`enqueued` against what it received), so a span is never left behind: either the
+/// worker sees it, or the producer sees the worker asleep and wakes it.
 #[derive(Debug)]
 pub(crate) struct Wake {
     state: AtomicU8,
@@ -119,14 +118,15 @@ pub(crate) struct DetailMsg {
 /// Messages that are never dropped.
 #[derive(Debug)]
 pub(crate) enum Control {
-    /// A call ended (its spans' detail is swept from the stripes when this is handled).
-    End(Box<Ended>),
+    /// A call ended; `mark` = detail messages enqueued before it ended.
+    End(Box<Ended>, u64),
     /// A provisional call (trace id) joined its real call id.
     Join { from: Arc<str>, to: Arc<str> },
     /// Deliver everything pending; ack when done.
-    Flush { ack: SyncSender<()> },
+    Flush { mark: u64, ack: SyncSender<()> },
     /// Deliver everything pending before `deadline`, then stop.
     Shutdown {
+        mark: u64,
         deadline: Instant,
         ack: SyncSender<()>,
     },
@@ -135,11 +135,13 @@ pub(crate) enum Control {
 /// The processor's side of the worker.
 #[derive(Debug)]
 pub(crate) struct Handle {
-    /// Detail hand-off (bounded, never blocks the caller). Shipping a chunk does not wake the
-    /// worker by itself: the sender calls `wake.after_send` once it counted the chunk.
-    pub data: Handoff<DetailMsg>,
+    /// Detail queue (bounded, never blocks the caller: `try_send`). Sending does not wake the
+    /// worker by itself: the sender calls `wake.after_send` once it counted the span.
+    pub data: SyncSender<DetailMsg>,
     pub wake: Arc<Wake>,
     pub control: mpsc::UnboundedSender<Control>,
+    /// Detail messages successfully enqueued (the worker compares it with what it received).
+    pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -149,11 +151,11 @@ pub(crate) struct Handle {
 /// be opened is a startup error naming the directory).
 pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::Result<Handle> {
     let cfg = registry.config.clone();
-    let (data_tx, data_rx) = handoff::new(cfg.queue_size);
-    let stripes = data_tx.stripes.clone();
+    let (data_tx, data_rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
     let wake = Arc::new(Wake::new(cfg.queue_size));
     let null_sink = transport.is_null();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+    let enqueued = Arc::new(AtomicU64::new(0));
     let ends_queued = Arc::new(AtomicUsize::new(0));
     let backlog_limit = cfg.max_open_calls.max(1024);
     let (spool, replay) = match &cfg.spool_dir {
@@ -180,7 +182,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         null_spans: 0,
         ctrl_rx,
         received: 0,
-        stripes,
+        enqueued: enqueued.clone(),
         ends_queued: ends_queued.clone(),
         backlog_limit,
         buffers: HashMap::new(),
@@ -221,6 +223,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         data: data_tx,
         wake,
         control: ctrl_tx,
+        enqueued,
         ends_queued,
         thread: std::sync::Mutex::new(Some(thread)),
     })
@@ -301,7 +304,7 @@ struct Worker {
     cfg: Arc<Config>,
     stats: Arc<Counters>,
     transport: Arc<Transport>,
-    data_rx: Receiver<Vec<DetailMsg>>,
+    data_rx: Receiver<DetailMsg>,
     data_open: bool,
     wake: Arc<Wake>,
     /// Detail goes nowhere: spans are counted and dropped unserialized.
@@ -310,8 +313,7 @@ struct Worker {
     null_spans: u64,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
-    /// The hand-off's stripes (swept by the worker) and its count of spans shipped.
-    stripes: Arc<Stripes<DetailMsg>>,
+    enqueued: Arc<AtomicU64>,
     ends_queued: Arc<AtomicUsize>,
     /// Outstanding payloads above which control messages wait (see the run loop).
     backlog_limit: usize,
@@ -359,6 +361,7 @@ impl Worker {
         let mut nap: Option<tokio::time::Instant> = None;
         self.pump();
         while !self.exit {
+            // The hot path dates call activity with this (see Registry::coarse_now_ns).
             self.reg.refresh_clock();
             let mut more = false;
             if nap.is_none() {
@@ -373,7 +376,7 @@ impl Worker {
             let mut asleep = false;
             if nap.is_none() && !more && self.data_open {
                 self.wake.state.store(SLEEPING, Ordering::SeqCst);
-                if self.stripes.shipped() > self.received {
+                if self.enqueued.load(Ordering::SeqCst) > self.received {
                     self.wake.state.store(RUNNING, Ordering::SeqCst);
                     more = true;
                 } else {
@@ -391,7 +394,7 @@ impl Worker {
                     match c {
                         Some(c) => self.on_control(c),
                         // The processor was dropped without shutdown: deliver what we can, briefly.
-                        None => self.begin_stop(Instant::now() + Duration::from_secs(5), None),
+                        None => self.begin_stop(0, Instant::now() + Duration::from_secs(5), None),
                     }
                 }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -422,33 +425,31 @@ impl Worker {
         }
     }
 
-    /// Takes queued chunks of detail until [`DRAIN_MAX`] spans; returns how many spans.
-    /// Control messages are looked at between chunks and ended calls are finished as soon as
-    /// their last span is in, as when spans came one per loop turn: a drained burst of many
-    /// calls must not hold all of them in open batches (that would push pending detail over
-    /// its bound).
+    /// Takes up to [`DRAIN_MAX`] queued detail messages; returns how many. Control messages
+    /// are looked at every [`CONTROL_EVERY`] spans and ended calls are finished as soon as their
+    /// last span is in, as when spans came one per loop turn: a drained burst of many calls must
+    /// not hold all of them in open batches (that would push pending detail over its bound).
     fn drain_data(&mut self) -> usize {
         let mut n = 0;
         while n < DRAIN_MAX {
-            // Same backlog rule as the run loop: no call ends while too much is outstanding.
-            while self.outstanding() < self.backlog_limit
-                && let Ok(c) = self.ctrl_rx.try_recv()
-            {
-                self.on_control(c);
+            if n % CONTROL_EVERY == 0 {
+                // Same backlog rule as the run loop: no call ends while too much is outstanding.
+                while self.outstanding() < self.backlog_limit
+                    && let Ok(c) = self.ctrl_rx.try_recv()
+                {
+                    self.on_control(c);
+                }
             }
             match self.data_rx.try_recv() {
-                Ok(chunk) => {
-                    n += chunk.len();
-                    for d in chunk {
-                        self.received += 1;
-                        self.on_detail(d);
-                        if self
-                            .by_mark
-                            .first()
-                            .is_some_and(|(m, _)| *m <= self.received)
-                        {
-                            self.finish_ready();
-                        }
+                Ok(d) => {
+                    n += 1;
+                    self.on_detail(d);
+                    if self
+                        .by_mark
+                        .first()
+                        .is_some_and(|(m, _)| *m <= self.received)
+                    {
+                        self.finish_ready();
                     }
                 }
                 Err(TryRecvError::Empty) => break,
@@ -467,38 +468,28 @@ impl Worker {
 
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::End(e) => {
+            Control::End(e, mark) => {
                 self.ends_queued.fetch_sub(1, Ordering::AcqRel);
-                let mark = self.sweep_mark();
                 self.on_end(*e, mark)
             }
             Control::Join { from, to } => self.on_join(from, to),
-            Control::Flush { ack } => {
-                let mark = self.sweep_mark();
-                self.waiters.push(Waiter {
-                    mark,
-                    epoch: None,
-                    ack,
-                    stop: false,
-                });
-            }
-            Control::Shutdown { deadline, ack } => self.begin_stop(deadline, Some(ack)),
+            Control::Flush { mark, ack } => self.waiters.push(Waiter {
+                mark,
+                epoch: None,
+                ack,
+                stop: false,
+            }),
+            Control::Shutdown {
+                mark,
+                deadline,
+                ack,
+            } => self.begin_stop(mark, deadline, Some(ack)),
         }
     }
 
-    /// Takes the spans waiting in the stripes into their batches and returns the number of
-    /// spans shipped through the channel: once `received` reaches it, every span handed off
-    /// before this call is batched (see [`crate::handoff`]).
-    fn sweep_mark(&mut self) -> u64 {
-        let stripes = self.stripes.clone();
-        stripes.sweep(|d| self.on_detail(d));
-        stripes.shipped()
-    }
-
-    fn begin_stop(&mut self, deadline: Instant, ack: Option<SyncSender<()>>) {
+    fn begin_stop(&mut self, mark: u64, deadline: Instant, ack: Option<SyncSender<()>>) {
         self.stop_at = Some(self.stop_at.map_or(deadline, |d| d.min(deadline)));
         let ack = ack.unwrap_or_else(|| std::sync::mpsc::sync_channel(1).0);
-        let mark = self.sweep_mark();
         self.waiters.push(Waiter {
             mark,
             epoch: None,
@@ -510,8 +501,7 @@ impl Worker {
     fn on_tick(&mut self) {
         self.waiter_scan_due = true;
         self.reg.refresh_clock();
-        // A quiet thread's spans wait in its stripe at most one tick.
-        let mark = self.sweep_mark();
+        let mark = self.enqueued.load(Ordering::Acquire);
         for e in self.reg.expire_idle() {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");
             self.on_end(e, mark);
@@ -541,6 +531,7 @@ impl Worker {
     // ---- detail ------------------------------------------------------------------------
 
     fn on_detail(&mut self, msg: DetailMsg) {
+        self.received += 1;
         if self.null_sink {
             // Counted once per drain (the counters share cache lines with the callers').
             self.null_spans += 1;
@@ -1436,11 +1427,9 @@ impl Worker {
         self.tasks.abort_all();
         if self.spool.is_some() {
             // Batch what is still queued in memory so it reaches the disk too.
-            while let Ok(chunk) = self.data_rx.try_recv() {
-                self.received += chunk.len() as u64;
-                chunk.into_iter().for_each(|d| self.on_detail(d));
+            while let Ok(d) = self.data_rx.try_recv() {
+                self.on_detail(d);
             }
-            self.sweep_mark();
             let pending: Vec<Arc<str>> = self.pending.keys().cloned().collect();
             for k in pending {
                 if let Some(p) = self.pending.remove(&k) {
@@ -1492,9 +1481,11 @@ impl Worker {
             for (_, b) in self.buffers.drain() {
                 lost += b.buf.list.len() as u64;
             }
-            // Spans still queued or gathering in a stripe were never batched.
-            lost += self.stripes.shipped().saturating_sub(self.received);
-            lost += self.stripes.sweep(drop) as u64;
+            // Spans still queued were never batched.
+            lost += self
+                .enqueued
+                .load(Ordering::Acquire)
+                .saturating_sub(self.received);
             Counters::add(&self.stats.summaries_failed, cores);
             if cores > 0 {
                 tracing::error!(
