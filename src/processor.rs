@@ -180,18 +180,36 @@ impl Active {
             provisional,
             ended,
             joined,
+            text_bytes,
         } = routed;
         let ends = Ends { ended, joined };
         if !wants_detail(cfg, &span, op) {
             Counters::inc(&stats.detail_spans_filtered);
             return ends;
         }
+        // A large span also takes its size from the queue's byte bound.
+        let queued_bytes = if text_bytes >= worker::LARGE_SPAN_BYTES {
+            let n = u32::try_from(text_bytes).unwrap_or(u32::MAX);
+            if !self.worker.queue_bytes.try_take(n as usize) {
+                self.count_queue_full();
+                return ends;
+            }
+            n
+        } else {
+            0
+        };
         let msg = DetailMsg {
             call_id,
             span,
             op,
             late,
             provisional,
+            queued_bytes,
+        };
+        let refused = |queued_bytes: u32| {
+            if queued_bytes > 0 {
+                self.worker.queue_bytes.give(queued_bytes as usize);
+            }
         };
         match self.worker.data.try_send(msg) {
             Ok(()) => {
@@ -199,23 +217,32 @@ impl Active {
                 let n = self.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
                 self.worker.wake.after_send(n);
             }
-            Err(TrySendError::Full(_)) => {
-                let n = stats
-                    .spans_dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        dropped = n,
-                        "callscope queue full: span detail dropped (summaries stay exact); raise CALLSCOPE_QUEUE_SIZE"
-                    );
-                }
+            Err(TrySendError::Full(m)) => {
+                refused(m.queued_bytes);
+                self.count_queue_full();
             }
-            Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Disconnected(m)) => {
+                refused(m.queued_bytes);
                 Counters::inc(&stats.spans_dropped_send_failed);
             }
         }
         ends
+    }
+
+    /// Counts (and logs at powers of two) a span whose detail the full queue refused.
+    fn count_queue_full(&self) {
+        let n = self
+            .reg
+            .stats
+            .spans_dropped_queue_full
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                dropped = n,
+                "callscope queue full (CALLSCOPE_QUEUE_SIZE spans, or half of CALLSCOPE_MAX_BUFFER_BYTES in large spans): span detail dropped (summaries stay exact)"
+            );
+        }
     }
 
     fn send_ends(&self, ends: Ends) {

@@ -63,6 +63,8 @@ pub(crate) struct Routed {
     pub ended: Vec<Ended>,
     /// A provisional call that this span's call id joined: `(from, to)`.
     pub joined: Option<(Arc<str>, Arc<str>)>,
+    /// Bytes of the span's string attribute values and name (what it weighs while queued).
+    pub text_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -215,6 +217,7 @@ impl Registry {
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
         let is_root = span.parent_span_id == SpanId::INVALID
             || self.config.root_span_names.iter().any(|n| *n == span.name);
+        let text_bytes = facts.text_bytes + span.name.len();
         let view = SpanView::of(span, op, facts);
         let mut provisional = false;
         let mut late = false;
@@ -283,6 +286,7 @@ impl Registry {
             provisional,
             ended,
             joined,
+            text_bytes,
         }
     }
 

@@ -113,6 +113,53 @@ pub(crate) struct DetailMsg {
     pub op: Operation,
     pub late: bool,
     pub provisional: bool,
+    /// Bytes taken from [`QueueBytes`] for this span (0 for a small span).
+    pub queued_bytes: u32,
+}
+
+/// Spans whose string values weigh at least this much count against [`QueueBytes`]; smaller
+/// ones are bounded by `CALLSCOPE_QUEUE_SIZE` alone (at most a few hundred bytes each).
+pub(crate) const LARGE_SPAN_BYTES: usize = 1024;
+
+/// The span queue's bound in bytes, besides its bound in spans: 65,536 queued spans of 10 KB
+/// would hold 655 MB while the worker falls behind. Large spans (see [`LARGE_SPAN_BYTES`]) take
+/// their text's size from it when queued and give it back when the worker takes them; past the
+/// bound their detail is dropped and counted like a full queue. The bound is half of
+/// `CALLSCOPE_MAX_BUFFER_BYTES` (the other half bounds batches and bodies in the worker).
+#[derive(Debug)]
+pub(crate) struct QueueBytes {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl QueueBytes {
+    pub(crate) fn new(cap: usize) -> Self {
+        QueueBytes {
+            used: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// Takes `n` bytes if they fit (a span larger than the whole bound fits an empty queue).
+    pub(crate) fn try_take(&self, n: usize) -> bool {
+        let before = self.used.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.cap {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back what [`try_take`](Self::try_take) took.
+    pub(crate) fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes taken now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
 }
 
 /// Messages that are never dropped.
@@ -144,6 +191,8 @@ pub(crate) struct Handle {
     pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
+    /// The span queue's bound in bytes.
+    pub queue_bytes: Arc<QueueBytes>,
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -157,6 +206,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let enqueued = Arc::new(AtomicU64::new(0));
     let ends_queued = Arc::new(AtomicUsize::new(0));
+    let queue_bytes = Arc::new(QueueBytes::new(cfg.max_buffer_bytes / 2));
     let backlog_limit = cfg.max_open_calls.max(1024);
     let (spool, replay) = match &cfg.spool_dir {
         Some(dir) => {
@@ -184,6 +234,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         received: 0,
         enqueued: enqueued.clone(),
         ends_queued: ends_queued.clone(),
+        queue_bytes: queue_bytes.clone(),
         backlog_limit,
         buffers: HashMap::new(),
         redirects: HashMap::new(),
@@ -225,6 +276,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         control: ctrl_tx,
         enqueued,
         ends_queued,
+        queue_bytes,
         thread: std::sync::Mutex::new(Some(thread)),
     })
 }
@@ -315,6 +367,7 @@ struct Worker {
     received: u64,
     enqueued: Arc<AtomicU64>,
     ends_queued: Arc<AtomicUsize>,
+    queue_bytes: Arc<QueueBytes>,
     /// Outstanding payloads above which control messages wait (see the run loop).
     backlog_limit: usize,
     buffers: HashMap<Arc<str>, Buf>,
@@ -532,6 +585,9 @@ impl Worker {
 
     fn on_detail(&mut self, msg: DetailMsg) {
         self.received += 1;
+        if msg.queued_bytes > 0 {
+            self.queue_bytes.give(msg.queued_bytes as usize);
+        }
         if self.null_sink {
             // Counted once per drain (the counters share cache lines with the callers').
             self.null_spans += 1;
@@ -1518,4 +1574,30 @@ impl Worker {
 enum DropWhy {
     BufferFull,
     SpoolFull,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_bytes_bound_what_is_queued_and_let_one_oversized_span_through_when_empty() {
+        let q = QueueBytes::new(10_000);
+        assert!(q.try_take(6_000));
+        assert!(q.try_take(4_000));
+        assert!(!q.try_take(1), "past the bound");
+        assert_eq!(q.used(), 10_000, "a refusal takes nothing");
+        q.give(6_000);
+        assert!(q.try_take(5_000));
+        q.give(5_000);
+        q.give(4_000);
+        assert_eq!(q.used(), 0);
+        assert!(
+            q.try_take(50_000),
+            "a span larger than the bound passes an empty queue"
+        );
+        assert!(!q.try_take(1_024));
+        q.give(50_000);
+        assert_eq!(q.used(), 0);
+    }
 }

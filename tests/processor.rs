@@ -502,6 +502,45 @@ fn roots_recorded_past_a_full_queue_end_their_calls_after_their_children() {
     provider.shutdown().unwrap();
 }
 
+/// Large spans are bounded in bytes while queued, not only in number: a burst of 256 KB spans
+/// faster than the worker serialises them meets half of `CALLSCOPE_MAX_BUFFER_BYTES` (here
+/// 1 MiB, so four spans) and the rest of their detail is dropped and counted; the summary
+/// still counts every span.
+#[test]
+fn large_spans_are_bounded_in_bytes_while_queued() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.max_buffer_bytes(2 << 20));
+    let tracer = provider.tracer("large");
+    let cx = open_call(&tracer, "large-1", 0);
+    let big = voice::text(7, 256 * 1024);
+    let n = 120;
+    for _ in 0..n {
+        let mut sp = tracer.build_with_context(
+            tracer
+                .span_builder("llm_request")
+                .with_attributes(vec![KeyValue::new("gen_ai.prompt", big.clone())]),
+            &cx,
+        );
+        sp.end();
+    }
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let s = stats.snapshot();
+    let n = n as u64 + 1;
+    assert!(
+        s.spans_dropped_queue_full > 0,
+        "{n} spans of 256 KB never met a 1 MiB queue bound: {s:?}"
+    );
+    assert_eq!(
+        s.detail_spans_sent + s.spans_dropped_queue_full + s.spans_dropped_buffer_full,
+        n,
+        "{s:?}"
+    );
+    let core = rx.core_of("large-1").unwrap();
+    assert_eq!(core["telemetry_summary"]["total_spans"], n);
+    provider.shutdown().unwrap();
+}
+
 #[test]
 fn a_full_queue_drops_detail_but_never_the_summary() {
     let rx = Receiver::start();
