@@ -1,7 +1,6 @@
 //! HTTP delivery: one POST with headers, compression and the idempotency key, retried by the
 //! pure policy in `retry.rs`. Runs on the worker's runtime only.
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -246,14 +245,50 @@ impl Transport {
 }
 
 /// `json` gzip-compressed at `level` (0-9).
+///
+/// The deflate state is kept per thread and reset between bodies: a new one is ~300 KB zeroed on
+/// creation (callgrind: ~390,000 instructions, more than compressing a 15 KB summary), and the
+/// worker compresses every payload on its one thread.
 pub(crate) fn gzip(json: &[u8], level: u32) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(json.len() / 5 + 64),
-        flate2::Compression::new(level),
-    );
-    // Writing into a Vec cannot fail.
-    let _ = enc.write_all(json);
-    enc.finish().unwrap_or_default()
+    use flate2::{Compress, Crc, FlushCompress, Status};
+    thread_local! {
+        static DEFLATE: std::cell::RefCell<Option<(u32, Compress)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    // Gzip header: deflate, no flags, no mtime, no extra flags, OS unknown (as flate2 writes it).
+    const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    DEFLATE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match &mut *slot {
+            Some((l, c)) if *l == level => c.reset(),
+            _ => *slot = Some((level, Compress::new(flate2::Compression::new(level), false))),
+        }
+        let Some((_, c)) = slot.as_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(json.len() / 4 + 64);
+        out.extend_from_slice(&HEADER);
+        loop {
+            if out.capacity() - out.len() < 256 {
+                out.reserve((json.len() / 8).max(1024));
+            }
+            let fed = usize::try_from(c.total_in())
+                .unwrap_or(json.len())
+                .min(json.len());
+            match c.compress_vec(&json[fed..], &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => break,
+                Ok(_) => {}
+                // Deflating into a Vec with room left cannot fail; nothing half-written is sent.
+                Err(_) => return Vec::new(),
+            }
+        }
+        let mut crc = Crc::new();
+        crc.update(json);
+        out.extend_from_slice(&crc.sum().to_le_bytes());
+        // ISIZE: the input length modulo 2^32.
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out
+    })
 }
 
 /// Marks one summary as waiting for a retry while it lives (detail holds back meanwhile).
@@ -380,6 +415,28 @@ mod tests {
         };
         assert!(size(0) > size(1));
         assert!(size(1) > size(9));
+    }
+
+    /// The reused deflate state yields valid gzip for any size, level and order of calls.
+    #[test]
+    fn gzip_with_a_reused_state_round_trips() {
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{{\"span\":{i},\"name\":\"llm_request\"}}").into_bytes())
+            .collect();
+        for (level, len) in [
+            (1, 0),
+            (1, 10),
+            (6, 5_000),
+            (1, text.len()),
+            (3, 77),
+            (0, 9_999),
+        ] {
+            let body = gzip(&text[..len], level);
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut back)
+                .expect("valid gzip");
+            assert_eq!(back, &text[..len], "level {level}, {len} bytes");
+        }
     }
 
     fn scripted(
