@@ -231,13 +231,7 @@ impl Active {
 
     /// Counts (and logs at powers of two) a span whose detail the full queue refused.
     fn count_queue_full(&self) {
-        let n = self
-            .reg
-            .stats
-            .spans_dropped_queue_full
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        if n.is_power_of_two() {
+        if let Some(n) = Counters::inc_at_powers_of_two(&self.reg.stats.spans_dropped_queue_full) {
             tracing::warn!(
                 dropped = n,
                 "callscope queue full (CALLSCOPE_QUEUE_SIZE spans, or half of CALLSCOPE_MAX_BUFFER_BYTES in large spans): span detail dropped (summaries stay exact)"
@@ -263,11 +257,7 @@ impl Active {
         if self.worker.ends_queued.fetch_add(1, Ordering::AcqRel) >= limit {
             self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
             Counters::inc(&stats.summaries_failed);
-            let n = stats
-                .summaries_dropped_backlog
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if n.is_power_of_two() {
+            if let Some(n) = Counters::inc_at_powers_of_two(&stats.summaries_dropped_backlog) {
                 tracing::warn!(dropped = n, call_id = %e.state.call_id,
                     "call summary dropped: more than CALLSCOPE_MAX_OPEN_CALLS ended calls wait for the callscope worker");
             }

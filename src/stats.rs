@@ -131,6 +131,14 @@ impl Counters {
     pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Adds one to a counter and returns the new count when it is a power of two: where a
+    /// repeated drop is logged, so that a flood of them cannot flood the log too.
+    #[inline]
+    pub(crate) fn inc_at_powers_of_two(c: &AtomicU64) -> Option<u64> {
+        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
+        n.is_power_of_two().then_some(n)
+    }
 }
 
 impl Stats {
