@@ -68,7 +68,8 @@ counters! {
     detail_spans_sent,
     /// Spans not sent as detail because of `CALLSCOPE_DETAIL` (`critical` or `none`): by choice, not loss.
     detail_spans_filtered,
-    /// Spans whose detail was dropped because the worker queue (`CALLSCOPE_QUEUE_SIZE`) was full.
+    /// Spans whose detail was dropped because the worker queue was full: `CALLSCOPE_QUEUE_SIZE`
+    /// spans, or half of `CALLSCOPE_MAX_BUFFER_BYTES` in spans with >= 1 KB of text.
     spans_dropped_queue_full,
     /// Spans whose detail was dropped because pending detail passed `CALLSCOPE_MAX_BUFFER_BYTES`
     /// (no spool set).

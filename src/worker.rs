@@ -125,7 +125,8 @@ pub(crate) const LARGE_SPAN_BYTES: usize = 1024;
 /// would hold 655 MB while the worker falls behind. Large spans (see [`LARGE_SPAN_BYTES`]) take
 /// their text's size from it when queued and give it back when the worker takes them; past the
 /// bound their detail is dropped and counted like a full queue. The bound is half of
-/// `CALLSCOPE_MAX_BUFFER_BYTES` (the other half bounds batches and bodies in the worker).
+/// `CALLSCOPE_MAX_BUFFER_BYTES`, on top of that bound on pending detail in the worker: spans on
+/// their way to the worker and detail in it stay within 1.5 × `CALLSCOPE_MAX_BUFFER_BYTES`.
 #[derive(Debug)]
 pub(crate) struct QueueBytes {
     used: AtomicUsize,
@@ -414,7 +415,8 @@ impl Worker {
         let mut nap: Option<tokio::time::Instant> = None;
         self.pump();
         while !self.exit {
-            // The hot path dates call activity with this (see Registry::coarse_now_ns).
+            // The hot path dates call activity with this (see Registry::coarse_now_ns); every
+            // tick is a loop turn, so a quiet worker refreshes it at least once a tick.
             self.reg.refresh_clock();
             let mut more = false;
             if nap.is_none() {
@@ -553,7 +555,6 @@ impl Worker {
 
     fn on_tick(&mut self) {
         self.waiter_scan_due = true;
-        self.reg.refresh_clock();
         let mark = self.enqueued.load(Ordering::Acquire);
         for e in self.reg.expire_idle() {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");

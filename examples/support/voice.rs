@@ -172,6 +172,19 @@ where
     T: Tracer,
     T::Span: Send + Sync + 'static,
 {
+    /// An emitter for one call, its truth starting empty.
+    fn new(tracer: &'t T, call_id: &str, seed: u64, span_bytes: usize) -> Self {
+        Emitter {
+            tracer,
+            truth: Truth {
+                call_id: call_id.into(),
+                ..Truth::default()
+            },
+            seed,
+            span_bytes,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)] // a fixture: one line per span reads best at call sites
     fn span(
         &mut self,
@@ -257,15 +270,7 @@ where
     T: Tracer,
     T::Span: Send + Sync + 'static,
 {
-    let mut e = Emitter {
-        tracer,
-        truth: Truth {
-            call_id: call_id.into(),
-            ..Truth::default()
-        },
-        seed,
-        span_bytes: shape.span_bytes,
-    };
+    let mut e = Emitter::new(tracer, call_id, seed, shape.span_bytes);
     let root_cx = e.open(
         &Context::new(),
         "agent_session",
@@ -415,15 +420,7 @@ where
     T: Tracer,
     T::Span: Send + Sync + 'static,
 {
-    let mut e = Emitter {
-        tracer,
-        truth: Truth {
-            call_id: conversation_id.into(),
-            ..Truth::default()
-        },
-        seed: 99,
-        span_bytes: 0,
-    };
+    let mut e = Emitter::new(tracer, conversation_id, 99, 0);
     let root = e.open(
         &Context::new(),
         "conversation",
