@@ -59,6 +59,10 @@ fn attrs(i: u64) -> Vec<KeyValue> {
 /// Spans emitted by all callers since the last reset (added up when a caller finishes).
 static EMITTED: AtomicU64 = AtomicU64::new(0);
 
+/// Numbers calls across all callers and runs: a call id used again after its call ended would
+/// make its spans late spans (by design), which is not what is measured here.
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
 /// A no-op exporter that counts what reaches it, so the SDK's drops can be reported.
 #[derive(Debug, Default)]
 struct CountingNoop(Arc<AtomicU64>);
@@ -93,7 +97,7 @@ impl<'t> Caller<'t> {
     fn span(&mut self) {
         if self.n.is_multiple_of(SPANS_PER_CALL) {
             self.end_call();
-            self.calls += 1;
+            self.calls = CALLS.fetch_add(1, Ordering::Relaxed);
             let root = self
                 .tracer
                 .span_builder("agent_session")

@@ -10,6 +10,7 @@ use opentelemetry_sdk::trace::SpanData;
 
 use crate::fasthash::FastState;
 use crate::histogram::Histogram;
+use crate::packed::Chunk;
 use crate::semantics::{Operation, SpanFacts};
 
 /// How many slowest spans a summary keeps.
@@ -534,6 +535,8 @@ pub(crate) struct CallState {
     pub transcript: Transcript,
     pub turns: Turns,
     pub trace_ids: Vec<TraceId>,
+    /// Spans packed for the worker and not yet handed over (see [`crate::packed`]).
+    pub chunk: Option<Chunk>,
     /// Bytes of text one call may hold (transcript and turn records each).
     text_cap: usize,
 }
@@ -551,6 +554,7 @@ impl CallState {
             transcript: Transcript::default(),
             turns: Turns::default(),
             trace_ids: Vec::new(),
+            chunk: None,
             text_cap,
         }
     }
@@ -607,6 +611,12 @@ impl CallState {
             self.turns.push(r, self.text_cap);
         }
         self.turns.agent_turns += o.turns.agent_turns;
+        if let Some(c) = o.chunk {
+            match &mut self.chunk {
+                Some(mine) => mine.append(c),
+                None => self.chunk = Some(c),
+            }
+        }
         u64::from(cut)
     }
 }

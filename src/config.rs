@@ -405,8 +405,10 @@ pub struct Config {
     /// 1 ms to 365 days.
     pub timeout: Duration,
     /// Spans queued to the worker. Env `CALLSCOPE_QUEUE_SIZE`, default 65536, 1 to 1048576.
-    /// Spans with 1 KB or more of string values are also held to half of
-    /// [`max_buffer_bytes`](Self::max_buffer_bytes) while queued.
+    /// Spans travel packed in per-call chunks; the bytes of packed spans not yet serialised
+    /// (in open calls' chunks or queued) are also held to half of
+    /// [`max_buffer_bytes`](Self::max_buffer_bytes), or 512 bytes per queued span if that is
+    /// more (32 MiB with the defaults).
     pub queue_size: usize,
     /// The processor does nothing. Env `CALLSCOPE_DISABLED`, default false; also true when
     /// `OTEL_SDK_DISABLED` is true (unless set in code).

@@ -56,6 +56,7 @@ mod call;
 mod config;
 mod fasthash;
 mod histogram;
+mod packed;
 mod payload;
 mod processor;
 mod registry;

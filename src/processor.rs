@@ -14,8 +14,8 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use std::sync::mpsc::TrySendError;
 
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-use crate::registry::{EndReason, Ended, Registry, Routed};
-use crate::semantics::{self, CallIdValue, Operation};
+use crate::registry::{EndReason, Ended, Registry, Routed, count_queue_full};
+use crate::semantics::{self, CallIdValue};
 use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
 use crate::worker::{self, Control, DetailMsg};
@@ -140,23 +140,6 @@ impl StatsHandle {
     }
 }
 
-/// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
-fn wants_detail(cfg: &Config, span: &SpanData, op: Operation) -> bool {
-    match cfg.detail {
-        DetailMode::All => true,
-        DetailMode::None => false,
-        DetailMode::Critical => {
-            op == Operation::Tool
-                || matches!(span.status, opentelemetry::trace::Status::Error { .. })
-                || span
-                    .end_time
-                    .duration_since(span.start_time)
-                    .unwrap_or_default()
-                    > cfg.critical_threshold
-        }
-    }
-}
-
 /// What a span ended or joined, for the worker's control queue.
 struct Ends {
     ended: Vec<crate::registry::Ended>,
@@ -168,48 +151,30 @@ impl Active {
         self.worker.control.send(c).is_ok()
     }
 
-    /// Hands the span to the worker. `routed`'s call id is moved into the message (not cloned:
-    /// one reference-count update less per span); its ends are returned for `send_ends`.
-    fn route_detail(&self, span: SpanData, routed: Routed) -> Ends {
-        let cfg = &self.reg.config;
+    /// Hands a full chunk of the call's packed spans to the worker (`routed`'s call id is
+    /// moved into the message, not cloned); returns the calls the span ended or joined.
+    fn route_detail(&self, routed: Routed) -> Ends {
         let stats = &self.reg.stats;
         let Routed {
             call_id,
-            op,
             late,
             provisional,
             ended,
             joined,
-            text_bytes,
+            ship,
         } = routed;
         let ends = Ends { ended, joined };
-        if !wants_detail(cfg, &span, op) {
-            Counters::inc(&stats.detail_spans_filtered);
+        let Some(chunk) = ship else { return ends };
+        let spans = chunk.spans();
+        if !self.worker.queue_spans.try_take(spans) {
+            count_queue_full(stats, spans as u64);
             return ends;
         }
-        // A large span also takes its size from the queue's byte bound.
-        let queued_bytes = if text_bytes >= worker::LARGE_SPAN_BYTES {
-            let n = u32::try_from(text_bytes).unwrap_or(u32::MAX);
-            if !self.worker.queue_bytes.try_take(n as usize) {
-                self.count_queue_full();
-                return ends;
-            }
-            n
-        } else {
-            0
-        };
         let msg = DetailMsg {
             call_id,
-            span,
-            op,
+            chunk,
             late,
             provisional,
-            queued_bytes,
-        };
-        let refused = |queued_bytes: u32| {
-            if queued_bytes > 0 {
-                self.worker.queue_bytes.give(queued_bytes as usize);
-            }
         };
         match self.worker.data.try_send(msg) {
             Ok(()) => {
@@ -217,26 +182,16 @@ impl Active {
                 let n = self.worker.enqueued.fetch_add(1, Ordering::SeqCst) + 1;
                 self.worker.wake.after_send(n);
             }
-            Err(TrySendError::Full(m)) => {
-                refused(m.queued_bytes);
-                self.count_queue_full();
+            Err(TrySendError::Full(_)) => {
+                self.worker.queue_spans.give(spans);
+                count_queue_full(stats, spans as u64);
             }
-            Err(TrySendError::Disconnected(m)) => {
-                refused(m.queued_bytes);
-                Counters::inc(&stats.spans_dropped_send_failed);
+            Err(TrySendError::Disconnected(_)) => {
+                self.worker.queue_spans.give(spans);
+                Counters::add(&stats.spans_dropped_send_failed, spans as u64);
             }
         }
         ends
-    }
-
-    /// Counts (and logs at powers of two) a span whose detail the full queue refused.
-    fn count_queue_full(&self) {
-        if let Some(n) = Counters::inc_at_powers_of_two(&self.reg.stats.spans_dropped_queue_full) {
-            tracing::warn!(
-                dropped = n,
-                "callscope queue full (CALLSCOPE_QUEUE_SIZE spans, or half of CALLSCOPE_MAX_BUFFER_BYTES in large spans): span detail dropped (summaries stay exact)"
-            );
-        }
     }
 
     fn send_ends(&self, ends: Ends) {
@@ -324,7 +279,10 @@ impl SpanProcessor for CallSpanProcessor {
         }
         Counters::inc(&a.reg.stats.spans_seen);
         let routed = a.reg.record(&span, a.reg.coarse_now_ns());
-        let ends = a.route_detail(span, routed);
+        // The span's memory is freed here, on the thread that allocated it: its detail is
+        // packed in its call's chunk (see `packed`).
+        drop(span);
+        let ends = a.route_detail(routed);
         a.send_ends(ends);
     }
 

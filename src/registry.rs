@@ -16,7 +16,9 @@ use opentelemetry_sdk::trace::SpanData;
 
 use crate::call::{CallState, SpanView, truncate_str};
 use crate::config::Config;
+use crate::config::DetailMode;
 use crate::fasthash::FastState;
+use crate::packed::{Budget, CHUNK_BYTES, CHUNK_SPANS, Chunk, MIN_CHUNK_BYTES};
 use crate::semantics::{self, CallIdKeys, CallIdValue, Operation};
 use crate::stats::Counters;
 
@@ -50,11 +52,31 @@ pub(crate) struct Ended {
     pub reason: EndReason,
 }
 
+/// Packed bytes a queued span is given room for: a voice-agent span with eight attributes
+/// packs to about 430 bytes.
+pub(crate) const QUEUED_SPAN_BYTES: usize = 512;
+
+/// The bound on packed spans not yet serialised by the worker (in open calls' chunks or
+/// queued): half of `CALLSCOPE_MAX_BUFFER_BYTES`, or room for `CALLSCOPE_QUEUE_SIZE` spans of
+/// [`QUEUED_SPAN_BYTES`], whichever is more (32 MiB with the defaults).
+pub(crate) fn packed_bytes_bound(config: &Config) -> usize {
+    (config.max_buffer_bytes / 2).max(config.queue_size.saturating_mul(QUEUED_SPAN_BYTES))
+}
+
+/// Counts (and logs at powers of two) spans whose detail a full queue refused.
+pub(crate) fn count_queue_full(stats: &Counters, spans: u64) {
+    if let Some(n) = Counters::add_at_powers_of_two(&stats.spans_dropped_queue_full, spans) {
+        tracing::warn!(
+            dropped = n,
+            "callscope queue full (CALLSCOPE_QUEUE_SIZE spans, or half of CALLSCOPE_MAX_BUFFER_BYTES in packed spans): span detail dropped (summaries stay exact)"
+        );
+    }
+}
+
 /// Where `on_end` put a span.
 #[derive(Debug)]
 pub(crate) struct Routed {
     pub call_id: Arc<str>,
-    pub op: Operation,
     /// The call had already ended: the span is a late span.
     pub late: bool,
     /// The call is still keyed by its trace id (no call id seen yet).
@@ -63,8 +85,8 @@ pub(crate) struct Routed {
     pub ended: Vec<Ended>,
     /// A provisional call that this span's call id joined: `(from, to)`.
     pub joined: Option<(Arc<str>, Arc<str>)>,
-    /// Bytes of the span's string attribute values and name (what it weighs while queued).
-    pub text_bytes: usize,
+    /// Packed spans of the call, ready for the worker (the chunk filled up, or the span is late).
+    pub ship: Option<Chunk>,
 }
 
 #[derive(Debug, Default)]
@@ -101,6 +123,10 @@ pub(crate) struct Registry {
     traces_cap: usize,
     /// Bytes of text kept per call.
     text_cap: usize,
+    /// Bound on packed spans not yet serialised by the worker ([`packed_bytes_bound`]).
+    pub(crate) queue_bytes: Arc<Budget>,
+    /// Spans per chunk before it is handed over.
+    chunk_spans: usize,
 }
 
 fn lock(m: &Mutex<Lifecycle>) -> MutexGuard<'_, Lifecycle> {
@@ -123,6 +149,8 @@ impl Registry {
             clock: Instant::now(),
             coarse_now: AtomicU64::new(0),
             id_keys: CallIdKeys::new(&config.call_id_keys),
+            queue_bytes: Arc::new(Budget::new(packed_bytes_bound(&config))),
+            chunk_spans: config.queue_size.clamp(1, CHUNK_SPANS),
             config,
             stats,
         }
@@ -217,7 +245,10 @@ impl Registry {
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
         let is_root = span.parent_span_id == SpanId::INVALID
             || self.config.root_span_names.iter().any(|n| *n == span.name);
-        let text_bytes = facts.text_bytes + span.name.len();
+        let detail = self.wants_detail(span, op);
+        if !detail {
+            Counters::inc(&self.stats.detail_spans_filtered);
+        }
         let view = SpanView::of(span, op, facts);
         let mut provisional = false;
         let mut late = false;
@@ -247,23 +278,38 @@ impl Registry {
             }
         };
 
-        // 2. update it (fast path: one shard lock)
+        // 2. update it (fast path: one shard lock) and pack its detail into the call's chunk
         let mut cut = 0;
+        let mut ship = None;
         if let Some(mut c) = self.calls.get_mut(&*key) {
             cut = c.record(&view, now);
             provisional = c.provisional;
+            if detail {
+                ship = self.pack(&mut c.chunk, span, op, now, false);
+            }
         } else {
             let mut lc = lock(&self.lifecycle);
             if let Some(mut c) = self.calls.get_mut(&*key) {
                 cut = c.record(&view, now);
                 provisional = c.provisional;
+                if detail {
+                    ship = self.pack(&mut c.chunk, span, op, now, false);
+                }
             } else if lc.ended.contains(&key) {
                 late = true;
                 Counters::inc(&self.stats.late_spans);
+                if detail {
+                    // A late span travels on its own.
+                    let mut one = None;
+                    ship = self.pack(&mut one, span, op, now, true).or(one);
+                }
             } else {
                 self.evict_for_new(&mut lc, &mut ended);
                 let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
                 cut = st.record(&view, now);
+                if detail {
+                    ship = self.pack(&mut st.chunk, span, op, now, false);
+                }
                 self.calls.insert(key.clone(), st);
                 self.open.fetch_add(1, Ordering::Relaxed);
                 lc.open_order.push_back(key.clone());
@@ -281,13 +327,85 @@ impl Registry {
         }
         Routed {
             call_id: key,
-            op,
             late,
             provisional,
             ended,
             joined,
-            text_bytes,
+            ship,
         }
+    }
+
+    /// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
+    fn wants_detail(&self, span: &SpanData, op: Operation) -> bool {
+        match self.config.detail {
+            DetailMode::All => true,
+            DetailMode::None => false,
+            DetailMode::Critical => {
+                op == Operation::Tool
+                    || matches!(span.status, opentelemetry::trace::Status::Error { .. })
+                    || span
+                        .end_time
+                        .duration_since(span.start_time)
+                        .unwrap_or_default()
+                        > self.config.critical_threshold
+            }
+        }
+    }
+
+    /// Packs a span into `chunk` (a call's, or a fresh one for a late span); returns the chunk
+    /// once it is full enough to hand over. A span the byte bound cannot hold is counted and
+    /// its detail dropped.
+    fn pack(
+        &self,
+        chunk: &mut Option<Chunk>,
+        span: &SpanData,
+        op: Operation,
+        now: u64,
+        late: bool,
+    ) -> Option<Chunk> {
+        if chunk.is_none() {
+            // Room for a quarter of the bound shared by the open calls, within limits; a late
+            // span (no call to gather more) gets the smallest.
+            let open = self.open.load(Ordering::Relaxed).max(1);
+            let capacity = if late {
+                MIN_CHUNK_BYTES
+            } else {
+                (self.queue_bytes.cap() / 4 / open).clamp(MIN_CHUNK_BYTES, CHUNK_BYTES)
+            };
+            *chunk = Chunk::new(&self.queue_bytes, now, capacity);
+        }
+        let Some(c) = chunk else {
+            count_queue_full(&self.stats, 1);
+            return None;
+        };
+        if !c.push(span, op, self.config.max_request_bytes) {
+            count_queue_full(&self.stats, 1);
+            if c.spans() == 0 {
+                *chunk = None;
+            }
+            return None;
+        }
+        if c.is_full(self.chunk_spans) {
+            return chunk.take();
+        }
+        None
+    }
+
+    /// Takes the chunks of open calls whose first span was packed at least `min_age_ns` ago
+    /// (all of them for 0): a quiet call's detail must not wait for its chunk to fill.
+    pub(crate) fn take_chunks(&self, min_age_ns: u64) -> Vec<(Arc<str>, bool, Chunk)> {
+        let now = self.coarse_now_ns();
+        let mut out = Vec::new();
+        for mut e in self.calls.iter_mut() {
+            let due = e
+                .chunk
+                .as_ref()
+                .is_some_and(|c| now.saturating_sub(c.since_ns) >= min_age_ns);
+            if due && let Some(c) = e.chunk.take() {
+                out.push((e.key().clone(), e.provisional, c));
+            }
+        }
+        out
     }
 
     fn is_provisional(&self, k: &str) -> bool {

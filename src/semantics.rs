@@ -46,6 +46,11 @@ impl Operation {
         }
     }
 
+    /// The operation at [`index`](Self::index) `i`.
+    pub(crate) fn from_u8(i: u8) -> Option<Operation> {
+        Self::ALL.get(usize::from(i)).copied()
+    }
+
     /// Dense index for per-operation arrays.
     pub(crate) fn index(self) -> usize {
         self as usize
@@ -108,8 +113,6 @@ pub(crate) struct SpanFacts<'a> {
     pub ttft_ms: Option<f64>,
     /// Pipecat `turn.number`.
     pub turn_number: Option<u64>,
-    /// Bytes of string attribute values: most of what a large span weighs while queued.
-    pub text_bytes: usize,
 }
 
 /// A call id as found in an attribute: borrowed text, or an integer.
@@ -248,9 +251,6 @@ pub(crate) fn read_span<'a>(
     for kv in attrs {
         offer_call_id(&mut best_id, call_id_keys, kv);
         let v = &kv.value;
-        if let Value::String(s) = v {
-            f.text_bytes += s.as_str().len();
-        }
         match kv.key.as_str() {
             "lk.user_transcript" | "lk.pii.user_transcript" => {
                 f.user_text = text(v).or(f.user_text);

@@ -69,7 +69,8 @@ counters! {
     /// Spans not sent as detail because of `CALLSCOPE_DETAIL` (`critical` or `none`): by choice, not loss.
     detail_spans_filtered,
     /// Spans whose detail was dropped because the worker queue was full: `CALLSCOPE_QUEUE_SIZE`
-    /// spans, or half of `CALLSCOPE_MAX_BUFFER_BYTES` in spans with >= 1 KB of text.
+    /// spans, or the byte bound on packed spans not yet serialised (half of
+    /// `CALLSCOPE_MAX_BUFFER_BYTES`, or 512 bytes per `CALLSCOPE_QUEUE_SIZE` span if more).
     spans_dropped_queue_full,
     /// Spans whose detail was dropped because pending detail passed `CALLSCOPE_MAX_BUFFER_BYTES`
     /// (no spool set).
@@ -137,8 +138,17 @@ impl Counters {
     /// repeated drop is logged, so that a flood of them cannot flood the log too.
     #[inline]
     pub(crate) fn inc_at_powers_of_two(c: &AtomicU64) -> Option<u64> {
-        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
-        n.is_power_of_two().then_some(n)
+        Self::add_at_powers_of_two(c, 1)
+    }
+
+    /// Adds `n` to a counter and returns the new count when it passed a power of two (see
+    /// [`inc_at_powers_of_two`](Self::inc_at_powers_of_two)).
+    #[inline]
+    pub(crate) fn add_at_powers_of_two(c: &AtomicU64, n: u64) -> Option<u64> {
+        let before = c.fetch_add(n, Ordering::Relaxed);
+        let after = before.saturating_add(n);
+        let passed = n > 0 && (before == 0 || after.ilog2() > before.ilog2());
+        passed.then_some(after)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The worker: one thread with its own current-thread tokio runtime that owns all I/O.
 //!
-//! It receives detail spans (lossy bounded queue) and control messages (call ends, joins,
-//! flush, shutdown; never dropped), serializes and batches detail per call, builds the core at
-//! call end, and delivers:
+//! It receives detail as chunks of one call's packed spans (lossy bounded queue; see
+//! [`crate::packed`]) and control messages (call ends, joins, flush, shutdown; never dropped),
+//! takes the chunks of quiet open calls each tick, serializes and batches detail per call,
+//! builds the core at call end, and delivers:
 //!
 //! - every payload becomes a [`Job`]; with a spool it is written there first (fsync batched:
 //!   one sync before each round of dispatch) and deleted when acknowledged;
@@ -28,6 +29,7 @@ use tokio::task::{Id, JoinSet};
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::Turns;
 use crate::config::{Config, DetailMode};
+use crate::packed::{Budget, Chunk};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
 use crate::semantics::Operation;
@@ -48,14 +50,16 @@ const MIN_OPEN_BATCH_BYTES: usize = 64 * 1024;
 const FINAL_FIELDS_BYTES: usize = 96;
 /// A lone span the receiver still refuses at this size is given up.
 const MIN_SHORTENED_BYTES: usize = 1024;
-/// Detail messages taken from the queue per loop turn (then control and uploads get a look).
+/// Spans taken from the queue per loop turn, in whole chunks (then control and uploads get a
+/// look).
 const DRAIN_MAX: usize = 1024;
 /// After the first span wakes an idle worker, it waits this long for more before draining, so
 /// producers pay the wake-up (a syscall) at most about once per nap, not once per span.
 const WAKE_NAP: Duration = Duration::from_millis(1);
 /// Most spans queued during a nap before a producer cuts it short.
 const MAX_WAKE_EVERY: usize = 4096;
-/// While draining, control messages (call ends) are looked at every this many spans.
+/// While draining, control messages (call ends) are looked at every this many spans (at chunk
+/// boundaries).
 const CONTROL_EVERY: usize = 32;
 
 const RUNNING: u8 = 0;
@@ -105,62 +109,13 @@ impl Wake {
     }
 }
 
-/// One span's detail on its way to the worker.
+/// Packed spans of one call on their way to the worker.
 #[derive(Debug)]
 pub(crate) struct DetailMsg {
     pub call_id: Arc<str>,
-    pub span: SpanData,
-    pub op: Operation,
+    pub chunk: Chunk,
     pub late: bool,
     pub provisional: bool,
-    /// Bytes taken from [`QueueBytes`] for this span (0 for a small span).
-    pub queued_bytes: u32,
-}
-
-/// Spans whose string values weigh at least this much count against [`QueueBytes`]; smaller
-/// ones are bounded by `CALLSCOPE_QUEUE_SIZE` alone (at most a few hundred bytes each).
-pub(crate) const LARGE_SPAN_BYTES: usize = 1024;
-
-/// The span queue's bound in bytes, besides its bound in spans: 65,536 queued spans of 10 KB
-/// would hold 655 MB while the worker falls behind. Large spans (see [`LARGE_SPAN_BYTES`]) take
-/// their text's size from it when queued and give it back when the worker takes them; past the
-/// bound their detail is dropped and counted like a full queue. The bound is half of
-/// `CALLSCOPE_MAX_BUFFER_BYTES`, on top of that bound on pending detail in the worker: spans on
-/// their way to the worker and detail in it stay within 1.5 × `CALLSCOPE_MAX_BUFFER_BYTES`.
-#[derive(Debug)]
-pub(crate) struct QueueBytes {
-    used: AtomicUsize,
-    cap: usize,
-}
-
-impl QueueBytes {
-    pub(crate) fn new(cap: usize) -> Self {
-        QueueBytes {
-            used: AtomicUsize::new(0),
-            cap,
-        }
-    }
-
-    /// Takes `n` bytes if they fit (a span larger than the whole bound fits an empty queue).
-    pub(crate) fn try_take(&self, n: usize) -> bool {
-        let before = self.used.fetch_add(n, Ordering::AcqRel);
-        if before > 0 && before + n > self.cap {
-            self.used.fetch_sub(n, Ordering::AcqRel);
-            return false;
-        }
-        true
-    }
-
-    /// Gives back what [`try_take`](Self::try_take) took.
-    pub(crate) fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
-    }
-
-    /// Bytes taken now.
-    #[cfg(test)]
-    pub(crate) fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
-    }
 }
 
 /// Messages that are never dropped.
@@ -192,8 +147,9 @@ pub(crate) struct Handle {
     pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
-    /// The span queue's bound in bytes.
-    pub queue_bytes: Arc<QueueBytes>,
+    /// Spans queued (`CALLSCOPE_QUEUE_SIZE`); the bytes of packed spans are bounded by
+    /// [`Registry::queue_bytes`].
+    pub queue_spans: Arc<Budget>,
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -207,7 +163,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let enqueued = Arc::new(AtomicU64::new(0));
     let ends_queued = Arc::new(AtomicUsize::new(0));
-    let queue_bytes = Arc::new(QueueBytes::new(cfg.max_buffer_bytes / 2));
+    let queue_spans = Arc::new(Budget::new(cfg.queue_size));
     let backlog_limit = cfg.max_open_calls.max(1024);
     let (spool, replay) = match &cfg.spool_dir {
         Some(dir) => {
@@ -231,11 +187,12 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         wake: wake.clone(),
         null_sink,
         null_spans: 0,
+        tick_ns: 0,
         ctrl_rx,
         received: 0,
         enqueued: enqueued.clone(),
         ends_queued: ends_queued.clone(),
-        queue_bytes: queue_bytes.clone(),
+        queue_spans: queue_spans.clone(),
         backlog_limit,
         buffers: HashMap::new(),
         redirects: HashMap::new(),
@@ -277,7 +234,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         control: ctrl_tx,
         enqueued,
         ends_queued,
-        queue_bytes,
+        queue_spans,
         thread: std::sync::Mutex::new(Some(thread)),
     })
 }
@@ -307,6 +264,9 @@ struct PendingEnd {
     /// (transcript, aggregates) went into the core and is dropped at once.
     turns: Turns,
     mark: u64,
+    /// The call's last packed spans (its chunk when it ended), batched at its mark, after the
+    /// spans queued before its end: many ends drained at once must not fill open batches.
+    chunk: Option<Chunk>,
 }
 
 /// A payload on its way: a core or a detail batch.
@@ -364,11 +324,13 @@ struct Worker {
     null_sink: bool,
     /// Spans taken by the null sink, not yet added to `detail_spans_sent`.
     null_spans: u64,
+    /// The tick's period in ns (chunks older than this are taken from quiet calls).
+    tick_ns: u64,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
     enqueued: Arc<AtomicU64>,
     ends_queued: Arc<AtomicUsize>,
-    queue_bytes: Arc<QueueBytes>,
+    queue_spans: Arc<Budget>,
     /// Outstanding payloads above which control messages wait (see the run loop).
     backlog_limit: usize,
     buffers: HashMap<Arc<str>, Buf>,
@@ -410,6 +372,7 @@ impl Worker {
     async fn run(mut self) {
         let idle = self.cfg.call_idle_timeout / 4;
         let period = idle.clamp(Duration::from_millis(10), Duration::from_millis(250));
+        self.tick_ns = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nap: Option<tokio::time::Instant> = None;
@@ -421,7 +384,7 @@ impl Worker {
             let mut more = false;
             if nap.is_none() {
                 let n = self.drain_data();
-                more = n == DRAIN_MAX;
+                more = n >= DRAIN_MAX;
                 if n > 0 {
                     self.progress();
                 }
@@ -480,14 +443,16 @@ impl Worker {
         }
     }
 
-    /// Takes up to [`DRAIN_MAX`] queued detail messages; returns how many. Control messages
+    /// Takes queued chunks up to about [`DRAIN_MAX`] spans; returns how many spans. Control messages
     /// are looked at every [`CONTROL_EVERY`] spans and ended calls are finished as soon as their
     /// last span is in, as when spans came one per loop turn: a drained burst of many calls must
     /// not hold all of them in open batches (that would push pending detail over its bound).
     fn drain_data(&mut self) -> usize {
         let mut n = 0;
+        let mut next_control = 0;
         while n < DRAIN_MAX {
-            if n % CONTROL_EVERY == 0 {
+            if n >= next_control {
+                next_control = n + CONTROL_EVERY;
                 // Same backlog rule as the run loop: no call ends while too much is outstanding.
                 while self.outstanding() < self.backlog_limit
                     && let Ok(c) = self.ctrl_rx.try_recv()
@@ -497,7 +462,7 @@ impl Worker {
             }
             match self.data_rx.try_recv() {
                 Ok(d) => {
-                    n += 1;
+                    n += d.chunk.spans().max(1);
                     self.on_detail(d);
                     if self
                         .by_mark
@@ -514,11 +479,16 @@ impl Worker {
                 }
             }
         }
+        self.settle_null_spans();
+        n
+    }
+
+    /// Adds what the null sink took to `detail_spans_sent`.
+    fn settle_null_spans(&mut self) {
         if self.null_spans > 0 {
             Counters::add(&self.stats.detail_spans_sent, self.null_spans);
             self.null_spans = 0;
         }
-        n
     }
 
     fn on_control(&mut self, c: Control) {
@@ -528,12 +498,16 @@ impl Worker {
                 self.on_end(*e, mark)
             }
             Control::Join { from, to } => self.on_join(from, to),
-            Control::Flush { mark, ack } => self.waiters.push(Waiter {
-                mark,
-                epoch: None,
-                ack,
-                stop: false,
-            }),
+            Control::Flush { mark, ack } => {
+                // Spans still packed in open calls' chunks are part of what a flush delivers.
+                self.take_chunks(0);
+                self.waiters.push(Waiter {
+                    mark,
+                    epoch: None,
+                    ack,
+                    stop: false,
+                })
+            }
             Control::Shutdown {
                 mark,
                 deadline,
@@ -553,8 +527,18 @@ impl Worker {
         });
     }
 
+    /// Serialises the chunks of open calls packed at least `min_age_ns` ago.
+    fn take_chunks(&mut self, min_age_ns: u64) {
+        for (call_id, provisional, chunk) in self.reg.take_chunks(min_age_ns) {
+            self.on_chunk(&call_id, false, provisional, &chunk);
+        }
+        self.settle_null_spans();
+    }
+
     fn on_tick(&mut self) {
         self.waiter_scan_due = true;
+        // A quiet call's packed spans wait at most about a tick before they are batched.
+        self.take_chunks(self.tick_ns);
         let mark = self.enqueued.load(Ordering::Acquire);
         for e in self.reg.expire_idle() {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");
@@ -586,26 +570,50 @@ impl Worker {
 
     fn on_detail(&mut self, msg: DetailMsg) {
         self.received += 1;
-        if msg.queued_bytes > 0 {
-            self.queue_bytes.give(msg.queued_bytes as usize);
-        }
+        self.queue_spans.give(msg.chunk.spans());
+        self.on_chunk(&msg.call_id, msg.late, msg.provisional, &msg.chunk);
+    }
+
+    /// Serialises and batches a chunk of one call's packed spans; the chunk (and the bytes it
+    /// holds against the queue's bound) is let go by the caller.
+    fn on_chunk(&mut self, call_id: &Arc<str>, late: bool, provisional: bool, chunk: &Chunk) {
         if self.null_sink {
             // Counted once per drain (the counters share cache lines with the callers').
-            self.null_spans += 1;
+            self.null_spans += chunk.spans() as u64;
             return;
         }
+        for s in chunk.unpack() {
+            match s {
+                Ok((span, op)) => self.on_span(call_id, late, provisional, &span, op),
+                Err(()) => {
+                    // Only a bug in `packed` gets here; the chunk's other spans are lost.
+                    Counters::inc(&self.stats.spans_dropped_send_failed);
+                    tracing::error!(%call_id, "callscope could not read back a packed span (a bug: please report it); span detail dropped");
+                }
+            }
+        }
+    }
+
+    fn on_span(
+        &mut self,
+        call_id: &Arc<str>,
+        msg_late: bool,
+        provisional: bool,
+        span: &SpanData,
+        op: Operation,
+    ) {
         let key = self
             .redirects
-            .get(&msg.call_id)
+            .get(call_id)
             .cloned()
-            .unwrap_or_else(|| msg.call_id.clone());
+            .unwrap_or_else(|| call_id.clone());
         if !self.buffers.contains_key(&key) {
             // A span of a call whose final batch already went out raced its call's end (queued
             // before the end by another thread, counted after it): it travels as late detail
             // with a fresh batch number, never reusing one the receiver already stored.
             let ended = self.ended_seqs.get(&key).copied();
-            let late = (msg.late || ended.is_some()) && !self.pending.contains_key(&key);
-            if late && !msg.late {
+            let late = (msg_late || ended.is_some()) && !self.pending.contains_key(&key);
+            if late && !msg_late {
                 Counters::inc(&self.stats.late_spans);
             }
             let next_seq = if late {
@@ -616,7 +624,7 @@ impl Worker {
             } else {
                 0
             };
-            let b = self.new_buf(&key, msg.provisional, late, next_seq);
+            let b = self.new_buf(&key, provisional, late, next_seq);
             self.buffers.insert(key.clone(), b);
         }
         let Some(b) = self.buffers.get(&key) else {
@@ -630,13 +638,12 @@ impl Worker {
             (self.cfg.max_buffer_bytes / 4 / self.buffers.len().max(1)).max(MIN_OPEN_BATCH_BYTES);
         let open_cap = budget.min(share);
         self.scratch.clear();
-        let cut = payload::write_span(&mut self.scratch, &msg.span, msg.op, budget);
+        let cut = payload::write_span(&mut self.scratch, span, op, budget);
         if cut > 0 {
             Counters::add(&self.stats.attributes_truncated, cut);
-            tracing::warn!(call_id = %key, span = %msg.span.name, values = cut,
+            tracing::warn!(call_id = %key, span = %span.name, values = cut,
                 "span larger than CALLSCOPE_MAX_REQUEST_BYTES: its largest attribute values were shortened");
         }
-        drop(msg);
         self.buffered_bytes += self.scratch.len() + 1;
         let now = Instant::now();
         let full = match self.buffers.get_mut(&key) {
@@ -1233,7 +1240,8 @@ impl Worker {
     }
 
     fn on_end(&mut self, e: Ended, mark: u64) {
-        let Ended { state, reason } = e;
+        let Ended { mut state, reason } = e;
+        let chunk = state.chunk.take();
         let call_id = state.call_id.clone();
         if let Some(old) = self.pending.remove(&call_id) {
             // The same id ended twice before its first end was finished: finish that one now.
@@ -1278,6 +1286,7 @@ impl Worker {
             PendingEnd {
                 turns: state.turns,
                 mark,
+                chunk,
             },
         );
     }
@@ -1316,7 +1325,7 @@ impl Worker {
 
     /// Every span of an ended call is batched: its remaining spans and its transcript become
     /// the final batch, held until the core is acknowledged.
-    fn finish(&mut self, key: Arc<str>, p: PendingEnd) {
+    fn finish(&mut self, key: Arc<str>, mut p: PendingEnd) {
         if self.cfg.detail == DetailMode::None {
             self.buffers.remove(&key);
             self.core_outcome.remove(&key);
@@ -1326,6 +1335,11 @@ impl Worker {
             let next = self.ended_seqs.get(&key).copied().unwrap_or(0);
             let b = self.new_buf(&key, false, false, next);
             self.buffers.insert(key.clone(), b);
+        }
+        // The spans packed since the call's last full chunk (its buffer exists: never late).
+        if let Some(chunk) = p.chunk.take() {
+            self.on_chunk(&key, false, false, &chunk);
+            self.settle_null_spans();
         }
         if self.core_outcome.get(&key) == Some(&CoreState::Failed) {
             self.core_outcome.remove(&key);
@@ -1575,30 +1589,4 @@ impl Worker {
 enum DropWhy {
     BufferFull,
     SpoolFull,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queue_bytes_bound_what_is_queued_and_let_one_oversized_span_through_when_empty() {
-        let q = QueueBytes::new(10_000);
-        assert!(q.try_take(6_000));
-        assert!(q.try_take(4_000));
-        assert!(!q.try_take(1), "past the bound");
-        assert_eq!(q.used(), 10_000, "a refusal takes nothing");
-        q.give(6_000);
-        assert!(q.try_take(5_000));
-        q.give(5_000);
-        q.give(4_000);
-        assert_eq!(q.used(), 0);
-        assert!(
-            q.try_take(50_000),
-            "a span larger than the bound passes an empty queue"
-        );
-        assert!(!q.try_take(1_024));
-        q.give(50_000);
-        assert_eq!(q.used(), 0);
-    }
 }

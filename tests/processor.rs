@@ -614,3 +614,54 @@ fn the_call_id_set_on_the_root_after_start_still_groups_its_children() {
     assert_eq!(stats.snapshot().calls_joined, 1);
     provider.shutdown().unwrap();
 }
+
+/// Spans are packed into their call's chunk on the app thread and handed over when the chunk
+/// fills up; a quiet call's few spans must still stream out (the worker takes chunks older than
+/// a tick, then its batch timeout sends them) while the call stays open.
+#[test]
+fn a_quiet_open_call_streams_its_spans_without_ending() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.batch_timeout(Duration::from_millis(50)));
+    let tracer = provider.tracer("quiet");
+    let cx = open_call(&tracer, "quiet-1", 3);
+    assert!(
+        rx.wait_for(WAIT, |r| detail_span_ids(
+            &r.iter().filter(|r| r.ok()).cloned().collect::<Vec<_>>(),
+            "quiet-1"
+        )
+        .len()
+            == 3),
+        "the open call's 3 spans never arrived: {:?}",
+        stats.snapshot()
+    );
+    assert!(rx.core_of("quiet-1").is_none(), "the call is still open");
+    assert_eq!(stats.snapshot().calls_open, 1);
+    cx.span().end();
+    provider.force_flush().unwrap();
+    assert_eq!(detail_span_ids(&rx.details(), "quiet-1").len(), 4);
+    provider.shutdown().unwrap();
+}
+
+/// `force_flush` delivers the spans of open calls still packed in their chunks.
+#[test]
+fn force_flush_delivers_spans_of_open_calls() {
+    let rx = Receiver::start();
+    // The batch timeout is far away: only the flush can send these spans.
+    let (provider, stats) = setup(&rx, |b| b.batch_timeout(Duration::from_secs(3600)));
+    let tracer = provider.tracer("flush-open");
+    let calls: Vec<Context> = (0..5)
+        .map(|c| open_call(&tracer, &format!("open-{c}"), 7))
+        .collect();
+    provider.force_flush().unwrap();
+    let s = stats.snapshot();
+    assert_eq!(s.detail_spans_sent, 5 * 7, "{s:?}");
+    for c in 0..5 {
+        assert_eq!(
+            detail_span_ids(&rx.details(), &format!("open-{c}")).len(),
+            7
+        );
+    }
+    assert_eq!(s.calls_open, 5);
+    drop(calls);
+    provider.shutdown().unwrap();
+}
