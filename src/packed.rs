@@ -124,9 +124,15 @@ impl Chunk {
     }
 
     /// Packs `span` (see [`pack`]); false (and nothing packed) when the budget cannot hold it.
-    pub(crate) fn push(&mut self, span: &SpanData, op: Operation, value_cap: usize) -> bool {
+    pub(crate) fn push(
+        &mut self,
+        span: &SpanData,
+        op: Operation,
+        dur: Duration,
+        value_cap: usize,
+    ) -> bool {
         let before = self.bytes.len();
-        pack(&mut self.bytes, span, op, value_cap);
+        pack(&mut self.bytes, span, op, dur, value_cap);
         let cap = self.bytes.capacity();
         if cap > self.reserved {
             if !self.budget.try_take(cap - self.reserved) {
@@ -200,6 +206,22 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..n]);
 }
 
+/// A tag and a string: one write for both heads, one for the text.
+#[inline]
+fn put_tagged_str(out: &mut Vec<u8>, tag: u8, s: &str) {
+    let n = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    let l = n.to_le_bytes();
+    out.extend_from_slice(&[tag, l[0], l[1], l[2], l[3]]);
+    out.extend_from_slice(&s.as_bytes()[..n as usize]);
+}
+
+/// A tag and an 8-byte scalar in one write.
+#[inline]
+fn put_tagged_u64(out: &mut Vec<u8>, tag: u8, v: u64) {
+    let b = v.to_le_bytes();
+    out.extend_from_slice(&[tag, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+}
+
 fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
     put_len(out, items.len());
     for x in items.iter().take(u32::MAX as usize) {
@@ -207,21 +229,13 @@ fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>
     }
 }
 
+#[inline]
 fn put_value(out: &mut Vec<u8>, v: &Value, cap: usize) {
     match v {
         Value::Bool(b) => out.extend_from_slice(&[V_BOOL, u8::from(*b)]),
-        Value::I64(i) => {
-            out.push(V_I64);
-            out.extend_from_slice(&i.to_le_bytes());
-        }
-        Value::F64(f) => {
-            out.push(V_F64);
-            out.extend_from_slice(&f.to_bits().to_le_bytes());
-        }
-        Value::String(s) => {
-            out.push(V_STR);
-            put_str(out, truncate_str(s.as_str(), cap));
-        }
+        Value::I64(i) => put_tagged_u64(out, V_I64, *i as u64),
+        Value::F64(f) => put_tagged_u64(out, V_F64, f.to_bits()),
+        Value::String(s) => put_tagged_str(out, V_STR, truncate_str(s.as_str(), cap)),
         Value::Array(Array::Bool(a)) => {
             out.push(V_BOOLS);
             put_list(out, a, |o, b| o.push(u8::from(*b)));
@@ -241,10 +255,7 @@ fn put_value(out: &mut Vec<u8>, v: &Value, cap: usize) {
             put_list(out, a, |o, s| put_str(o, truncate_str(s.as_str(), cap)));
         }
         // Kinds added to the API later travel as their text.
-        other => {
-            out.push(V_STR);
-            put_str(out, &other.to_string());
-        }
+        other => put_tagged_str(out, V_STR, &other.to_string()),
     }
 }
 
@@ -265,27 +276,41 @@ fn put_kind(k: &SpanKind) -> u8 {
     }
 }
 
-/// Appends `span` (and its operation) to `out`; returns the bytes appended. String values
-/// longer than `value_cap` bytes are cut to it: no request could carry more of them, and the
-/// worker still shortens (and counts) such a value to fit `CALLSCOPE_MAX_REQUEST_BYTES`.
-pub(crate) fn pack(out: &mut Vec<u8>, span: &SpanData, op: Operation, value_cap: usize) -> usize {
+/// Appends `span` (and its operation) to `out`; returns the bytes appended. `dur` is the
+/// span's duration as the aggregates read it ([`crate::call::span_duration`]): the end is packed as start +
+/// duration (one clock subtraction less per span; an end before the start reads back as the
+/// start, which is how its duration already counts). String values longer than `value_cap`
+/// bytes are cut to it: no request could carry more of them, and the worker still shortens
+/// (and counts) such a value to fit `CALLSCOPE_MAX_REQUEST_BYTES`.
+pub(crate) fn pack(
+    out: &mut Vec<u8>,
+    span: &SpanData,
+    op: Operation,
+    dur: Duration,
+    value_cap: usize,
+) -> usize {
     let cap = value_cap;
     let start = out.len();
     let ctx = &span.span_context;
-    out.push(op.index() as u8);
-    out.extend_from_slice(&ctx.trace_id().to_bytes());
-    out.extend_from_slice(&ctx.span_id().to_bytes());
-    out.extend_from_slice(&span.parent_span_id.to_bytes());
-    out.push(put_kind(&span.span_kind));
-    out.extend_from_slice(&nanos(span.start_time).to_le_bytes());
-    out.extend_from_slice(&nanos(span.end_time).to_le_bytes());
-    match &span.status {
-        Status::Unset => out.push(S_UNSET),
-        Status::Ok => out.push(S_OK),
-        Status::Error { description } => {
-            out.push(S_ERROR);
-            put_str(out, description);
-        }
+    // The fixed-size head in one write.
+    let mut head = [0u8; 51];
+    head[0] = op.index() as u8;
+    head[1..17].copy_from_slice(&ctx.trace_id().to_bytes());
+    head[17..25].copy_from_slice(&ctx.span_id().to_bytes());
+    head[25..33].copy_from_slice(&span.parent_span_id.to_bytes());
+    head[33] = put_kind(&span.span_kind);
+    let start_ns = nanos(span.start_time);
+    let dur_ns = u64::try_from(dur.as_nanos()).unwrap_or(u64::MAX);
+    head[34..42].copy_from_slice(&start_ns.to_le_bytes());
+    head[42..50].copy_from_slice(&start_ns.saturating_add(dur_ns).to_le_bytes());
+    head[50] = match &span.status {
+        Status::Unset => S_UNSET,
+        Status::Ok => S_OK,
+        Status::Error { .. } => S_ERROR,
+    };
+    out.extend_from_slice(&head);
+    if let Status::Error { description } = &span.status {
+        put_str(out, description);
     }
     put_str(out, &span.name);
     put_attrs(out, &span.attributes, cap);
@@ -482,6 +507,7 @@ impl Iterator for Unpacker<'_> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::call::span_duration;
     use crate::payload;
 
     fn span(i: u8) -> SpanData {
@@ -537,6 +563,10 @@ mod tests {
         }
     }
 
+    fn dur(s: &SpanData) -> Duration {
+        span_duration(s.start_time, s.end_time)
+    }
+
     fn json(s: &SpanData, op: Operation) -> Vec<u8> {
         let mut out = Vec::new();
         payload::write_span(&mut out, s, op, usize::MAX);
@@ -571,7 +601,7 @@ mod tests {
         let ops = [Operation::Llm, Operation::Tool, Operation::Other];
         let mut sizes = 0;
         for (s, op) in spans.iter().zip(ops) {
-            sizes += pack(&mut chunk, s, op, usize::MAX);
+            sizes += pack(&mut chunk, s, op, dur(s), usize::MAX);
         }
         assert_eq!(sizes, chunk.len());
         let back: Vec<_> = Unpacker::new(&chunk).map(|r| r.unwrap()).collect();
@@ -585,9 +615,21 @@ mod tests {
     #[test]
     fn a_cut_chunk_reads_as_one_error_not_a_panic() {
         let mut chunk = Vec::new();
-        pack(&mut chunk, &span(1), Operation::Llm, usize::MAX);
+        pack(
+            &mut chunk,
+            &span(1),
+            Operation::Llm,
+            dur(&span(1)),
+            usize::MAX,
+        );
         let whole = chunk.len();
-        pack(&mut chunk, &span(2), Operation::Llm, usize::MAX);
+        pack(
+            &mut chunk,
+            &span(2),
+            Operation::Llm,
+            dur(&span(2)),
+            usize::MAX,
+        );
         for cut in [whole + 1, whole + 40, chunk.len() - 1] {
             let got: Vec<_> = Unpacker::new(&chunk[..cut]).collect();
             assert_eq!(got.len(), 2, "cut at {cut}");

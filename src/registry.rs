@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use opentelemetry::trace::{SpanId, TraceId};
@@ -245,11 +245,12 @@ impl Registry {
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
         let is_root = span.parent_span_id == SpanId::INVALID
             || self.config.root_span_names.iter().any(|n| *n == span.name);
-        let detail = self.wants_detail(span, op);
+        let view = SpanView::of(span, op, facts);
+        let dur = view.dur;
+        let detail = self.wants_detail(span, op, dur);
         if !detail {
             Counters::inc(&self.stats.detail_spans_filtered);
         }
-        let view = SpanView::of(span, op, facts);
         let mut provisional = false;
         let mut late = false;
         let mut ended = Vec::new();
@@ -285,7 +286,7 @@ impl Registry {
             cut = c.record(&view, now);
             provisional = c.provisional;
             if detail {
-                ship = self.pack(&mut c.chunk, span, op, now, false);
+                ship = self.pack(&mut c.chunk, span, op, dur, now, false);
             }
         } else {
             let mut lc = lock(&self.lifecycle);
@@ -293,7 +294,7 @@ impl Registry {
                 cut = c.record(&view, now);
                 provisional = c.provisional;
                 if detail {
-                    ship = self.pack(&mut c.chunk, span, op, now, false);
+                    ship = self.pack(&mut c.chunk, span, op, dur, now, false);
                 }
             } else if lc.ended.contains(&key) {
                 late = true;
@@ -301,14 +302,14 @@ impl Registry {
                 if detail {
                     // A late span travels on its own.
                     let mut one = None;
-                    ship = self.pack(&mut one, span, op, now, true).or(one);
+                    ship = self.pack(&mut one, span, op, dur, now, true).or(one);
                 }
             } else {
                 self.evict_for_new(&mut lc, &mut ended);
                 let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
                 cut = st.record(&view, now);
                 if detail {
-                    ship = self.pack(&mut st.chunk, span, op, now, false);
+                    ship = self.pack(&mut st.chunk, span, op, dur, now, false);
                 }
                 self.calls.insert(key.clone(), st);
                 self.open.fetch_add(1, Ordering::Relaxed);
@@ -336,18 +337,14 @@ impl Registry {
     }
 
     /// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.
-    fn wants_detail(&self, span: &SpanData, op: Operation) -> bool {
+    fn wants_detail(&self, span: &SpanData, op: Operation, dur: Duration) -> bool {
         match self.config.detail {
             DetailMode::All => true,
             DetailMode::None => false,
             DetailMode::Critical => {
                 op == Operation::Tool
                     || matches!(span.status, opentelemetry::trace::Status::Error { .. })
-                    || span
-                        .end_time
-                        .duration_since(span.start_time)
-                        .unwrap_or_default()
-                        > self.config.critical_threshold
+                    || dur > self.config.critical_threshold
             }
         }
     }
@@ -360,6 +357,7 @@ impl Registry {
         chunk: &mut Option<Chunk>,
         span: &SpanData,
         op: Operation,
+        dur: Duration,
         now: u64,
         late: bool,
     ) -> Option<Chunk> {
@@ -378,7 +376,7 @@ impl Registry {
             count_queue_full(&self.stats, 1);
             return None;
         };
-        if !c.push(span, op, self.config.max_request_bytes) {
+        if !c.push(span, op, dur, self.config.max_request_bytes) {
             count_queue_full(&self.stats, 1);
             if c.spans() == 0 {
                 *chunk = None;
