@@ -193,9 +193,15 @@ fn nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// A length as written: longer than `u32::MAX` is cut to it (the text with it).
+#[inline]
+fn len32(n: usize) -> u32 {
+    n.min(u32::MAX as usize) as u32
+}
+
 #[inline]
 fn put_len(out: &mut Vec<u8>, n: usize) -> usize {
-    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    let n = len32(n);
     out.extend_from_slice(&n.to_le_bytes());
     n as usize
 }
@@ -209,7 +215,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 /// A tag and a string: one write for both heads, one for the text.
 #[inline]
 fn put_tagged_str(out: &mut Vec<u8>, tag: u8, s: &str) {
-    let n = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    let n = len32(s.len());
     let l = n.to_le_bytes();
     out.extend_from_slice(&[tag, l[0], l[1], l[2], l[3]]);
     out.extend_from_slice(&s.as_bytes()[..n as usize]);

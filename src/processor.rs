@@ -156,7 +156,6 @@ impl Active {
     fn route_detail(&self, routed: Routed) -> Ends {
         let stats = &self.reg.stats;
         let Routed {
-            call_id,
             late,
             provisional,
             ended,
@@ -164,7 +163,9 @@ impl Active {
             ship,
         } = routed;
         let ends = Ends { ended, joined };
-        let Some(chunk) = ship else { return ends };
+        let Some((call_id, chunk)) = ship else {
+            return ends;
+        };
         let spans = chunk.spans();
         if !self.worker.queue_spans.try_take(spans) {
             count_queue_full(stats, spans as u64);
@@ -277,7 +278,7 @@ impl SpanProcessor for CallSpanProcessor {
             Counters::inc(&a.reg.stats.spans_dropped_after_shutdown);
             return;
         }
-        Counters::inc(&a.reg.stats.spans_seen);
+        a.reg.stats.seen.inc();
         let routed = a.reg.record(&span, a.reg.coarse_now_ns());
         // The span's memory is freed here, on the thread that allocated it: its detail is
         // packed in its call's chunk (see `packed`).

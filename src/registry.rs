@@ -76,7 +76,6 @@ pub(crate) fn count_queue_full(stats: &Counters, spans: u64) {
 /// Where `on_end` put a span.
 #[derive(Debug)]
 pub(crate) struct Routed {
-    pub call_id: Arc<str>,
     /// The call had already ended: the span is a late span.
     pub late: bool,
     /// The call is still keyed by its trace id (no call id seen yet).
@@ -85,8 +84,16 @@ pub(crate) struct Routed {
     pub ended: Vec<Ended>,
     /// A provisional call that this span's call id joined: `(from, to)`.
     pub joined: Option<(Arc<str>, Arc<str>)>,
-    /// Packed spans of the call, ready for the worker (the chunk filled up, or the span is late).
-    pub ship: Option<Chunk>,
+    /// Packed spans of the call (by its id), ready for the worker: the chunk filled up, or the
+    /// span is late.
+    pub ship: Option<(Arc<str>, Chunk)>,
+}
+
+/// What recording a span into an open call gave.
+struct Updated {
+    cut: u64,
+    provisional: bool,
+    ship: Option<Chunk>,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +258,39 @@ impl Registry {
         if !detail {
             Counters::inc(&self.stats.detail_spans_filtered);
         }
+        let update = |c: &mut CallState| Updated {
+            cut: c.record(&view, now),
+            provisional: c.provisional,
+            ship: if detail {
+                self.pack(&mut c.chunk, span, op, dur, now, false)
+            } else {
+                None
+            },
+        };
+
+        // Fast path, most spans: the trace's call is known and open, the span names no other
+        // call and does not end it. The call is updated while the trace index's shard is
+        // read-locked (no code takes a trace lock while holding a call's), so the call id is
+        // not cloned (two atomic updates) for every span.
+        if !is_root
+            && let Some(t) = self.traces.get(&trace_id)
+            && explicit.as_deref().is_none_or(|id| **t.value() == *id)
+            && let Some(mut c) = self.calls.get_mut(&**t.value())
+        {
+            let u = update(&mut c);
+            let ship = u.ship.map(|chunk| (c.key().clone(), chunk));
+            drop(c);
+            drop(t);
+            self.count_cut(u.cut, &trace_id);
+            return Routed {
+                late: false,
+                provisional: u.provisional,
+                ended: Vec::new(),
+                joined: None,
+                ship,
+            };
+        }
+
         let mut provisional = false;
         let mut late = false;
         let mut ended = Vec::new();
@@ -279,60 +319,56 @@ impl Registry {
             }
         };
 
-        // 2. update it (fast path: one shard lock) and pack its detail into the call's chunk
-        let mut cut = 0;
-        let mut ship = None;
+        // 2. update it (one shard lock when open) and pack its detail into the call's chunk
+        let mut u = Updated {
+            cut: 0,
+            provisional,
+            ship: None,
+        };
         if let Some(mut c) = self.calls.get_mut(&*key) {
-            cut = c.record(&view, now);
-            provisional = c.provisional;
-            if detail {
-                ship = self.pack(&mut c.chunk, span, op, dur, now, false);
-            }
+            u = update(&mut c);
         } else {
             let mut lc = lock(&self.lifecycle);
             if let Some(mut c) = self.calls.get_mut(&*key) {
-                cut = c.record(&view, now);
-                provisional = c.provisional;
-                if detail {
-                    ship = self.pack(&mut c.chunk, span, op, dur, now, false);
-                }
+                u = update(&mut c);
             } else if lc.ended.contains(&key) {
                 late = true;
                 Counters::inc(&self.stats.late_spans);
                 if detail {
                     // A late span travels on its own.
                     let mut one = None;
-                    ship = self.pack(&mut one, span, op, dur, now, true).or(one);
+                    u.ship = self.pack(&mut one, span, op, dur, now, true).or(one);
                 }
             } else {
                 self.evict_for_new(&mut lc, &mut ended);
                 let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
-                cut = st.record(&view, now);
-                if detail {
-                    ship = self.pack(&mut st.chunk, span, op, dur, now, false);
-                }
+                u = update(&mut st);
                 self.calls.insert(key.clone(), st);
                 self.open.fetch_add(1, Ordering::Relaxed);
                 lc.open_order.push_back(key.clone());
                 Counters::inc(&self.stats.calls_started);
             }
         }
-        if cut > 0 {
-            Counters::add(&self.stats.text_truncations, cut);
-            tracing::debug!(call_id = %key, cut, "transcript text cut to the call's cap");
-        }
+        self.count_cut(u.cut, &trace_id);
 
         // 3. a root span ends its call
         if is_root && !late {
             ended.extend(self.end(&key, EndReason::RootSpanEnded));
         }
         Routed {
-            call_id: key,
             late,
-            provisional,
+            provisional: u.provisional,
             ended,
             joined,
-            ship,
+            ship: u.ship.map(|chunk| (key, chunk)),
+        }
+    }
+
+    /// Counts texts cut to a call's caps.
+    fn count_cut(&self, cut: u64, trace_id: &TraceId) {
+        if cut > 0 {
+            Counters::add(&self.stats.text_truncations, cut);
+            tracing::debug!(trace_id = %format!("{trace_id:032x}"), cut, "transcript text cut to the call's cap");
         }
     }
 

@@ -2,7 +2,43 @@
 //!
 //! Every drop, truncation and give-up increments a counter here; nothing is lost silently.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Slots of a [`Striped`] counter.
+const STRIPES: usize = 8;
+
+/// A counter every span updates, kept in one slot per app thread (threads share slots round
+/// robin past [`STRIPES`]): a single atomic would move its cache line between cores on every
+/// span when two threads record at once.
+#[derive(Debug, Default)]
+pub(crate) struct Striped([Padded; STRIPES]);
+
+/// One slot on its own cache line (two, for adjacent-line prefetch).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+impl Striped {
+    /// Adds one in this thread's slot.
+    #[inline]
+    pub(crate) fn inc(&self) {
+        self.0[stripe()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sum of the slots.
+    pub(crate) fn sum(&self) -> u64 {
+        self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// This thread's slot, handed out round robin at its first span.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    SLOT.with(|s| *s)
+}
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
@@ -22,14 +58,18 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub(crate) struct Counters {
             $( pub(crate) $name: AtomicU64, )*
+            /// Where `on_end` counts `spans_seen` (added to the field of that name).
+            pub(crate) seen: Striped,
         }
 
         impl Counters {
             pub(crate) fn snapshot(&self, calls_open: u64) -> Stats {
-                Stats {
+                let mut s = Stats {
                     calls_open,
                     $( $name: self.$name.load(Ordering::Relaxed), )*
-                }
+                };
+                s.spans_seen += self.seen.sum();
+                s
             }
         }
     };
@@ -168,5 +208,41 @@ impl Stats {
             + self.calls_ended_idle
             + self.calls_ended_shutdown
             + self.calls_ended_evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn powers_of_two_are_reported_once_whatever_the_step() {
+        let c = AtomicU64::new(0);
+        let seen: Vec<u64> = (0..20)
+            .filter_map(|_| Counters::inc_at_powers_of_two(&c))
+            .collect();
+        assert_eq!(seen, vec![1, 2, 4, 8, 16]);
+        let c = AtomicU64::new(0);
+        // Steps of 3: 3 (passed 1, 2), 6 (4), 9 (8), 12, 15, 18 (16).
+        let seen: Vec<u64> = (0..6)
+            .filter_map(|_| Counters::add_at_powers_of_two(&c, 3))
+            .collect();
+        assert_eq!(seen, vec![3, 6, 9, 18]);
+        assert_eq!(Counters::add_at_powers_of_two(&c, 0), None);
+    }
+
+    #[test]
+    fn spans_seen_sums_every_threads_slot() {
+        let c = Counters::default();
+        std::thread::scope(|s| {
+            for _ in 0..(STRIPES + 3) {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        c.seen.inc();
+                    }
+                });
+            }
+        });
+        assert_eq!(c.snapshot(0).spans_seen, 1000 * (STRIPES as u64 + 3));
     }
 }
