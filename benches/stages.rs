@@ -100,6 +100,24 @@ fn stages(c: &mut Criterion) {
         )
     });
 
+    let mut packed = Vec::new();
+    for s in &spans {
+        hooks::pack(&mut packed, s);
+    }
+    g.bench_function("span_to_packed", |b| {
+        let mut out = Vec::with_capacity(packed.len());
+        b.iter(|| {
+            out.clear();
+            for s in &spans {
+                hooks::pack(&mut out, s);
+            }
+            black_box(out.len())
+        })
+    });
+    g.bench_function("packed_to_span", |b| {
+        b.iter(|| black_box(hooks::unpack(&packed)))
+    });
+
     let mut json = Vec::with_capacity(spans.len() * (SPAN_BYTES + 1024));
     let mut one = Vec::new();
     let mut serialized = Vec::new();

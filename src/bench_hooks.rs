@@ -115,6 +115,21 @@ pub fn write_span(out: &mut Vec<u8>, span: &SpanData, budget: usize) -> u64 {
     payload::write_span(out, span, op, budget)
 }
 
+/// Packs one span as the app thread does into its call's chunk (see `packed`); returns the
+/// bytes appended.
+pub fn pack(out: &mut Vec<u8>, span: &SpanData) -> usize {
+    let (op, _) = semantics::read_span(&span.name, &span.attributes, &Default::default());
+    let dur = crate::call::span_duration(span.start_time, span.end_time);
+    crate::packed::pack(out, span, op, dur, usize::MAX)
+}
+
+/// Reads packed spans back as the worker does before serialising them; returns how many.
+pub fn unpack(bytes: &[u8]) -> usize {
+    crate::packed::Unpacker::new(bytes)
+        .filter(|s| s.is_ok())
+        .count()
+}
+
 /// The per-call byte-capped batcher: push serialized spans, get full batches back.
 #[derive(Debug, Default)]
 pub struct Batcher {
