@@ -233,6 +233,83 @@ pub(crate) fn find_call_id<'a>(
     best.map(|(_, id)| id)
 }
 
+/// What an attribute key tells about a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    UserText,
+    AssistantText,
+    /// Pipecat's generic `transcript` (user text on an stt span).
+    Transcript,
+    /// Pipecat's generic `output` (assistant text on an llm span).
+    Output,
+    InputTokens,
+    OutputTokens,
+    TotalTokens,
+    Ttft,
+    TurnNumber,
+    GenAiOperation,
+    ToolName,
+}
+
+/// The attribute keys callscope reads (LiveKit Agents, Pipecat, OpenTelemetry GenAI).
+const SEMANTIC_KEYS: [(&str, Field); 22] = [
+    ("lk.user_transcript", Field::UserText),
+    ("lk.pii.user_transcript", Field::UserText),
+    ("lk.response.text", Field::AssistantText),
+    ("lk.pii.response.text", Field::AssistantText),
+    ("transcript", Field::Transcript),
+    ("output", Field::Output),
+    ("gen_ai.usage.input_tokens", Field::InputTokens),
+    ("gen_ai.usage.prompt_tokens", Field::InputTokens),
+    ("llm.usage.prompt_tokens", Field::InputTokens),
+    ("gen_ai.usage.output_tokens", Field::OutputTokens),
+    ("gen_ai.usage.completion_tokens", Field::OutputTokens),
+    ("llm.usage.completion_tokens", Field::OutputTokens),
+    ("llm.usage.total_tokens", Field::TotalTokens),
+    ("gen_ai.usage.total_tokens", Field::TotalTokens),
+    ("lk.response.ttft", Field::Ttft),
+    ("lk.response.ttfb", Field::Ttft),
+    ("metrics.ttfb", Field::Ttft),
+    ("metrics.ttft", Field::Ttft),
+    ("turn.number", Field::TurnNumber),
+    ("gen_ai.operation.name", Field::GenAiOperation),
+    ("lk.function_tool.name", Field::ToolName),
+    ("gen_ai.tool.name", Field::ToolName),
+];
+
+/// Where a key of `len` bytes ending in `last` falls in [`KEY_FILTER`].
+const fn key_slot(len: usize, last: u8) -> usize {
+    (len.wrapping_mul(31) ^ last as usize) & 255
+}
+
+/// One bit per [`key_slot`] of a [`SEMANTIC_KEYS`] key: most other keys (an agent sets many)
+/// are ruled out by one test instead of string compares against every key of their length.
+const KEY_FILTER: [u64; 4] = {
+    let mut f = [0u64; 4];
+    let mut i = 0;
+    while i < SEMANTIC_KEYS.len() {
+        let k = SEMANTIC_KEYS[i].0.as_bytes();
+        let s = key_slot(k.len(), k[k.len() - 1]);
+        f[s / 64] |= 1 << (s % 64);
+        i += 1;
+    }
+    f
+};
+
+/// What `key` tells, if it is one of [`SEMANTIC_KEYS`].
+#[inline]
+fn field_of(key: &str) -> Option<Field> {
+    let &last = key.as_bytes().last()?;
+    let s = key_slot(key.len(), last);
+    if KEY_FILTER[s / 64] & (1 << (s % 64)) == 0 {
+        return None;
+    }
+    SEMANTIC_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|&(_, field)| field)
+}
+
 /// Classifies a span and reads its facts (call id included) in one pass over the attributes.
 pub(crate) fn read_span<'a>(
     name: &str,
@@ -251,36 +328,22 @@ pub(crate) fn read_span<'a>(
     for kv in attrs {
         offer_call_id(&mut best_id, call_id_keys, kv);
         let v = &kv.value;
-        match kv.key.as_str() {
-            "lk.user_transcript" | "lk.pii.user_transcript" => {
-                f.user_text = text(v).or(f.user_text);
-            }
-            "lk.response.text" | "lk.pii.response.text" => {
-                f.assistant_text = text(v).or(f.assistant_text);
-            }
-            "transcript" => generic_transcript = text(v),
-            "output" => generic_output = text(v),
-            "gen_ai.usage.input_tokens"
-            | "gen_ai.usage.prompt_tokens"
-            | "llm.usage.prompt_tokens" => {
-                f.input_tokens = as_u64(v).unwrap_or(0);
-            }
-            "gen_ai.usage.output_tokens"
-            | "gen_ai.usage.completion_tokens"
-            | "llm.usage.completion_tokens" => {
-                f.output_tokens = as_u64(v).unwrap_or(0);
-            }
-            "llm.usage.total_tokens" | "gen_ai.usage.total_tokens" => {
-                f.total_tokens = as_u64(v).unwrap_or(0);
-            }
+        let Some(field) = field_of(kv.key.as_str()) else {
+            continue;
+        };
+        match field {
+            Field::UserText => f.user_text = text(v).or(f.user_text),
+            Field::AssistantText => f.assistant_text = text(v).or(f.assistant_text),
+            Field::Transcript => generic_transcript = text(v),
+            Field::Output => generic_output = text(v),
+            Field::InputTokens => f.input_tokens = as_u64(v).unwrap_or(0),
+            Field::OutputTokens => f.output_tokens = as_u64(v).unwrap_or(0),
+            Field::TotalTokens => f.total_tokens = as_u64(v).unwrap_or(0),
             // LiveKit and Pipecat report these in seconds.
-            "lk.response.ttft" | "lk.response.ttfb" | "metrics.ttfb" | "metrics.ttft" => {
-                f.ttft_ms = as_f64(v).map(|s| s * 1000.0).or(f.ttft_ms);
-            }
-            "turn.number" => f.turn_number = as_u64(v),
-            "gen_ai.operation.name" => genai_op = as_str(v),
-            "lk.function_tool.name" | "gen_ai.tool.name" => has_tool_name = true,
-            _ => {}
+            Field::Ttft => f.ttft_ms = as_f64(v).map(|s| s * 1000.0).or(f.ttft_ms),
+            Field::TurnNumber => f.turn_number = as_u64(v),
+            Field::GenAiOperation => genai_op = as_str(v),
+            Field::ToolName => has_tool_name = true,
         }
     }
     f.call_id = best_id.map(|(_, id)| id);
@@ -308,6 +371,25 @@ mod tests {
             .map(String::from)
             .collect();
         CallIdKeys::new(&keys)
+    }
+
+    #[test]
+    fn every_semantic_key_passes_the_filter_and_others_do_not_match() {
+        for (k, field) in SEMANTIC_KEYS {
+            assert_eq!(field_of(k), Some(field), "{k}");
+        }
+        for k in [
+            "",
+            "x",
+            "lk.speech_id",
+            "gen_ai.request.model",
+            "lk.response.tex",
+            "lk.response.textx",
+            "metrics.ttfx",
+            "turn.numbe\u{e9}",
+        ] {
+            assert_eq!(field_of(k), None, "{k}");
+        }
     }
 
     #[test]
