@@ -246,11 +246,21 @@ fn spans_after_shutdown_are_counted() {
 
 #[test]
 fn an_endpoint_down_at_start_catches_up() {
-    // A port nobody listens on yet.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // An endpoint that is not serving yet: it takes connections and closes them at once. Its
+    // second connection is the summary's retry (counted before it is made), which is the signal
+    // to bring the receiver up on the same port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (retried_tx, retried) = std::sync::mpsc::channel();
+    let refuser = std::thread::spawn(move || {
+        for (i, conn) in listener.incoming().enumerate() {
+            drop(conn);
+            if i == 1 {
+                let _ = retried_tx.send(());
+                break;
+            }
+        }
+    });
     let p = processor(&format!("http://{addr}/v1/calls"), |b| b);
     p.on_end(span(
         3,
@@ -266,12 +276,10 @@ fn an_endpoint_down_at_start_catches_up() {
         "agent_session",
         vec![KeyValue::new("call_id", "early")],
     ));
-    // The app keeps running and the first attempt is refused (no receiver to signal from
-    // yet: poll the counters, bounded).
-    let deadline = std::time::Instant::now() + WAIT;
-    while p.stats().requests_retried == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    retried
+        .recv_timeout(WAIT)
+        .expect("the summary was not retried");
+    refuser.join().unwrap();
     assert!(p.stats().requests_retried >= 1);
     assert_eq!(p.stats().summaries_sent, 0);
     // The receiver comes up later on that port.
