@@ -59,7 +59,7 @@ impl CallTable {
 
     /// Records one ended span; returns how many calls it ended.
     pub fn record(&self, span: &SpanData) -> usize {
-        self.reg.record(span, self.reg.now_ns()).ended.len()
+        self.reg.record(span, self.reg.now_ns(), &drop).ended.len()
     }
 
     /// Calls open now.

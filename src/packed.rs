@@ -78,7 +78,6 @@ impl Budget {
     }
 
     /// Taken now.
-    #[cfg(test)]
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
@@ -391,8 +390,8 @@ impl<'a> Unpacker<'a> {
 
     fn list<T>(&mut self, mut each: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
         let n = self.len()?;
-        // Every item takes at least one byte: a corrupt count cannot reserve much.
-        let mut v = Vec::with_capacity(n.min(self.rest.len()));
+        // A corrupt count must not reserve much: start small, grow with what is read.
+        let mut v = Vec::with_capacity(n.min(16));
         for _ in 0..n {
             v.push(each(self)?);
         }

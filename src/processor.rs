@@ -14,7 +14,7 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use std::sync::mpsc::TrySendError;
 
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-use crate::registry::{EndReason, Ended, Registry, Routed, count_queue_full};
+use crate::registry::{EndReason, Ended, Registry, Routed, Shipment, count_queue_full};
 use crate::semantics::{self, CallIdValue};
 use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
@@ -140,42 +140,25 @@ impl StatsHandle {
     }
 }
 
-/// What a span ended or joined, for the worker's control queue.
-struct Ends {
-    ended: Vec<crate::registry::Ended>,
-    joined: Option<(Arc<str>, Arc<str>)>,
-}
-
 impl Active {
     fn send_control(&self, c: Control) -> bool {
         self.worker.control.send(c).is_ok()
     }
 
-    /// Hands a full chunk of the call's packed spans to the worker (`routed`'s call id is
-    /// moved into the message, not cloned); returns the calls the span ended or joined.
-    fn route_detail(&self, routed: Routed) -> Ends {
+    /// Hands a full chunk of a call's packed spans to the worker. Called under the call's
+    /// shard lock (see [`Registry::record`]): never blocks.
+    fn ship(&self, s: Shipment) {
         let stats = &self.reg.stats;
-        let Routed {
-            late,
-            provisional,
-            ended,
-            joined,
-            ship,
-        } = routed;
-        let ends = Ends { ended, joined };
-        let Some((call_id, chunk)) = ship else {
-            return ends;
-        };
-        let spans = chunk.spans();
+        let spans = s.chunk.spans();
         if !self.worker.queue_spans.try_take(spans) {
             count_queue_full(stats, spans as u64);
-            return ends;
+            return;
         }
         let msg = DetailMsg {
-            call_id,
-            chunk,
-            late,
-            provisional,
+            call_id: s.call_id,
+            chunk: s.chunk,
+            late: s.late,
+            provisional: s.provisional,
         };
         match self.worker.data.try_send(msg) {
             Ok(()) => {
@@ -192,10 +175,9 @@ impl Active {
                 Counters::add(&stats.spans_dropped_send_failed, spans as u64);
             }
         }
-        ends
     }
 
-    fn send_ends(&self, ends: Ends) {
+    fn send_ends(&self, ends: Routed) {
         if let Some((from, to)) = ends.joined {
             self.send_control(Control::Join { from, to });
         }
@@ -209,10 +191,15 @@ impl Active {
     /// summary is dropped and counted, so memory stays bounded whatever the input.
     fn send_end(&self, e: Ended) {
         let stats = &self.reg.stats;
+        // The call's last packed spans travel with its end and are lost with it.
+        let leftover = e.state.chunk.as_ref().map_or(0, |c| c.spans() as u64);
         let limit = self.reg.config.max_open_calls.max(MIN_ENDS_BACKLOG);
         if self.worker.ends_queued.fetch_add(1, Ordering::AcqRel) >= limit {
             self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
             Counters::inc(&stats.summaries_failed);
+            if leftover > 0 {
+                count_queue_full(stats, leftover);
+            }
             if let Some(n) = Counters::inc_at_powers_of_two(&stats.summaries_dropped_backlog) {
                 tracing::warn!(dropped = n, call_id = %e.state.call_id,
                     "call summary dropped: more than CALLSCOPE_MAX_OPEN_CALLS ended calls wait for the callscope worker");
@@ -223,6 +210,7 @@ impl Active {
         if !self.send_control(Control::End(Box::new(e), mark)) {
             self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
             Counters::inc(&stats.summaries_failed);
+            Counters::add(&stats.spans_dropped_send_failed, leftover);
         }
     }
 
@@ -279,12 +267,11 @@ impl SpanProcessor for CallSpanProcessor {
             return;
         }
         a.reg.stats.seen.inc();
-        let routed = a.reg.record(&span, a.reg.coarse_now_ns());
+        let routed = a.reg.record(&span, a.reg.coarse_now_ns(), &|s| a.ship(s));
         // The span's memory is freed here, on the thread that allocated it: its detail is
         // packed in its call's chunk (see `packed`).
         drop(span);
-        let ends = a.route_detail(routed);
-        a.send_ends(ends);
+        a.send_ends(routed);
     }
 
     fn force_flush(&self) -> OTelSdkResult {

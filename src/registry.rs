@@ -73,27 +73,24 @@ pub(crate) fn count_queue_full(stats: &Counters, spans: u64) {
     }
 }
 
-/// Where `on_end` put a span.
-#[derive(Debug)]
+/// What a span ended or joined, for the worker's control queue.
+#[derive(Debug, Default)]
 pub(crate) struct Routed {
-    /// The call had already ended: the span is a late span.
-    pub late: bool,
-    /// The call is still keyed by its trace id (no call id seen yet).
-    pub provisional: bool,
     /// Calls this span ended (its own at a root span, others by eviction).
     pub ended: Vec<Ended>,
     /// A provisional call that this span's call id joined: `(from, to)`.
     pub joined: Option<(Arc<str>, Arc<str>)>,
-    /// Packed spans of the call (by its id), ready for the worker: the chunk filled up, or the
-    /// span is late.
-    pub ship: Option<(Arc<str>, Chunk)>,
 }
 
-/// What recording a span into an open call gave.
-struct Updated {
-    cut: u64,
-    provisional: bool,
-    ship: Option<Chunk>,
+/// A call's packed spans, ready for the worker: its chunk filled up, or the span is late.
+#[derive(Debug)]
+pub(crate) struct Shipment {
+    pub call_id: Arc<str>,
+    pub chunk: Chunk,
+    /// The call had already ended.
+    pub late: bool,
+    /// The call is still keyed by its trace id.
+    pub provisional: bool,
 }
 
 #[derive(Debug, Default)]
@@ -244,9 +241,13 @@ impl Registry {
         self.map_trace(trace, &key);
     }
 
-    /// `on_end`: updates the span's call and says where the span's detail goes. `now` is the
+    /// `on_end`: updates the span's call and says what it ended or joined. `now` is the
     /// processor's clock ([`now_ns`](Self::now_ns) or the coarse [`coarse_now_ns`](Self::coarse_now_ns)).
-    pub(crate) fn record(&self, span: &SpanData, now: u64) -> Routed {
+    /// A chunk that fills up is handed to `ship` while the call's shard lock is still held, so
+    /// that an end of the call recorded by another thread is counted after it (the worker
+    /// finishes a call once everything queued before its end is in: a shipment counted after
+    /// the end would arrive as late detail).
+    pub(crate) fn record(&self, span: &SpanData, now: u64, ship: &dyn Fn(Shipment)) -> Routed {
         let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.id_keys);
         let trace_id = span.span_context.trace_id();
         let explicit = facts.call_id.map(|c| self.cut_call_id(c));
@@ -258,14 +259,18 @@ impl Registry {
         if !detail {
             Counters::inc(&self.stats.detail_spans_filtered);
         }
-        let update = |c: &mut CallState| Updated {
-            cut: c.record(&view, now),
-            provisional: c.provisional,
-            ship: if detail {
-                self.pack(&mut c.chunk, span, op, dur, now, false)
-            } else {
-                None
-            },
+        // Returns how many texts were cut to the call's caps.
+        let update = |key: &Arc<str>, c: &mut CallState| {
+            let cut = c.record(&view, now);
+            if detail && let Some(chunk) = self.pack(&mut c.chunk, span, op, dur, now, false) {
+                ship(Shipment {
+                    call_id: key.clone(),
+                    chunk,
+                    late: false,
+                    provisional: c.provisional,
+                });
+            }
+            cut
         };
 
         // Fast path, most spans: the trace's call is known and open, the span names no other
@@ -277,18 +282,12 @@ impl Registry {
             && explicit.as_deref().is_none_or(|id| **t.value() == *id)
             && let Some(mut c) = self.calls.get_mut(&**t.value())
         {
-            let u = update(&mut c);
-            let ship = u.ship.map(|chunk| (c.key().clone(), chunk));
+            let (key, state) = c.pair_mut();
+            let cut = update(key, state);
             drop(c);
             drop(t);
-            self.count_cut(u.cut, &trace_id);
-            return Routed {
-                late: false,
-                provisional: u.provisional,
-                ended: Vec::new(),
-                joined: None,
-                ship,
-            };
+            self.count_cut(cut, &trace_id);
+            return Routed::default();
         }
 
         let mut provisional = false;
@@ -320,48 +319,49 @@ impl Registry {
         };
 
         // 2. update it (one shard lock when open) and pack its detail into the call's chunk
-        let mut u = Updated {
-            cut: 0,
-            provisional,
-            ship: None,
-        };
+        let mut cut = 0;
         if let Some(mut c) = self.calls.get_mut(&*key) {
-            u = update(&mut c);
+            let (k, st) = c.pair_mut();
+            cut = update(k, st);
         } else {
             let mut lc = lock(&self.lifecycle);
             if let Some(mut c) = self.calls.get_mut(&*key) {
-                u = update(&mut c);
+                let (k, st) = c.pair_mut();
+                cut = update(k, st);
             } else if lc.ended.contains(&key) {
                 late = true;
                 Counters::inc(&self.stats.late_spans);
                 if detail {
                     // A late span travels on its own.
                     let mut one = None;
-                    u.ship = self.pack(&mut one, span, op, dur, now, true).or(one);
+                    if let Some(chunk) = self.pack(&mut one, span, op, dur, now, true).or(one) {
+                        ship(Shipment {
+                            call_id: key.clone(),
+                            chunk,
+                            late: true,
+                            provisional,
+                        });
+                    }
                 }
             } else {
                 self.evict_for_new(&mut lc, &mut ended);
                 let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
-                u = update(&mut st);
+                // Shipped (if its first span fills a chunk) under the lifecycle lock, which
+                // any end of this call takes too.
+                cut = update(&key, &mut st);
                 self.calls.insert(key.clone(), st);
                 self.open.fetch_add(1, Ordering::Relaxed);
                 lc.open_order.push_back(key.clone());
                 Counters::inc(&self.stats.calls_started);
             }
         }
-        self.count_cut(u.cut, &trace_id);
+        self.count_cut(cut, &trace_id);
 
         // 3. a root span ends its call
         if is_root && !late {
             ended.extend(self.end(&key, EndReason::RootSpanEnded));
         }
-        Routed {
-            late,
-            provisional: u.provisional,
-            ended,
-            joined,
-            ship: u.ship.map(|chunk| (key, chunk)),
-        }
+        Routed { ended, joined }
     }
 
     /// Counts texts cut to a call's caps.

@@ -523,6 +523,9 @@ impl Worker {
     }
 
     fn begin_stop(&mut self, mark: u64, deadline: Instant, ack: Option<SyncSender<()>>) {
+        // Spans still packed in open calls' chunks (the processor dropped without shutdown, or
+        // a span that raced the shutdown's end of every call) are delivered with the rest.
+        self.take_chunks(0);
         self.stop_at = Some(self.stop_at.map_or(deadline, |d| d.min(deadline)));
         let ack = ack.unwrap_or_else(|| std::sync::mpsc::sync_channel(1).0);
         self.waiters.push(Waiter {
@@ -588,12 +591,19 @@ impl Worker {
             self.null_spans += chunk.spans() as u64;
             return;
         }
+        let mut read = 0;
         for s in chunk.unpack() {
             match s {
-                Ok((span, op)) => self.on_span(call_id, late, provisional, &span, op),
+                Ok((span, op)) => {
+                    read += 1;
+                    self.on_span(call_id, late, provisional, &span, op);
+                }
                 Err(()) => {
                     // Only a bug in `packed` gets here; the chunk's other spans are lost.
-                    Counters::inc(&self.stats.spans_dropped_send_failed);
+                    Counters::add(
+                        &self.stats.spans_dropped_send_failed,
+                        chunk.spans().saturating_sub(read) as u64,
+                    );
                     tracing::error!(%call_id, "callscope could not read back a packed span (a bug: please report it); span detail dropped");
                 }
             }
@@ -1558,11 +1568,14 @@ impl Worker {
             for (_, b) in self.buffers.drain() {
                 lost += b.buf.list.len() as u64;
             }
-            // Spans still queued were never batched.
+            // Spans still queued, or packed in ended calls' last chunks, were never batched.
+            lost += self.queue_spans.used() as u64;
             lost += self
-                .enqueued
-                .load(Ordering::Acquire)
-                .saturating_sub(self.received);
+                .pending
+                .values()
+                .filter_map(|p| p.chunk.as_ref())
+                .map(|c| c.spans() as u64)
+                .sum::<u64>();
             Counters::add(&self.stats.summaries_failed, cores);
             if cores > 0 {
                 tracing::error!(
