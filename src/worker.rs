@@ -53,10 +53,12 @@ const MIN_SHORTENED_BYTES: usize = 1024;
 /// Spans taken from the queue per loop turn, in whole chunks (then control and uploads get a
 /// look).
 const DRAIN_MAX: usize = 1024;
-/// After the first span wakes an idle worker, it waits this long for more before draining, so
-/// producers pay the wake-up (a syscall) at most about once per nap, not once per span.
+/// After the first chunk wakes an idle worker (and after each drain that found spans), it waits
+/// this long for more before draining, so producers pay the wake-up (a syscall) at most about
+/// once per nap, not once per chunk.
 const WAKE_NAP: Duration = Duration::from_millis(1);
-/// Most spans queued during a nap before a producer cuts it short.
+/// Most chunks queued during a nap before a producer cuts it short (at most a quarter of
+/// `CALLSCOPE_QUEUE_SIZE`).
 const MAX_WAKE_EVERY: usize = 4096;
 /// While draining, control messages (call ends) are looked at every this many spans (at chunk
 /// boundaries).
@@ -67,8 +69,8 @@ const SLEEPING: u8 = 1;
 const NAPPING: u8 = 2;
 
 /// How the processor wakes the worker for detail: only when the worker said it is asleep (once
-/// per sleep), or every `wake_every`-th span while it naps. The worker checks the queue after
-/// saying so (`enqueued` against what it received), so a span is never left behind: either the
+/// per sleep), or every `wake_every`-th chunk while it naps. The worker checks the queue after
+/// saying so (`enqueued` against what it received), so a chunk is never left behind: either the
 /// worker sees it, or the producer sees the worker asleep and wakes it.
 #[derive(Debug)]
 pub(crate) struct Wake {
@@ -90,7 +92,7 @@ impl Wake {
         }
     }
 
-    /// Called by the processor after it queued a span and counted it (`n`: the count after).
+    /// Called by the processor after it queued a chunk and counted it (`n`: the count after).
     #[inline]
     pub(crate) fn after_send(&self, n: u64) {
         let want = match self.state.load(Ordering::SeqCst) {
