@@ -190,6 +190,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         null_sink,
         null_spans: 0,
         tick_ns: 0,
+        cores_started: false,
         ctrl_rx,
         received: 0,
         enqueued: enqueued.clone(),
@@ -328,6 +329,9 @@ struct Worker {
     null_spans: u64,
     /// The tick's period in ns (chunks older than this are taken from quiet calls).
     tick_ns: u64,
+    /// Summaries were just dispatched: the run loop yields to their requests before it starts
+    /// detail uploads (see `pump`).
+    cores_started: bool,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
     enqueued: Arc<AtomicU64>,
@@ -380,6 +384,10 @@ impl Worker {
         let mut nap: Option<tokio::time::Instant> = None;
         self.pump();
         while !self.exit {
+            if std::mem::take(&mut self.cores_started) {
+                tokio::task::yield_now().await;
+                self.pump();
+            }
             // The hot path dates call activity with this (see Registry::coarse_now_ns); every
             // tick is a loop turn, so a quiet worker refreshes it at least once a tick.
             self.reg.refresh_clock();
@@ -1025,8 +1033,15 @@ impl Worker {
             return;
         }
         self.sync_spool();
-        while let Some(job) = self.cores.pop_front() {
-            self.start(job, Lane::Core);
+        if !self.cores.is_empty() {
+            while let Some(job) = self.cores.pop_front() {
+                self.start(job, Lane::Core);
+            }
+            // Let the summaries' requests go out before compressing detail bodies (up to
+            // CALLSCOPE_MAX_CONCURRENT_DETAIL of them, ~14 ms each for 4 MB here): the run
+            // loop yields to them first, then starts the detail uploads.
+            self.cores_started = true;
+            return;
         }
         while self.running_detail < self.cfg.max_concurrent_detail {
             let Some(mut job) = self.queue.pop_front() else {
