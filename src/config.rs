@@ -422,8 +422,9 @@ pub struct Config {
     /// Detail uploads in flight at once. Env `CALLSCOPE_MAX_CONCURRENT_DETAIL`, default
     /// 2, 1 to 64.
     pub max_concurrent_detail: usize,
-    /// Bound on pending detail in memory. Env `CALLSCOPE_MAX_BUFFER_BYTES`, default
-    /// 64 MiB, >= 65536.
+    /// Bound on pending detail in the worker's memory. Env `CALLSCOPE_MAX_BUFFER_BYTES`,
+    /// default 64 MiB, >= 65536. Spans packed on their way to the worker take from another half
+    /// of it (see [`queue_size`](Self::queue_size)): 1.5 × in all.
     pub max_buffer_bytes: usize,
     /// Disk spool directory; `None` (default) = no spool. Env `CALLSCOPE_SPOOL_DIR`.
     pub spool_dir: Option<PathBuf>,
