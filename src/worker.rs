@@ -53,9 +53,8 @@ const MIN_SHORTENED_BYTES: usize = 1024;
 /// Spans taken from the queue per loop turn, in whole chunks (then control and uploads get a
 /// look).
 const DRAIN_MAX: usize = 1024;
-/// After the first chunk wakes an idle worker (and after each drain that found spans), it waits
-/// this long for more before draining, so producers pay the wake-up (a syscall) at most about
-/// once per nap, not once per chunk.
+/// After the first chunk wakes an idle worker, it waits this long for more before draining, so
+/// producers pay the wake-up (a syscall) at most about once per nap, not once per chunk.
 const WAKE_NAP: Duration = Duration::from_millis(1);
 /// Most chunks queued during a nap before a producer cuts it short (at most a quarter of
 /// `CALLSCOPE_QUEUE_SIZE`).
@@ -190,7 +189,6 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         null_sink,
         null_spans: 0,
         tick_ns: 0,
-        cores_started: false,
         ctrl_rx,
         received: 0,
         enqueued: enqueued.clone(),
@@ -329,9 +327,6 @@ struct Worker {
     null_spans: u64,
     /// The tick's period in ns (chunks older than this are taken from quiet calls).
     tick_ns: u64,
-    /// Summaries were just dispatched: the run loop yields to their requests before it starts
-    /// detail uploads (see `pump`).
-    cores_started: bool,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
     received: u64,
     enqueued: Arc<AtomicU64>,
@@ -384,10 +379,6 @@ impl Worker {
         let mut nap: Option<tokio::time::Instant> = None;
         self.pump();
         while !self.exit {
-            if std::mem::take(&mut self.cores_started) {
-                tokio::task::yield_now().await;
-                self.pump();
-            }
             // The hot path dates call activity with this (see Registry::coarse_now_ns); every
             // tick is a loop turn, so a quiet worker refreshes it at least once a tick.
             self.reg.refresh_clock();
@@ -397,12 +388,6 @@ impl Worker {
                 more = n >= DRAIN_MAX;
                 if n > 0 {
                     self.progress();
-                    if !more && self.data_open && self.stop_at.is_none() {
-                        // Spans are flowing: nap again rather than sleep, so that producers
-                        // do not pay a wake-up (a syscall, ~7 µs here) for the next chunk.
-                        self.wake.state.store(NAPPING, Ordering::SeqCst);
-                        nap = Some(tokio::time::Instant::now() + WAKE_NAP);
-                    }
                 }
             }
             // Say we sleep, then look again: a span counted before this is seen here, one
@@ -1033,15 +1018,8 @@ impl Worker {
             return;
         }
         self.sync_spool();
-        if !self.cores.is_empty() {
-            while let Some(job) = self.cores.pop_front() {
-                self.start(job, Lane::Core);
-            }
-            // Let the summaries' requests go out before compressing detail bodies (up to
-            // CALLSCOPE_MAX_CONCURRENT_DETAIL of them, ~14 ms each for 4 MB here): the run
-            // loop yields to them first, then starts the detail uploads.
-            self.cores_started = true;
-            return;
+        while let Some(job) = self.cores.pop_front() {
+            self.start(job, Lane::Core);
         }
         while self.running_detail < self.cfg.max_concurrent_detail {
             let Some(mut job) = self.queue.pop_front() else {
