@@ -54,12 +54,12 @@ pub(crate) struct Ended {
 
 /// Packed bytes a queued span is given room for: a voice-agent span with eight attributes
 /// packs to about 430 bytes.
-pub(crate) const QUEUED_SPAN_BYTES: usize = 512;
+const QUEUED_SPAN_BYTES: usize = 512;
 
 /// The bound on packed spans not yet serialised by the worker (in open calls' chunks or
 /// queued): half of `CALLSCOPE_MAX_BUFFER_BYTES`, or room for `CALLSCOPE_QUEUE_SIZE` spans of
 /// [`QUEUED_SPAN_BYTES`], whichever is more (32 MiB with the defaults).
-pub(crate) fn packed_bytes_bound(config: &Config) -> usize {
+fn packed_bytes_bound(config: &Config) -> usize {
     (config.max_buffer_bytes / 2).max(config.queue_size.saturating_mul(QUEUED_SPAN_BYTES))
 }
 
@@ -128,7 +128,7 @@ pub(crate) struct Registry {
     /// Bytes of text kept per call.
     text_cap: usize,
     /// Bound on packed spans not yet serialised by the worker ([`packed_bytes_bound`]).
-    pub(crate) queue_bytes: Arc<Budget>,
+    queue_bytes: Arc<Budget>,
     /// Spans per chunk before it is handed over.
     chunk_spans: usize,
 }
@@ -365,6 +365,7 @@ impl Registry {
     }
 
     /// Counts texts cut to a call's caps.
+    #[inline]
     fn count_cut(&self, cut: u64, trace_id: &TraceId) {
         if cut > 0 {
             Counters::add(&self.stats.text_truncations, cut);

@@ -148,8 +148,8 @@ pub(crate) struct Handle {
     pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
-    /// Spans queued (`CALLSCOPE_QUEUE_SIZE`); the bytes of packed spans are bounded by
-    /// [`Registry::queue_bytes`].
+    /// Spans queued (`CALLSCOPE_QUEUE_SIZE`); the bytes of packed spans are bounded by the
+    /// registry's budget (`Registry::pack`).
     pub queue_spans: Arc<Budget>,
     pub thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }

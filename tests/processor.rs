@@ -502,26 +502,32 @@ fn roots_recorded_past_a_full_queue_end_their_calls_after_their_children() {
     provider.shutdown().unwrap();
 }
 
+/// Ends one `llm_request` span under `cx` whose `gen_ai.prompt` is `prompt`.
+fn end_prompt_span<T: Tracer>(tracer: &T, cx: &Context, prompt: String) {
+    tracer
+        .build_with_context(
+            tracer
+                .span_builder("llm_request")
+                .with_attributes(vec![KeyValue::new("gen_ai.prompt", prompt)]),
+            cx,
+        )
+        .end();
+}
+
 /// Large spans are bounded in bytes while queued, not only in number: a burst of 256 KB spans
-/// faster than the worker serialises them meets half of `CALLSCOPE_MAX_BUFFER_BYTES` (here
-/// 1 MiB, so four spans) and the rest of their detail is dropped and counted; the summary
-/// still counts every span.
+/// faster than the worker serialises them meets the bound on packed bytes (half of
+/// `CALLSCOPE_MAX_BUFFER_BYTES`, here 1 MiB: a queue of 1,024 spans × 512 B is less) and the
+/// rest of their detail is dropped and counted; the summary still counts every span.
 #[test]
 fn large_spans_are_bounded_in_bytes_while_queued() {
     let rx = Receiver::start();
-    let (provider, stats) = setup(&rx, |b| b.max_buffer_bytes(2 << 20));
+    let (provider, stats) = setup(&rx, |b| b.max_buffer_bytes(2 << 20).queue_size(1024));
     let tracer = provider.tracer("large");
     let cx = open_call(&tracer, "large-1", 0);
     let big = voice::text(7, 256 * 1024);
     let n = 120;
     for _ in 0..n {
-        let mut sp = tracer.build_with_context(
-            tracer
-                .span_builder("llm_request")
-                .with_attributes(vec![KeyValue::new("gen_ai.prompt", big.clone())]),
-            &cx,
-        );
-        sp.end();
+        end_prompt_span(&tracer, &cx, big.clone());
     }
     cx.span().end();
     provider.force_flush().unwrap();
@@ -554,13 +560,7 @@ fn a_full_queue_drops_detail_but_never_the_summary() {
             let (tracer, cx, big) = (tracer.clone(), cx.clone(), big.clone());
             s.spawn(move || {
                 for _ in 0..per_thread {
-                    let mut sp = tracer.build_with_context(
-                        tracer
-                            .span_builder("llm_request")
-                            .with_attributes(vec![KeyValue::new("gen_ai.prompt", big.to_string())]),
-                        &cx,
-                    );
-                    sp.end();
+                    end_prompt_span(&*tracer, &cx, big.to_string());
                 }
             });
         }
