@@ -61,6 +61,7 @@ mod payload;
 mod processor;
 mod registry;
 mod retry;
+mod rfc3339;
 mod semantics;
 mod spool;
 mod stats;

@@ -20,9 +20,9 @@ const TRUNCATION_MARK: &str = "…[truncated by callscope]";
 /// Text kept per transcript line once a summary must shrink.
 const SHORT_LINE_BYTES: usize = 1000;
 
-/// RFC 3339 UTC with nanoseconds and a `Z`.
+/// RFC 3339 UTC with nanoseconds and a `Z` (see [`crate::rfc3339`]).
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_nanos(t).to_string()
+    crate::rfc3339::string(t)
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -76,11 +76,7 @@ fn push_f64(out: &mut Vec<u8>, f: f64) {
 }
 
 fn push_time(out: &mut Vec<u8>, t: SystemTime) {
-    use std::io::Write as _;
-    out.push(b'"');
-    // Straight into the buffer (no String per timestamp); writing into a Vec cannot fail.
-    let _ = write!(out, "{}", humantime::format_rfc3339_nanos(t));
-    out.push(b'"');
+    crate::rfc3339::push_quoted(out, t);
 }
 
 fn push_capped_str(out: &mut Vec<u8>, s: &str, cap: usize, cut: &mut u64) {

@@ -222,6 +222,55 @@ fn a_span_ending_before_it_starts_has_zero_duration() {
     p.shutdown().unwrap();
 }
 
+/// Timestamps are the app's to set (`SpanBuilder::with_start_time`): one before 1970 or past the
+/// year 9999 must neither stop the worker nor lose the call; the summary states the nearest
+/// time RFC 3339 can write.
+#[test]
+fn timestamps_before_1970_and_after_9999_are_written_not_fatal() {
+    let rx = Receiver::start();
+    let p = processor(&rx.url(), |b| b);
+    let mut old = span(
+        9,
+        2,
+        Some(1),
+        "llm_request",
+        vec![KeyValue::new("call_id", "timeless")],
+    );
+    old.start_time = UNIX_EPOCH - Duration::from_secs(86_400 * 365 * 3000);
+    old.end_time = UNIX_EPOCH - Duration::from_millis(1500);
+    p.on_end(old);
+    let mut future = span(
+        9,
+        1,
+        None,
+        "agent_session",
+        vec![KeyValue::new("call_id", "timeless")],
+    );
+    future.end_time = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+    p.on_end(future);
+    p.force_flush().unwrap();
+    let core = rx.core_of("timeless").expect("the summary arrives");
+    assert_eq!(core["call_started_at"], "0000-01-01T00:00:00.000000000Z");
+    assert_eq!(core["call_ended_at"], "9999-12-31T23:59:59.999999999Z");
+    let details = rx.details();
+    let d = details.iter().find(|r| r.call_id() == "timeless").unwrap();
+    let spans = d.json["telemetry_data"]["session_traces"]
+        .as_array()
+        .unwrap();
+    assert_eq!(spans.len(), 2);
+    // A later call still goes through: the worker is alive.
+    p.on_end(span(
+        10,
+        1,
+        None,
+        "agent_session",
+        vec![KeyValue::new("call_id", "after")],
+    ));
+    p.force_flush().unwrap();
+    assert!(rx.core_of("after").is_some());
+    p.shutdown().unwrap();
+}
+
 #[test]
 fn spans_without_a_call_id_are_grouped_by_trace() {
     let rx = Receiver::start();
