@@ -374,17 +374,30 @@ impl DetailMeta<'_> {
     }
 }
 
-#[derive(Serialize)]
-struct TurnJson<'a> {
-    turn: u64,
-    role: &'static str,
-    content: &'a str,
-    started_at: String,
-    llm_latency: Option<f64>,
-    tts_latency: Option<f64>,
-    stt_latency: Option<f64>,
-    ttft: Option<f64>,
-    tokens: u64,
+/// One `transcript_with_metrics` record.
+fn write_turn(out: &mut Vec<u8>, r: &TurnRecord) {
+    let opt = |out: &mut Vec<u8>, key: &[u8], v: Option<f64>| {
+        out.extend_from_slice(key);
+        match v {
+            Some(f) => push_f64(out, f),
+            None => out.extend_from_slice(b"null"),
+        }
+    };
+    out.extend_from_slice(br#"{"turn":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(r.turn).as_bytes());
+    out.extend_from_slice(br#","role":"#);
+    push_str(out, r.role.as_str());
+    out.extend_from_slice(br#","content":"#);
+    push_str(out, &r.content);
+    out.extend_from_slice(br#","started_at":"#);
+    push_time(out, r.started_at);
+    opt(out, br#","llm_latency":"#, r.llm_latency);
+    opt(out, br#","tts_latency":"#, r.tts_latency);
+    opt(out, br#","stt_latency":"#, r.stt_latency);
+    opt(out, br#","ttft":"#, r.ttft);
+    out.extend_from_slice(br#","tokens":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(r.tokens).as_bytes());
+    out.push(b'}');
 }
 
 /// The `transcript_with_metrics` array, at most `budget` bytes: later turns are left out
@@ -393,29 +406,18 @@ pub(crate) fn transcript_with_metrics(records: &[&TurnRecord], budget: usize) ->
     let mut out = Vec::with_capacity(256 * records.len().min(1024));
     out.push(b'[');
     let mut left_out = 0;
-    let mut item = Vec::new();
     for r in records {
-        item.clear();
-        let j = TurnJson {
-            turn: r.turn,
-            role: r.role.as_str(),
-            content: &r.content,
-            started_at: rfc3339(r.started_at),
-            llm_latency: r.llm_latency,
-            tts_latency: r.tts_latency,
-            stt_latency: r.stt_latency,
-            ttft: r.ttft,
-            tokens: r.tokens,
-        };
-        let _ = serde_json::to_writer(&mut item, &j);
-        if out.len() + item.len() + 2 > budget {
-            left_out += 1;
-            continue;
-        }
-        if out.len() > 1 {
+        let mark = out.len();
+        if mark > 1 {
             out.push(b',');
         }
-        out.extend_from_slice(&item);
+        let item = out.len();
+        write_turn(&mut out, r);
+        // Room for the item, a comma and the closing bracket.
+        if mark + (out.len() - item) + 2 > budget {
+            out.truncate(mark);
+            left_out += 1;
+        }
     }
     out.push(b']');
     (out, left_out)
@@ -689,6 +691,85 @@ mod tests {
                 out,
                 format!("\"{}\"", hex_span(SpanId::from(v))).into_bytes()
             );
+        }
+    }
+
+    /// The serde form `transcript_with_metrics` had before it was written by hand.
+    #[derive(Serialize)]
+    struct TurnJson<'a> {
+        turn: u64,
+        role: &'static str,
+        content: &'a str,
+        started_at: String,
+        llm_latency: Option<f64>,
+        tts_latency: Option<f64>,
+        stt_latency: Option<f64>,
+        ttft: Option<f64>,
+        tokens: u64,
+    }
+
+    fn by_serde(records: &[&TurnRecord], budget: usize) -> (Vec<u8>, u64) {
+        let mut out = vec![b'['];
+        let mut left_out = 0;
+        for r in records {
+            let item = serde_json::to_vec(&TurnJson {
+                turn: r.turn,
+                role: r.role.as_str(),
+                content: &r.content,
+                started_at: rfc3339(r.started_at),
+                llm_latency: r.llm_latency,
+                tts_latency: r.tts_latency,
+                stt_latency: r.stt_latency,
+                ttft: r.ttft,
+                tokens: r.tokens,
+            })
+            .unwrap();
+            if out.len() + item.len() + 2 > budget {
+                left_out += 1;
+                continue;
+            }
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&item);
+        }
+        out.push(b']');
+        (out, left_out)
+    }
+
+    proptest::proptest! {
+        /// Byte for byte what serde_json writes for the same records, and the same records
+        /// left out under any budget.
+        #[test]
+        fn turn_records_equal_serde_json(
+            recs in proptest::collection::vec(
+                (0u64..1000, proptest::bool::ANY, ".{0,40}", 0u64..4_000_000_000,
+                 proptest::option::of(-1.0e6f64..1.0e6), proptest::option::of(0.0f64..5000.0),
+                 proptest::option::of(proptest::num::f64::ANY), 0u64..100_000),
+                0..12),
+            budget in 0usize..4000,
+        ) {
+            let records: Vec<TurnRecord> = recs
+                .into_iter()
+                .map(|(turn, user, content, secs, a, b, c, tokens)| TurnRecord {
+                    turn,
+                    role: if user { crate::call::Role::User } else { crate::call::Role::Assistant },
+                    content,
+                    started_at: std::time::UNIX_EPOCH + std::time::Duration::from_millis(secs),
+                    llm_latency: a,
+                    tts_latency: b,
+                    stt_latency: c,
+                    ttft: b.map(|x| x / 3.0),
+                    tokens,
+                })
+                .collect();
+            let refs: Vec<&TurnRecord> = records.iter().collect();
+            for budget in [budget, usize::MAX] {
+                let (ours, ours_left) = transcript_with_metrics(&refs, budget);
+                let (theirs, theirs_left) = by_serde(&refs, budget);
+                proptest::prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+                proptest::prop_assert_eq!(ours_left, theirs_left);
+            }
         }
     }
 }
