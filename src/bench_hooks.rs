@@ -20,12 +20,12 @@ use crate::{CallSpanProcessor, ConfigError};
 
 /// The call-id keys, prepared once as the processor prepares them.
 #[derive(Debug, Clone)]
-pub struct Keys(semantics::CallIdKeys);
+pub struct Keys(semantics::KeyTable);
 
 impl Keys {
     /// Prepares `keys` (first wins).
     pub fn new(keys: &[String]) -> Self {
-        Keys(semantics::CallIdKeys::new(keys))
+        Keys(semantics::KeyTable::new(keys))
     }
 }
 
@@ -72,7 +72,7 @@ impl CallTable {
 #[derive(Debug)]
 pub struct Aggregate {
     state: CallState,
-    keys: semantics::CallIdKeys,
+    keys: semantics::KeyTable,
 }
 
 impl Aggregate {
@@ -80,7 +80,7 @@ impl Aggregate {
     pub fn new(keys: Vec<String>) -> Self {
         Aggregate {
             state: CallState::new(Arc::from("bench-call"), false, 0, 500_000),
-            keys: semantics::CallIdKeys::new(&keys),
+            keys: semantics::KeyTable::new(&keys),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::config::DetailMode;
 use crate::fasthash::FastState;
 use crate::packed::{Budget, CHUNK_BYTES, CHUNK_SPANS, Chunk, MIN_CHUNK_BYTES};
-use crate::semantics::{self, CallIdKeys, CallIdValue, Operation};
+use crate::semantics::{self, KeyTable, CallIdValue, Operation};
 use crate::stats::Counters;
 
 /// Longest call id kept; longer ones are cut (and counted).
@@ -108,7 +108,7 @@ pub(crate) struct Registry {
     pub(crate) config: Arc<Config>,
     pub(crate) stats: Arc<Counters>,
     /// `config.call_id_keys`, ready for the per-attribute test.
-    pub(crate) id_keys: CallIdKeys,
+    pub(crate) id_keys: KeyTable,
     clock: Instant,
     /// [`now_ns`](Self::now_ns) as the worker last read it (every tick and loop turn): what the
     /// hot path dates a call's activity with, one clock read less per span. It only feeds the
@@ -152,7 +152,7 @@ impl Registry {
             resource_agent_id: RwLock::new(None),
             clock: Instant::now(),
             coarse_now: AtomicU64::new(0),
-            id_keys: CallIdKeys::new(&config.call_id_keys),
+            id_keys: KeyTable::new(&config.call_id_keys),
             queue_bytes: Arc::new(Budget::new(packed_bytes_bound(&config))),
             chunk_spans: config.queue_size.clamp(1, CHUNK_SPANS),
             config,

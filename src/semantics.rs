@@ -165,74 +165,6 @@ fn text(v: &Value) -> Option<&str> {
     as_str(v).filter(|s| !s.trim().is_empty())
 }
 
-/// The configured call-id keys (`CALLSCOPE_CALL_ID_KEYS`) with a mask of their lengths, so
-/// that almost every attribute key is ruled out by one bit test instead of string compares.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct CallIdKeys {
-    keys: Vec<String>,
-    lens: u64,
-}
-
-fn len_bit(len: usize) -> u64 {
-    1 << len.min(63)
-}
-
-impl CallIdKeys {
-    pub(crate) fn new(keys: &[String]) -> Self {
-        CallIdKeys {
-            lens: keys.iter().fold(0, |m, k| m | len_bit(k.len())),
-            keys: keys.to_vec(),
-        }
-    }
-
-    /// The keys, first wins.
-    pub(crate) fn as_slice(&self) -> &[String] {
-        &self.keys
-    }
-
-    /// Position of `key` among the call-id keys.
-    #[inline]
-    fn rank(&self, key: &str) -> Option<usize> {
-        if self.lens & len_bit(key.len()) == 0 {
-            return None;
-        }
-        self.keys.iter().position(|k| k == key)
-    }
-}
-
-/// Keeps the call id of the best-ranked key seen so far (`best`) up to date with one attribute.
-#[inline]
-fn offer_call_id<'a>(
-    best: &mut Option<(usize, CallIdValue<'a>)>,
-    keys: &CallIdKeys,
-    kv: &'a KeyValue,
-) {
-    let Some(rank) = keys.rank(kv.key.as_str()) else {
-        return;
-    };
-    if best.as_ref().is_some_and(|(r, _)| *r <= rank) {
-        return;
-    }
-    let id = match &kv.value {
-        Value::String(s) if !s.as_str().is_empty() => CallIdValue::Str(s.as_str()),
-        Value::I64(i) => CallIdValue::Int(*i),
-        _ => return,
-    };
-    *best = Some((rank, id));
-}
-
-/// Finds a call id under `keys` (first key in `keys` order wins) in attributes.
-pub(crate) fn find_call_id<'a>(
-    attrs: &'a [KeyValue],
-    keys: &CallIdKeys,
-) -> Option<CallIdValue<'a>> {
-    let mut best = None;
-    for kv in attrs {
-        offer_call_id(&mut best, keys, kv);
-    }
-    best.map(|(_, id)| id)
-}
-
 /// What an attribute key tells about a span.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
@@ -277,44 +209,178 @@ const SEMANTIC_KEYS: [(&str, Field); 22] = [
     ("gen_ai.tool.name", Field::ToolName),
 ];
 
-/// Where a key of `len` bytes ending in `last` falls in [`KEY_FILTER`].
-const fn key_slot(len: usize, last: u8) -> usize {
-    (len.wrapping_mul(31) ^ last as usize) & 255
+/// Rank of a key that is not a call-id key.
+const NOT_AN_ID: u16 = u16::MAX;
+/// The end of a chain in [`KeyTable::slots`] / [`Entry::next`].
+const NONE: u16 = 0;
+
+/// One key callscope reads: what it tells, and its place among the call-id keys.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: Box<str>,
+    field: Option<Field>,
+    /// Position among `CALLSCOPE_CALL_ID_KEYS` (first wins), or [`NOT_AN_ID`].
+    rank: u16,
+    /// Next entry of the same slot, as index + 1 ([`NONE`] ends the chain).
+    next: u16,
 }
 
-/// One bit per [`key_slot`] of a [`SEMANTIC_KEYS`] key: most other keys (an agent sets many)
-/// are ruled out by one test instead of string compares against every key of their length.
-const KEY_FILTER: [u64; 4] = {
-    let mut f = [0u64; 4];
-    let mut i = 0;
-    while i < SEMANTIC_KEYS.len() {
-        let k = SEMANTIC_KEYS[i].0.as_bytes();
-        let s = key_slot(k.len(), k[k.len() - 1]);
-        f[s / 64] |= 1 << (s % 64);
-        i += 1;
-    }
-    f
-};
+/// Every attribute key callscope reads — the configured call-id keys
+/// (`CALLSCOPE_CALL_ID_KEYS`) and [`SEMANTIC_KEYS`] — in one small hash table, so that the
+/// single pass over a span's attributes looks each key up once: a table load rules out almost
+/// every other key (an agent sets many), and a key that passes is compared with one entry.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyTable {
+    /// The call-id keys in configured order (baggage is read by these).
+    ids: Vec<String>,
+    /// Slot (see [`slot`](Self::slot)) → first entry of its chain, as index + 1.
+    slots: Box<[u16; 256]>,
+    entries: Vec<Entry>,
+    /// The slot hash's multiplier, chosen for the fewest collisions among the keys.
+    mult: u32,
+}
 
-/// What `key` tells, if it is one of [`SEMANTIC_KEYS`].
-#[inline]
-fn field_of(key: &str) -> Option<Field> {
-    let &last = key.as_bytes().last()?;
-    let s = key_slot(key.len(), last);
-    if KEY_FILTER[s / 64] & (1 << (s % 64)) == 0 {
-        return None;
+impl Default for KeyTable {
+    /// The semantic keys with no call-id key.
+    fn default() -> Self {
+        KeyTable::new(&[])
     }
-    SEMANTIC_KEYS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|&(_, field)| field)
+}
+
+/// Odd multipliers tried for the slot hash; the first with the shortest longest chain wins.
+const MULTIPLIERS: [u32; 8] = [
+    0x9E37_79B1,
+    0x85EB_CA77,
+    0xC2B2_AE3D,
+    0x27D4_EB2F,
+    0x1656_67B1,
+    0xD3A2_646D,
+    0xFD70_46C5,
+    0xB55A_4F09,
+];
+
+impl KeyTable {
+    /// The table for `call_id_keys` (first wins; repeats ignored) and the semantic keys.
+    pub(crate) fn new(call_id_keys: &[String]) -> Self {
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut ids = Vec::new();
+        for (field_key, field) in SEMANTIC_KEYS {
+            entries.push(Entry {
+                key: field_key.into(),
+                field: Some(field),
+                rank: NOT_AN_ID,
+                next: NONE,
+            });
+        }
+        for k in call_id_keys {
+            if k.is_empty() || ids.contains(k) || ids.len() >= usize::from(NOT_AN_ID - 1) {
+                continue;
+            }
+            let rank = ids.len() as u16;
+            ids.push(k.clone());
+            match entries.iter_mut().find(|e| *e.key == **k) {
+                Some(e) => e.rank = rank,
+                None => entries.push(Entry {
+                    key: k.as_str().into(),
+                    field: None,
+                    rank,
+                    next: NONE,
+                }),
+            }
+        }
+        // Entries beyond u16 indices cannot be chained (never with a validated config).
+        entries.truncate(usize::from(u16::MAX - 1));
+        let chain = |mult: u32| {
+            let mut per = [0usize; 256];
+            for e in &entries {
+                per[Self::slot_with(mult, e.key.as_bytes())] += 1;
+            }
+            per.into_iter().max().unwrap_or(0)
+        };
+        let mult = MULTIPLIERS
+            .into_iter()
+            .min_by_key(|m| chain(*m))
+            .unwrap_or(MULTIPLIERS[0]);
+        let mut slots = Box::new([NONE; 256]);
+        for i in (0..entries.len()).rev() {
+            let s = Self::slot_with(mult, entries[i].key.as_bytes());
+            entries[i].next = slots[s];
+            slots[s] = i as u16 + 1;
+        }
+        KeyTable {
+            ids,
+            slots,
+            entries,
+            mult,
+        }
+    }
+
+    /// The call-id keys, first wins.
+    pub(crate) fn as_slice(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// The slot of a non-empty key: its length and first and last bytes, mixed.
+    #[inline]
+    fn slot_with(mult: u32, b: &[u8]) -> usize {
+        let (first, last) = match (b.first(), b.last()) {
+            (Some(f), Some(l)) => (*f, *l),
+            _ => (0, 0),
+        };
+        let x = (b.len() as u32) ^ (u32::from(first) << 8) ^ (u32::from(last) << 16);
+        (x.wrapping_mul(mult) >> 24) as usize
+    }
+
+    /// The entry of `key`, if callscope reads it.
+    #[inline]
+    fn lookup(&self, key: &str) -> Option<&Entry> {
+        let b = key.as_bytes();
+        if b.is_empty() {
+            return None;
+        }
+        let mut i = self.slots[Self::slot_with(self.mult, b)];
+        while i != NONE {
+            let e = self.entries.get(usize::from(i - 1))?;
+            if *e.key == *key {
+                return Some(e);
+            }
+            i = e.next;
+        }
+        None
+    }
+}
+
+/// Keeps the call id of the best-ranked key seen so far (`best`) up to date with one attribute
+/// whose key ranks `rank` among the call-id keys.
+#[inline]
+fn offer_call_id<'a>(best: &mut Option<(u16, CallIdValue<'a>)>, rank: u16, value: &'a Value) {
+    if rank == NOT_AN_ID || best.as_ref().is_some_and(|(r, _)| *r <= rank) {
+        return;
+    }
+    let id = match value {
+        Value::String(s) if !s.as_str().is_empty() => CallIdValue::Str(s.as_str()),
+        Value::I64(i) => CallIdValue::Int(*i),
+        _ => return,
+    };
+    *best = Some((rank, id));
+}
+
+/// Finds a call id under `keys` (first key in `keys` order wins) in attributes.
+pub(crate) fn find_call_id<'a>(attrs: &'a [KeyValue], keys: &KeyTable) -> Option<CallIdValue<'a>> {
+    let mut best = None;
+    for kv in attrs {
+        if let Some(e) = keys.lookup(kv.key.as_str()) {
+            offer_call_id(&mut best, e.rank, &kv.value);
+        }
+    }
+    best.map(|(_, id)| id)
 }
 
 /// Classifies a span and reads its facts (call id included) in one pass over the attributes.
 pub(crate) fn read_span<'a>(
     name: &str,
     attrs: &'a [KeyValue],
-    call_id_keys: &CallIdKeys,
+    keys: &KeyTable,
 ) -> (Operation, SpanFacts<'a>) {
     let by_name = operation_by_name(name);
     let mut genai_op: Option<&str> = None;
@@ -326,9 +392,12 @@ pub(crate) fn read_span<'a>(
     let mut generic_transcript: Option<&str> = None;
     let mut generic_output: Option<&str> = None;
     for kv in attrs {
-        offer_call_id(&mut best_id, call_id_keys, kv);
+        let Some(e) = keys.lookup(kv.key.as_str()) else {
+            continue;
+        };
         let v = &kv.value;
-        let Some(field) = field_of(kv.key.as_str()) else {
+        offer_call_id(&mut best_id, e.rank, v);
+        let Some(field) = e.field else {
             continue;
         };
         match field {
@@ -365,18 +434,28 @@ pub(crate) fn read_span<'a>(
 mod tests {
     use super::*;
 
-    fn keys() -> CallIdKeys {
+    fn keys() -> KeyTable {
         let keys: Vec<String> = ["call_id", "session.id", "conversation.id"]
             .into_iter()
             .map(String::from)
             .collect();
-        CallIdKeys::new(&keys)
+        KeyTable::new(&keys)
+    }
+
+    fn field_of(t: &KeyTable, k: &str) -> Option<Field> {
+        t.lookup(k).and_then(|e| e.field)
+    }
+
+    fn rank_of(t: &KeyTable, k: &str) -> Option<u16> {
+        t.lookup(k).map(|e| e.rank).filter(|r| *r != NOT_AN_ID)
     }
 
     #[test]
-    fn every_semantic_key_passes_the_filter_and_others_do_not_match() {
+    fn every_semantic_key_is_found_and_others_are_not() {
+        let t = keys();
         for (k, field) in SEMANTIC_KEYS {
-            assert_eq!(field_of(k), Some(field), "{k}");
+            assert_eq!(field_of(&t, k), Some(field), "{k}");
+            assert_eq!(rank_of(&t, k), None, "{k}");
         }
         for k in [
             "",
@@ -388,7 +467,57 @@ mod tests {
             "metrics.ttfx",
             "turn.numbe\u{e9}",
         ] {
-            assert_eq!(field_of(k), None, "{k}");
+            assert!(t.lookup(k).is_none(), "{k}");
+        }
+        assert_eq!(rank_of(&t, "call_id"), Some(0));
+        assert_eq!(rank_of(&t, "conversation.id"), Some(2));
+    }
+
+    #[test]
+    fn a_call_id_key_may_also_be_a_semantic_key_and_repeats_keep_the_first_rank() {
+        let ids: Vec<String> = ["turn.number", "call_id", "turn.number", "call_id"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let t = KeyTable::new(&ids);
+        assert_eq!(t.as_slice(), ["turn.number", "call_id"]);
+        assert_eq!(field_of(&t, "turn.number"), Some(Field::TurnNumber));
+        assert_eq!(rank_of(&t, "turn.number"), Some(0));
+        assert_eq!(rank_of(&t, "call_id"), Some(1));
+        let attrs = [
+            KeyValue::new("call_id", "c"),
+            KeyValue::new("turn.number", 7_i64),
+        ];
+        let (_, f) = read_span("turn", &attrs, &t);
+        assert_eq!(f.call_id, Some(CallIdValue::Int(7)));
+        assert_eq!(f.turn_number, Some(7));
+    }
+
+    proptest::proptest! {
+        /// Whatever keys are configured (many colliding in one slot included), the table finds
+        /// exactly the configured and semantic keys, each with its first rank.
+        #[test]
+        fn the_key_table_equals_a_linear_search(
+            ids in proptest::collection::vec("[a-z._]{0,12}", 0..200),
+            probes in proptest::collection::vec("[a-z._]{0,12}", 0..50),
+        ) {
+            let t = KeyTable::new(&ids);
+            let want_rank = |k: &str| {
+                let mut seen: Vec<&str> = Vec::new();
+                for id in &ids {
+                    if id.is_empty() || seen.contains(&id.as_str()) { continue; }
+                    if id == k { return Some(seen.len() as u16); }
+                    seen.push(id);
+                }
+                None
+            };
+            let want_field = |k: &str| SEMANTIC_KEYS.iter().find(|(s, _)| *s == k).map(|(_, f)| *f);
+            for k in ids.iter().chain(&probes).map(String::as_str)
+                .chain(SEMANTIC_KEYS.iter().map(|(k, _)| *k))
+            {
+                proptest::prop_assert_eq!(rank_of(&t, k), want_rank(k), "{}", k);
+                proptest::prop_assert_eq!(field_of(&t, k), want_field(k), "{}", k);
+            }
         }
     }
 
