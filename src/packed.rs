@@ -11,7 +11,8 @@
 //!
 //! The format is private to this process (both ends are this module), little-endian:
 //! `op u8, trace 16, span 8, parent 8, kind u8, start u64 ns, end u64 ns, status, name,
-//! attributes, events, links`, strings as `u32 length + bytes`, lists as `u32 count + items`.
+//! attributes, events, links`, strings as `u32 length + bytes`, lists as `u32 count + items`,
+//! an attribute as `key length u32, tag u8, scalar or value length, key, value bytes`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -211,22 +212,6 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..n]);
 }
 
-/// A tag and a string: one write for both heads, one for the text.
-#[inline]
-fn put_tagged_str(out: &mut Vec<u8>, tag: u8, s: &str) {
-    let n = len32(s.len());
-    let l = n.to_le_bytes();
-    out.extend_from_slice(&[tag, l[0], l[1], l[2], l[3]]);
-    out.extend_from_slice(&s.as_bytes()[..n as usize]);
-}
-
-/// A tag and an 8-byte scalar in one write.
-#[inline]
-fn put_tagged_u64(out: &mut Vec<u8>, tag: u8, v: u64) {
-    let b = v.to_le_bytes();
-    out.extend_from_slice(&[tag, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-}
-
 fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
     put_len(out, items.len());
     for x in items.iter().take(u32::MAX as usize) {
@@ -234,40 +219,65 @@ fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>
     }
 }
 
+/// One attribute: a head of the key's length, the value's tag and its scalar or length, in one
+/// write; then the key; then a string value's bytes (or an array's items). Three writes for a
+/// string attribute, two for a number: each write is a capacity check and, for text, a call to
+/// `memcpy`, and a voice-agent span has eight or more attributes.
 #[inline]
-fn put_value(out: &mut Vec<u8>, v: &Value, cap: usize) {
+fn put_attr(out: &mut Vec<u8>, key: &str, v: &Value, cap: usize) {
+    let k = len32(key.len());
+    let kb = &key.as_bytes()[..k as usize];
+    let [k0, k1, k2, k3] = k.to_le_bytes();
+    let scalar = |out: &mut Vec<u8>, tag: u8, x: u64| {
+        let [b0, b1, b2, b3, b4, b5, b6, b7] = x.to_le_bytes();
+        out.extend_from_slice(&[k0, k1, k2, k3, tag, b0, b1, b2, b3, b4, b5, b6, b7]);
+        out.extend_from_slice(kb);
+    };
+    let text = |out: &mut Vec<u8>, s: &str| {
+        let n = len32(s.len());
+        let [n0, n1, n2, n3] = n.to_le_bytes();
+        out.extend_from_slice(&[k0, k1, k2, k3, V_STR, n0, n1, n2, n3]);
+        out.extend_from_slice(kb);
+        out.extend_from_slice(&s.as_bytes()[..n as usize]);
+    };
+    let array = |out: &mut Vec<u8>, tag: u8| {
+        out.extend_from_slice(&[k0, k1, k2, k3, tag]);
+        out.extend_from_slice(kb);
+    };
     match v {
-        Value::Bool(b) => out.extend_from_slice(&[V_BOOL, u8::from(*b)]),
-        Value::I64(i) => put_tagged_u64(out, V_I64, *i as u64),
-        Value::F64(f) => put_tagged_u64(out, V_F64, f.to_bits()),
-        Value::String(s) => put_tagged_str(out, V_STR, truncate_str(s.as_str(), cap)),
+        Value::Bool(b) => {
+            out.extend_from_slice(&[k0, k1, k2, k3, V_BOOL, u8::from(*b)]);
+            out.extend_from_slice(kb);
+        }
+        Value::I64(i) => scalar(out, V_I64, *i as u64),
+        Value::F64(f) => scalar(out, V_F64, f.to_bits()),
+        Value::String(s) => text(out, truncate_str(s.as_str(), cap)),
         Value::Array(Array::Bool(a)) => {
-            out.push(V_BOOLS);
+            array(out, V_BOOLS);
             put_list(out, a, |o, b| o.push(u8::from(*b)));
         }
         Value::Array(Array::I64(a)) => {
-            out.push(V_I64S);
+            array(out, V_I64S);
             put_list(out, a, |o, i| o.extend_from_slice(&i.to_le_bytes()));
         }
         Value::Array(Array::F64(a)) => {
-            out.push(V_F64S);
+            array(out, V_F64S);
             put_list(out, a, |o, f| {
                 o.extend_from_slice(&f.to_bits().to_le_bytes())
             });
         }
         Value::Array(Array::String(a)) => {
-            out.push(V_STRS);
+            array(out, V_STRS);
             put_list(out, a, |o, s| put_str(o, truncate_str(s.as_str(), cap)));
         }
         // Kinds added to the API later travel as their text.
-        other => put_tagged_str(out, V_STR, &other.to_string()),
+        other => text(out, truncate_str(&other.to_string(), cap)),
     }
 }
 
 fn put_attrs(out: &mut Vec<u8>, attrs: &[KeyValue], cap: usize) {
     put_list(out, attrs, |o, kv| {
-        put_str(o, kv.key.as_str());
-        put_value(o, &kv.value, cap);
+        put_attr(o, kv.key.as_str(), &kv.value, cap)
     });
 }
 
@@ -379,11 +389,6 @@ impl<'a> Unpacker<'a> {
         Some(u32::from_le_bytes(self.array()?) as usize)
     }
 
-    fn string(&mut self) -> Option<String> {
-        let n = self.len()?;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-
     fn time(&mut self) -> Option<SystemTime> {
         Some(UNIX_EPOCH + Duration::from_nanos(self.u64()?))
     }
@@ -398,31 +403,69 @@ impl<'a> Unpacker<'a> {
         Some(v)
     }
 
-    fn value(&mut self) -> Option<Value> {
-        Some(match self.u8()? {
-            V_BOOL => Value::Bool(self.u8()? != 0),
-            V_I64 => Value::I64(i64::from_le_bytes(self.array()?)),
-            V_F64 => Value::F64(f64::from_bits(u64::from_le_bytes(self.array()?))),
-            V_STR => Value::String(self.string()?.into()),
-            V_BOOLS => Value::Array(Array::Bool(self.list(|u| Some(u.u8()? != 0))?)),
-            V_I64S => Value::Array(Array::I64(
-                self.list(|u| Some(i64::from_le_bytes(u.array()?)))?,
-            )),
-            V_F64S => Value::Array(Array::F64(
-                self.list(|u| Some(f64::from_bits(u64::from_le_bytes(u.array()?))))?,
-            )),
-            V_STRS => Value::Array(Array::String(
-                self.list(|u| Some(StringValue::from(u.string()?)))?,
-            )),
+    fn text(&mut self, n: usize) -> Option<String> {
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let n = self.len()?;
+        self.text(n)
+    }
+
+    /// One attribute as [`put_attr`] wrote it.
+    fn attr(&mut self) -> Option<KeyValue> {
+        let klen = self.len()?;
+        let tag = self.u8()?;
+        let value = match tag {
+            V_BOOL => {
+                let b = self.u8()? != 0;
+                let key = self.text(klen)?;
+                return Some(KeyValue::new(key, Value::Bool(b)));
+            }
+            V_I64 | V_F64 => {
+                let x = u64::from_le_bytes(self.array()?);
+                let key = self.text(klen)?;
+                let v = if tag == V_I64 {
+                    Value::I64(x as i64)
+                } else {
+                    Value::F64(f64::from_bits(x))
+                };
+                return Some(KeyValue::new(key, v));
+            }
+            V_STR => {
+                let n = self.len()?;
+                let key = self.text(klen)?;
+                return Some(KeyValue::new(key, Value::String(self.text(n)?.into())));
+            }
+            V_BOOLS => {
+                let key = self.text(klen)?;
+                (
+                    key,
+                    Value::Array(Array::Bool(self.list(|u| Some(u.u8()? != 0))?)),
+                )
+            }
+            V_I64S => {
+                let key = self.text(klen)?;
+                let a = self.list(|u| Some(i64::from_le_bytes(u.array()?)))?;
+                (key, Value::Array(Array::I64(a)))
+            }
+            V_F64S => {
+                let key = self.text(klen)?;
+                let a = self.list(|u| Some(f64::from_bits(u64::from_le_bytes(u.array()?))))?;
+                (key, Value::Array(Array::F64(a)))
+            }
+            V_STRS => {
+                let key = self.text(klen)?;
+                let a = self.list(|u| Some(StringValue::from(u.string()?)))?;
+                (key, Value::Array(Array::String(a)))
+            }
             _ => return None,
-        })
+        };
+        Some(KeyValue::new(value.0, value.1))
     }
 
     fn attrs(&mut self) -> Option<Vec<KeyValue>> {
-        self.list(|u| {
-            let key = u.string()?;
-            Some(KeyValue::new(key, u.value()?))
-        })
+        self.list(Self::attr)
     }
 
     fn context(&mut self) -> Option<SpanContext> {
