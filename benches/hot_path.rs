@@ -275,13 +275,18 @@ fn caller_cost(c: &mut Criterion) {
     }
 }
 
-/// `HOT_PATH_PROFILE=<none|bsp|null|callscope|summary> HOT_PATH_SPANS=<n>`: emit n spans on one thread and
-/// exit, for `valgrind --tool=callgrind` (instruction counts per span are repeatable, unlike time).
+/// `HOT_PATH_PROFILE=<none|bsp|null|callscope|summary> HOT_PATH_SPANS=<n> [HOT_PATH_THREADS=<t>]`:
+/// emit n spans on each of t threads (default 1) and exit, for `valgrind --tool=callgrind`
+/// (instruction counts per span are repeatable, unlike time) or `perf record`.
 fn profile(which: &str) {
     let spans = std::env::var("HOT_PATH_SPANS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(100_000u64);
+    let threads = std::env::var("HOT_PATH_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1u64);
     let p = match which {
         "none" => Pipeline::None,
         "bsp" => Pipeline::Bsp,
@@ -292,9 +297,9 @@ fn profile(which: &str) {
     let sink = null_sink::NullSink::start(1).unwrap();
     let (provider, seen) = provider(&p, &sink);
     let tracer = provider.tracer("bench");
-    let took = run(&tracer, 1, spans);
+    let took = run(&tracer, threads, spans);
     let _ = provider.force_flush();
-    eprintln!("{which}: {spans} spans in {took:?}");
+    eprintln!("{which}: {spans} spans x {threads} thread(s) in {took:?}");
     if let Seen::Callscope(s) = seen {
         eprintln!("  {:?}", s.snapshot());
     }

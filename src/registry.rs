@@ -1,10 +1,15 @@
 //! The table of open calls: grouping spans into calls, call ends, eviction, idle expiry.
 //!
 //! Shared by the span hot path (`on_start` / `on_end`) and the worker (idle scan, shutdown).
-//! The fast path takes one DashMap shard lock; creating or ending a call also takes the
-//! `lifecycle` mutex (lock order: lifecycle, then a shard — never the other way round).
+//! Each open call is a [`Call`]: its state behind a lock of its own. The fast path finds the
+//! span's call in a small per-thread cache (trace id → call) and takes only that call's lock;
+//! on a miss it looks the trace up in the trace index and the call in the call table. Creating
+//! or ending a call also takes the `lifecycle` mutex. Lock order: lifecycle, then a table
+//! shard, then a call's lock — never the other way round (code holding a call's lock takes no
+//! other lock).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -19,7 +24,7 @@ use crate::config::Config;
 use crate::config::DetailMode;
 use crate::fasthash::FastState;
 use crate::packed::{Budget, CHUNK_BYTES, CHUNK_SPANS, Chunk, MIN_CHUNK_BYTES};
-use crate::semantics::{self, KeyTable, CallIdValue, Operation};
+use crate::semantics::{self, CallIdValue, KeyTable, Operation};
 use crate::stats::Counters;
 
 /// Longest call id kept; longer ones are cut (and counted).
@@ -43,6 +48,66 @@ impl EndReason {
             EndReason::Evicted => "evicted",
         }
     }
+}
+
+/// One open call in the table: its id and its state under a lock of its own, so a span of a
+/// known call takes one uncontended lock and no table lock. The state is taken out (`None`)
+/// when the call ends or is folded into another, and only then; a slot found empty means "look
+/// again in the table".
+#[derive(Debug)]
+pub(crate) struct Call {
+    id: Arc<str>,
+    /// Keyed by a trace id because no call id was seen yet (never changes).
+    provisional: bool,
+    state: Mutex<Option<CallState>>,
+}
+
+impl Call {
+    fn new(state: CallState) -> Arc<Self> {
+        Arc::new(Call {
+            id: state.call_id.clone(),
+            provisional: state.provisional,
+            state: Mutex::new(Some(state)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<CallState>> {
+        // A panic while recording leaves a consistent-enough state (counters and lists).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the call: takes its state out of the slot.
+    fn take(&self) -> Option<CallState> {
+        self.lock().take()
+    }
+}
+
+/// Calls remembered per thread for the traces it records (a power of two).
+const CACHED_TRACES: usize = 64;
+
+/// A trace this thread recorded spans of, and its call.
+#[derive(Debug)]
+struct CachedTrace {
+    registry: u64,
+    trace: TraceId,
+    call: Arc<Call>,
+}
+
+thread_local! {
+    /// Per thread: trace id → call, direct-mapped by the trace id's low bits. Holds what the
+    /// trace index holds, for traces this thread recorded lately: a stale entry is one whose
+    /// call has ended (its slot is empty), which sends the span to the table.
+    static TRACE_CACHE: RefCell<[Option<CachedTrace>; CACHED_TRACES]> =
+        const { RefCell::new([const { None }; CACHED_TRACES]) };
+}
+
+/// Numbers registries, so a thread's cache never mixes two processors' calls.
+static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(1);
+
+#[inline]
+fn cache_slot(trace: TraceId) -> usize {
+    let b = trace.to_bytes();
+    usize::from(b[15] ^ b[7]) & (CACHED_TRACES - 1)
 }
 
 /// A call that ended, with why.
@@ -105,6 +170,8 @@ struct Lifecycle {
 /// The open calls and the trace → call index.
 #[derive(Debug)]
 pub(crate) struct Registry {
+    /// This registry among all of the process's (see [`TRACE_CACHE`]).
+    id: u64,
     pub(crate) config: Arc<Config>,
     pub(crate) stats: Arc<Counters>,
     /// `config.call_id_keys`, ready for the per-attribute test.
@@ -114,7 +181,7 @@ pub(crate) struct Registry {
     /// hot path dates a call's activity with, one clock read less per span. It only feeds the
     /// idle timeout, which is far longer than a tick.
     coarse_now: AtomicU64,
-    calls: DashMap<Arc<str>, CallState, FastState>,
+    calls: DashMap<Arc<str>, Arc<Call>, FastState>,
     /// `calls.len()`, kept under the lifecycle lock: a reader racing the span recorders would
     /// otherwise sum the shards mid-change and may see more calls than ever were open at once.
     open: AtomicUsize,
@@ -142,6 +209,7 @@ impl Registry {
     pub(crate) fn new(config: Arc<Config>, stats: Arc<Counters>) -> Self {
         let open = config.max_open_calls;
         Registry {
+            id: NEXT_REGISTRY.fetch_add(1, Ordering::Relaxed),
             ended_cap: open.saturating_mul(2).max(1024),
             traces_cap: open.saturating_mul(64).max(65_536),
             text_cap: config.max_summary_bytes,
@@ -273,19 +341,9 @@ impl Registry {
             cut
         };
 
-        // Fast path, most spans: the trace's call is known and open, the span names no other
-        // call and does not end it. The call is updated while the trace index's shard is
-        // read-locked (no code takes a trace lock while holding a call's), so the call id is
-        // not cloned (two atomic updates) for every span.
-        if !is_root
-            && let Some(t) = self.traces.get(&trace_id)
-            && explicit.as_deref().is_none_or(|id| **t.value() == *id)
-            && let Some(mut c) = self.calls.get_mut(&**t.value())
-        {
-            let (key, state) = c.pair_mut();
-            let cut = update(key, state);
-            drop(c);
-            drop(t);
+        // Fast path, most spans: this thread recorded the trace's call lately and it is still
+        // open, the span names no other call and does not end it.
+        if !is_root && let Some(cut) = self.record_cached(trace_id, explicit.as_deref(), update) {
             self.count_cut(cut, &trace_id);
             return Routed::default();
         }
@@ -318,16 +376,31 @@ impl Registry {
             }
         };
 
-        // 2. update it (one shard lock when open) and pack its detail into the call's chunk
+        // 2. update it (its own lock when open) and pack its detail into the call's chunk
         let mut cut = 0;
-        if let Some(mut c) = self.calls.get_mut(&*key) {
-            let (k, st) = c.pair_mut();
-            cut = update(k, st);
+        let open = self.calls.get(&*key).map(|e| e.value().clone());
+        let recorded = open.and_then(|call| {
+            let mut g = call.lock();
+            let st = g.as_mut()?;
+            cut = update(&call.id, st);
+            drop(g);
+            Some(call)
+        });
+        if let Some(call) = recorded {
+            self.remember_trace(trace_id, call);
         } else {
             let mut lc = lock(&self.lifecycle);
-            if let Some(mut c) = self.calls.get_mut(&*key) {
-                let (k, st) = c.pair_mut();
-                cut = update(k, st);
+            // Under the lifecycle lock no call starts or ends: what the table says now holds.
+            let open = self.calls.get(&*key).map(|e| e.value().clone());
+            let recorded = open.and_then(|call| {
+                let mut g = call.lock();
+                let st = g.as_mut()?;
+                cut = update(&call.id, st);
+                drop(g);
+                Some(call)
+            });
+            if let Some(call) = recorded {
+                self.remember_trace(trace_id, call);
             } else if lc.ended.contains(&key) {
                 late = true;
                 Counters::inc(&self.stats.late_spans);
@@ -349,10 +422,13 @@ impl Registry {
                 // Shipped (if its first span fills a chunk) under the lifecycle lock, which
                 // any end of this call takes too.
                 cut = update(&key, &mut st);
-                self.calls.insert(key.clone(), st);
+                let call = Call::new(st);
+                self.calls.insert(key.clone(), call.clone());
                 self.open.fetch_add(1, Ordering::Relaxed);
                 lc.open_order.push_back(key.clone());
                 Counters::inc(&self.stats.calls_started);
+                drop(lc);
+                self.remember_trace(trace_id, call);
             }
         }
         self.count_cut(cut, &trace_id);
@@ -362,6 +438,55 @@ impl Registry {
             ended.extend(self.end(&key, EndReason::RootSpanEnded));
         }
         Routed { ended, joined }
+    }
+
+    /// Records the span through this thread's cache: `Some(texts cut)` when the trace's call was
+    /// cached and still open (and is the call `explicit` names, if the span names one).
+    #[inline]
+    fn record_cached(
+        &self,
+        trace: TraceId,
+        explicit: Option<&str>,
+        update: impl Fn(&Arc<str>, &mut CallState) -> u64,
+    ) -> Option<u64> {
+        TRACE_CACHE
+            .try_with(|cache| {
+                // Taken already only if recording re-entered this thread's `on_end`.
+                let cache = cache.try_borrow().ok()?;
+                let hit = cache[cache_slot(trace)].as_ref()?;
+                if hit.registry != self.id
+                    || hit.trace != trace
+                    || explicit.is_some_and(|id| *hit.call.id != *id)
+                {
+                    return None;
+                }
+                let mut g = hit.call.lock();
+                let st = g.as_mut()?;
+                Some(update(&hit.call.id, st))
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Caches `call` as the trace's call for this thread, if the trace index says so (a span
+    /// may name a call other than its trace's: that call is not the trace's).
+    fn remember_trace(&self, trace: TraceId, call: Arc<Call>) {
+        if !self
+            .traces
+            .get(&trace)
+            .is_some_and(|t| Arc::ptr_eq(t.value(), &call.id) || **t.value() == *call.id)
+        {
+            return;
+        }
+        let _ = TRACE_CACHE.try_with(|cache| {
+            if let Ok(mut cache) = cache.try_borrow_mut() {
+                cache[cache_slot(trace)] = Some(CachedTrace {
+                    registry: self.id,
+                    trace,
+                    call,
+                });
+            }
+        });
     }
 
     /// Counts texts cut to a call's caps.
@@ -431,13 +556,16 @@ impl Registry {
     pub(crate) fn take_chunks(&self, min_age_ns: u64) -> Vec<(Arc<str>, bool, Chunk)> {
         let now = self.coarse_now_ns();
         let mut out = Vec::new();
-        for mut e in self.calls.iter_mut() {
-            let due = e
+        for e in self.calls.iter() {
+            let call = e.value();
+            let mut g = call.lock();
+            let Some(st) = g.as_mut() else { continue };
+            let due = st
                 .chunk
                 .as_ref()
                 .is_some_and(|c| now.saturating_sub(c.since_ns) >= min_age_ns);
-            if due && let Some(c) = e.chunk.take() {
-                out.push((e.key().clone(), e.provisional, c));
+            if due && let Some(c) = st.chunk.take() {
+                out.push((call.id.clone(), call.provisional, c));
             }
         }
         out
@@ -457,19 +585,33 @@ impl Registry {
             // The real call is over: the provisional one lives on and ends by itself.
             return real;
         }
-        let Some((_, p)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
+        let Some((_, prov_call)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
+            return real;
+        };
+        let Some(p) = prov_call.take() else {
             return real;
         };
         self.open.fetch_sub(1, Ordering::Relaxed);
-        let cut = if let Some(mut r) = self.calls.get_mut(&*real) {
-            r.merge(p)
-        } else {
-            let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
-            let cut = st.merge(p);
-            self.calls.insert(real.clone(), st);
-            self.open.fetch_add(1, Ordering::Relaxed);
-            lc.open_order.push_back(real.clone());
-            cut
+        // Under the lifecycle lock a call in the table is open (its state is taken only when it
+        // leaves the table, under this lock).
+        let open = self.calls.get(&*real).map(|e| e.value().clone());
+        let merged = match &open {
+            Some(r) => match r.lock().as_mut() {
+                Some(st) => Ok(st.merge(p)),
+                None => Err(p),
+            },
+            None => Err(p),
+        };
+        let cut = match merged {
+            Ok(cut) => cut,
+            Err(p) => {
+                let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
+                let cut = st.merge(p);
+                self.calls.insert(real.clone(), Call::new(st));
+                self.open.fetch_add(1, Ordering::Relaxed);
+                lc.open_order.push_back(real.clone());
+                cut
+            }
         };
         Counters::add(&self.stats.text_truncations, cut);
         Counters::inc(&self.stats.calls_joined);
@@ -504,8 +646,10 @@ impl Registry {
     }
 
     fn end_locked(&self, lc: &mut Lifecycle, key: &str, reason: EndReason) -> Option<Ended> {
-        let (k, state) = self.calls.remove(key)?;
+        let (k, call) = self.calls.remove(key)?;
         self.open.fetch_sub(1, Ordering::Relaxed);
+        // Waits for a span being recorded into it: its shipment is counted before this end.
+        let state = call.take()?;
         self.remember_ended(lc, k, state.trace_ids.clone());
         self.count_end(reason);
         Some(Ended { state, reason })
@@ -538,7 +682,11 @@ impl Registry {
     pub(crate) fn expire_idle(&self) -> Vec<Ended> {
         let now = self.now_ns();
         let limit = u64::try_from(self.config.call_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
-        let idle = |c: &CallState| now.saturating_sub(c.last_seen_ns) >= limit;
+        let idle = |c: &Call| {
+            c.lock()
+                .as_ref()
+                .is_some_and(|st| now.saturating_sub(st.last_seen_ns) >= limit)
+        };
         let expired: Vec<Arc<str>> = self
             .calls
             .iter()
@@ -548,7 +696,9 @@ impl Registry {
         let mut out = Vec::new();
         for k in expired {
             let mut lc = lock(&self.lifecycle);
-            if let Some((k, state)) = self.calls.remove_if(&k, |_, c| idle(c)) {
+            if let Some((k, call)) = self.calls.remove_if(&k, |_, c| idle(c))
+                && let Some(state) = call.take()
+            {
                 self.open.fetch_sub(1, Ordering::Relaxed);
                 self.remember_ended(&mut lc, k, state.trace_ids.clone());
                 self.count_end(EndReason::IdleTimeout);
@@ -565,5 +715,172 @@ impl Registry {
     pub(crate) fn end_all(&self, reason: EndReason) -> Vec<Ended> {
         let keys: Vec<Arc<str>> = self.calls.iter().map(|e| e.key().clone()).collect();
         keys.iter().filter_map(|k| self.end(k, reason)).collect()
+    }
+}
+
+impl Drop for Registry {
+    /// Empties every call's slot: threads' caches may keep a slot alive a while, never a call.
+    fn drop(&mut self) {
+        for e in self.calls.iter() {
+            drop(e.value().take());
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{SpanContext, SpanKind, Status, TraceFlags, TraceState};
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use std::sync::Mutex as StdMutex;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn registry() -> Registry {
+        let config = Config::builder()
+            .without_env()
+            .endpoint("http://127.0.0.1:9/")
+            .build()
+            .unwrap();
+        Registry::new(Arc::new(config), Arc::new(Counters::default()))
+    }
+
+    fn span(trace: u128, id: u64, parent: Option<u64>, call_id: Option<&str>) -> SpanData {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000);
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(trace),
+                SpanId::from(id),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: parent.map_or(SpanId::INVALID, SpanId::from),
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: if parent.is_some() {
+                "llm_request"
+            } else {
+                "agent_session"
+            }
+            .into(),
+            start_time: t0,
+            end_time: t0 + Duration::from_millis(id),
+            attributes: call_id
+                .map(|c| vec![KeyValue::new("call_id", c.to_owned())])
+                .unwrap_or_default(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    /// What the registry handed over: (call id, late) per shipment, and the ended calls.
+    #[derive(Default)]
+    struct Seen {
+        shipped: StdMutex<Vec<(String, bool)>>,
+    }
+
+    impl Seen {
+        fn record(&self, r: &Registry, s: &SpanData) -> Routed {
+            r.record(s, r.now_ns(), &|sh: Shipment| {
+                self.shipped
+                    .lock()
+                    .unwrap()
+                    .push((sh.call_id.to_string(), sh.late));
+            })
+        }
+    }
+
+    fn total_spans(e: &Ended) -> u64 {
+        e.state.agg.total_spans
+    }
+
+    #[test]
+    fn a_span_after_its_call_ended_is_late_on_a_thread_that_cached_the_call() {
+        let r = registry();
+        let seen = Seen::default();
+        // This thread records two children: the second one through its cache.
+        seen.record(&r, &span(1, 2, Some(1), Some("c")));
+        seen.record(&r, &span(1, 3, Some(1), None));
+        // The root ends the call on another thread.
+        let routed = std::thread::scope(|s| {
+            s.spawn(|| seen.record(&r, &span(1, 1, None, Some("c"))))
+                .join()
+                .unwrap()
+        });
+        assert_eq!(routed.ended.len(), 1);
+        assert_eq!(total_spans(&routed.ended[0]), 3);
+        // This thread's cache still names the call: the span must be late, not recorded.
+        let after = seen.record(&r, &span(1, 4, Some(1), None));
+        assert!(after.ended.is_empty());
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            seen.shipped.lock().unwrap().last().cloned(),
+            Some(("c".to_owned(), true))
+        );
+        assert_eq!(r.open_calls(), 0);
+    }
+
+    #[test]
+    fn two_processors_on_one_thread_keep_their_own_calls_for_the_same_trace() {
+        let (a, b) = (registry(), registry());
+        let seen = Seen::default();
+        seen.record(&a, &span(7, 2, Some(1), Some("in-a")));
+        seen.record(&b, &span(7, 2, Some(1), Some("in-b")));
+        for id in 3..10 {
+            seen.record(&a, &span(7, id, Some(1), None));
+            seen.record(&b, &span(7, id, Some(1), None));
+        }
+        let ea = seen.record(&a, &span(7, 1, None, None));
+        let eb = seen.record(&b, &span(7, 1, None, None));
+        assert_eq!(&*ea.ended[0].state.call_id, "in-a");
+        assert_eq!(&*eb.ended[0].state.call_id, "in-b");
+        assert_eq!(total_spans(&ea.ended[0]), 9);
+        assert_eq!(total_spans(&eb.ended[0]), 9);
+    }
+
+    #[test]
+    fn spans_cached_under_a_provisional_call_follow_it_into_its_real_call() {
+        let r = registry();
+        let seen = Seen::default();
+        // No call id yet: the trace's spans gather in a provisional call (and in the cache).
+        seen.record(&r, &span(5, 2, Some(1), None));
+        seen.record(&r, &span(5, 3, Some(1), None));
+        // The id shows up on a later span: the provisional call joins the real one.
+        let joined = seen.record(&r, &span(5, 4, Some(1), Some("real")));
+        assert_eq!(
+            joined
+                .joined
+                .map(|(from, to)| (from.to_string(), to.to_string())),
+            Some((format!("{:032x}", 5u128), "real".to_owned()))
+        );
+        // A span without the id, on the thread whose cache held the provisional call.
+        seen.record(&r, &span(5, 5, Some(1), None));
+        let end = seen.record(&r, &span(5, 1, None, None));
+        assert_eq!(end.ended.len(), 1);
+        assert_eq!(&*end.ended[0].state.call_id, "real");
+        assert_eq!(total_spans(&end.ended[0]), 5);
+        assert_eq!(r.open_calls(), 0);
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_span_naming_another_call_is_not_recorded_into_its_traces_cached_call() {
+        let r = registry();
+        let seen = Seen::default();
+        seen.record(&r, &span(9, 2, Some(1), Some("first")));
+        seen.record(&r, &span(9, 3, Some(1), None));
+        // Same trace, another call id: its own call, and the trace stays with the first.
+        seen.record(&r, &span(9, 4, Some(1), Some("second")));
+        seen.record(&r, &span(9, 5, Some(1), None));
+        assert_eq!(r.open_calls(), 2);
+        let first = r.end("first", EndReason::Shutdown).unwrap();
+        let second = r.end("second", EndReason::Shutdown).unwrap();
+        assert_eq!(total_spans(&first), 3);
+        assert_eq!(total_spans(&second), 1);
     }
 }
