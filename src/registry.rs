@@ -325,7 +325,7 @@ impl Registry {
         let dur = view.dur;
         let detail = self.wants_detail(span, op, dur);
         if !detail {
-            Counters::inc(&self.stats.detail_spans_filtered);
+            self.stats.filtered.inc();
         }
         // Returns how many texts were cut to the call's caps.
         let update = |key: &Arc<str>, c: &mut CallState| {

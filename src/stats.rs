@@ -60,6 +60,9 @@ macro_rules! counters {
             $( pub(crate) $name: AtomicU64, )*
             /// Where `on_end` counts `spans_seen` (added to the field of that name).
             pub(crate) seen: Striped,
+            /// Where `on_end` counts `detail_spans_filtered` (every span, under
+            /// `CALLSCOPE_DETAIL=none`).
+            pub(crate) filtered: Striped,
         }
 
         impl Counters {
@@ -69,6 +72,7 @@ macro_rules! counters {
                     $( $name: self.$name.load(Ordering::Relaxed), )*
                 };
                 s.spans_seen += self.seen.sum();
+                s.detail_spans_filtered += self.filtered.sum();
                 s
             }
         }

@@ -665,3 +665,59 @@ fn force_flush_delivers_spans_of_open_calls() {
     drop(calls);
     provider.shutdown().unwrap();
 }
+
+/// `CALLSCOPE_DETAIL=critical` sends tool calls, errors and slow spans as detail and counts
+/// every other span as filtered, from two threads at once (the count is kept per thread);
+/// the summary still counts every span.
+#[test]
+fn critical_detail_sends_tools_errors_and_slow_spans_and_counts_the_rest() {
+    use callscope::DetailMode;
+    use opentelemetry::trace::Status;
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| {
+        b.detail(DetailMode::Critical)
+            .critical_threshold(Duration::from_millis(1000))
+    });
+    let tracer = provider.tracer("critical");
+    let cx = support::open_root(&tracer, "critical-call");
+    let barrier = Barrier::new(2);
+    std::thread::scope(|s| {
+        for th in 0..2u64 {
+            let (tracer, cx, barrier) = (&tracer, &cx, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                for i in 0..50u64 {
+                    let start = t0(th) + Duration::from_secs(i);
+                    let (name, ms) = match i % 10 {
+                        0 => ("function_tool", 5),
+                        1 => ("llm_request", 2500),
+                        _ => ("tts_request", 40),
+                    };
+                    let mut span = tracer
+                        .span_builder(name)
+                        .with_start_time(start)
+                        .start_with_context(tracer, cx);
+                    if i % 10 == 2 {
+                        span.set_status(Status::error("tts failed"));
+                    }
+                    span.end_with_timestamp(start + Duration::from_millis(ms));
+                }
+            });
+        }
+    });
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let st = stats.snapshot();
+    // Per thread: 5 tool calls, 5 slow llm spans, 5 errors are critical; 35 are not.
+    assert_eq!(st.detail_spans_sent, 30);
+    assert_eq!(
+        st.detail_spans_filtered,
+        70 + 1,
+        "the 70 plain spans and the root"
+    );
+    assert_eq!(st.spans_dropped(), 0);
+    let core = rx.core_of("critical-call").unwrap();
+    assert_eq!(core["telemetry_summary"]["total_spans"], 101);
+    assert_eq!(core["telemetry_summary"]["error_count"], 10);
+    provider.shutdown().unwrap();
+}
