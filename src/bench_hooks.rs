@@ -86,8 +86,7 @@ impl Aggregate {
 
     /// Reads and adds one span (classification plus aggregate update).
     pub fn record(&mut self, span: &SpanData) {
-        let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.keys);
-        self.state.record(&SpanView::of(span, op, facts), 0);
+        self.state.record(&SpanView::read(span, &self.keys), 0);
     }
 
     /// Spans recorded.

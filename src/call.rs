@@ -41,11 +41,12 @@ pub(crate) struct SpanView<'a> {
 }
 
 impl<'a> SpanView<'a> {
-    /// The view of an ended SDK span, classified as `op` with `facts` read from its attributes.
-    pub(crate) fn of(span: &'a SpanData, op: Operation, facts: SpanFacts<'a>) -> Self {
-        SpanView {
+    /// The view of an ended SDK span, classified and with its facts read from its attributes
+    /// (call-id keys from `keys`).
+    pub(crate) fn read(span: &'a SpanData, keys: &crate::semantics::KeyTable) -> Self {
+        let mut v = SpanView {
             name: &span.name,
-            op,
+            op: Operation::Other,
             trace_id: span.span_context.trace_id(),
             span_id: span.span_context.span_id(),
             parent_span_id: span.parent_span_id,
@@ -54,8 +55,10 @@ impl<'a> SpanView<'a> {
             dur: span_duration(span.start_time, span.end_time),
             is_error: matches!(span.status, opentelemetry::trace::Status::Error { .. }),
             is_user_turn: crate::semantics::is_user_turn(&span.name),
-            facts,
-        }
+            facts: SpanFacts::default(),
+        };
+        v.op = crate::semantics::read_span_into(&span.name, &span.attributes, keys, &mut v.facts);
+        v
     }
 
     /// The span's duration ([`span_duration`]).

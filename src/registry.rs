@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::config::DetailMode;
 use crate::fasthash::FastState;
 use crate::packed::{Budget, CHUNK_BYTES, CHUNK_SPANS, Chunk, MIN_CHUNK_BYTES};
-use crate::semantics::{self, CallIdValue, KeyTable, Operation};
+use crate::semantics::{CallIdValue, KeyTable, Operation};
 use crate::stats::Counters;
 
 /// Longest call id kept; longer ones are cut (and counted).
@@ -316,13 +316,11 @@ impl Registry {
     /// finishes a call once everything queued before its end is in: a shipment counted after
     /// the end would arrive as late detail).
     pub(crate) fn record(&self, span: &SpanData, now: u64, ship: &dyn Fn(Shipment)) -> Routed {
-        let (op, facts) = semantics::read_span(&span.name, &span.attributes, &self.id_keys);
-        let trace_id = span.span_context.trace_id();
-        let explicit = facts.call_id.map(|c| self.cut_call_id(c));
+        let view = SpanView::read(span, &self.id_keys);
+        let (op, dur, trace_id) = (view.op, view.dur, view.trace_id);
+        let explicit = view.facts.call_id.map(|c| self.cut_call_id(c));
         let is_root = span.parent_span_id == SpanId::INVALID
             || self.config.root_span_names.iter().any(|n| *n == span.name);
-        let view = SpanView::of(span, op, facts);
-        let dur = view.dur;
         let detail = self.wants_detail(span, op, dur);
         if !detail {
             self.stats.filtered.inc();
@@ -493,9 +491,14 @@ impl Registry {
     #[inline]
     fn count_cut(&self, cut: u64, trace_id: &TraceId) {
         if cut > 0 {
-            Counters::add(&self.stats.text_truncations, cut);
-            tracing::debug!(trace_id = %format!("{trace_id:032x}"), cut, "transcript text cut to the call's cap");
+            self.count_cut_slow(cut, trace_id);
         }
+    }
+
+    #[cold]
+    fn count_cut_slow(&self, cut: u64, trace_id: &TraceId) {
+        Counters::add(&self.stats.text_truncations, cut);
+        tracing::debug!(trace_id = %format!("{trace_id:032x}"), cut, "transcript text cut to the call's cap");
     }
 
     /// Whether a span's detail is sent under `CALLSCOPE_DETAIL`.

@@ -382,10 +382,23 @@ pub(crate) fn read_span<'a>(
     attrs: &'a [KeyValue],
     keys: &KeyTable,
 ) -> (Operation, SpanFacts<'a>) {
+    let mut f = SpanFacts::default();
+    let op = read_span_into(name, attrs, keys, &mut f);
+    (op, f)
+}
+
+/// [`read_span`] into `f` (which starts as `SpanFacts::default()`): the hot path reads the
+/// facts straight into the span's view instead of moving them there.
+#[inline]
+pub(crate) fn read_span_into<'a>(
+    name: &str,
+    attrs: &'a [KeyValue],
+    keys: &KeyTable,
+    f: &mut SpanFacts<'a>,
+) -> Operation {
     let by_name = operation_by_name(name);
     let mut genai_op: Option<&str> = None;
     let mut has_tool_name = false;
-    let mut f = SpanFacts::default();
     let mut best_id = None;
     // Pipecat's generic keys (`transcript`, `output`) only count on the right span type,
     // which may only be known after the pass (gen_ai.operation.name): keep them aside.
@@ -426,7 +439,7 @@ pub(crate) fn read_span<'a>(
         Operation::Llm => f.assistant_text = f.assistant_text.or(generic_output),
         _ => {}
     }
-    (op, f)
+    op
 }
 
 #[cfg(test)]
