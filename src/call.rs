@@ -37,6 +37,8 @@ pub(crate) struct SpanView<'a> {
     pub dur: Duration,
     pub is_error: bool,
     pub is_user_turn: bool,
+    /// Its name is one of `CALLSCOPE_ROOT_SPAN_NAMES`.
+    pub root_name: bool,
     pub facts: SpanFacts<'a>,
 }
 
@@ -54,10 +56,13 @@ impl<'a> SpanView<'a> {
             end: span.end_time,
             dur: span_duration(span.start_time, span.end_time),
             is_error: matches!(span.status, opentelemetry::trace::Status::Error { .. }),
-            is_user_turn: crate::semantics::is_user_turn(&span.name),
+            is_user_turn: false,
+            root_name: false,
             facts: SpanFacts::default(),
         };
-        v.op = crate::semantics::read_span_into(&span.name, &span.attributes, keys, &mut v.facts);
+        let (op, named) =
+            crate::semantics::read_span_into(&span.name, &span.attributes, keys, &mut v.facts);
+        (v.op, v.is_user_turn, v.root_name) = (op, named.user_turn, named.root);
         v
     }
 
@@ -651,6 +656,7 @@ mod tests {
             dur: Duration::from_millis(dur_ms),
             is_error: false,
             is_user_turn: name == "user_turn",
+            root_name: false,
             facts: SpanFacts::default(),
         }
     }

@@ -220,7 +220,7 @@ impl Registry {
             resource_agent_id: RwLock::new(None),
             clock: Instant::now(),
             coarse_now: AtomicU64::new(0),
-            id_keys: KeyTable::new(&config.call_id_keys),
+            id_keys: KeyTable::with_roots(&config.call_id_keys, &config.root_span_names),
             queue_bytes: Arc::new(Budget::new(packed_bytes_bound(&config))),
             chunk_spans: config.queue_size.clamp(1, CHUNK_SPANS),
             config,
@@ -319,8 +319,7 @@ impl Registry {
         let view = SpanView::read(span, &self.id_keys);
         let (op, dur, trace_id) = (view.op, view.dur, view.trace_id);
         let explicit = view.facts.call_id.map(|c| self.cut_call_id(c));
-        let is_root = span.parent_span_id == SpanId::INVALID
-            || self.config.root_span_names.iter().any(|n| *n == span.name);
+        let is_root = span.parent_span_id == SpanId::INVALID || view.root_name;
         let detail = self.wants_detail(span, op, dur);
         if !detail {
             self.stats.filtered.inc();

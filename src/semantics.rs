@@ -57,28 +57,35 @@ impl Operation {
     }
 }
 
-/// Operation from the span name alone; `None` when the name says nothing.
-fn operation_by_name(name: &str) -> Option<Operation> {
-    Some(match name {
-        // LiveKit Agents
-        "agent_session" => Operation::Session,
-        "agent_turn" | "user_turn" => Operation::Turn,
-        "llm_node" | "llm_request" => Operation::Llm,
-        "tts_node" | "tts_request" => Operation::Tts,
-        "stt" | "stt_request" | "user_speaking" => Operation::Stt,
-        "eou_detection" => Operation::Eou,
-        "function_tool" => Operation::Tool,
-        // Pipecat
-        "conversation" => Operation::Session,
-        "turn" => Operation::Turn,
-        "llm" => Operation::Llm,
-        "tts" => Operation::Tts,
-        // generic
-        "call" | "session" => Operation::Session,
-        "tool" | "tool_call" => Operation::Tool,
-        _ => return None,
-    })
-}
+/// The name of LiveKit's user turn span: its end is "end of user speech".
+const USER_TURN: &str = "user_turn";
+
+/// Span names that say the operation (LiveKit Agents, Pipecat, generic).
+const OPERATION_NAMES: &[(&str, Operation)] = &[
+    // LiveKit Agents
+    ("agent_session", Operation::Session),
+    ("agent_turn", Operation::Turn),
+    (USER_TURN, Operation::Turn),
+    ("llm_node", Operation::Llm),
+    ("llm_request", Operation::Llm),
+    ("tts_node", Operation::Tts),
+    ("tts_request", Operation::Tts),
+    ("stt", Operation::Stt),
+    ("stt_request", Operation::Stt),
+    ("user_speaking", Operation::Stt),
+    ("eou_detection", Operation::Eou),
+    ("function_tool", Operation::Tool),
+    // Pipecat
+    ("conversation", Operation::Session),
+    ("turn", Operation::Turn),
+    ("llm", Operation::Llm),
+    ("tts", Operation::Tts),
+    // generic
+    ("call", Operation::Session),
+    ("session", Operation::Session),
+    ("tool", Operation::Tool),
+    ("tool_call", Operation::Tool),
+];
 
 /// Operation from `gen_ai.operation.name`.
 fn operation_by_genai(op: &str) -> Operation {
@@ -87,11 +94,6 @@ fn operation_by_genai(op: &str) -> Operation {
         "execute_tool" => Operation::Tool,
         _ => Operation::Other,
     }
-}
-
-/// Whether a span of this name is a user turn (its end is "end of user speech").
-pub(crate) fn is_user_turn(name: &str) -> bool {
-    name == "user_turn"
 }
 
 /// Everything callscope reads from one span's attributes, borrowed from the span.
@@ -211,40 +213,45 @@ const SEMANTIC_KEYS: [(&str, Field); 22] = [
 
 /// Rank of a key that is not a call-id key.
 const NOT_AN_ID: u16 = u16::MAX;
-/// The end of a chain in [`KeyTable::slots`] / [`Entry::next`].
+/// The end of a chain in [`Table::slots`] / [`Entry::next`].
 const NONE: u16 = 0;
 
-/// One key callscope reads: what it tells, and its place among the call-id keys.
-#[derive(Debug, Clone)]
-struct Entry {
-    key: Box<str>,
+/// What callscope reads from an attribute key.
+#[derive(Debug, Clone, Copy)]
+struct KeyInfo {
     field: Option<Field>,
     /// Position among `CALLSCOPE_CALL_ID_KEYS` (first wins), or [`NOT_AN_ID`].
     rank: u16,
+}
+
+/// What a span name tells: its operation, whether it is a user turn, whether its end ends
+/// the call (`CALLSCOPE_ROOT_SPAN_NAMES`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NameInfo {
+    pub op: Option<Operation>,
+    pub user_turn: bool,
+    pub root: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Entry<T> {
+    key: Box<str>,
+    info: T,
     /// Next entry of the same slot, as index + 1 ([`NONE`] ends the chain).
     next: u16,
 }
 
-/// Every attribute key callscope reads — the configured call-id keys
-/// (`CALLSCOPE_CALL_ID_KEYS`) and [`SEMANTIC_KEYS`] — in one small hash table, so that the
-/// single pass over a span's attributes looks each key up once: a table load rules out almost
-/// every other key (an agent sets many), and a key that passes is compared with one entry.
+/// A small string → `T` hash table for a fixed set of strings known at startup: the slot of a
+/// string mixes its length and first and last bytes, so one load rules out almost every
+/// string not in the table, and a string that passes is compared with one entry (chains for
+/// collisions).
 #[derive(Debug, Clone)]
-pub(crate) struct KeyTable {
-    /// The call-id keys in configured order (baggage is read by these).
-    ids: Vec<String>,
-    /// Slot (see [`slot`](Self::slot)) → first entry of its chain, as index + 1.
+struct Table<T> {
+    /// Slot → first entry of its chain, as index + 1.
     slots: Box<[u16; 256]>,
-    entries: Vec<Entry>,
-    /// The slot hash's multiplier, chosen for the fewest collisions among the keys.
+    entries: Vec<Entry<T>>,
+    /// The slot hash's multiplier, chosen for the fewest collisions among the strings.
     mult: u32,
-}
-
-impl Default for KeyTable {
-    /// The semantic keys with no call-id key.
-    fn default() -> Self {
-        KeyTable::new(&[])
-    }
 }
 
 /// Odd multipliers tried for the slot hash; the first with the shortest longest chain wins.
@@ -259,41 +266,15 @@ const MULTIPLIERS: [u32; 8] = [
     0xB55A_4F09,
 ];
 
-impl KeyTable {
-    /// The table for `call_id_keys` (first wins; repeats ignored) and the semantic keys.
-    pub(crate) fn new(call_id_keys: &[String]) -> Self {
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut ids = Vec::new();
-        for (field_key, field) in SEMANTIC_KEYS {
-            entries.push(Entry {
-                key: field_key.into(),
-                field: Some(field),
-                rank: NOT_AN_ID,
-                next: NONE,
-            });
-        }
-        for k in call_id_keys {
-            if k.is_empty() || ids.contains(k) || ids.len() >= usize::from(NOT_AN_ID - 1) {
-                continue;
-            }
-            let rank = ids.len() as u16;
-            ids.push(k.clone());
-            match entries.iter_mut().find(|e| *e.key == **k) {
-                Some(e) => e.rank = rank,
-                None => entries.push(Entry {
-                    key: k.as_str().into(),
-                    field: None,
-                    rank,
-                    next: NONE,
-                }),
-            }
-        }
-        // Entries beyond u16 indices cannot be chained (never with a validated config).
+impl<T> Table<T> {
+    /// The table of `entries` (strings unique); beyond u16 indices they are left out (never
+    /// with a validated configuration).
+    fn new(mut entries: Vec<Entry<T>>) -> Self {
         entries.truncate(usize::from(u16::MAX - 1));
         let chain = |mult: u32| {
             let mut per = [0usize; 256];
             for e in &entries {
-                per[Self::slot_with(mult, e.key.as_bytes())] += 1;
+                per[slot(mult, e.key.as_bytes())] += 1;
             }
             per.into_iter().max().unwrap_or(0)
         };
@@ -303,15 +284,124 @@ impl KeyTable {
             .unwrap_or(MULTIPLIERS[0]);
         let mut slots = Box::new([NONE; 256]);
         for i in (0..entries.len()).rev() {
-            let s = Self::slot_with(mult, entries[i].key.as_bytes());
+            let s = slot(mult, entries[i].key.as_bytes());
             entries[i].next = slots[s];
             slots[s] = i as u16 + 1;
         }
-        KeyTable {
-            ids,
+        Table {
             slots,
             entries,
             mult,
+        }
+    }
+
+    /// The entry of `key`, if in the table.
+    #[inline]
+    fn get(&self, key: &str) -> Option<&T> {
+        let b = key.as_bytes();
+        if b.is_empty() {
+            return None;
+        }
+        let mut i = self.slots[slot(self.mult, b)];
+        while i != NONE {
+            let e = self.entries.get(usize::from(i - 1))?;
+            if *e.key == *key {
+                return Some(&e.info);
+            }
+            i = e.next;
+        }
+        None
+    }
+}
+
+/// The slot of a non-empty string: its length and first and last bytes, mixed.
+#[inline]
+fn slot(mult: u32, b: &[u8]) -> usize {
+    let (first, last) = match (b.first(), b.last()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => (0, 0),
+    };
+    let x = (b.len() as u32) ^ (u32::from(first) << 8) ^ (u32::from(last) << 16);
+    (x.wrapping_mul(mult) >> 24) as usize
+}
+
+/// Every string callscope looks up per span, each in one [`Table`]: attribute keys (the
+/// configured call-id keys, `CALLSCOPE_CALL_ID_KEYS`, and [`SEMANTIC_KEYS`]) and span names
+/// (the known operation names and `CALLSCOPE_ROOT_SPAN_NAMES`).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyTable {
+    /// The call-id keys in configured order (baggage is read by these).
+    ids: Vec<String>,
+    keys: Table<KeyInfo>,
+    names: Table<NameInfo>,
+}
+
+impl Default for KeyTable {
+    /// The semantic keys and operation names, with no call-id key and no root name.
+    fn default() -> Self {
+        KeyTable::new(&[])
+    }
+}
+
+/// Pushes `key` with `info`, or updates the entry `key` already has.
+fn upsert<T>(entries: &mut Vec<Entry<T>>, key: &str, info: T, update: impl FnOnce(&mut T)) {
+    match entries.iter_mut().find(|e| *e.key == *key) {
+        Some(e) => update(&mut e.info),
+        None => entries.push(Entry {
+            key: key.into(),
+            info,
+            next: NONE,
+        }),
+    }
+}
+
+impl KeyTable {
+    /// The table for `call_id_keys` (first wins; repeats ignored), no root names.
+    pub(crate) fn new(call_id_keys: &[String]) -> Self {
+        Self::with_roots(call_id_keys, &[])
+    }
+
+    /// The table for `call_id_keys` (first wins; repeats ignored) and the span names whose
+    /// end ends their call (`root_names`).
+    pub(crate) fn with_roots(call_id_keys: &[String], root_names: &[String]) -> Self {
+        let mut keys: Vec<Entry<KeyInfo>> = Vec::new();
+        for (k, field) in SEMANTIC_KEYS {
+            let info = KeyInfo {
+                field: Some(field),
+                rank: NOT_AN_ID,
+            };
+            upsert(&mut keys, k, info, |_| {});
+        }
+        let mut ids = Vec::new();
+        for k in call_id_keys {
+            if k.is_empty() || ids.contains(k) || ids.len() >= usize::from(NOT_AN_ID - 1) {
+                continue;
+            }
+            let rank = ids.len() as u16;
+            ids.push(k.clone());
+            let info = KeyInfo { field: None, rank };
+            upsert(&mut keys, k, info, |i| i.rank = rank);
+        }
+        let mut names: Vec<Entry<NameInfo>> = Vec::new();
+        for &(name, op) in OPERATION_NAMES {
+            let info = NameInfo {
+                op: Some(op),
+                user_turn: name == USER_TURN,
+                root: false,
+            };
+            upsert(&mut names, name, info, |_| {});
+        }
+        for name in root_names.iter().filter(|n| !n.is_empty()) {
+            let info = NameInfo {
+                root: true,
+                ..NameInfo::default()
+            };
+            upsert(&mut names, name, info, |i| i.root = true);
+        }
+        KeyTable {
+            ids,
+            keys: Table::new(keys),
+            names: Table::new(names),
         }
     }
 
@@ -320,33 +410,15 @@ impl KeyTable {
         &self.ids
     }
 
-    /// The slot of a non-empty key: its length and first and last bytes, mixed.
     #[inline]
-    fn slot_with(mult: u32, b: &[u8]) -> usize {
-        let (first, last) = match (b.first(), b.last()) {
-            (Some(f), Some(l)) => (*f, *l),
-            _ => (0, 0),
-        };
-        let x = (b.len() as u32) ^ (u32::from(first) << 8) ^ (u32::from(last) << 16);
-        (x.wrapping_mul(mult) >> 24) as usize
+    fn key(&self, key: &str) -> Option<&KeyInfo> {
+        self.keys.get(key)
     }
 
-    /// The entry of `key`, if callscope reads it.
+    /// What a span name tells (all defaults for a name callscope does not know).
     #[inline]
-    fn lookup(&self, key: &str) -> Option<&Entry> {
-        let b = key.as_bytes();
-        if b.is_empty() {
-            return None;
-        }
-        let mut i = self.slots[Self::slot_with(self.mult, b)];
-        while i != NONE {
-            let e = self.entries.get(usize::from(i - 1))?;
-            if *e.key == *key {
-                return Some(e);
-            }
-            i = e.next;
-        }
-        None
+    pub(crate) fn name(&self, name: &str) -> NameInfo {
+        self.names.get(name).copied().unwrap_or_default()
     }
 }
 
@@ -369,7 +441,7 @@ fn offer_call_id<'a>(best: &mut Option<(u16, CallIdValue<'a>)>, rank: u16, value
 pub(crate) fn find_call_id<'a>(attrs: &'a [KeyValue], keys: &KeyTable) -> Option<CallIdValue<'a>> {
     let mut best = None;
     for kv in attrs {
-        if let Some(e) = keys.lookup(kv.key.as_str()) {
+        if let Some(e) = keys.key(kv.key.as_str()) {
             offer_call_id(&mut best, e.rank, &kv.value);
         }
     }
@@ -383,20 +455,21 @@ pub(crate) fn read_span<'a>(
     keys: &KeyTable,
 ) -> (Operation, SpanFacts<'a>) {
     let mut f = SpanFacts::default();
-    let op = read_span_into(name, attrs, keys, &mut f);
+    let (op, _) = read_span_into(name, attrs, keys, &mut f);
     (op, f)
 }
 
-/// [`read_span`] into `f` (which starts as `SpanFacts::default()`): the hot path reads the
-/// facts straight into the span's view instead of moving them there.
+/// [`read_span`] into `f` (which starts as `SpanFacts::default()`), with what the span's name
+/// tells: the hot path reads the facts straight into the span's view instead of moving them
+/// there.
 #[inline]
 pub(crate) fn read_span_into<'a>(
     name: &str,
     attrs: &'a [KeyValue],
     keys: &KeyTable,
     f: &mut SpanFacts<'a>,
-) -> Operation {
-    let by_name = operation_by_name(name);
+) -> (Operation, NameInfo) {
+    let named = keys.name(name);
     let mut genai_op: Option<&str> = None;
     let mut has_tool_name = false;
     let mut best_id = None;
@@ -405,7 +478,7 @@ pub(crate) fn read_span_into<'a>(
     let mut generic_transcript: Option<&str> = None;
     let mut generic_output: Option<&str> = None;
     for kv in attrs {
-        let Some(e) = keys.lookup(kv.key.as_str()) else {
+        let Some(e) = keys.key(kv.key.as_str()) else {
             continue;
         };
         let v = &kv.value;
@@ -429,7 +502,7 @@ pub(crate) fn read_span_into<'a>(
         }
     }
     f.call_id = best_id.map(|(_, id)| id);
-    let op = by_name.unwrap_or_else(|| match genai_op {
+    let op = named.op.unwrap_or_else(|| match genai_op {
         Some(g) => operation_by_genai(g),
         None if has_tool_name => Operation::Tool,
         None => Operation::Other,
@@ -439,7 +512,7 @@ pub(crate) fn read_span_into<'a>(
         Operation::Llm => f.assistant_text = f.assistant_text.or(generic_output),
         _ => {}
     }
-    op
+    (op, named)
 }
 
 #[cfg(test)]
@@ -456,11 +529,11 @@ mod tests {
     }
 
     fn field_of(t: &KeyTable, k: &str) -> Option<Field> {
-        t.lookup(k).and_then(|e| e.field)
+        t.key(k).and_then(|e| e.field)
     }
 
     fn rank_of(t: &KeyTable, k: &str) -> Option<u16> {
-        t.lookup(k).map(|e| e.rank).filter(|r| *r != NOT_AN_ID)
+        t.key(k).map(|e| e.rank).filter(|r| *r != NOT_AN_ID)
     }
 
     #[test]
@@ -480,7 +553,7 @@ mod tests {
             "metrics.ttfx",
             "turn.numbe\u{e9}",
         ] {
-            assert!(t.lookup(k).is_none(), "{k}");
+            assert!(t.key(k).is_none(), "{k}");
         }
         assert_eq!(rank_of(&t, "call_id"), Some(0));
         assert_eq!(rank_of(&t, "conversation.id"), Some(2));
@@ -531,6 +604,35 @@ mod tests {
                 proptest::prop_assert_eq!(rank_of(&t, k), want_rank(k), "{}", k);
                 proptest::prop_assert_eq!(field_of(&t, k), want_field(k), "{}", k);
             }
+        }
+    }
+
+    #[test]
+    fn names_say_operation_user_turn_and_root() {
+        let ids: Vec<String> = vec!["call_id".into()];
+        let roots: Vec<String> = ["agent_session", "my_root", ""]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let t = KeyTable::with_roots(&ids, &roots);
+        let n = t.name("agent_session");
+        assert_eq!(
+            (n.op, n.user_turn, n.root),
+            (Some(Operation::Session), false, true)
+        );
+        let n = t.name("user_turn");
+        assert_eq!(
+            (n.op, n.user_turn, n.root),
+            (Some(Operation::Turn), true, false)
+        );
+        let n = t.name("my_root");
+        assert_eq!((n.op, n.user_turn, n.root), (None, false, true));
+        assert_eq!(t.name("agent_turn").op, Some(Operation::Turn));
+        assert_eq!(t.name(""), NameInfo::default());
+        assert_eq!(t.name("user_turnx"), NameInfo::default());
+        for &(name, op) in OPERATION_NAMES {
+            assert_eq!(t.name(name).op, Some(op), "{name}");
+            assert!(!KeyTable::default().name(name).root, "{name}");
         }
     }
 

@@ -721,3 +721,36 @@ fn critical_detail_sends_tools_errors_and_slow_spans_and_counts_the_rest() {
     assert_eq!(core["telemetry_summary"]["error_count"], 10);
     provider.shutdown().unwrap();
 }
+
+/// A span named in `CALLSCOPE_ROOT_SPAN_NAMES` ends its call even when it has a parent (an
+/// agent whose call span sits under a process-wide span); a span of another name does not.
+#[test]
+fn a_configured_root_name_ends_its_call_under_a_parent() {
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.root_span_names(["phone_call"]));
+    let tracer = provider.tracer("roots");
+    let process = tracer.start_with_context("worker_process", &Context::new());
+    let process_cx = Context::new().with_span(process);
+    for (call, name) in [("by-name", "phone_call"), ("not-a-root", "agent_session")] {
+        let call_span = tracer
+            .span_builder(name)
+            .with_attributes([KeyValue::new("call_id", call)])
+            .start_with_context(&tracer, &process_cx);
+        let cx = process_cx.with_span(call_span);
+        tracer.start_with_context("llm_request", &cx).end();
+        cx.span().end();
+    }
+    provider.force_flush().unwrap();
+    let core = rx
+        .core_of("by-name")
+        .expect("the named root ended its call");
+    assert_eq!(core["end_reason"], "root_span_ended");
+    assert_eq!(core["telemetry_summary"]["total_spans"], 2);
+    assert!(
+        rx.core_of("not-a-root").is_none(),
+        "agent_session is not a root name here"
+    );
+    assert_eq!(stats.snapshot().calls_open, 1);
+    process_cx.span().end();
+    provider.shutdown().unwrap();
+}
