@@ -133,40 +133,58 @@ impl<'t> Caller<'t> {
     }
 }
 
-/// Time for each of `threads` threads to emit `iters` spans (the slowest thread's time).
-fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Duration {
-    if threads == 1 {
-        let mut c = Caller::new(tracer, 0);
-        let t = Instant::now();
+/// This thread's time on a CPU so far (`/proc/thread-self/schedstat`, nanoseconds), or zero
+/// where that file is not there.
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+/// What a run took: wall-clock time of the slowest thread, and the most CPU time one of the
+/// app threads was given (a thread also waits while other threads, workers included, run).
+#[derive(Debug, Clone, Copy, Default)]
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// Each of `threads` threads emits `iters` spans.
+fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Took {
+    let one = |th: u64, barrier: Option<&Barrier>| {
+        let mut c = Caller::new(tracer, th);
+        if let Some(b) = barrier {
+            b.wait();
+        }
+        let (t, cpu) = (Instant::now(), thread_cpu());
         for _ in 0..iters {
             c.span();
         }
-        let took = t.elapsed();
+        let took = Took {
+            wall: t.elapsed(),
+            cpu: thread_cpu().saturating_sub(cpu),
+        };
         c.finish();
-        return took;
+        took
+    };
+    if threads == 1 {
+        return one(0, None);
     }
     let barrier = Barrier::new(threads as usize);
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|th| {
                 let barrier = &barrier;
-                s.spawn(move || {
-                    let mut c = Caller::new(tracer, th);
-                    barrier.wait();
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        c.span();
-                    }
-                    let took = t.elapsed();
-                    c.finish();
-                    took
-                })
+                s.spawn(move || one(th, Some(barrier)))
             })
             .collect();
         hs.into_iter()
             .map(|h| h.join().unwrap_or_default())
-            .max()
-            .unwrap_or_default()
+            .fold(Took::default(), |a, b| Took {
+                wall: a.wall.max(b.wall),
+                cpu: a.cpu.max(b.cpu),
+            })
     })
 }
 
@@ -245,7 +263,7 @@ fn caller_cost(c: &mut Criterion) {
             let tracer = provider.tracer("bench");
             EMITTED.store(0, Ordering::Relaxed);
             g.bench_function(name, |b| {
-                b.iter_custom(|iters| black_box(run(&tracer, threads, iters)))
+                b.iter_custom(|iters| black_box(run(&tracer, threads, iters).wall))
             });
             let _ = provider.force_flush();
             let emitted = EMITTED.load(Ordering::Relaxed);
@@ -299,7 +317,10 @@ fn profile(which: &str) {
     let tracer = provider.tracer("bench");
     let took = run(&tracer, threads, spans);
     let _ = provider.force_flush();
-    eprintln!("{which}: {spans} spans x {threads} thread(s) in {took:?}");
+    eprintln!(
+        "{which}: {spans} spans x {threads} thread(s) in {:?} (app thread on CPU {:?})",
+        took.wall, took.cpu
+    );
     if let Seen::Callscope(s) = seen {
         eprintln!("  {:?}", s.snapshot());
     }
@@ -336,12 +357,14 @@ fn rounds(r: usize) {
         })
         .collect();
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
     for _ in 0..r {
         for (i, (_, provider, _, tracer)) in built.iter().enumerate() {
             let took = run(tracer, threads, spans);
             // Let each worker catch up before the next pipeline's turn.
             let _ = provider.force_flush();
-            ns[i].push(took.as_nanos() as f64 / spans as f64);
+            ns[i].push(took.wall.as_nanos() as f64 / spans as f64);
+            cpu[i].push(took.cpu.as_nanos() as f64 / spans as f64);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -349,11 +372,13 @@ fn rounds(r: usize) {
         v[v.len() / 2]
     };
     let sdk = ns[1].clone();
+    let sdk_cpu = cpu[1].clone();
     eprintln!(
-        "{r} rounds x {spans} spans, {threads} thread(s); median ns/span and median per-round ratio to sdk_batch_noop:"
+        "{r} rounds x {spans} spans, {threads} thread(s); median wall ns/span and median per-round ratio to sdk_batch_noop; the same for the app thread's CPU time:"
     );
     for (i, (name, provider, seen, _)) in built.into_iter().enumerate() {
         let mut ratios: Vec<f64> = ns[i].iter().zip(&sdk).map(|(a, b)| a / b).collect();
+        let mut cpu_ratios: Vec<f64> = cpu[i].iter().zip(&sdk_cpu).map(|(a, b)| a / b).collect();
         let drops = match &seen {
             Seen::Callscope(s) => {
                 let s = s.snapshot();
@@ -366,9 +391,11 @@ fn rounds(r: usize) {
             Seen::Nothing => String::new(),
         };
         eprintln!(
-            "  {name:<24} {:>7.1} ns  ratio {:.2}  {drops}",
+            "  {name:<24} {:>7.1} ns  ratio {:.2}   cpu {:>7.1} ns  ratio {:.2}  {drops}",
             median(&mut ns[i].clone()),
-            median(&mut ratios)
+            median(&mut ratios),
+            median(&mut cpu[i].clone()),
+            median(&mut cpu_ratios)
         );
         let _ = provider.shutdown();
     }
