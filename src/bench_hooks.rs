@@ -43,7 +43,7 @@ pub fn find_call_id(attrs: &[KeyValue], keys: &Keys) -> bool {
 }
 
 /// The call table alone (`on_end` without the hand-off to the worker): call-id resolution
-/// through the trace index, aggregate update under the call's shard lock, call ends.
+/// through the per-thread cache or the trace index, aggregate update under the call's lock, call ends.
 #[derive(Debug)]
 pub struct CallTable {
     reg: Registry,

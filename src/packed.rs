@@ -6,7 +6,7 @@
 //! back: perf showed 13–17 % of the app thread's time in the arena lock's futex wake-ups, and
 //! "aggregate and drop the span here" cost 0.79 × the SDK's batch processor against 2.2 × for
 //! "aggregate and hand the span over". Packing copies the span into its call's byte chunk
-//! (held under the shard lock the aggregation already takes); the `SpanData` is then dropped
+//! (held under the call's lock the aggregation already takes); the `SpanData` is then dropped
 //! where it was allocated, and only whole chunks (many spans each) cross to the worker.
 //!
 //! The format is private to this process (both ends are this module), little-endian:

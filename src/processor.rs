@@ -146,7 +146,7 @@ impl Active {
     }
 
     /// Hands a full chunk of a call's packed spans to the worker. Called under the call's
-    /// shard lock (see [`Registry::record`]): never blocks.
+    /// lock (see [`Registry::record`]): never blocks.
     fn ship(&self, s: Shipment) {
         let stats = &self.reg.stats;
         let spans = s.chunk.spans();

@@ -311,7 +311,7 @@ impl Registry {
 
     /// `on_end`: updates the span's call and says what it ended or joined. `now` is the
     /// processor's clock ([`now_ns`](Self::now_ns) or the coarse [`coarse_now_ns`](Self::coarse_now_ns)).
-    /// A chunk that fills up is handed to `ship` while the call's shard lock is still held, so
+    /// A chunk that fills up is handed to `ship` while the call's lock is still held, so
     /// that an end of the call recorded by another thread is counted after it (the worker
     /// finishes a call once everything queued before its end is in: a shipment counted after
     /// the end would arrive as late detail).
@@ -375,28 +375,12 @@ impl Registry {
 
         // 2. update it (its own lock when open) and pack its detail into the call's chunk
         let mut cut = 0;
-        let open = self.calls.get(&*key).map(|e| e.value().clone());
-        let recorded = open.and_then(|call| {
-            let mut g = call.lock();
-            let st = g.as_mut()?;
-            cut = update(&call.id, st);
-            drop(g);
-            Some(call)
-        });
-        if let Some(call) = recorded {
+        if let Some(call) = self.record_open(&key, &mut cut, update) {
             self.remember_trace(trace_id, call);
         } else {
             let mut lc = lock(&self.lifecycle);
             // Under the lifecycle lock no call starts or ends: what the table says now holds.
-            let open = self.calls.get(&*key).map(|e| e.value().clone());
-            let recorded = open.and_then(|call| {
-                let mut g = call.lock();
-                let st = g.as_mut()?;
-                cut = update(&call.id, st);
-                drop(g);
-                Some(call)
-            });
-            if let Some(call) = recorded {
+            if let Some(call) = self.record_open(&key, &mut cut, update) {
                 self.remember_trace(trace_id, call);
             } else if lc.ended.contains(&key) {
                 late = true;
@@ -463,6 +447,21 @@ impl Registry {
             })
             .ok()
             .flatten()
+    }
+
+    /// Records into the open call `key` (`update` says how many texts were cut, into `cut`);
+    /// the call, or `None` when it is not in the table or its slot was just emptied.
+    fn record_open(
+        &self,
+        key: &str,
+        cut: &mut u64,
+        update: impl Fn(&Arc<str>, &mut CallState) -> u64,
+    ) -> Option<Arc<Call>> {
+        let call = self.calls.get(key).map(|e| e.value().clone())?;
+        let mut g = call.lock();
+        *cut = update(&call.id, g.as_mut()?);
+        drop(g);
+        Some(call)
     }
 
     /// Caches `call` as the trace's call for this thread, if the trace index says so (a span
