@@ -86,6 +86,10 @@ struct Args {
     /// callscope's CALLSCOPE_MAX_REQUEST_BYTES for the run, in KiB (default: the library's).
     #[arg(long)]
     cs_max_request_kib: Option<usize>,
+    /// Send callscope's bodies uncompressed (CALLSCOPE_COMPRESSION=none), as the SDK's OTLP
+    /// exporter sends its protobuf here.
+    #[arg(long)]
+    cs_no_gzip: bool,
     /// Internal: run one scenario for one pipeline and print its result as JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -329,6 +333,7 @@ struct Tuning {
     batch_timeout_ms: Option<u64>,
     max_buffer_mib: Option<usize>,
     max_request_kib: Option<usize>,
+    no_gzip: bool,
 }
 
 impl Tuning {
@@ -337,6 +342,7 @@ impl Tuning {
             batch_timeout_ms: a.cs_batch_timeout_ms,
             max_buffer_mib: a.cs_max_buffer_mib,
             max_request_kib: a.cs_max_request_kib,
+            no_gzip: a.cs_no_gzip,
         }
     }
 }
@@ -360,6 +366,9 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
             }
             if let Some(kib) = t.max_request_kib {
                 b = b.max_request_bytes(kib << 10);
+            }
+            if t.no_gzip {
+                b = b.compression(callscope::Compression::None);
             }
             let p = b.build().unwrap();
             let stats = Some(p.stats_handle());
@@ -755,6 +764,9 @@ fn spawn_child(spec: &str, a: &Args) -> Json {
         .stdout(std::process::Stdio::piped());
     if a.quick {
         cmd.arg("--quick");
+    }
+    if a.cs_no_gzip {
+        cmd.arg("--cs-no-gzip");
     }
     for (flag, v) in [
         (

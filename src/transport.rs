@@ -127,6 +127,11 @@ impl Transport {
         self
     }
 
+    /// Whether bodies are gzip-compressed before they go out (not for the null sink).
+    pub(crate) fn compresses(&self) -> bool {
+        self.gzip && self.sink == Sink::Http
+    }
+
     /// Whether payloads go nowhere (the worker then skips serializing detail).
     pub(crate) fn is_null(&self) -> bool {
         self.sink == Sink::Null

@@ -221,10 +221,20 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         scratch: Vec::with_capacity(16 * 1024),
     };
     worker.replay(replay);
+    let concurrent_detail = worker.cfg.max_concurrent_detail;
     let thread = std::thread::Builder::new()
         .name("callscope-worker".into())
         .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            // Detail compression runs on the runtime's blocking threads: one per core left
+            // besides this one, at most one per concurrent upload.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let deflaters = (cores - 1).clamp(1, concurrent_detail.max(1));
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(deflaters)
+                .thread_name("callscope-deflate")
+                .build()
+            {
                 Ok(rt) => rt.block_on(worker.run()),
                 Err(e) => tracing::error!(error = %e, "callscope worker could not start its runtime; nothing will be delivered"),
             }
@@ -278,14 +288,15 @@ struct Job {
     call: Arc<str>,
     meta: Meta,
     /// The body (uncompressed JSON); `None` when let go from memory (it is in the spool).
-    json: Option<Vec<u8>>,
+    /// Shared, not copied, with the compression of an upload in progress.
+    json: Option<Bytes>,
     /// Spool record and its size on disk.
     rec: Option<(RecId, u64)>,
 }
 
 impl Job {
     fn mem(&self) -> usize {
-        self.json.as_ref().map_or(0, Vec::len)
+        self.json.as_ref().map_or(0, Bytes::len)
     }
 }
 
@@ -300,7 +311,8 @@ struct Held {
 #[derive(Debug)]
 struct Running {
     job: Job,
-    /// Bytes of the encoded body.
+    /// Bytes its body is counted as while it runs: the encoded body's, or (while a detail
+    /// body is compressed off this thread) its JSON's.
     wire: usize,
 }
 
@@ -761,7 +773,7 @@ impl Worker {
             id,
             call,
             meta,
-            json: Some(json),
+            json: Some(Bytes::from(json)),
             rec: None,
         };
         if self.spool.is_some() {
@@ -886,13 +898,13 @@ impl Worker {
         }
     }
 
-    fn body_of(&self, job: &Job) -> Option<Vec<u8>> {
+    fn body_of(&self, job: &Job) -> Option<Bytes> {
         if let Some(j) = &job.json {
             return Some(j.clone());
         }
         let (rec, _) = job.rec?;
         match self.spool.as_ref()?.read(rec) {
-            Ok(j) => Some(j),
+            Ok(j) => Some(Bytes::from(j)),
             Err(e) => {
                 Counters::inc(&self.stats.spool_errors);
                 tracing::error!(error = %e, "could not read a payload back from the spool");
@@ -1043,18 +1055,40 @@ impl Worker {
     }
 
     fn start(&mut self, job: Job, lane: Lane) {
-        let json = job.json.as_deref().unwrap_or_default();
-        let body = Bytes::from(self.transport.encode(json));
-        let wire = body.len();
         let idem = if job.meta.core {
             format!("{}:core", job.call)
         } else {
             format!("{}:detail:{}", job.call, job.meta.seq)
         };
         let t = self.transport.clone();
-        let handle = self
-            .tasks
-            .spawn(async move { t.deliver(lane, body, &idem).await });
+        let (handle, wire) = if lane == Lane::Detail && self.transport.compresses() {
+            // A detail body is compressed on the runtime's blocking thread while this thread
+            // goes on building batches (deflate was two thirds of this thread's time). Until
+            // the upload is done it counts as big as its JSON: the compressed size is not
+            // known yet, and memory must never be under-counted.
+            let json = job.json.clone().unwrap_or_default();
+            let charged = json.len();
+            let handle = self.tasks.spawn(async move {
+                let enc = t.clone();
+                match tokio::task::spawn_blocking(move || enc.encode(&json)).await {
+                    Ok(body) => t.deliver(lane, Bytes::from(body), &idem).await,
+                    // Only a runtime shutting down gets here (deflating into a Vec cannot
+                    // fail): the batch is counted as failed like any undelivered one.
+                    Err(_) => Delivery::Failed,
+                }
+            });
+            (handle, charged)
+        } else {
+            // Summaries are compressed here, at once: they are small and their latency is
+            // what the call log waits for.
+            let json = job.json.as_deref().unwrap_or_default();
+            let body = Bytes::from(self.transport.encode(json));
+            let wire = body.len();
+            let handle = self
+                .tasks
+                .spawn(async move { t.deliver(lane, body, &idem).await });
+            (handle, wire)
+        };
         if !job.meta.core {
             self.mem_bytes += wire;
         }
