@@ -367,6 +367,61 @@ fn acceptance_every_fault_with_the_spool_stores_everything_once() {
     provider.shutdown().unwrap();
 }
 
+/// The acceptance schedule on gzip bodies, which are compressed off the worker thread while
+/// it batches: payloads of random hex (about 2:1 in gzip) so that a call's 100 spans still
+/// meet the 413 above 24 KB on the wire, and every other fault with them.
+#[test]
+fn acceptance_every_fault_on_gzip_bodies_stores_everything_once() {
+    use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
+    let ingest = Ingest::start();
+    let timeout = Duration::from_millis(400);
+    let proxy = FaultProxy::start(Some(&ingest.url), all_faults(timeout));
+    let spool = tempfile::tempdir().unwrap();
+    let (provider, stats) = start(&proxy.url(), |b| {
+        b.compression(Compression::Gzip)
+            .spool_dir(spool.path())
+            .timeout(timeout)
+            .max_request_bytes(96 * 1024)
+            .max_buffer_bytes(512 * 1024)
+    });
+    let tracer = provider.tracer("faults-gzip");
+    let mut rng = fastrand::Rng::with_seed(7);
+    for c in 0..CALLS {
+        if c == CALLS / 4 {
+            proxy.set_down(true);
+        }
+        if c == CALLS / 2 {
+            proxy.set_down(false);
+        }
+        let cx = support::fault::open_root(&tracer, &format!("call-{c}"));
+        for _ in 1..SPANS {
+            let payload: String = (0..600)
+                .map(|_| char::from(b"0123456789abcdef"[rng.usize(..16)]))
+                .collect();
+            let mut s = tracer.build_with_context(
+                tracer
+                    .span_builder("llm_request")
+                    .with_attributes(vec![opentelemetry::KeyValue::new("payload", payload)]),
+                &cx,
+            );
+            s.end();
+        }
+        cx.span().end();
+    }
+    proxy.set_down(false);
+    let ok = proxy.wait_for(Duration::from_secs(120), |_, _| {
+        delivered(&stats, CALLS as u64, (CALLS * SPANS) as u64)
+    });
+    let s = stats.snapshot();
+    assert!(ok, "not all delivered: {s:?}");
+    assert_eq!(s.spans_dropped(), 0, "{s:?}");
+    assert_eq!(s.summaries_failed, 0);
+    assert!(s.requests_retried > 0 && s.batches_split > 0, "{s:?}");
+    assert!(s.bytes_sent < s.bytes_uncompressed, "{s:?}");
+    assert_stored(&ingest, CALLS, SPANS);
+    provider.shutdown().unwrap();
+}
+
 #[test]
 fn acceptance_without_a_spool_every_loss_is_counted_exactly() {
     let ingest = Ingest::start();
