@@ -45,6 +45,7 @@ pub(crate) struct SpanView<'a> {
 impl<'a> SpanView<'a> {
     /// The view of an ended SDK span, classified and with its facts read from its attributes
     /// (call-id keys from `keys`).
+    #[inline]
     pub(crate) fn read(span: &'a SpanData, keys: &crate::semantics::KeyTable) -> Self {
         let mut v = SpanView {
             name: &span.name,
@@ -427,6 +428,12 @@ impl TurnAcc {
     }
 }
 
+/// A span id's bit in [`Turns::open_bits`] (span ids are random: their low bits spread).
+#[inline]
+fn id_bit(id: SpanId) -> u64 {
+    1 << (id.to_bytes()[7] & 63)
+}
+
 /// One entry of `transcript_with_metrics`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct TurnRecord {
@@ -445,6 +452,9 @@ pub(crate) struct TurnRecord {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Turns {
     open: HashMap<SpanId, TurnAcc, FastState>,
+    /// One bit per `open` key (by [`id_bit`]), cleared when `open` empties: a span whose bit
+    /// is clear gathered no children, and most spans are leaves.
+    open_bits: u64,
     pub records: Vec<TurnRecord>,
     record_bytes: usize,
     agent_turns: u64,
@@ -454,7 +464,15 @@ pub(crate) struct Turns {
 
 impl Turns {
     fn record(&mut self, v: &SpanView<'_>, text_cap: usize) {
-        let mut acc = self.open.remove(&v.span_id).unwrap_or_default();
+        let mut acc = if self.open_bits & id_bit(v.span_id) == 0 {
+            TurnAcc::default()
+        } else {
+            let acc = self.open.remove(&v.span_id).unwrap_or_default();
+            if self.open.is_empty() {
+                self.open_bits = 0;
+            }
+            acc
+        };
         acc.absorb_own(v, text_cap);
         if v.op == Operation::Turn {
             self.finish_turn(v, acc, text_cap);
@@ -467,6 +485,7 @@ impl Turns {
             parent.absorb_child(acc);
         } else if self.open.len() < MAX_TURN_ACCUMULATORS {
             self.open.insert(v.parent_span_id, acc);
+            self.open_bits |= id_bit(v.parent_span_id);
         } else {
             self.dropped += 1;
         }
@@ -620,6 +639,7 @@ impl CallState {
         self.agg.merge(&o.agg);
         let cut = self.transcript.merge(o.transcript, self.text_cap);
         for (k, acc) in o.turns.open {
+            self.turns.open_bits |= id_bit(k);
             self.turns.open.entry(k).or_insert(acc);
         }
         for r in o.turns.records {

@@ -124,6 +124,7 @@ impl Chunk {
     }
 
     /// Packs `span` (see [`pack`]); false (and nothing packed) when the budget cannot hold it.
+    #[inline]
     pub(crate) fn push(
         &mut self,
         span: &SpanData,

@@ -305,12 +305,35 @@ impl<T> Table<T> {
         let mut i = self.slots[slot(self.mult, b)];
         while i != NONE {
             let e = self.entries.get(usize::from(i - 1))?;
-            if *e.key == *key {
+            if same(e.key.as_bytes(), b) {
                 return Some(&e.info);
             }
             i = e.next;
         }
         None
+    }
+}
+
+/// `a == b`, for the short strings keys and span names are without a call to `memcmp`: two
+/// words from each end (overlapping in the middle) for 8 to 32 bytes.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    fn ends<const W: usize>(a: &[u8], b: &[u8]) -> bool {
+        let n = a.len();
+        let word = |s: &[u8], at: usize| -> [u8; W] {
+            let mut w = [0u8; W];
+            w.copy_from_slice(&s[at..at + W]);
+            w
+        };
+        word(a, 0) == word(b, 0) && word(a, n - W) == word(b, n - W)
+    }
+    if a.len() != b.len() {
+        return false;
+    }
+    match a.len() {
+        8..=16 => ends::<8>(a, b),
+        17..=32 => ends::<16>(a, b),
+        _ => a == b,
     }
 }
 
@@ -604,6 +627,21 @@ mod tests {
                 proptest::prop_assert_eq!(rank_of(&t, k), want_rank(k), "{}", k);
                 proptest::prop_assert_eq!(field_of(&t, k), want_field(k), "{}", k);
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// The word-wise compare agrees with `==` for every length around the word sizes.
+        #[test]
+        fn same_equals_eq(a in "[ab]{0,40}", flip in 0usize..40) {
+            let b: String = a
+                .char_indices()
+                .map(|(i, c)| if i == flip { if c == 'a' { 'b' } else { 'a' } } else { c })
+                .collect();
+            proptest::prop_assert!(same(a.as_bytes(), a.as_bytes()));
+            proptest::prop_assert_eq!(same(a.as_bytes(), b.as_bytes()), a == b);
+            let shorter = &a[..a.len().saturating_sub(1)];
+            proptest::prop_assert_eq!(same(a.as_bytes(), shorter.as_bytes()), a == shorter);
         }
     }
 
