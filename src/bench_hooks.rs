@@ -18,6 +18,12 @@ use crate::stats::Counters;
 use crate::transport::{Sink, Transport};
 use crate::{CallSpanProcessor, ConfigError};
 
+/// The key table with no call-id key, built once (building it per span would time the build).
+fn default_keys() -> &'static semantics::KeyTable {
+    static KEYS: std::sync::OnceLock<semantics::KeyTable> = std::sync::OnceLock::new();
+    KEYS.get_or_init(semantics::KeyTable::default)
+}
+
 /// The call-id keys, prepared once as the processor prepares them.
 #[derive(Debug, Clone)]
 pub struct Keys(semantics::KeyTable);
@@ -110,14 +116,14 @@ impl Aggregate {
 /// Appends one span as a `session_traces` JSON element (the worker's serializer); returns how
 /// many values were shortened to fit `budget`.
 pub fn write_span(out: &mut Vec<u8>, span: &SpanData, budget: usize) -> u64 {
-    let (op, _) = semantics::read_span(&span.name, &span.attributes, &Default::default());
+    let (op, _) = semantics::read_span(&span.name, &span.attributes, default_keys());
     payload::write_span(out, span, op, budget)
 }
 
 /// Packs one span as the app thread does into its call's chunk (see `packed`); returns the
 /// bytes appended.
 pub fn pack(out: &mut Vec<u8>, span: &SpanData) -> usize {
-    let (op, _) = semantics::read_span(&span.name, &span.attributes, &Default::default());
+    let (op, _) = semantics::read_span(&span.name, &span.attributes, default_keys());
     let dur = crate::call::span_duration(span.start_time, span.end_time);
     crate::packed::pack(out, span, op, dur, usize::MAX)
 }
