@@ -5,7 +5,7 @@
 //! same run, on one thread and on two threads. Spans belong to calls of 500 spans (a root `agent_session` with a
 //! `call_id`, children under it); the root's start and end are part of the measured cost.
 //!
-//! `cargo bench --bench hot_path` (83 s on 2 cores on 2026-11-25). For steadier ratios on a
+//! `cargo bench --bench hot_path` (60 s on 2 cores on 2026-12-01). For steadier ratios on a
 //! shared machine see `HOT_PATH_ROUNDS` below; for instruction counts, `HOT_PATH_PROFILE`.
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stderr)]
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callscope::{CallSpanProcessor, Compression, Config, ConfigBuilder, StatsHandle};
+use callscope::{CallSpanProcessor, Compression, Config, ConfigBuilder, Stats, StatsHandle};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use support::fault::{Fault, FaultProxy, Ingest, Req, all_faults, emit_call};
 
@@ -333,6 +333,31 @@ fn tear_newest_segment(dir: &Path) {
 const CALLS: usize = 40;
 const SPANS: usize = 100;
 
+/// Emits the acceptance schedule's calls through `emit` with the receiver down for the second
+/// quarter of them, then waits for every call and span to be delivered and checks that nothing
+/// was dropped or failed and that the faults were met (retries and 413 splits).
+fn run_acceptance(proxy: &FaultProxy, stats: &StatsHandle, mut emit: impl FnMut(usize)) -> Stats {
+    for c in 0..CALLS {
+        if c == CALLS / 4 {
+            proxy.set_down(true);
+        }
+        if c == CALLS / 2 {
+            proxy.set_down(false);
+        }
+        emit(c);
+    }
+    proxy.set_down(false);
+    let ok = proxy.wait_for(Duration::from_secs(120), |_, _| {
+        delivered(stats, CALLS as u64, (CALLS * SPANS) as u64)
+    });
+    let s = stats.snapshot();
+    assert!(ok, "not all delivered: {s:?}");
+    assert_eq!(s.spans_dropped(), 0, "{s:?}");
+    assert_eq!(s.summaries_failed, 0);
+    assert!(s.requests_retried > 0 && s.batches_split > 0, "{s:?}");
+    s
+}
+
 #[test]
 fn acceptance_every_fault_with_the_spool_stores_everything_once() {
     let ingest = Ingest::start();
@@ -345,24 +370,9 @@ fn acceptance_every_fault_with_the_spool_stores_everything_once() {
             .max_request_bytes(48 * 1024)
             .max_buffer_bytes(256 * 1024)
     });
-    for c in 0..CALLS {
-        if c == CALLS / 4 {
-            proxy.set_down(true);
-        }
-        if c == CALLS / 2 {
-            proxy.set_down(false);
-        }
-        emit_call(&provider, &format!("call-{c}"), SPANS, 150);
-    }
-    proxy.set_down(false);
-    let ok = proxy.wait_for(Duration::from_secs(120), |_, _| {
-        delivered(&stats, CALLS as u64, (CALLS * SPANS) as u64)
+    run_acceptance(&proxy, &stats, |c| {
+        emit_call(&provider, &format!("call-{c}"), SPANS, 150)
     });
-    let s = stats.snapshot();
-    assert!(ok, "not all delivered: {s:?}");
-    assert_eq!(s.spans_dropped(), 0, "{s:?}");
-    assert_eq!(s.summaries_failed, 0);
-    assert!(s.requests_retried > 0 && s.batches_split > 0, "{s:?}");
     assert_stored(&ingest, CALLS, SPANS);
     provider.shutdown().unwrap();
 }
@@ -386,13 +396,7 @@ fn acceptance_every_fault_on_gzip_bodies_stores_everything_once() {
     });
     let tracer = provider.tracer("faults-gzip");
     let mut rng = fastrand::Rng::with_seed(7);
-    for c in 0..CALLS {
-        if c == CALLS / 4 {
-            proxy.set_down(true);
-        }
-        if c == CALLS / 2 {
-            proxy.set_down(false);
-        }
+    let s = run_acceptance(&proxy, &stats, |c| {
         let cx = support::fault::open_root(&tracer, &format!("call-{c}"));
         for _ in 1..SPANS {
             let payload: String = (0..600)
@@ -407,16 +411,7 @@ fn acceptance_every_fault_on_gzip_bodies_stores_everything_once() {
             s.end();
         }
         cx.span().end();
-    }
-    proxy.set_down(false);
-    let ok = proxy.wait_for(Duration::from_secs(120), |_, _| {
-        delivered(&stats, CALLS as u64, (CALLS * SPANS) as u64)
     });
-    let s = stats.snapshot();
-    assert!(ok, "not all delivered: {s:?}");
-    assert_eq!(s.spans_dropped(), 0, "{s:?}");
-    assert_eq!(s.summaries_failed, 0);
-    assert!(s.requests_retried > 0 && s.batches_split > 0, "{s:?}");
     assert!(s.bytes_sent < s.bytes_uncompressed, "{s:?}");
     assert_stored(&ingest, CALLS, SPANS);
     provider.shutdown().unwrap();
