@@ -13,6 +13,9 @@
 //! 10 KB), `wire` (bytes on the wire / raw JSON), `ingest` (callscope-ingest on SQLite and
 //! PostgreSQL: core logs/s and spans stored/s). PostgreSQL is skipped with a message when
 //! `--postgres-url` is unreachable; a fresh database is created and dropped.
+//!
+//! Compression: callscope gzips (its default) and the SDK's exporter sends raw protobuf (its
+//! default); `--cs-no-gzip` and `--sdk-gzip` make the comparison like for like either way.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -90,6 +93,10 @@ struct Args {
     /// exporter sends its protobuf here.
     #[arg(long)]
     cs_no_gzip: bool,
+    /// Have the SDK's OTLP exporter gzip its protobuf (opentelemetry-otlp's `gzip-http`, at
+    /// flate2's default level), for a comparison where both pipelines compress.
+    #[arg(long)]
+    sdk_gzip: bool,
     /// Internal: run one scenario for one pipeline and print its result as JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -327,13 +334,14 @@ struct Pipeline {
     _rt: Option<tokio::runtime::Runtime>,
 }
 
-/// callscope settings a run may override.
+/// Pipeline settings a run may override (callscope's, and the SDK exporter's compression).
 #[derive(Debug, Clone, Copy, Default)]
 struct Tuning {
     batch_timeout_ms: Option<u64>,
     max_buffer_mib: Option<usize>,
     max_request_kib: Option<usize>,
     no_gzip: bool,
+    sdk_gzip: bool,
 }
 
 impl Tuning {
@@ -343,6 +351,7 @@ impl Tuning {
             max_buffer_mib: a.cs_max_buffer_mib,
             max_request_kib: a.cs_max_request_kib,
             no_gzip: a.cs_no_gzip,
+            sdk_gzip: a.sdk_gzip,
         }
     }
 }
@@ -392,12 +401,14 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
                 client: reqwest::Client::new(),
                 rt: rt.handle().clone(),
             };
-            let inner = opentelemetry_otlp::SpanExporter::builder()
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_http_client(client)
-                .with_endpoint(format!("{}/v1/traces", sink.base()))
-                .build()
-                .unwrap();
+                .with_endpoint(format!("{}/v1/traces", sink.base()));
+            if t.sdk_gzip {
+                builder = builder.with_compression(opentelemetry_otlp::Compression::Gzip);
+            }
+            let inner = builder.build().unwrap();
             let exporter = Counting {
                 inner,
                 exported: exported.clone(),
@@ -768,6 +779,9 @@ fn spawn_child(spec: &str, a: &Args) -> Json {
     if a.cs_no_gzip {
         cmd.arg("--cs-no-gzip");
     }
+    if a.sdk_gzip {
+        cmd.arg("--sdk-gzip");
+    }
     for (flag, v) in [
         (
             "--cs-batch-timeout-ms",
@@ -818,8 +832,13 @@ fn ratio(a: &Json, b: &Json) -> String {
     }
 }
 
-fn report(scenario: &str, cs: &Json, sdk: &Json) {
-    println!("\n== {scenario} ==");
+fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
+    let gz = |on: bool| if on { "gzip" } else { "uncompressed" };
+    println!(
+        "\n== {scenario} ==  (callscope bodies {}, sdk otlp protobuf {})",
+        gz(!a.cs_no_gzip),
+        gz(a.sdk_gzip)
+    );
     match scenario {
         "throughput" => {
             let (c, s) = (&cs["sustained_spans_per_s"], &sdk["sustained_spans_per_s"]);
@@ -856,13 +875,24 @@ fn report(scenario: &str, cs: &Json, sdk: &Json) {
         }
         "wire" => {
             let r = &cs["result"];
+            // Per delivered span: the two pipelines drop different shares of this burst.
+            let per_span = |r: &Json| {
+                json!(
+                    r["wire_bytes"].as_f64().unwrap_or(0.0)
+                        / r["delivered"].as_f64().unwrap_or(0.0).max(1.0)
+                )
+            };
+            let (c, s) = (per_span(r), per_span(&sdk["result"]));
             println!(
-                "callscope wire/raw JSON: {} ({} / {} bytes); sdk otlp protobuf wire bytes {}; wire ratio callscope/sdk {}",
+                "callscope wire/raw JSON: {} ({} / {} bytes); wire bytes per delivered span: callscope {:.0}, sdk otlp protobuf {:.0} ({} of {} spans delivered); ratio callscope/sdk {}",
                 ratio(&r["wire_bytes"], &r["raw_json_bytes"]),
                 r["wire_bytes"],
                 r["raw_json_bytes"],
-                sdk["result"]["wire_bytes"],
-                ratio(&r["wire_bytes"], &sdk["result"]["wire_bytes"])
+                c.as_f64().unwrap_or(0.0),
+                s.as_f64().unwrap_or(0.0),
+                sdk["result"]["delivered"],
+                sdk["result"]["emitted"],
+                ratio(&c, &s)
             );
         }
         _ => {}
@@ -903,6 +933,6 @@ fn main() {
         }
         let cs = spawn_child(&format!("{name}:callscope"), &a);
         let sdk = spawn_child(&format!("{name}:sdk"), &a);
-        report(&name, &cs, &sdk);
+        report(&name, &cs, &sdk, &a);
     }
 }
