@@ -877,10 +877,8 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
             let r = &cs["result"];
             // Per delivered span: the two pipelines drop different shares of this burst.
             let per_span = |r: &Json| {
-                json!(
-                    r["wire_bytes"].as_f64().unwrap_or(0.0)
-                        / r["delivered"].as_f64().unwrap_or(0.0).max(1.0)
-                )
+                r["wire_bytes"].as_f64().unwrap_or(0.0)
+                    / r["delivered"].as_f64().unwrap_or(0.0).max(1.0)
             };
             let (c, s) = (per_span(r), per_span(&sdk["result"]));
             println!(
@@ -888,11 +886,11 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
                 ratio(&r["wire_bytes"], &r["raw_json_bytes"]),
                 r["wire_bytes"],
                 r["raw_json_bytes"],
-                c.as_f64().unwrap_or(0.0),
-                s.as_f64().unwrap_or(0.0),
+                c,
+                s,
                 sdk["result"]["delivered"],
                 sdk["result"]["emitted"],
-                ratio(&c, &s)
+                ratio(&json!(c), &json!(s))
             );
         }
         _ => {}

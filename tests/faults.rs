@@ -333,10 +333,22 @@ fn tear_newest_segment(dir: &Path) {
 const CALLS: usize = 40;
 const SPANS: usize = 100;
 
-/// Emits the acceptance schedule's calls through `emit` with the receiver down for the second
-/// quarter of them, then waits for every call and span to be delivered and checks that nothing
-/// was dropped or failed and that the faults were met (retries and 413 splits).
-fn run_acceptance(proxy: &FaultProxy, stats: &StatsHandle, mut emit: impl FnMut(usize)) -> Stats {
+/// The acceptance schedule: a spooled processor (`configure` sets the rest) behind a proxy
+/// with every fault; `emit` sends call `c` through the provider, with the receiver down for
+/// the second quarter of the calls. Waits for every call and span, checks that nothing was
+/// dropped or failed, that the faults were met (retries and 413 splits) and that the ingest
+/// server stored each span once; returns the counters.
+fn run_acceptance(
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    mut emit: impl FnMut(&SdkTracerProvider, usize),
+) -> Stats {
+    let ingest = Ingest::start();
+    let timeout = Duration::from_millis(400);
+    let proxy = FaultProxy::start(Some(&ingest.url), all_faults(timeout));
+    let spool = tempfile::tempdir().unwrap();
+    let (provider, stats) = start(&proxy.url(), |b| {
+        configure(b.spool_dir(spool.path()).timeout(timeout))
+    });
     for c in 0..CALLS {
         if c == CALLS / 4 {
             proxy.set_down(true);
@@ -344,37 +356,28 @@ fn run_acceptance(proxy: &FaultProxy, stats: &StatsHandle, mut emit: impl FnMut(
         if c == CALLS / 2 {
             proxy.set_down(false);
         }
-        emit(c);
+        emit(&provider, c);
     }
     proxy.set_down(false);
     let ok = proxy.wait_for(Duration::from_secs(120), |_, _| {
-        delivered(stats, CALLS as u64, (CALLS * SPANS) as u64)
+        delivered(&stats, CALLS as u64, (CALLS * SPANS) as u64)
     });
     let s = stats.snapshot();
     assert!(ok, "not all delivered: {s:?}");
     assert_eq!(s.spans_dropped(), 0, "{s:?}");
     assert_eq!(s.summaries_failed, 0);
     assert!(s.requests_retried > 0 && s.batches_split > 0, "{s:?}");
+    assert_stored(&ingest, CALLS, SPANS);
+    provider.shutdown().unwrap();
     s
 }
 
 #[test]
 fn acceptance_every_fault_with_the_spool_stores_everything_once() {
-    let ingest = Ingest::start();
-    let timeout = Duration::from_millis(400);
-    let proxy = FaultProxy::start(Some(&ingest.url), all_faults(timeout));
-    let spool = tempfile::tempdir().unwrap();
-    let (provider, stats) = start(&proxy.url(), |b| {
-        b.spool_dir(spool.path())
-            .timeout(timeout)
-            .max_request_bytes(48 * 1024)
-            .max_buffer_bytes(256 * 1024)
-    });
-    run_acceptance(&proxy, &stats, |c| {
-        emit_call(&provider, &format!("call-{c}"), SPANS, 150)
-    });
-    assert_stored(&ingest, CALLS, SPANS);
-    provider.shutdown().unwrap();
+    run_acceptance(
+        |b| b.max_request_bytes(48 * 1024).max_buffer_bytes(256 * 1024),
+        |provider, c| emit_call(provider, &format!("call-{c}"), SPANS, 150),
+    );
 }
 
 /// The acceptance schedule on gzip bodies, which are compressed off the worker thread while
@@ -383,38 +386,32 @@ fn acceptance_every_fault_with_the_spool_stores_everything_once() {
 #[test]
 fn acceptance_every_fault_on_gzip_bodies_stores_everything_once() {
     use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
-    let ingest = Ingest::start();
-    let timeout = Duration::from_millis(400);
-    let proxy = FaultProxy::start(Some(&ingest.url), all_faults(timeout));
-    let spool = tempfile::tempdir().unwrap();
-    let (provider, stats) = start(&proxy.url(), |b| {
-        b.compression(Compression::Gzip)
-            .spool_dir(spool.path())
-            .timeout(timeout)
-            .max_request_bytes(96 * 1024)
-            .max_buffer_bytes(512 * 1024)
-    });
-    let tracer = provider.tracer("faults-gzip");
     let mut rng = fastrand::Rng::with_seed(7);
-    let s = run_acceptance(&proxy, &stats, |c| {
-        let cx = support::fault::open_root(&tracer, &format!("call-{c}"));
-        for _ in 1..SPANS {
-            let payload: String = (0..600)
-                .map(|_| char::from(b"0123456789abcdef"[rng.usize(..16)]))
-                .collect();
-            let mut s = tracer.build_with_context(
-                tracer
-                    .span_builder("llm_request")
-                    .with_attributes(vec![opentelemetry::KeyValue::new("payload", payload)]),
-                &cx,
-            );
-            s.end();
-        }
-        cx.span().end();
-    });
+    let s = run_acceptance(
+        |b| {
+            b.compression(Compression::Gzip)
+                .max_request_bytes(96 * 1024)
+                .max_buffer_bytes(512 * 1024)
+        },
+        |provider, c| {
+            let tracer = provider.tracer("faults-gzip");
+            let cx = support::fault::open_root(&tracer, &format!("call-{c}"));
+            for _ in 1..SPANS {
+                let payload: String = (0..600)
+                    .map(|_| char::from(b"0123456789abcdef"[rng.usize(..16)]))
+                    .collect();
+                let mut s = tracer.build_with_context(
+                    tracer
+                        .span_builder("llm_request")
+                        .with_attributes(vec![opentelemetry::KeyValue::new("payload", payload)]),
+                    &cx,
+                );
+                s.end();
+            }
+            cx.span().end();
+        },
+    );
     assert!(s.bytes_sent < s.bytes_uncompressed, "{s:?}");
-    assert_stored(&ingest, CALLS, SPANS);
-    provider.shutdown().unwrap();
 }
 
 #[test]
