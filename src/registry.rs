@@ -583,7 +583,16 @@ impl Registry {
         let real = self.intern(id);
         self.traces.insert(trace, real.clone());
         if lc.ended.contains(&real) {
-            // The real call is over: the provisional one lives on and ends by itself.
+            // The real call is over: the provisional one lives on and ends by itself, but its
+            // trace's spans are now late. Threads may have cached the trace -> provisional call:
+            // its state moves to a new slot, so a cached hit finds the old slot empty and asks
+            // the trace index (the cache's fast path stays one pointer compare).
+            if let Some(old) = self.calls.get(prov).map(|e| e.value().clone())
+                && old.provisional
+                && let Some(st) = old.take()
+            {
+                self.calls.insert(prov.clone(), Call::new(st));
+            }
             return real;
         }
         let Some((_, prov_call)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
@@ -867,6 +876,40 @@ mod tests {
         assert_eq!(total_spans(&end.ended[0]), 5);
         assert_eq!(r.open_calls(), 0);
         assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_trace_joined_to_an_ended_call_is_late_on_every_thread() {
+        let r = registry();
+        let seen = Seen::default();
+        seen.record(&r, &span(1, 2, Some(1), Some("real")));
+        assert_eq!(seen.record(&r, &span(1, 1, None, None)).ended.len(), 1);
+        // A second trace starts without an id: a provisional call, cached on this thread.
+        seen.record(&r, &span(2, 2, Some(1), None));
+        seen.record(&r, &span(2, 3, Some(1), None));
+        // It then names the call that is over: late, and the trace now belongs to "real".
+        seen.record(&r, &span(2, 4, Some(1), Some("real")));
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 1);
+        // Further spans of the trace without an id are late too, on this thread (whose cache
+        // held the provisional call) as on any other.
+        seen.record(&r, &span(2, 5, Some(1), None));
+        std::thread::scope(|s| {
+            s.spawn(|| seen.record(&r, &span(2, 6, Some(1), None)));
+        });
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 3);
+        let shipped = seen.shipped.lock().unwrap().clone();
+        assert!(
+            shipped[shipped.len() - 3..]
+                .iter()
+                .all(|(id, late)| id == "real" && *late),
+            "{shipped:?}"
+        );
+        // The provisional call keeps what it had and ends by itself.
+        assert_eq!(r.open_calls(), 1);
+        let prov = r
+            .end(&format!("{:032x}", 2u128), EndReason::Shutdown)
+            .unwrap();
+        assert_eq!(total_spans(&prov), 2);
     }
 
     #[test]
