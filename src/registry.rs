@@ -59,14 +59,17 @@ pub(crate) struct Call {
     id: Arc<str>,
     /// Keyed by a trace id because no call id was seen yet (never changes).
     provisional: bool,
+    /// Its place in `Lifecycle::open_order` (an id may come back once it is forgotten).
+    seq: u64,
     state: Mutex<Option<CallState>>,
 }
 
 impl Call {
-    fn new(state: CallState) -> Arc<Self> {
+    fn new(state: CallState, seq: u64) -> Arc<Self> {
         Arc::new(Call {
             id: state.call_id.clone(),
             provisional: state.provisional,
+            seq,
             state: Mutex::new(Some(state)),
         })
     }
@@ -101,6 +104,9 @@ thread_local! {
         const { RefCell::new([const { None }; CACHED_TRACES]) };
 }
 
+/// Forgotten calls between two sweeps of a full trace index.
+const SWEEP_EVERY: usize = 256;
+
 /// Numbers registries, so a thread's cache never mixes two processors' calls.
 static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(1);
 
@@ -108,6 +114,21 @@ static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(1);
 fn cache_slot(trace: TraceId) -> usize {
     let b = trace.to_bytes();
     usize::from(b[15] ^ b[7]) & (CACHED_TRACES - 1)
+}
+
+/// Whether `key` is the provisional key of `trace` (its id in 32 hex digits), without
+/// formatting one.
+fn is_trace_key(key: &str, trace: TraceId) -> bool {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let k = key.as_bytes();
+    k.len() == 32
+        && trace
+            .to_bytes()
+            .iter()
+            .zip(k.chunks_exact(2))
+            .all(|(b, pair)| {
+                pair[0] == HEX[usize::from(b >> 4)] && pair[1] == HEX[usize::from(b & 15)]
+            })
 }
 
 /// A call that ended, with why.
@@ -160,8 +181,15 @@ pub(crate) struct Shipment {
 
 #[derive(Debug, Default)]
 struct Lifecycle {
-    /// Open calls in creation order (may hold ended ones; compacted now and then).
-    open_order: VecDeque<Arc<str>>,
+    /// Open calls in creation order, with their [`Call::seq`] (may hold ended ones; compacted
+    /// now and then).
+    open_order: VecDeque<(Arc<str>, u64)>,
+    /// The next [`Call::seq`].
+    next_seq: u64,
+    /// Forgotten calls to wait for before the full trace index is swept again.
+    sweep_wait: usize,
+    /// The worker is to sweep the full trace index at its next tick.
+    sweep_due: bool,
     /// Recently ended calls: spans for them are late spans.
     ended: HashSet<Arc<str>>,
     ended_order: VecDeque<(Arc<str>, Vec<TraceId>)>,
@@ -198,6 +226,16 @@ pub(crate) struct Registry {
     queue_bytes: Arc<Budget>,
     /// Spans per chunk before it is handed over.
     chunk_spans: usize,
+}
+
+impl Lifecycle {
+    /// Puts a new call last in `open_order`; its [`Call::seq`].
+    fn push_open(&mut self, key: Arc<str>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.open_order.push_back((key, seq));
+        seq
+    }
 }
 
 fn lock(m: &Mutex<Lifecycle>) -> MutexGuard<'_, Lifecycle> {
@@ -295,6 +333,14 @@ impl Registry {
     fn map_trace(&self, trace: TraceId, call: &Arc<str>) {
         if self.traces.len() < self.traces_cap {
             self.traces.entry(trace).or_insert_with(|| call.clone());
+        } else if !self.traces.contains_key(&trace)
+            && let Some(n) = Counters::add_at_powers_of_two(&self.stats.traces_not_indexed, 1)
+        {
+            tracing::warn!(
+                traces = n,
+                cap = self.traces_cap,
+                "callscope trace index full: spans of new traces without a call id of their own go to calls keyed by their trace id (raise CALLSCOPE_MAX_OPEN_CALLS if many calls are really open)"
+            );
         }
     }
 
@@ -359,6 +405,13 @@ impl Registry {
                 joined = Some((k, real.clone()));
                 real
             }
+            (Some(id), Some(k)) if is_trace_key(&k, trace_id) => {
+                // The trace's provisional call ended (evicted, idle) before its id showed up:
+                // nothing to fold, but the trace's further spans belong to the real call.
+                let real = self.intern(id);
+                self.traces.insert(trace_id, real.clone());
+                real
+            }
             (Some(id), _) => {
                 let k = self.intern(id);
                 self.map_trace(trace_id, &k);
@@ -403,10 +456,10 @@ impl Registry {
                 // Shipped (if its first span fills a chunk) under the lifecycle lock, which
                 // any end of this call takes too.
                 cut = update(&key, &mut st);
-                let call = Call::new(st);
+                let seq = lc.push_open(key.clone());
+                let call = Call::new(st, seq);
                 self.calls.insert(key.clone(), call.clone());
                 self.open.fetch_add(1, Ordering::Relaxed);
-                lc.open_order.push_back(key.clone());
                 Counters::inc(&self.stats.calls_started);
                 drop(lc);
                 self.remember_trace(trace_id, call);
@@ -591,7 +644,7 @@ impl Registry {
                 && old.provisional
                 && let Some(st) = old.take()
             {
-                self.calls.insert(prov.clone(), Call::new(st));
+                self.calls.insert(prov.clone(), Call::new(st, old.seq));
             }
             return real;
         }
@@ -617,9 +670,9 @@ impl Registry {
             Err(p) => {
                 let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
                 let cut = st.merge(p);
-                self.calls.insert(real.clone(), Call::new(st));
+                let seq = lc.push_open(real.clone());
+                self.calls.insert(real.clone(), Call::new(st, seq));
                 self.open.fetch_add(1, Ordering::Relaxed);
-                lc.open_order.push_back(real.clone());
                 cut
             }
         };
@@ -631,9 +684,13 @@ impl Registry {
     /// Keeps the open calls under `max_open_calls` by ending the oldest.
     fn evict_for_new(&self, lc: &mut Lifecycle, out: &mut Vec<Ended>) {
         while self.open.load(Ordering::Relaxed) >= self.config.max_open_calls {
-            let Some(oldest) = lc.open_order.pop_front() else {
+            let Some((oldest, seq)) = lc.open_order.pop_front() else {
                 break;
             };
+            // An entry of an ended call whose id came back as a newer call is not that call.
+            if self.calls.get(&oldest).is_none_or(|c| c.seq != seq) {
+                continue;
+            }
             if let Some(e) = self.end_locked(lc, &oldest, EndReason::Evicted) {
                 // Counted in calls_ended_evicted; logged at powers of two so a flood of call
                 // ids cannot flood the log too.
@@ -645,7 +702,8 @@ impl Registry {
             }
         }
         if lc.open_order.len() > self.config.max_open_calls.saturating_mul(2) + 64 {
-            lc.open_order.retain(|k| self.calls.contains_key(k));
+            lc.open_order
+                .retain(|(k, seq)| self.calls.get(k).is_some_and(|c| c.seq == *seq));
         }
     }
 
@@ -668,14 +726,36 @@ impl Registry {
     fn remember_ended(&self, lc: &mut Lifecycle, k: Arc<str>, traces: Vec<TraceId>) {
         lc.ended.insert(k.clone());
         lc.ended_order.push_back((k, traces));
+        let mut forgot = false;
         while lc.ended_order.len() > self.ended_cap {
             if let Some((old, traces)) = lc.ended_order.pop_front() {
+                forgot = true;
                 lc.ended.remove(&old);
                 for t in traces {
                     self.traces.remove_if(&t, |_, v| *v == old);
                 }
+                lc.sweep_wait = lc.sweep_wait.saturating_sub(1);
             }
         }
+        // A call's own list names at most MAX_TRACE_IDS of its traces, and traces of late spans
+        // or joined to an ended call are on no list: when the index is full, the worker's next
+        // tick sweeps it (at most once per SWEEP_EVERY forgotten calls; never on an app thread).
+        if forgot && lc.sweep_wait == 0 && self.traces.len() >= self.traces_cap {
+            lc.sweep_due = true;
+        }
+    }
+
+    /// The worker's tick: when the trace index is full and calls were forgotten since it was
+    /// last swept, drops the entries that point at calls neither open nor remembered as ended.
+    pub(crate) fn sweep_traces_if_due(&self) {
+        let mut lc = lock(&self.lifecycle);
+        if !std::mem::take(&mut lc.sweep_due) {
+            return;
+        }
+        let ended = &lc.ended;
+        self.traces
+            .retain(|_, v| ended.contains(v) || self.calls.contains_key(v));
+        lc.sweep_wait = SWEEP_EVERY;
     }
 
     fn count_end(&self, reason: EndReason) {
@@ -753,6 +833,17 @@ mod tests {
             .endpoint("http://127.0.0.1:9/")
             .build()
             .unwrap();
+        Registry::new(Arc::new(config), Arc::new(Counters::default()))
+    }
+
+    fn registry_with(
+        f: impl FnOnce(crate::config::ConfigBuilder) -> crate::config::ConfigBuilder,
+    ) -> Registry {
+        let config = f(Config::builder()
+            .without_env()
+            .endpoint("http://127.0.0.1:9/"))
+        .build()
+        .unwrap();
         Registry::new(Arc::new(config), Arc::new(Counters::default()))
     }
 
@@ -926,5 +1017,130 @@ mod tests {
         let second = r.end("second", EndReason::Shutdown).unwrap();
         assert_eq!(total_spans(&first), 3);
         assert_eq!(total_spans(&second), 1);
+    }
+
+    #[test]
+    fn a_trace_key_is_its_provisional_call_id_exactly() {
+        let t = TraceId::from(0x0123_4567_89ab_cdef_u128 << 3);
+        assert!(is_trace_key(&format!("{t:032x}"), t));
+        assert!(!is_trace_key(&format!("{t:032x}").to_uppercase(), t));
+        assert!(!is_trace_key(&format!("{:032x}", TraceId::from(7u128)), t));
+        assert!(!is_trace_key("call-1", t));
+        assert!(!is_trace_key(&format!("{t:033x}"), t));
+    }
+
+    #[test]
+    fn a_trace_whose_provisional_call_ended_follows_the_call_it_names_later() {
+        let r = registry_with(|b| b.max_open_calls(1));
+        let seen = Seen::default();
+        // Trace 3 starts without an id: a provisional call.
+        seen.record(&r, &span(3, 2, Some(1), None));
+        // Another trace's call takes the only slot: the provisional call is evicted.
+        let other = seen.record(&r, &span(4, 2, Some(1), Some("other")));
+        assert_eq!(other.ended.len(), 1);
+        assert_eq!(&*other.ended[0].state.call_id, format!("{:032x}", 3u128));
+        // Trace 3 now names its call, which starts (evicting "other").
+        seen.record(&r, &span(3, 3, Some(1), Some("real")));
+        // The trace's further spans without the id belong to "real", and its root ends it.
+        seen.record(&r, &span(3, 4, Some(1), None));
+        let end = seen.record(&r, &span(3, 1, None, None));
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+        assert_eq!(end.ended.len(), 1);
+        assert_eq!(&*end.ended[0].state.call_id, "real");
+        assert_eq!(total_spans(&end.ended[0]), 3);
+        assert_eq!(r.open_calls(), 0);
+    }
+
+    #[test]
+    fn eviction_ends_the_oldest_open_call_even_when_a_forgotten_id_came_back() {
+        let max = 512;
+        let r = registry_with(|b| b.max_open_calls(max));
+        let seen = Seen::default();
+        let mut trace = 100u128;
+        let mut next = || {
+            trace += 1;
+            trace
+        };
+        // "k" starts and ends.
+        assert_eq!(
+            seen.record(&r, &span(next(), 1, None, Some("k")))
+                .ended
+                .len(),
+            1
+        );
+        // "a" starts and stays open: the oldest open call from now on.
+        seen.record(&r, &span(next(), 2, Some(1), Some("a")));
+        // Enough calls end that "k" is forgotten (no longer late).
+        for i in 0..r.ended_cap {
+            let id = format!("e{i}");
+            assert_eq!(
+                seen.record(&r, &span(next(), 1, None, Some(&id)))
+                    .ended
+                    .len(),
+                1
+            );
+        }
+        // "k" comes back as a new call, younger than "a".
+        seen.record(&r, &span(next(), 2, Some(1), Some("k")));
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+        for i in 0..max - 2 {
+            let id = format!("b{i}");
+            assert!(
+                seen.record(&r, &span(next(), 2, Some(1), Some(&id)))
+                    .ended
+                    .is_empty()
+            );
+        }
+        assert_eq!(r.open_calls(), max);
+        // One more call: the oldest open call, "a", is evicted.
+        let routed = seen.record(&r, &span(next(), 2, Some(1), Some("new")));
+        let evicted: Vec<String> = routed
+            .ended
+            .iter()
+            .map(|e| e.state.call_id.to_string())
+            .collect();
+        assert_eq!(evicted, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn late_traces_of_a_forgotten_call_do_not_fill_the_trace_index_for_good() {
+        let r = registry();
+        let seen = Seen::default();
+        assert_eq!(
+            seen.record(&r, &span(1, 1, None, Some("gone"))).ended.len(),
+            1
+        );
+        // Late spans, each of a new trace naming the ended call.
+        for t in 0..r.traces_cap as u128 {
+            seen.record(&r, &span(1_000_000 + t, 2, Some(1), Some("gone")));
+        }
+        assert_eq!(
+            r.stats.late_spans.load(Ordering::Relaxed),
+            r.traces_cap as u64
+        );
+        // Enough calls end that "gone" is forgotten (the last one's trace takes the index entry
+        // "gone"'s own trace left).
+        for i in 0..=r.ended_cap as u128 {
+            let id = format!("e{i}");
+            assert_eq!(
+                seen.record(&r, &span(10 + i, 1, None, Some(&id)))
+                    .ended
+                    .len(),
+                1
+            );
+        }
+        // A new call whose trace names it once: the trace's spans gather in it.
+        let left_out = r.stats.traces_not_indexed.load(Ordering::Relaxed);
+        assert!(left_out > 0, "the index was full");
+        // The worker's tick.
+        r.sweep_traces_if_due();
+        seen.record(&r, &span(7, 2, Some(1), Some("x")));
+        seen.record(&r, &span(7, 3, Some(1), None));
+        let end = seen.record(&r, &span(7, 1, None, None));
+        assert_eq!(r.stats.traces_not_indexed.load(Ordering::Relaxed), left_out);
+        assert_eq!(end.ended.len(), 1);
+        assert_eq!(&*end.ended[0].state.call_id, "x");
+        assert_eq!(total_spans(&end.ended[0]), 3);
+        assert_eq!(r.open_calls(), 0);
     }
 }

@@ -163,6 +163,10 @@ counters! {
     attributes_truncated,
     /// Call ids longer than 256 bytes, cut.
     call_ids_truncated,
+    /// Traces left out of the trace → call index because it was full (64 traces per
+    /// `CALLSCOPE_MAX_OPEN_CALLS`, at least 65,536): their spans without a call id of their own
+    /// go to a call keyed by the trace id instead of the call another span named.
+    traces_not_indexed,
 }
 
 impl Counters {

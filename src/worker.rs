@@ -560,6 +560,7 @@ impl Worker {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");
             self.on_end(e, mark);
         }
+        self.reg.sweep_traces_if_due();
         let now = Instant::now();
         let due: Vec<Arc<str>> = self
             .buffers
