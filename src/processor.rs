@@ -246,7 +246,9 @@ impl SpanProcessor for CallSpanProcessor {
         if !baggage.is_empty()
             && let Some(v) = keys.as_slice().iter().find_map(|k| baggage.get(k.as_str()))
         {
-            a.reg.learn(trace, CallIdValue::Str(v.as_str()));
+            if let Some((from, to)) = a.reg.learn(trace, CallIdValue::Str(v.as_str())) {
+                a.send_control(Control::Join { from, to });
+            }
             return;
         }
         // A root span's start attributes are few: reading them now lets children, which end
@@ -255,8 +257,9 @@ impl SpanProcessor for CallSpanProcessor {
         if !has_parent
             && let Some(data) = span.exported_data()
             && let Some(id) = semantics::find_call_id(&data.attributes, keys)
+            && let Some((from, to)) = a.reg.learn(trace, id)
         {
-            a.reg.learn(trace, id);
+            a.send_control(Control::Join { from, to });
         }
     }
 

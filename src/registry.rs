@@ -345,14 +345,39 @@ impl Registry {
     }
 
     /// `on_start`: learn the call id of a trace early, from the parent context's baggage or
-    /// (for a root span) from the attributes it starts with.
-    pub(crate) fn learn(&self, trace: TraceId, id: CallIdValue<'_>) {
-        if self.traces.contains_key(&trace) {
-            return;
-        }
+    /// (for a root span) from the attributes it starts with. A trace whose spans so far went
+    /// to a provisional call (no id seen yet) joins the learned call as a span naming it would:
+    /// the provisional call is folded into it (returned as `(from, to)` for the worker), or, if
+    /// it already ended, the trace's further spans go to the learned call.
+    pub(crate) fn learn(
+        &self,
+        trace: TraceId,
+        id: CallIdValue<'_>,
+    ) -> Option<(Arc<str>, Arc<str>)> {
+        let provisional = match self.traces.get(&trace) {
+            None => None,
+            // Grouped under a real id already: a span naming another call does not move it.
+            Some(e) if !is_trace_key(e.value(), trace) => return None,
+            Some(e) => Some(e.value().clone()),
+        };
         let id = self.cut_call_id(id);
-        let key = self.intern(&id);
-        self.map_trace(trace, &key);
+        match provisional {
+            None => {
+                let key = self.intern(&id);
+                self.map_trace(trace, &key);
+                None
+            }
+            Some(k) if *k == *id => None,
+            Some(k) if self.is_provisional(&k) => {
+                let real = self.join(&k, &id, trace);
+                Some((k, real))
+            }
+            Some(_) => {
+                let real = self.intern(&id);
+                self.traces.insert(trace, real);
+                None
+            }
+        }
     }
 
     /// `on_end`: updates the span's call and says what it ended or joined. `now` is the
@@ -1027,6 +1052,61 @@ mod tests {
         assert!(!is_trace_key(&format!("{:032x}", TraceId::from(7u128)), t));
         assert!(!is_trace_key("call-1", t));
         assert!(!is_trace_key(&format!("{t:033x}"), t));
+    }
+
+    #[test]
+    fn a_call_id_learned_at_span_start_joins_the_traces_provisional_call() {
+        let r = registry();
+        let seen = Seen::default();
+        // A child ends before any span of its trace carried the id: a provisional call.
+        seen.record(&r, &span(5, 2, Some(1), None));
+        // A later span starts with the id in its parent context's baggage (on_start).
+        let joined = r.learn(TraceId::from(5u128), CallIdValue::Str("real"));
+        let (from, to) = joined.expect("the provisional call joins the learned id");
+        assert_eq!(&*from, format!("{:032x}", 5u128));
+        assert_eq!(&*to, "real");
+        // Its end (the id only in baggage, not in its attributes) and the root's go to "real".
+        seen.record(&r, &span(5, 3, Some(1), None));
+        let end = seen.record(&r, &span(5, 1, None, None));
+        assert_eq!(end.ended.len(), 1);
+        assert_eq!(&*end.ended[0].state.call_id, "real");
+        assert_eq!(total_spans(&end.ended[0]), 3);
+        assert_eq!(r.stats.calls_joined.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+        assert_eq!(r.open_calls(), 0);
+        // A trace already grouped under a real id learns nothing more.
+        seen.record(&r, &span(6, 2, Some(1), Some("c6")));
+        assert!(
+            r.learn(TraceId::from(6u128), CallIdValue::Str("other"))
+                .is_none()
+        );
+        let end = seen.record(&r, &span(6, 1, None, None));
+        assert_eq!(&*end.ended[0].state.call_id, "c6");
+    }
+
+    #[test]
+    fn a_call_id_learned_after_the_provisional_call_ended_takes_the_rest_of_the_trace() {
+        let r = registry_with(|b| b.max_open_calls(1));
+        let seen = Seen::default();
+        seen.record(&r, &span(3, 2, Some(1), None));
+        // Another call takes the only slot: the provisional call is evicted.
+        assert_eq!(
+            seen.record(&r, &span(4, 2, Some(1), Some("other")))
+                .ended
+                .len(),
+            1
+        );
+        assert!(
+            r.learn(TraceId::from(3u128), CallIdValue::Str("real"))
+                .is_none(),
+            "nothing open to fold"
+        );
+        seen.record(&r, &span(3, 3, Some(1), None));
+        let end = seen.record(&r, &span(3, 1, None, None));
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+        assert_eq!(end.ended.len(), 1);
+        assert_eq!(&*end.ended[0].state.call_id, "real");
+        assert_eq!(total_spans(&end.ended[0]), 2);
     }
 
     #[test]

@@ -615,6 +615,35 @@ fn the_call_id_set_on_the_root_after_start_still_groups_its_children() {
     provider.shutdown().unwrap();
 }
 
+/// The call id can also arrive in baggage, after some of the trace's spans already ended
+/// without one: the span that starts with it joins them (no span carries it as an attribute).
+#[test]
+fn a_call_id_first_seen_in_baggage_joins_the_spans_that_ended_before_it() {
+    use opentelemetry::baggage::BaggageExt;
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b);
+    let tracer = provider.tracer("baggage-id");
+    let root = tracer.start("agent_session");
+    let cx = Context::new().with_span(root);
+    for name in ["stt", "llm_request"] {
+        tracer.start_with_context(name, &cx).end();
+    }
+    let with_id = cx.with_baggage(vec![KeyValue::new("call_id", "joined-2")]);
+    tracer.start_with_context("tts_request", &with_id).end();
+    cx.span().end();
+    provider.force_flush().unwrap();
+    let core = rx
+        .core_of("joined-2")
+        .expect("the call is named by the id its baggage carried");
+    assert_eq!(core["telemetry_summary"]["total_spans"], 4);
+    assert_eq!(detail_span_ids(&rx.details(), "joined-2").len(), 4);
+    let s = stats.snapshot();
+    assert_eq!(s.calls_joined, 1);
+    assert_eq!(s.calls_started, 1);
+    assert_eq!(s.late_spans, 0);
+    provider.shutdown().unwrap();
+}
+
 /// Spans are packed into their call's chunk on the app thread and handed over when the chunk
 /// fills up; a quiet call's few spans must still stream out (the worker takes chunks older than
 /// a tick, then its batch timeout sends them) while the call stays open.
