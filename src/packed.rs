@@ -15,6 +15,7 @@
 //! an attribute as `key length u32, tag u8, scalar or value length, key, value bytes`.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,10 +23,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use opentelemetry::trace::{
     Event, Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
-use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry::{Array, InstrumentationScope, Key, KeyValue, StringValue, Value};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use crate::call::truncate_str;
+use crate::fasthash::FastState;
 use crate::semantics::Operation;
 
 /// Largest capacity a call's chunk starts with; it is handed to the worker once three
@@ -358,11 +360,33 @@ fn span_links(links: Vec<Link>) -> SpanLinks {
 /// Reads spans back from a chunk [`pack`] wrote.
 pub(crate) struct Unpacker<'a> {
     rest: &'a [u8],
+    /// Attribute keys read so far, by their bytes: a call's spans repeat the same few keys,
+    /// and sharing one `Key` (a reference count) saves building a `String` for each use.
+    keys: HashMap<&'a [u8], Key, FastState>,
 }
+
+/// Distinct keys an [`Unpacker`] shares (more are read as new strings each time).
+const SHARED_KEYS: usize = 256;
 
 impl<'a> Unpacker<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Unpacker { rest: bytes }
+        Unpacker {
+            rest: bytes,
+            keys: HashMap::default(),
+        }
+    }
+
+    /// An attribute's key of `n` bytes.
+    fn key(&mut self, n: usize) -> Option<Key> {
+        let b = self.take(n)?;
+        if let Some(k) = self.keys.get(b) {
+            return Some(k.clone());
+        }
+        let k = Key::from(Arc::<str>::from(std::str::from_utf8(b).ok()?));
+        if self.keys.len() < SHARED_KEYS {
+            self.keys.insert(b, k.clone());
+        }
+        Some(k)
     }
 
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
@@ -420,12 +444,12 @@ impl<'a> Unpacker<'a> {
         let value = match tag {
             V_BOOL => {
                 let b = self.u8()? != 0;
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 return Some(KeyValue::new(key, Value::Bool(b)));
             }
             V_I64 | V_F64 => {
                 let x = u64::from_le_bytes(self.array()?);
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 let v = if tag == V_I64 {
                     Value::I64(x as i64)
                 } else {
@@ -435,28 +459,28 @@ impl<'a> Unpacker<'a> {
             }
             V_STR => {
                 let n = self.len()?;
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 return Some(KeyValue::new(key, Value::String(self.text(n)?.into())));
             }
             V_BOOLS => {
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 (
                     key,
                     Value::Array(Array::Bool(self.list(|u| Some(u.u8()? != 0))?)),
                 )
             }
             V_I64S => {
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 let a = self.list(|u| Some(i64::from_le_bytes(u.array()?)))?;
                 (key, Value::Array(Array::I64(a)))
             }
             V_F64S => {
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 let a = self.list(|u| Some(f64::from_bits(u64::from_le_bytes(u.array()?))))?;
                 (key, Value::Array(Array::F64(a)))
             }
             V_STRS => {
-                let key = self.text(klen)?;
+                let key = self.key(klen)?;
                 let a = self.list(|u| Some(StringValue::from(u.string()?)))?;
                 (key, Value::Array(Array::String(a)))
             }
@@ -693,5 +717,29 @@ mod tests {
         let got: Vec<_> = Unpacker::new(&bad).collect();
         assert_eq!(got.len(), 1);
         assert!(got[0].is_err());
+    }
+
+    #[test]
+    fn keys_shared_between_spans_and_past_the_shared_limit_read_back_the_same() {
+        let mut chunk = Vec::new();
+        let spans: Vec<_> = (0..SHARED_KEYS + 40)
+            .map(|i| {
+                let mut s = span((i % 200) as u8);
+                s.attributes = vec![
+                    KeyValue::new("gen_ai.request.model", "gpt-4o-mini"),
+                    KeyValue::new(format!("k{i}"), i as i64),
+                    KeyValue::new("", "empty key"),
+                ];
+                s
+            })
+            .collect();
+        for s in &spans {
+            pack(&mut chunk, s, Operation::Other, dur(s), usize::MAX);
+        }
+        let back: Vec<_> = Unpacker::new(&chunk).map(|r| r.unwrap()).collect();
+        assert_eq!(back.len(), spans.len());
+        for (orig, (got, op)) in spans.iter().zip(&back) {
+            assert_eq!(json(orig, Operation::Other), json(got, *op));
+        }
     }
 }
