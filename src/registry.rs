@@ -853,12 +853,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     fn registry() -> Registry {
-        let config = Config::builder()
-            .without_env()
-            .endpoint("http://127.0.0.1:9/")
-            .build()
-            .unwrap();
-        Registry::new(Arc::new(config), Arc::new(Counters::default()))
+        registry_with(|b| b)
     }
 
     fn registry_with(
