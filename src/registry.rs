@@ -369,8 +369,9 @@ impl Registry {
             }
             Some(k) if *k == *id => None,
             Some(k) if self.is_provisional(&k) => {
-                let real = self.join(&k, &id, trace);
-                Some((k, real))
+                // Only a fold is the worker's business: else the provisional call lives on.
+                let (real, folded) = self.join(&k, &id, trace);
+                folded.then_some((k, real))
             }
             Some(_) => {
                 let real = self.intern(&id);
@@ -426,8 +427,10 @@ impl Registry {
         let key = match (explicit.as_deref(), known) {
             (Some(id), Some(k)) if *k == *id => k,
             (Some(id), Some(k)) if self.is_provisional(&k) => {
-                let real = self.join(&k, id, trace_id);
-                joined = Some((k, real.clone()));
+                let (real, folded) = self.join(&k, id, trace_id);
+                if folded {
+                    joined = Some((k, real.clone()));
+                }
                 real
             }
             (Some(id), Some(k)) if is_trace_key(&k, trace_id) => {
@@ -655,8 +658,10 @@ impl Registry {
     }
 
     /// The call id `id` showed up on a trace whose spans so far sit in provisional call `prov`:
-    /// fold it into the real call and point the trace at it.
-    fn join(&self, prov: &Arc<str>, id: &str, trace: TraceId) -> Arc<str> {
+    /// fold it into the real call and point the trace at it. The real call's key, and whether
+    /// the provisional call was folded into it (not when the real call is over, or the
+    /// provisional one ended meanwhile: it then keeps its spans under its own key).
+    fn join(&self, prov: &Arc<str>, id: &str, trace: TraceId) -> (Arc<str>, bool) {
         let mut lc = lock(&self.lifecycle);
         let real = self.intern(id);
         self.traces.insert(trace, real.clone());
@@ -671,13 +676,13 @@ impl Registry {
             {
                 self.calls.insert(prov.clone(), Call::new(st, old.seq));
             }
-            return real;
+            return (real, false);
         }
         let Some((_, prov_call)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
-            return real;
+            return (real, false);
         };
         let Some(p) = prov_call.take() else {
-            return real;
+            return (real, false);
         };
         self.open.fetch_sub(1, Ordering::Relaxed);
         // Under the lifecycle lock a call in the table is open (its state is taken only when it
@@ -703,7 +708,7 @@ impl Registry {
         };
         Counters::add(&self.stats.text_truncations, cut);
         Counters::inc(&self.stats.calls_joined);
-        real
+        (real, true)
     }
 
     /// Keeps the open calls under `max_open_calls` by ending the oldest.

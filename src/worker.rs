@@ -158,14 +158,6 @@ pub(crate) struct Handle {
 /// be opened is a startup error naming the directory).
 pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::Result<Handle> {
     let cfg = registry.config.clone();
-    let (data_tx, data_rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
-    let wake = Arc::new(Wake::new(cfg.queue_size));
-    let null_sink = transport.is_null();
-    let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
-    let enqueued = Arc::new(AtomicU64::new(0));
-    let ends_queued = Arc::new(AtomicUsize::new(0));
-    let queue_spans = Arc::new(Budget::new(cfg.queue_size));
-    let backlog_limit = cfg.max_open_calls.max(1024);
     let (spool, replay) = match &cfg.spool_dir {
         Some(dir) => {
             let (s, o) = Spool::open(dir, cfg.spool_max_bytes).map_err(|e| {
@@ -178,48 +170,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         }
         None => (None, crate::spool::Opened::default()),
     };
-    let mut worker = Worker {
-        stats: registry.stats.clone(),
-        transport: Arc::new(transport),
-        cfg,
-        reg: registry,
-        data_rx,
-        data_open: true,
-        wake: wake.clone(),
-        null_sink,
-        null_spans: 0,
-        tick_ns: 0,
-        ctrl_rx,
-        received: 0,
-        enqueued: enqueued.clone(),
-        ends_queued: ends_queued.clone(),
-        queue_spans: queue_spans.clone(),
-        backlog_limit,
-        buffers: HashMap::new(),
-        redirects: HashMap::new(),
-        pending: HashMap::new(),
-        by_mark: BTreeSet::new(),
-        ended_seqs: HashMap::new(),
-        ended_order: VecDeque::new(),
-        late_seq: LATE_SEQ_BASE,
-        tasks: JoinSet::new(),
-        running: HashMap::new(),
-        running_detail: 0,
-        cores: VecDeque::new(),
-        queue: VecDeque::new(),
-        held: HashMap::new(),
-        open: HashMap::new(),
-        core_outcome: HashMap::new(),
-        waiter_scan_due: false,
-        next_job: 0,
-        waiters: Vec::new(),
-        stop_at: None,
-        exit: false,
-        buffered_bytes: 0,
-        mem_bytes: 0,
-        spool,
-        scratch: Vec::with_capacity(16 * 1024),
-    };
+    let (mut worker, ends) = Worker::new(registry, transport, spool);
     worker.replay(replay);
     let concurrent_detail = worker.cfg.max_concurrent_detail;
     let thread = std::thread::Builder::new()
@@ -240,12 +191,12 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
             }
         })?;
     Ok(Handle {
-        data: data_tx,
-        wake,
-        control: ctrl_tx,
-        enqueued,
-        ends_queued,
-        queue_spans,
+        data: ends.data,
+        wake: ends.wake,
+        control: ends.control,
+        enqueued: ends.enqueued,
+        ends_queued: ends.ends_queued,
+        queue_spans: ends.queue_spans,
         thread: std::sync::Mutex::new(Some(thread)),
     })
 }
@@ -340,6 +291,8 @@ struct Worker {
     /// The tick's period in ns (chunks older than this are taken from quiet calls).
     tick_ns: u64,
     ctrl_rx: mpsc::UnboundedReceiver<Control>,
+    /// False once the control channel closed (the processor was dropped without shutdown).
+    ctrl_open: bool,
     received: u64,
     enqueued: Arc<AtomicU64>,
     ends_queued: Arc<AtomicUsize>,
@@ -381,7 +334,83 @@ struct Worker {
     scratch: Vec<u8>,
 }
 
+/// The processor's ends of a new worker's queues (see [`Handle`]).
+struct Ends {
+    data: SyncSender<DetailMsg>,
+    wake: Arc<Wake>,
+    control: mpsc::UnboundedSender<Control>,
+    enqueued: Arc<AtomicU64>,
+    ends_queued: Arc<AtomicUsize>,
+    queue_spans: Arc<Budget>,
+}
+
 impl Worker {
+    /// A worker for `registry`'s calls, sending through `transport`, and the processor's ends
+    /// of its queues.
+    fn new(registry: Arc<Registry>, transport: Transport, spool: Option<Spool>) -> (Self, Ends) {
+        let cfg = registry.config.clone();
+        let (data_tx, data_rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
+        let wake = Arc::new(Wake::new(cfg.queue_size));
+        let null_sink = transport.is_null();
+        let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+        let enqueued = Arc::new(AtomicU64::new(0));
+        let ends_queued = Arc::new(AtomicUsize::new(0));
+        let queue_spans = Arc::new(Budget::new(cfg.queue_size));
+        let backlog_limit = cfg.max_open_calls.max(1024);
+        let worker = Worker {
+            stats: registry.stats.clone(),
+            transport: Arc::new(transport),
+            cfg,
+            reg: registry,
+            data_rx,
+            data_open: true,
+            wake: wake.clone(),
+            null_sink,
+            null_spans: 0,
+            tick_ns: 0,
+            ctrl_rx,
+            ctrl_open: true,
+            received: 0,
+            enqueued: enqueued.clone(),
+            ends_queued: ends_queued.clone(),
+            queue_spans: queue_spans.clone(),
+            backlog_limit,
+            buffers: HashMap::new(),
+            redirects: HashMap::new(),
+            pending: HashMap::new(),
+            by_mark: BTreeSet::new(),
+            ended_seqs: HashMap::new(),
+            ended_order: VecDeque::new(),
+            late_seq: LATE_SEQ_BASE,
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            running_detail: 0,
+            cores: VecDeque::new(),
+            queue: VecDeque::new(),
+            held: HashMap::new(),
+            open: HashMap::new(),
+            core_outcome: HashMap::new(),
+            waiter_scan_due: false,
+            next_job: 0,
+            waiters: Vec::new(),
+            stop_at: None,
+            exit: false,
+            buffered_bytes: 0,
+            mem_bytes: 0,
+            spool,
+            scratch: Vec::with_capacity(16 * 1024),
+        };
+        let ends = Ends {
+            data: data_tx,
+            wake,
+            control: ctrl_tx,
+            enqueued,
+            ends_queued,
+            queue_spans,
+        };
+        (worker, ends)
+    }
+
     async fn run(mut self) {
         let idle = self.cfg.call_idle_timeout / 4;
         let period = idle.clamp(Duration::from_millis(10), Duration::from_millis(250));
@@ -419,13 +448,18 @@ impl Worker {
                 biased;
                 // With too many payloads outstanding, stop taking call ends: the backlog then
                 // stays in the channel, where the processor bounds it (counted drops).
-                c = self.ctrl_rx.recv(), if self.outstanding() < self.backlog_limit => {
+                c = self.ctrl_rx.recv(), if self.ctrl_open && self.outstanding() < self.backlog_limit => {
                     // Ends and flushes refer to spans queued before them: no napping now.
                     nap = None;
                     match c {
                         Some(c) => self.on_control(c),
                         // The processor was dropped without shutdown: deliver what we can, briefly.
-                        None => self.begin_stop(0, Instant::now() + Duration::from_secs(5), None),
+                        // Once: a closed channel is ready on every turn and would starve the
+                        // tick (which enforces the deadline) and the uploads.
+                        None => {
+                            self.ctrl_open = false;
+                            self.begin_stop(0, Instant::now() + Duration::from_secs(5), None);
+                        }
                     }
                 }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
@@ -729,7 +763,7 @@ impl Worker {
         };
         self.buffered_bytes = self
             .buffered_bytes
-            .saturating_sub(list.bytes.len() + list.len());
+            .saturating_sub(list.bytes.len() + usize::from(!list.is_empty()));
         let seq = b.buf.seq();
         let late = b.late;
         let agent = self.reg.agent_id();
@@ -1110,8 +1144,10 @@ impl Worker {
                 Counters::inc(&self.stats.detail_batches_sent);
                 Counters::add(&self.stats.detail_spans_sent, u64::from(job.meta.spans));
                 self.settle(&job);
-                if job.meta.is_final {
-                    self.remember_seq(job.call.clone(), job.meta.seq + 1);
+                // Never lower: late batches may already have taken numbers above the final's.
+                let next = job.meta.seq + 1;
+                if job.meta.is_final && self.ended_seqs.get(&job.call).is_none_or(|s| *s < next) {
+                    self.remember_seq(job.call.clone(), next);
                 }
                 self.close_open(&job);
             }
@@ -1638,4 +1674,77 @@ impl Worker {
 enum DropWhy {
     BufferFull,
     SpoolFull,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use std::time::UNIX_EPOCH;
+
+    fn worker() -> (Worker, Ends) {
+        let cfg = Arc::new(
+            Config::builder()
+                .without_env()
+                .endpoint("http://127.0.0.1:9/")
+                .build()
+                .unwrap(),
+        );
+        let stats = Arc::new(Counters::default());
+        let transport = Transport::new(&cfg, stats.clone()).unwrap();
+        Worker::new(Arc::new(Registry::new(cfg, stats)), transport, None)
+    }
+
+    fn span(id: u64) -> SpanData {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000);
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(7u128),
+                SpanId::from(id),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: SpanId::from(1),
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "llm_request".into(),
+            start_time: t0,
+            end_time: t0 + Duration::from_millis(id),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    /// `buffered_bytes` counts the spans of open per-call batches (each span's bytes plus one
+    /// for its separator); sending one call's batch must take off exactly what it added.
+    #[test]
+    fn buffered_bytes_stay_equal_to_the_open_batches() {
+        let (mut w, _ends) = worker();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        w.on_span(&a, false, false, &span(2), Operation::Llm);
+        for i in 0..10 {
+            w.on_span(&b, false, false, &span(3 + i), Operation::Llm);
+        }
+        w.flush_buffer(&b);
+        let open: usize = w
+            .buffers
+            .values()
+            .filter(|b| !b.buf.list.is_empty())
+            .map(|b| b.buf.list.bytes.len() + 1)
+            .sum();
+        assert!(open > 0);
+        assert_eq!(
+            w.buffered_bytes, open,
+            "call a's open batch is under-counted"
+        );
+    }
 }

@@ -783,3 +783,167 @@ fn a_configured_root_name_ends_its_call_under_a_parent() {
     process_cx.span().end();
     provider.shutdown().unwrap();
 }
+
+/// No two acknowledged detail batches share an idempotency key (a call's batch number used
+/// twice: the receiver would drop the second as a duplicate).
+fn assert_no_batch_number_reused(rx: &Receiver) {
+    let details = rx.details();
+    let mut seen = HashSet::new();
+    let repeated: Vec<String> = details
+        .iter()
+        .filter_map(|r| r.idempotency_key.clone())
+        .filter(|k| !seen.insert(k.clone()))
+        .collect();
+    let batches: Vec<_> = details
+        .iter()
+        .map(|r| (&r.idempotency_key, &r.json["late"], &r.json["final"]))
+        .collect();
+    assert!(repeated.is_empty(), "{repeated:?} reused in {batches:#?}");
+}
+
+/// A late batch goes out while the call's final is still held (its core not yet answered);
+/// the final's acknowledgement must not move the call's batch counter back under the late
+/// batch's number, or the next late batch reuses it (the receiver drops it as a duplicate).
+#[test]
+fn a_late_batch_number_is_not_reused_after_the_final_is_acknowledged() {
+    use std::sync::Mutex;
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, go_rx) = (Mutex::new(seen_tx), Mutex::new(go_rx));
+    let rx = Receiver::scripted(move |_, body, _| {
+        if body.get("update_type").is_none() {
+            // The core: say it arrived, then answer only when the test says so.
+            let _ = seen_tx.lock().unwrap().send(());
+            // (block_in_place: the receiver's other tasks move to its other thread meanwhile)
+            tokio::task::block_in_place(|| {
+                let _ = go_rx.lock().unwrap().recv_timeout(WAIT);
+            });
+        }
+        Reply::ok()
+    });
+    let (provider, stats) = setup(&rx, |b| {
+        b.batch_timeout(Duration::from_millis(20))
+            .timeout(Duration::from_secs(30))
+    });
+    let tracer = provider.tracer("late-seq");
+    let cx = open_call(&tracer, "late-seq-1", 2);
+    cx.span().end();
+    // The core was dispatched: the call is finished (final held) before any later span is read.
+    seen_rx.recv_timeout(WAIT).unwrap();
+    tracer.start_with_context("llm_request", &cx).end();
+    assert!(
+        rx.wait_for(WAIT, |r| r.iter().any(|r| !r.is_core()
+            && r.call_id() == "late-seq-1"
+            && r.json["late"] == true)),
+        "the late batch never arrived"
+    );
+    go_tx.send(()).unwrap();
+    provider.force_flush().unwrap();
+    tracer.start_with_context("tts_request", &cx).end();
+    provider.force_flush().unwrap();
+    let s = stats.snapshot();
+    assert_eq!(s.late_spans, 2);
+    assert_no_batch_number_reused(&rx);
+    provider.shutdown().unwrap();
+}
+
+/// A trace without a call id (a provisional call) names, in baggage, a call that already
+/// ended: nothing is folded (the provisional call lives on), so the worker must not redirect
+/// it (it did: the ended call got a fresh buffer numbered from 0, its final's number, and the
+/// provisional call's final reused the number of its first batch).
+#[test]
+fn a_provisional_call_naming_an_ended_call_reuses_no_batch_number() {
+    use opentelemetry::baggage::BaggageExt;
+    let rx = Receiver::start();
+    let (provider, stats) = setup(&rx, |b| b.batch_timeout(Duration::from_secs(3600)));
+    let tracer = provider.tracer("join-ended");
+    let cx = open_call(&tracer, "ended-1", 2);
+    cx.span().end();
+    provider.force_flush().unwrap();
+    // Another trace, no call id yet: a provisional call; the flush sends its span.
+    let root = tracer.start("agent_session");
+    let trace_key = format!("{:032x}", root.span_context().trace_id());
+    let pcx = Context::new().with_span(root);
+    tracer.start_with_context("stt", &pcx).end();
+    provider.force_flush().unwrap();
+    // A span starts with the ended call's id in baggage, and ends: a late span of "ended-1".
+    let with_id = pcx.with_baggage(vec![KeyValue::new("call_id", "ended-1")]);
+    let mut s = tracer.start_with_context("tts_request", &with_id);
+    provider.force_flush().unwrap();
+    s.end();
+    provider.force_flush().unwrap();
+    // The provisional call ends by itself (shutdown) with its own spans.
+    provider.shutdown().unwrap();
+    let st = stats.snapshot();
+    assert_eq!(st.late_spans, 1, "{st:?}");
+    assert_eq!(st.spans_dropped(), 0);
+    assert_no_batch_number_reused(&rx);
+    assert_eq!(detail_span_ids(&rx.details(), "ended-1").len(), 4);
+    let prov_core = rx
+        .core_of(&trace_key)
+        .expect("the provisional call's summary");
+    assert_eq!(
+        detail_span_ids(&rx.details(), &trace_key).len() as u64,
+        prov_core["telemetry_summary"]["total_spans"]
+            .as_u64()
+            .unwrap()
+    );
+}
+
+/// A processor dropped without `shutdown` (never registered with a provider, or leaked out of
+/// one) has its worker deliver what it can "briefly": 5 s, then what is undelivered is counted.
+/// The closed control channel must not win every turn of the worker's loop (the tick that
+/// enforces the deadline is then never taken: it spins, retrying, far past the 5 s).
+#[test]
+fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks, SpanProcessor};
+    // The receiver never takes anything: the summary is retried until the worker gives up.
+    let rx = Receiver::scripted(|_, _, _| Reply::status(503));
+    support::init_logs();
+    let p = CallSpanProcessor::builder()
+        .without_env()
+        .endpoint(rx.url())
+        .agent_id("test-agent")
+        .retry_max_elapsed(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let stats = p.stats_handle();
+    let t0 = t0(1);
+    p.on_end(SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(0xd0u128),
+            SpanId::from(1),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        ),
+        parent_span_id: SpanId::INVALID,
+        parent_span_is_remote: false,
+        span_kind: SpanKind::Internal,
+        name: "agent_session".into(),
+        start_time: t0,
+        end_time: t0 + Duration::from_secs(1),
+        attributes: vec![KeyValue::new("call_id", "dropped-1")],
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: Default::default(),
+    });
+    assert!(
+        rx.wait_for(WAIT, |r| !r.is_empty()),
+        "the summary was never tried"
+    );
+    drop(p);
+    assert!(
+        rx.wait_for(Duration::from_secs(20), |_| stats
+            .snapshot()
+            .summaries_failed
+            == 1),
+        "20 s after the drop the undelivered summary is still not given up: {:?}",
+        stats.snapshot()
+    );
+}
