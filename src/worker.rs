@@ -671,9 +671,6 @@ impl Worker {
             // with a fresh batch number, never reusing one the receiver already stored.
             let ended = self.ended_seqs.get(&key).copied();
             let late = (msg_late || ended.is_some()) && !self.pending.contains_key(&key);
-            if late && !msg_late {
-                Counters::inc(&self.stats.late_spans);
-            }
             let next_seq = if late {
                 ended.unwrap_or_else(|| {
                     self.late_seq = self.late_seq.saturating_add(1);
@@ -688,6 +685,11 @@ impl Worker {
         let Some(b) = self.buffers.get(&key) else {
             return;
         };
+        // Every span found late here, not only the one that opened the late batch (the
+        // registry counted those it found late itself).
+        if b.late && !msg_late {
+            Counters::inc(&self.stats.late_spans);
+        }
         // A span must fit a request; the open batch is also kept to its share of a quarter of
         // CALLSCOPE_MAX_BUFFER_BYTES, so many concurrent calls stream smaller batches instead of
         // filling the memory bound with half-built ones (and forcing drops of queued ones).
@@ -1722,6 +1724,23 @@ mod tests {
             status: Status::Unset,
             instrumentation_scope: Default::default(),
         }
+    }
+
+    /// Spans of a call whose final batch already went out (they raced its end) are late,
+    /// each of them.
+    #[test]
+    fn every_span_found_late_by_the_worker_is_counted() {
+        let (mut w, _ends) = worker();
+        let k: Arc<str> = "over".into();
+        w.ended_seqs.insert(k.clone(), 1);
+        for i in 0..3 {
+            w.on_span(&k, false, false, &span(2 + i), Operation::Llm);
+        }
+        assert!(w.buffers.get(&k).is_some_and(|b| b.late));
+        assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 3);
+        // Spans the registry already found late (and counted) are not counted again.
+        w.on_span(&k, true, false, &span(9), Operation::Llm);
+        assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 3);
     }
 
     /// `buffered_bytes` counts the spans of open per-call batches (each span's bytes plus one
