@@ -589,8 +589,12 @@ impl Worker {
         self.waiter_scan_due = true;
         // A quiet call's packed spans wait at most about a tick before they are batched.
         self.take_chunks(self.tick_ns);
+        // The mark is read after the calls were taken out: a chunk shipped under a call's lock
+        // just before its idle end is then counted in it (as `send_end` does for other ends),
+        // instead of arriving after the call finished, as late detail.
+        let expired = self.reg.expire_idle();
         let mark = self.enqueued.load(Ordering::Acquire);
-        for e in self.reg.expire_idle() {
+        for e in expired {
             tracing::debug!(call_id = %e.state.call_id, "call ended: idle timeout");
             self.on_end(e, mark);
         }
