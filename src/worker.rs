@@ -683,6 +683,8 @@ impl Worker {
             } else {
                 0
             };
+            // A provisional call's span redirected to the call it joined is that call's.
+            let provisional = provisional && key == *call_id;
             let b = self.new_buf(&key, provisional, late, next_seq);
             self.buffers.insert(key.clone(), b);
         }
@@ -1728,6 +1730,20 @@ mod tests {
             status: Status::Unset,
             instrumentation_scope: Default::default(),
         }
+    }
+
+    /// A provisional call's chunk that arrives after its join opens a batch of the real call,
+    /// which streams on the batch timeout like any named call's (a provisional batch waits
+    /// until it is full or its call ends).
+    #[test]
+    fn a_provisional_chunk_after_its_join_opens_a_named_batch() {
+        let (mut w, _ends) = worker();
+        let (p, real): (Arc<str>, Arc<str>) =
+            ("0000000000000000000000000000000a".into(), "real".into());
+        w.on_join(p.clone(), real.clone());
+        w.on_span(&p, false, true, &span(2), Operation::Llm);
+        assert!(!w.buffers.contains_key(&p));
+        assert!(w.buffers.get(&real).is_some_and(|b| !b.provisional));
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
