@@ -159,13 +159,16 @@ pub(crate) fn count_queue_full(stats: &Counters, spans: u64) {
     }
 }
 
+/// A provisional call folded into the call its id named: `(from, to)`.
+pub(crate) type Joined = (Arc<str>, Arc<str>);
+
 /// What a span ended or joined, for the worker's control queue.
 #[derive(Debug, Default)]
 pub(crate) struct Routed {
     /// Calls this span ended (its own at a root span, others by eviction).
     pub ended: Vec<Ended>,
-    /// A provisional call that this span's call id joined: `(from, to)`.
-    pub joined: Option<(Arc<str>, Arc<str>)>,
+    /// A provisional call that this span's call id joined.
+    pub joined: Option<Joined>,
 }
 
 /// A call's packed spans, ready for the worker: its chunk filled up, or the span is late.
@@ -349,34 +352,46 @@ impl Registry {
     /// to a provisional call (no id seen yet) joins the learned call as a span naming it would:
     /// the provisional call is folded into it (returned as `(from, to)` for the worker), or, if
     /// it already ended, the trace's further spans go to the learned call.
-    pub(crate) fn learn(
-        &self,
-        trace: TraceId,
-        id: CallIdValue<'_>,
-    ) -> Option<(Arc<str>, Arc<str>)> {
-        let provisional = match self.traces.get(&trace) {
-            None => None,
+    pub(crate) fn learn(&self, trace: TraceId, id: CallIdValue<'_>) -> Option<Joined> {
+        let known = match self.traces.get(&trace) {
             // Grouped under a real id already: a span naming another call does not move it.
             Some(e) if !is_trace_key(e.value(), trace) => return None,
-            Some(e) => Some(e.value().clone()),
+            e => e.map(|e| e.value().clone()),
         };
         let id = self.cut_call_id(id);
-        match provisional {
-            None => {
-                let key = self.intern(&id);
-                self.map_trace(trace, &key);
-                None
-            }
-            Some(k) if *k == *id => None,
+        self.named(trace, known, &id).1
+    }
+
+    /// The call of a span (or a span's start) naming call `id`, its trace's call so far being
+    /// `known`, and the provisional call that was folded into it, if any (for the worker). A
+    /// trace grouped so far under a provisional call joins the named call, or, if the
+    /// provisional call already ended, sends its further spans there; a trace grouped under
+    /// another real id keeps it.
+    fn named(
+        &self,
+        trace: TraceId,
+        known: Option<Arc<str>>,
+        id: &str,
+    ) -> (Arc<str>, Option<Joined>) {
+        match known {
+            Some(k) if *k == *id => (k, None),
             Some(k) if self.is_provisional(&k) => {
                 // Only a fold is the worker's business: else the provisional call lives on.
-                let (real, folded) = self.join(&k, &id, trace);
-                folded.then_some((k, real))
+                let (real, folded) = self.join(&k, id, trace);
+                let joined = folded.then(|| (k, real.clone()));
+                (real, joined)
             }
-            Some(_) => {
-                let real = self.intern(&id);
-                self.traces.insert(trace, real);
-                None
+            Some(k) if is_trace_key(&k, trace) => {
+                // The trace's provisional call ended (evicted, idle) before its id showed up:
+                // nothing to fold, but the trace's further spans belong to the named call.
+                let real = self.intern(id);
+                self.traces.insert(trace, real.clone());
+                (real, None)
+            }
+            _ => {
+                let k = self.intern(id);
+                self.map_trace(trace, &k);
+                (k, None)
             }
         }
     }
@@ -425,24 +440,9 @@ impl Registry {
         // 1. which call
         let known = self.traces.get(&trace_id).map(|e| e.value().clone());
         let key = match (explicit.as_deref(), known) {
-            (Some(id), Some(k)) if *k == *id => k,
-            (Some(id), Some(k)) if self.is_provisional(&k) => {
-                let (real, folded) = self.join(&k, id, trace_id);
-                if folded {
-                    joined = Some((k, real.clone()));
-                }
-                real
-            }
-            (Some(id), Some(k)) if is_trace_key(&k, trace_id) => {
-                // The trace's provisional call ended (evicted, idle) before its id showed up:
-                // nothing to fold, but the trace's further spans belong to the real call.
-                let real = self.intern(id);
-                self.traces.insert(trace_id, real.clone());
-                real
-            }
-            (Some(id), _) => {
-                let k = self.intern(id);
-                self.map_trace(trace_id, &k);
+            (Some(id), known) => {
+                let (k, j) = self.named(trace_id, known, id);
+                joined = j;
                 k
             }
             (None, Some(k)) => k,
@@ -1084,50 +1084,47 @@ mod tests {
         assert_eq!(&*end.ended[0].state.call_id, "c6");
     }
 
-    #[test]
-    fn a_call_id_learned_after_the_provisional_call_ended_takes_the_rest_of_the_trace() {
+    /// A one-call registry where trace 3's provisional call (no id seen yet) was evicted by
+    /// another trace's call "other".
+    fn trace_3_with_its_provisional_call_evicted() -> (Registry, Seen) {
         let r = registry_with(|b| b.max_open_calls(1));
         let seen = Seen::default();
         seen.record(&r, &span(3, 2, Some(1), None));
-        // Another call takes the only slot: the provisional call is evicted.
-        assert_eq!(
-            seen.record(&r, &span(4, 2, Some(1), Some("other")))
-                .ended
-                .len(),
-            1
-        );
+        let other = seen.record(&r, &span(4, 2, Some(1), Some("other")));
+        assert_eq!(other.ended.len(), 1);
+        assert_eq!(&*other.ended[0].state.call_id, format!("{:032x}", 3u128));
+        (r, seen)
+    }
+
+    /// Trace 3's root ends `call`, which holds `spans` spans, and no span was late.
+    fn trace_3_root_ends(r: &Registry, seen: &Seen, call: &str, spans: u64) {
+        let end = seen.record(r, &span(3, 1, None, None));
+        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+        assert_eq!(end.ended.len(), 1);
+        assert_eq!(&*end.ended[0].state.call_id, call);
+        assert_eq!(total_spans(&end.ended[0]), spans);
+    }
+
+    #[test]
+    fn a_call_id_learned_after_the_provisional_call_ended_takes_the_rest_of_the_trace() {
+        let (r, seen) = trace_3_with_its_provisional_call_evicted();
         assert!(
             r.learn(TraceId::from(3u128), CallIdValue::Str("real"))
                 .is_none(),
             "nothing open to fold"
         );
         seen.record(&r, &span(3, 3, Some(1), None));
-        let end = seen.record(&r, &span(3, 1, None, None));
-        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
-        assert_eq!(end.ended.len(), 1);
-        assert_eq!(&*end.ended[0].state.call_id, "real");
-        assert_eq!(total_spans(&end.ended[0]), 2);
+        trace_3_root_ends(&r, &seen, "real", 2);
     }
 
     #[test]
     fn a_trace_whose_provisional_call_ended_follows_the_call_it_names_later() {
-        let r = registry_with(|b| b.max_open_calls(1));
-        let seen = Seen::default();
-        // Trace 3 starts without an id: a provisional call.
-        seen.record(&r, &span(3, 2, Some(1), None));
-        // Another trace's call takes the only slot: the provisional call is evicted.
-        let other = seen.record(&r, &span(4, 2, Some(1), Some("other")));
-        assert_eq!(other.ended.len(), 1);
-        assert_eq!(&*other.ended[0].state.call_id, format!("{:032x}", 3u128));
+        let (r, seen) = trace_3_with_its_provisional_call_evicted();
         // Trace 3 now names its call, which starts (evicting "other").
         seen.record(&r, &span(3, 3, Some(1), Some("real")));
         // The trace's further spans without the id belong to "real", and its root ends it.
         seen.record(&r, &span(3, 4, Some(1), None));
-        let end = seen.record(&r, &span(3, 1, None, None));
-        assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
-        assert_eq!(end.ended.len(), 1);
-        assert_eq!(&*end.ended[0].state.call_id, "real");
-        assert_eq!(total_spans(&end.ended[0]), 3);
+        trace_3_root_ends(&r, &seen, "real", 3);
         assert_eq!(r.open_calls(), 0);
     }
 

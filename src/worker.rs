@@ -170,7 +170,7 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
         }
         None => (None, crate::spool::Opened::default()),
     };
-    let (mut worker, ends) = Worker::new(registry, transport, spool);
+    let (mut worker, mut handle) = Worker::new(registry, transport, spool);
     worker.replay(replay);
     let concurrent_detail = worker.cfg.max_concurrent_detail;
     let thread = std::thread::Builder::new()
@@ -190,15 +190,8 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
                 Err(e) => tracing::error!(error = %e, "callscope worker could not start its runtime; nothing will be delivered"),
             }
         })?;
-    Ok(Handle {
-        data: ends.data,
-        wake: ends.wake,
-        control: ends.control,
-        enqueued: ends.enqueued,
-        ends_queued: ends.ends_queued,
-        queue_spans: ends.queue_spans,
-        thread: std::sync::Mutex::new(Some(thread)),
-    })
+    handle.thread = std::sync::Mutex::new(Some(thread));
+    Ok(handle)
 }
 
 /// One call's open batch and how its bodies are framed.
@@ -334,20 +327,10 @@ struct Worker {
     scratch: Vec<u8>,
 }
 
-/// The processor's ends of a new worker's queues (see [`Handle`]).
-struct Ends {
-    data: SyncSender<DetailMsg>,
-    wake: Arc<Wake>,
-    control: mpsc::UnboundedSender<Control>,
-    enqueued: Arc<AtomicU64>,
-    ends_queued: Arc<AtomicUsize>,
-    queue_spans: Arc<Budget>,
-}
-
 impl Worker {
-    /// A worker for `registry`'s calls, sending through `transport`, and the processor's ends
-    /// of its queues.
-    fn new(registry: Arc<Registry>, transport: Transport, spool: Option<Spool>) -> (Self, Ends) {
+    /// A worker for `registry`'s calls, sending through `transport`, and the processor's
+    /// handle on it (its thread is set once the worker runs on it).
+    fn new(registry: Arc<Registry>, transport: Transport, spool: Option<Spool>) -> (Self, Handle) {
         let cfg = registry.config.clone();
         let (data_tx, data_rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
         let wake = Arc::new(Wake::new(cfg.queue_size));
@@ -400,15 +383,16 @@ impl Worker {
             spool,
             scratch: Vec::with_capacity(16 * 1024),
         };
-        let ends = Ends {
+        let handle = Handle {
             data: data_tx,
             wake,
             control: ctrl_tx,
             enqueued,
             ends_queued,
             queue_spans,
+            thread: std::sync::Mutex::new(None),
         };
-        (worker, ends)
+        (worker, handle)
     }
 
     async fn run(mut self) {
@@ -1694,7 +1678,7 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
     use std::time::UNIX_EPOCH;
 
-    fn worker() -> (Worker, Ends) {
+    fn worker() -> (Worker, Handle) {
         let cfg = Arc::new(
             Config::builder()
                 .without_env()
@@ -1737,7 +1721,7 @@ mod tests {
     /// until it is full or its call ends).
     #[test]
     fn a_provisional_chunk_after_its_join_opens_a_named_batch() {
-        let (mut w, _ends) = worker();
+        let (mut w, _handle) = worker();
         let (p, real): (Arc<str>, Arc<str>) =
             ("0000000000000000000000000000000a".into(), "real".into());
         w.on_join(p.clone(), real.clone());
@@ -1750,7 +1734,7 @@ mod tests {
     /// each of them.
     #[test]
     fn every_span_found_late_by_the_worker_is_counted() {
-        let (mut w, _ends) = worker();
+        let (mut w, _handle) = worker();
         let k: Arc<str> = "over".into();
         w.ended_seqs.insert(k.clone(), 1);
         for i in 0..3 {
@@ -1767,7 +1751,7 @@ mod tests {
     /// for its separator); sending one call's batch must take off exactly what it added.
     #[test]
     fn buffered_bytes_stay_equal_to_the_open_batches() {
-        let (mut w, _ends) = worker();
+        let (mut w, _handle) = worker();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         w.on_span(&a, false, false, &span(2), Operation::Llm);
         for i in 0..10 {
