@@ -113,11 +113,15 @@ impl Aggregate {
     }
 }
 
-/// Appends one span as a `session_traces` JSON element (the worker's serializer); returns how
-/// many values were shortened to fit `budget`.
-pub fn write_span(out: &mut Vec<u8>, span: &SpanData, budget: usize) -> u64 {
-    let (op, _) = semantics::read_span(&span.name, &span.attributes, default_keys());
-    payload::write_span(out, span, op, budget)
+/// Appends every span of `packed` (see [`pack`]) as `session_traces` JSON elements, as the
+/// worker serialises a chunk; returns how many values were shortened to fit `budget`.
+pub fn write_spans(out: &mut Vec<u8>, packed: &[u8], budget: usize) -> u64 {
+    let mut spans = crate::packed::Unpacker::new(packed);
+    let mut cut = 0;
+    while let Some(Ok(s)) = spans.next_span() {
+        cut += payload::write_span(out, &s, budget);
+    }
+    cut
 }
 
 /// Packs one span as the app thread does into its call's chunk (see `packed`); returns the
@@ -128,11 +132,10 @@ pub fn pack(out: &mut Vec<u8>, span: &SpanData) -> usize {
     crate::packed::pack(out, span, op, dur, usize::MAX)
 }
 
-/// Reads packed spans back as the worker does before serialising them; returns how many.
+/// Reads packed spans back as the worker does before serialising them (no copy: each is a
+/// view of the bytes); returns how many.
 pub fn unpack(bytes: &[u8]) -> usize {
-    crate::packed::Unpacker::new(bytes)
-        .filter(|s| s.is_ok())
-        .count()
+    crate::packed::Unpacker::new(bytes).count()
 }
 
 /// The per-call byte-capped batcher: push serialized spans, get full batches back.

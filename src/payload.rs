@@ -5,12 +5,11 @@
 
 use std::time::SystemTime;
 
-use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId};
-use opentelemetry::{Array, KeyValue, Value};
-use opentelemetry_sdk::trace::SpanData;
+use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use serde::Serialize;
 
 use crate::call::{CallState, TurnRecord, ms, truncate_str};
+use crate::packed::{AttrRef, SpanRef, StatusRef, ValueRef};
 use crate::semantics::Operation;
 
 /// Schema version carried by every body.
@@ -120,10 +119,19 @@ fn push_capped_str(out: &mut Vec<u8>, s: &str, cap: usize, cut: &mut u64) {
     }
 }
 
+/// Items of eight little-endian bytes.
+fn words(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    b.chunks_exact(8).map(|w| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        u64::from_le_bytes(a)
+    })
+}
+
 /// A JSON array of `items`, each written by `each`.
-fn seq<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
+fn seq<I: IntoIterator>(out: &mut Vec<u8>, items: I, mut each: impl FnMut(&mut Vec<u8>, I::Item)) {
     out.push(b'[');
-    for (i, x) in items.iter().enumerate() {
+    for (i, x) in items.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -132,38 +140,39 @@ fn seq<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)
     out.push(b']');
 }
 
-fn push_value(out: &mut Vec<u8>, v: &Value, cap: usize, cut: &mut u64) {
-    match v {
-        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::I64(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-        Value::F64(f) => push_f64(out, *f),
-        Value::String(s) => push_capped_str(out, s.as_str(), cap, cut),
-        Value::Array(Array::Bool(a)) => seq(out, a, |o, b| {
-            o.extend_from_slice(if *b { b"true" } else { b"false" })
-        }),
-        Value::Array(Array::I64(a)) => seq(out, a, |o, i| {
-            o.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes())
-        }),
-        Value::Array(Array::F64(a)) => seq(out, a, |o, f| push_f64(o, *f)),
-        Value::Array(Array::String(a)) => {
-            seq(out, a, |o, s| push_capped_str(o, s.as_str(), cap, cut))
-        }
-        other => push_str(out, &other.to_string()),
+fn push_i64(out: &mut Vec<u8>, i: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+}
+
+fn push_bool(out: &mut Vec<u8>, b: bool) {
+    out.extend_from_slice(if b { b"true" } else { b"false" });
+}
+
+fn push_value(out: &mut Vec<u8>, v: &ValueRef<'_>, cap: usize, cut: &mut u64) {
+    match *v {
+        ValueRef::Bool(b) => push_bool(out, b),
+        ValueRef::I64(i) => push_i64(out, i),
+        ValueRef::F64(f) => push_f64(out, f),
+        ValueRef::Str(s) => push_capped_str(out, s, cap, cut),
+        ValueRef::Bools(a) => seq(out, a.iter(), |o, b| push_bool(o, *b != 0)),
+        ValueRef::I64s(a) => seq(out, words(a), |o, w| push_i64(o, w as i64)),
+        ValueRef::F64s(a) => seq(out, words(a), |o, w| push_f64(o, f64::from_bits(w))),
+        ValueRef::Strs(a) => seq(out, a, |o, s| push_capped_str(o, s, cap, cut)),
     }
 }
 
 fn push_attrs(
     out: &mut Vec<u8>,
-    attrs: &[KeyValue],
+    attrs: &[AttrRef<'_>],
     cap: usize,
     cut: &mut u64,
     extra: Option<(&str, u64)>,
 ) {
     out.push(b'{');
     let mut first = true;
-    for kv in attrs {
-        push_key(out, &mut first, kv.key.as_str());
-        push_value(out, &kv.value, cap, cut);
+    for a in attrs {
+        push_key(out, &mut first, a.key);
+        push_value(out, &a.value, cap, cut);
     }
     if let Some((k, n)) = extra {
         push_key(out, &mut first, k);
@@ -191,23 +200,14 @@ fn hex_span(s: SpanId) -> String {
 }
 
 /// Lengths of every string value in a span (attributes, events, links), for sizing.
-fn string_lengths(span: &SpanData) -> Vec<usize> {
-    fn of(attrs: &[KeyValue], out: &mut Vec<usize>) {
-        for kv in attrs {
-            match &kv.value {
-                Value::String(s) => out.push(s.as_str().len()),
-                Value::Array(Array::String(a)) => out.extend(a.iter().map(|s| s.as_str().len())),
-                _ => {}
-            }
-        }
-    }
+fn string_lengths(span: &SpanRef<'_, '_>) -> Vec<usize> {
     let mut v = Vec::new();
-    of(&span.attributes, &mut v);
-    for e in span.events.iter() {
-        of(&e.attributes, &mut v);
-    }
-    for l in span.links.iter() {
-        of(&l.attributes, &mut v);
+    for a in span.all_attrs() {
+        match a.value {
+            ValueRef::Str(s) => v.push(s.len()),
+            ValueRef::Strs(items) => v.extend(items.map(str::len)),
+            _ => {}
+        }
     }
     v
 }
@@ -238,10 +238,10 @@ fn value_cap(mut lens: Vec<usize>, budget: usize) -> usize {
 
 /// Writes one span as a `session_traces` element, shortening the largest string values
 /// when the span would not fit `budget` bytes. Returns how many values were shortened.
-pub(crate) fn write_span(out: &mut Vec<u8>, span: &SpanData, op: Operation, budget: usize) -> u64 {
+pub(crate) fn write_span(out: &mut Vec<u8>, span: &SpanRef<'_, '_>, budget: usize) -> u64 {
     let start = out.len();
     let mut cut = 0;
-    write_span_capped(out, span, op, usize::MAX, &mut cut);
+    write_span_capped(out, span, usize::MAX, &mut cut);
     if out.len() - start <= budget {
         return 0;
     }
@@ -251,19 +251,18 @@ pub(crate) fn write_span(out: &mut Vec<u8>, span: &SpanData, op: Operation, budg
     let cap = value_cap(string_lengths(span), budget.saturating_sub(fixed + 64));
     out.truncate(start);
     cut = 0;
-    write_span_capped(out, span, op, cap, &mut cut);
+    write_span_capped(out, span, cap, &mut cut);
     cut
 }
 
-fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usize, cut: &mut u64) {
-    let ctx = &span.span_context;
-    let name = truncate_str(&span.name, cap.max(crate::call::MAX_NAME_BYTES));
+fn write_span_capped(out: &mut Vec<u8>, span: &SpanRef<'_, '_>, cap: usize, cut: &mut u64) {
+    let name = truncate_str(span.name, cap.max(crate::call::MAX_NAME_BYTES));
     out.push(b'{');
     let mut f = true;
     push_key(out, &mut f, "trace_id");
-    push_trace_id(out, ctx.trace_id());
+    push_trace_id(out, span.trace_id);
     push_key(out, &mut f, "span_id");
-    push_span_id(out, ctx.span_id());
+    push_span_id(out, span.span_id);
     push_key(out, &mut f, "parent_span_id");
     if span.parent_span_id == SpanId::INVALID {
         out.extend_from_slice(b"null");
@@ -273,26 +272,23 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
     push_key(out, &mut f, "name");
     push_str(out, name);
     push_key(out, &mut f, "operation");
-    push_str(out, op.as_str());
+    push_str(out, span.op.as_str());
     push_key(out, &mut f, "kind");
-    push_str(out, kind_str(&span.span_kind));
+    push_str(out, kind_str(&span.kind));
     push_key(out, &mut f, "start_time");
-    push_time(out, span.start_time);
+    push_time(out, span.start);
     push_key(out, &mut f, "end_time");
-    push_time(out, span.end_time);
+    push_time(out, span.end);
     push_key(out, &mut f, "duration_ms");
     push_f64(
         out,
-        ms(span
-            .end_time
-            .duration_since(span.start_time)
-            .unwrap_or_default()),
+        ms(span.end.duration_since(span.start).unwrap_or_default()),
     );
     push_key(out, &mut f, "status");
-    match &span.status {
-        Status::Unset => out.extend_from_slice(br#"{"code":"unset"}"#),
-        Status::Ok => out.extend_from_slice(br#"{"code":"ok"}"#),
-        Status::Error { description } => {
+    match span.status {
+        StatusRef::Unset => out.extend_from_slice(br#"{"code":"unset"}"#),
+        StatusRef::Ok => out.extend_from_slice(br#"{"code":"ok"}"#),
+        StatusRef::Error(description) => {
             out.extend_from_slice(br#"{"code":"error","message":"#);
             push_capped_str(out, description, cap, cut);
             out.push(b'}');
@@ -301,44 +297,42 @@ fn write_span_capped(out: &mut Vec<u8>, span: &SpanData, op: Operation, cap: usi
     push_key(out, &mut f, "attributes");
     // When cutting, the span says how many of its attribute values were shortened.
     let marker = (cap != usize::MAX)
-        .then(|| ("callscope.truncated_values", again_count(span, cap)))
+        .then(|| ("callscope.truncated_values", again_count(span.attrs(), cap)))
         .filter(|(_, n)| *n > 0);
-    push_attrs(out, &span.attributes, cap, cut, marker);
+    push_attrs(out, span.attrs(), cap, cut, marker);
     push_key(out, &mut f, "events");
-    seq(out, &span.events, |out, e| {
+    seq(out, span.events, |out, e| {
         out.extend_from_slice(br#"{"name":"#);
         push_str(
             out,
-            truncate_str(&e.name, cap.max(crate::call::MAX_NAME_BYTES)),
+            truncate_str(e.name, cap.max(crate::call::MAX_NAME_BYTES)),
         );
         out.extend_from_slice(br#","time":"#);
-        push_time(out, e.timestamp);
+        push_time(out, e.time);
         out.extend_from_slice(br#","attributes":"#);
-        push_attrs(out, &e.attributes, cap, cut, None);
+        push_attrs(out, span.attrs_of(&e.attrs), cap, cut, None);
         out.push(b'}');
     });
     push_key(out, &mut f, "links");
-    seq(out, &span.links, |out, l| {
+    seq(out, span.links, |out, l| {
         out.extend_from_slice(br#"{"trace_id":"#);
-        push_trace_id(out, l.span_context.trace_id());
+        push_trace_id(out, l.trace_id);
         out.extend_from_slice(br#","span_id":"#);
-        push_span_id(out, l.span_context.span_id());
+        push_span_id(out, l.span_id);
         out.extend_from_slice(br#","attributes":"#);
-        push_attrs(out, &l.attributes, cap, cut, None);
+        push_attrs(out, span.attrs_of(&l.attrs), cap, cut, None);
         out.push(b'}');
     });
     out.push(b'}');
 }
 
-/// How many attribute values of the span exceed `cap` (the span-level truncation marker).
-fn again_count(span: &SpanData, cap: usize) -> u64 {
+/// How many attribute values exceed `cap` (the span-level truncation marker).
+fn again_count(attrs: &[AttrRef<'_>], cap: usize) -> u64 {
     let mut n = 0u64;
-    for kv in &span.attributes {
-        match &kv.value {
-            Value::String(s) if s.as_str().len() > cap => n += 1,
-            Value::Array(Array::String(a)) => {
-                n += a.iter().filter(|s| s.as_str().len() > cap).count() as u64
-            }
+    for a in attrs {
+        match a.value {
+            ValueRef::Str(s) if s.len() > cap => n += 1,
+            ValueRef::Strs(items) => n += items.filter(|s| s.len() > cap).count() as u64,
             _ => {}
         }
     }

@@ -22,17 +22,15 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use opentelemetry_sdk::trace::SpanData;
 use tokio::sync::mpsc;
 use tokio::task::{Id, JoinSet};
 
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::Turns;
 use crate::config::{Config, DetailMode};
-use crate::packed::{Budget, Chunk};
+use crate::packed::{Budget, Chunk, SpanRef};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
-use crate::semantics::Operation;
 use crate::spool::{Meta, RecId, Spool};
 use crate::stats::Counters;
 use crate::transport::{Delivery, Lane, Transport};
@@ -622,11 +620,12 @@ impl Worker {
             return;
         }
         let mut read = 0;
-        for s in chunk.unpack() {
+        let mut spans = chunk.unpack();
+        while let Some(s) = spans.next_span() {
             match s {
-                Ok((span, op)) => {
+                Ok(span) => {
                     read += 1;
-                    self.on_span(call_id, late, provisional, &span, op);
+                    self.on_span(call_id, late, provisional, &span);
                 }
                 Err(()) => {
                     // Only a bug in `packed` gets here; the chunk's other spans are lost.
@@ -645,8 +644,7 @@ impl Worker {
         call_id: &Arc<str>,
         msg_late: bool,
         provisional: bool,
-        span: &SpanData,
-        op: Operation,
+        span: &SpanRef<'_, '_>,
     ) {
         let key = self
             .redirects
@@ -688,7 +686,7 @@ impl Worker {
             (self.cfg.max_buffer_bytes / 4 / self.buffers.len().max(1)).max(MIN_OPEN_BATCH_BYTES);
         let open_cap = budget.min(share);
         self.scratch.clear();
-        let cut = payload::write_span(&mut self.scratch, span, op, budget);
+        let cut = payload::write_span(&mut self.scratch, span, budget);
         if cut > 0 {
             Counters::add(&self.stats.attributes_truncated, cut);
             tracing::warn!(call_id = %key, span = %span.name, values = cut,
@@ -1672,9 +1670,11 @@ enum DropWhy {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::semantics::Operation;
     use opentelemetry::trace::{
         SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
     };
+    use opentelemetry_sdk::trace::SpanData;
     use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
     use std::time::UNIX_EPOCH;
 
@@ -1716,6 +1716,17 @@ mod tests {
         }
     }
 
+    /// Hands the worker `span(id)` as it arrives: packed by an app thread, read back.
+    fn feed(w: &mut Worker, call: &Arc<str>, late: bool, provisional: bool, id: u64) {
+        let s = span(id);
+        let mut bytes = Vec::new();
+        let dur = crate::call::span_duration(s.start_time, s.end_time);
+        crate::packed::pack(&mut bytes, &s, Operation::Llm, dur, usize::MAX);
+        let mut spans = crate::packed::Unpacker::new(&bytes);
+        let one = spans.next_span().unwrap().unwrap();
+        w.on_span(call, late, provisional, &one);
+    }
+
     /// A provisional call's chunk that arrives after its join opens a batch of the real call,
     /// which streams on the batch timeout like any named call's (a provisional batch waits
     /// until it is full or its call ends).
@@ -1725,7 +1736,7 @@ mod tests {
         let (p, real): (Arc<str>, Arc<str>) =
             ("0000000000000000000000000000000a".into(), "real".into());
         w.on_join(p.clone(), real.clone());
-        w.on_span(&p, false, true, &span(2), Operation::Llm);
+        feed(&mut w, &p, false, true, 2);
         assert!(!w.buffers.contains_key(&p));
         assert!(w.buffers.get(&real).is_some_and(|b| !b.provisional));
     }
@@ -1738,12 +1749,12 @@ mod tests {
         let k: Arc<str> = "over".into();
         w.ended_seqs.insert(k.clone(), 1);
         for i in 0..3 {
-            w.on_span(&k, false, false, &span(2 + i), Operation::Llm);
+            feed(&mut w, &k, false, false, 2 + i);
         }
         assert!(w.buffers.get(&k).is_some_and(|b| b.late));
         assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 3);
         // Spans the registry already found late (and counted) are not counted again.
-        w.on_span(&k, true, false, &span(9), Operation::Llm);
+        feed(&mut w, &k, true, false, 9);
         assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 3);
     }
 
@@ -1753,9 +1764,9 @@ mod tests {
     fn buffered_bytes_stay_equal_to_the_open_batches() {
         let (mut w, _handle) = worker();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        w.on_span(&a, false, false, &span(2), Operation::Llm);
+        feed(&mut w, &a, false, false, 2);
         for i in 0..10 {
-            w.on_span(&b, false, false, &span(3 + i), Operation::Llm);
+            feed(&mut w, &b, false, false, 3 + i);
         }
         w.flush_buffer(&b);
         let open: usize = w
