@@ -14,7 +14,7 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use std::sync::mpsc::TrySendError;
 
 use crate::config::{Compression, Config, ConfigBuilder, ConfigError, DetailMode};
-use crate::registry::{EndReason, Ended, Registry, Routed, Shipment, count_queue_full};
+use crate::registry::{EndReason, Ended, Outbox, Registry, Routed, Shipment, count_queue_full};
 use crate::semantics::{self, CallIdValue};
 use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
@@ -140,11 +140,7 @@ impl StatsHandle {
     }
 }
 
-impl Active {
-    fn send_control(&self, c: Control) -> bool {
-        self.worker.control.send(c).is_ok()
-    }
-
+impl Outbox for Active {
     /// Hands a full chunk of a call's packed spans to the worker. Called under the call's
     /// lock (see [`Registry::record`]): never blocks.
     fn ship(&self, s: Shipment) {
@@ -177,10 +173,19 @@ impl Active {
         }
     }
 
+    /// Tells the worker of a fold; called under the registry's lifecycle lock (never blocks:
+    /// the control channel is unbounded, and a provisional call is folded at most once).
+    fn joined(&self, from: Arc<str>, to: Arc<str>) {
+        self.send_control(Control::Join { from, to });
+    }
+}
+
+impl Active {
+    fn send_control(&self, c: Control) -> bool {
+        self.worker.control.send(c).is_ok()
+    }
+
     fn send_ends(&self, ends: Routed) {
-        if let Some((from, to)) = ends.joined {
-            self.send_control(Control::Join { from, to });
-        }
         for e in ends.ended {
             self.send_end(e);
         }
@@ -246,9 +251,7 @@ impl SpanProcessor for CallSpanProcessor {
         if !baggage.is_empty()
             && let Some(v) = keys.as_slice().iter().find_map(|k| baggage.get(k.as_str()))
         {
-            if let Some((from, to)) = a.reg.learn(trace, CallIdValue::Str(v.as_str())) {
-                a.send_control(Control::Join { from, to });
-            }
+            a.reg.learn(trace, CallIdValue::Str(v.as_str()), a);
             return;
         }
         // A root span's start attributes are few: reading them now lets children, which end
@@ -257,9 +260,8 @@ impl SpanProcessor for CallSpanProcessor {
         if !has_parent
             && let Some(data) = span.exported_data()
             && let Some(id) = semantics::find_call_id(&data.attributes, keys)
-            && let Some((from, to)) = a.reg.learn(trace, id)
         {
-            a.send_control(Control::Join { from, to });
+            a.reg.learn(trace, id, a);
         }
     }
 
@@ -270,7 +272,7 @@ impl SpanProcessor for CallSpanProcessor {
             return;
         }
         a.reg.stats.seen.inc();
-        let routed = a.reg.record(&span, a.reg.coarse_now_ns(), &|s| a.ship(s));
+        let routed = a.reg.record(&span, a.reg.coarse_now_ns(), a);
         // The span's memory is freed here, on the thread that allocated it: its detail is
         // packed in its call's chunk (see `packed`).
         drop(span);

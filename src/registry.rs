@@ -159,16 +159,29 @@ pub(crate) fn count_queue_full(stats: &Counters, spans: u64) {
     }
 }
 
-/// A provisional call folded into the call its id named: `(from, to)`.
-pub(crate) type Joined = (Arc<str>, Arc<str>);
-
-/// What a span ended or joined, for the worker's control queue.
+/// What a span ended, for the worker's control queue.
 #[derive(Debug, Default)]
 pub(crate) struct Routed {
     /// Calls this span ended (its own at a root span, others by eviction).
     pub ended: Vec<Ended>,
-    /// A provisional call that this span's call id joined.
-    pub joined: Option<Joined>,
+}
+
+/// Where the registry hands the worker what it must know while the lock that orders it is
+/// still held: the worker then learns of it before any end of the call concerned, whichever
+/// thread sends that end.
+pub(crate) trait Outbox {
+    /// A call's full chunk of packed spans (or a late span's), under the call's lock.
+    fn ship(&self, s: Shipment);
+    /// Provisional call `from` was folded into `to`, under the lifecycle lock.
+    fn joined(&self, from: Arc<str>, to: Arc<str>);
+}
+
+/// An [`Outbox`] that lets everything go (benchmarks of the registry alone).
+pub(crate) struct Discard;
+
+impl Outbox for Discard {
+    fn ship(&self, _: Shipment) {}
+    fn joined(&self, _: Arc<str>, _: Arc<str>) {}
 }
 
 /// A call's packed spans, ready for the worker: its chunk filled up, or the span is late.
@@ -350,48 +363,43 @@ impl Registry {
     /// `on_start`: learn the call id of a trace early, from the parent context's baggage or
     /// (for a root span) from the attributes it starts with. A trace whose spans so far went
     /// to a provisional call (no id seen yet) joins the learned call as a span naming it would:
-    /// the provisional call is folded into it (returned as `(from, to)` for the worker), or, if
-    /// it already ended, the trace's further spans go to the learned call.
-    pub(crate) fn learn(&self, trace: TraceId, id: CallIdValue<'_>) -> Option<Joined> {
+    /// the provisional call is folded into it (told to `out`), or, if it already ended, the
+    /// trace's further spans go to the learned call.
+    pub(crate) fn learn(&self, trace: TraceId, id: CallIdValue<'_>, out: &dyn Outbox) {
         let known = match self.traces.get(&trace) {
             // Grouped under a real id already: a span naming another call does not move it.
-            Some(e) if !is_trace_key(e.value(), trace) => return None,
+            Some(e) if !is_trace_key(e.value(), trace) => return,
             e => e.map(|e| e.value().clone()),
         };
         let id = self.cut_call_id(id);
-        self.named(trace, known, &id).1
+        self.named(trace, known, &id, out);
     }
 
     /// The call of a span (or a span's start) naming call `id`, its trace's call so far being
-    /// `known`, and the provisional call that was folded into it, if any (for the worker). A
-    /// trace grouped so far under a provisional call joins the named call, or, if the
-    /// provisional call already ended, sends its further spans there; a trace grouped under
-    /// another real id keeps it.
+    /// `known`. A trace grouped so far under a provisional call joins the named call (a fold
+    /// is told to `out`), or, if the provisional call already ended, sends its further spans
+    /// there; a trace grouped under another real id keeps it.
     fn named(
         &self,
         trace: TraceId,
         known: Option<Arc<str>>,
         id: &str,
-    ) -> (Arc<str>, Option<Joined>) {
+        out: &dyn Outbox,
+    ) -> Arc<str> {
         match known {
-            Some(k) if *k == *id => (k, None),
-            Some(k) if self.is_provisional(&k) => {
-                // Only a fold is the worker's business: else the provisional call lives on.
-                let (real, folded) = self.join(&k, id, trace);
-                let joined = folded.then(|| (k, real.clone()));
-                (real, joined)
-            }
+            Some(k) if *k == *id => k,
+            Some(k) if self.is_provisional(&k) => self.join(&k, id, trace, out),
             Some(k) if is_trace_key(&k, trace) => {
                 // The trace's provisional call ended (evicted, idle) before its id showed up:
                 // nothing to fold, but the trace's further spans belong to the named call.
                 let real = self.intern(id);
                 self.traces.insert(trace, real.clone());
-                (real, None)
+                real
             }
             _ => {
                 let k = self.intern(id);
                 self.map_trace(trace, &k);
-                (k, None)
+                k
             }
         }
     }
@@ -402,7 +410,7 @@ impl Registry {
     /// that an end of the call recorded by another thread is counted after it (the worker
     /// finishes a call once everything queued before its end is in: a shipment counted after
     /// the end would arrive as late detail).
-    pub(crate) fn record(&self, span: &SpanData, now: u64, ship: &dyn Fn(Shipment)) -> Routed {
+    pub(crate) fn record(&self, span: &SpanData, now: u64, out: &dyn Outbox) -> Routed {
         let view = SpanView::read(span, &self.id_keys);
         let (op, dur, trace_id) = (view.op, view.dur, view.trace_id);
         let explicit = view.facts.call_id.map(|c| self.cut_call_id(c));
@@ -415,7 +423,7 @@ impl Registry {
         let update = |key: &Arc<str>, c: &mut CallState| {
             let cut = c.record(&view, now);
             if detail && let Some(chunk) = self.pack(&mut c.chunk, span, op, dur, now, false) {
-                ship(Shipment {
+                out.ship(Shipment {
                     call_id: key.clone(),
                     chunk,
                     late: false,
@@ -435,16 +443,11 @@ impl Registry {
         let mut provisional = false;
         let mut late = false;
         let mut ended = Vec::new();
-        let mut joined = None;
 
         // 1. which call
         let known = self.traces.get(&trace_id).map(|e| e.value().clone());
         let key = match (explicit.as_deref(), known) {
-            (Some(id), known) => {
-                let (k, j) = self.named(trace_id, known, id);
-                joined = j;
-                k
-            }
+            (Some(id), known) => self.named(trace_id, known, id, out),
             (None, Some(k)) => k,
             (None, None) => {
                 let k: Arc<str> = Arc::from(format!("{trace_id:032x}"));
@@ -470,7 +473,7 @@ impl Registry {
                     // A late span travels on its own.
                     let mut one = None;
                     if let Some(chunk) = self.pack(&mut one, span, op, dur, now, true).or(one) {
-                        ship(Shipment {
+                        out.ship(Shipment {
                             call_id: key.clone(),
                             chunk,
                             late: true,
@@ -499,7 +502,7 @@ impl Registry {
         if is_root && !late {
             ended.extend(self.end(&key, EndReason::RootSpanEnded));
         }
-        Routed { ended, joined }
+        Routed { ended }
     }
 
     /// Records the span through this thread's cache: `Some(texts cut)` when the trace's call was
@@ -658,10 +661,12 @@ impl Registry {
     }
 
     /// The call id `id` showed up on a trace whose spans so far sit in provisional call `prov`:
-    /// fold it into the real call and point the trace at it. The real call's key, and whether
-    /// the provisional call was folded into it (not when the real call is over, or the
-    /// provisional one ended meanwhile: it then keeps its spans under its own key).
-    fn join(&self, prov: &Arc<str>, id: &str, trace: TraceId) -> (Arc<str>, bool) {
+    /// fold it into the real call and point the trace at it. The real call's key. A fold is
+    /// told to `out` under the lifecycle lock, so the worker learns of it before any end of
+    /// the real call (none is taken before the lock is let go). Nothing is folded when the
+    /// real call is over, or the provisional one ended meanwhile: it then keeps its spans
+    /// under its own key.
+    fn join(&self, prov: &Arc<str>, id: &str, trace: TraceId, out: &dyn Outbox) -> Arc<str> {
         let mut lc = lock(&self.lifecycle);
         let real = self.intern(id);
         self.traces.insert(trace, real.clone());
@@ -676,13 +681,13 @@ impl Registry {
             {
                 self.calls.insert(prov.clone(), Call::new(st, old.seq));
             }
-            return (real, false);
+            return real;
         }
         let Some((_, prov_call)) = self.calls.remove_if(prov, |_, c| c.provisional) else {
-            return (real, false);
+            return real;
         };
         let Some(p) = prov_call.take() else {
-            return (real, false);
+            return real;
         };
         self.open.fetch_sub(1, Ordering::Relaxed);
         // Under the lifecycle lock a call in the table is open (its state is taken only when it
@@ -708,7 +713,8 @@ impl Registry {
         };
         Counters::add(&self.stats.text_truncations, cut);
         Counters::inc(&self.stats.calls_joined);
-        (real, true)
+        out.joined(prov.clone(), real.clone());
+        real
     }
 
     /// Keeps the open calls under `max_open_calls` by ending the oldest.
@@ -904,20 +910,36 @@ mod tests {
         }
     }
 
-    /// What the registry handed over: (call id, late) per shipment, and the ended calls.
+    /// What the registry handed over: (call id, late) per shipment, and the folds.
     #[derive(Default)]
     struct Seen {
         shipped: StdMutex<Vec<(String, bool)>>,
+        joined: StdMutex<Vec<(String, String)>>,
+    }
+
+    impl Outbox for Seen {
+        fn ship(&self, sh: Shipment) {
+            self.shipped
+                .lock()
+                .unwrap()
+                .push((sh.call_id.to_string(), sh.late));
+        }
+        fn joined(&self, from: Arc<str>, to: Arc<str>) {
+            self.joined
+                .lock()
+                .unwrap()
+                .push((from.to_string(), to.to_string()));
+        }
     }
 
     impl Seen {
         fn record(&self, r: &Registry, s: &SpanData) -> Routed {
-            r.record(s, r.now_ns(), &|sh: Shipment| {
-                self.shipped
-                    .lock()
-                    .unwrap()
-                    .push((sh.call_id.to_string(), sh.late));
-            })
+            r.record(s, r.now_ns(), self)
+        }
+
+        /// The folds told so far, as `(from, to)`.
+        fn joins(&self) -> Vec<(String, String)> {
+            self.joined.lock().unwrap().clone()
         }
     }
 
@@ -977,12 +999,10 @@ mod tests {
         seen.record(&r, &span(5, 2, Some(1), None));
         seen.record(&r, &span(5, 3, Some(1), None));
         // The id shows up on a later span: the provisional call joins the real one.
-        let joined = seen.record(&r, &span(5, 4, Some(1), Some("real")));
+        seen.record(&r, &span(5, 4, Some(1), Some("real")));
         assert_eq!(
-            joined
-                .joined
-                .map(|(from, to)| (from.to_string(), to.to_string())),
-            Some((format!("{:032x}", 5u128), "real".to_owned()))
+            seen.joins(),
+            [(format!("{:032x}", 5u128), "real".to_owned())]
         );
         // A span without the id, on the thread whose cache held the provisional call.
         seen.record(&r, &span(5, 5, Some(1), None));
@@ -992,6 +1012,36 @@ mod tests {
         assert_eq!(total_spans(&end.ended[0]), 5);
         assert_eq!(r.open_calls(), 0);
         assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+    }
+
+    /// A fold is told to the worker before the lifecycle lock is let go: another thread's
+    /// end of the real call (taken under that lock, sent after it) cannot reach the worker
+    /// before the join, which would finish the real call without the provisional call's
+    /// detail and number that detail from 0 again.
+    #[test]
+    fn a_fold_is_told_while_no_call_can_end() {
+        struct LockCheck<'a> {
+            r: &'a Registry,
+            held: StdMutex<Vec<bool>>,
+        }
+        impl Outbox for LockCheck<'_> {
+            fn ship(&self, _: Shipment) {}
+            fn joined(&self, _: Arc<str>, _: Arc<str>) {
+                let held = self.r.lifecycle.try_lock().is_err();
+                self.held.lock().unwrap().push(held);
+            }
+        }
+        let r = registry();
+        let check = LockCheck {
+            r: &r,
+            held: StdMutex::default(),
+        };
+        // By a span naming the call, and by a call id learned at a span's start.
+        r.record(&span(5, 2, Some(1), None), r.now_ns(), &check);
+        r.record(&span(5, 3, Some(1), Some("real")), r.now_ns(), &check);
+        r.record(&span(6, 2, Some(1), None), r.now_ns(), &check);
+        r.learn(TraceId::from(6u128), CallIdValue::Str("real6"), &check);
+        assert_eq!(*check.held.lock().unwrap(), [true, true]);
     }
 
     #[test]
@@ -1061,10 +1111,12 @@ mod tests {
         // A child ends before any span of its trace carried the id: a provisional call.
         seen.record(&r, &span(5, 2, Some(1), None));
         // A later span starts with the id in its parent context's baggage (on_start).
-        let joined = r.learn(TraceId::from(5u128), CallIdValue::Str("real"));
-        let (from, to) = joined.expect("the provisional call joins the learned id");
-        assert_eq!(&*from, format!("{:032x}", 5u128));
-        assert_eq!(&*to, "real");
+        r.learn(TraceId::from(5u128), CallIdValue::Str("real"), &seen);
+        assert_eq!(
+            seen.joins(),
+            [(format!("{:032x}", 5u128), "real".to_owned())],
+            "the provisional call joins the learned id"
+        );
         // Its end (the id only in baggage, not in its attributes) and the root's go to "real".
         seen.record(&r, &span(5, 3, Some(1), None));
         let end = seen.record(&r, &span(5, 1, None, None));
@@ -1076,10 +1128,8 @@ mod tests {
         assert_eq!(r.open_calls(), 0);
         // A trace already grouped under a real id learns nothing more.
         seen.record(&r, &span(6, 2, Some(1), Some("c6")));
-        assert!(
-            r.learn(TraceId::from(6u128), CallIdValue::Str("other"))
-                .is_none()
-        );
+        r.learn(TraceId::from(6u128), CallIdValue::Str("other"), &seen);
+        assert_eq!(seen.joins().len(), 1);
         let end = seen.record(&r, &span(6, 1, None, None));
         assert_eq!(&*end.ended[0].state.call_id, "c6");
     }
@@ -1108,11 +1158,8 @@ mod tests {
     #[test]
     fn a_call_id_learned_after_the_provisional_call_ended_takes_the_rest_of_the_trace() {
         let (r, seen) = trace_3_with_its_provisional_call_evicted();
-        assert!(
-            r.learn(TraceId::from(3u128), CallIdValue::Str("real"))
-                .is_none(),
-            "nothing open to fold"
-        );
+        r.learn(TraceId::from(3u128), CallIdValue::Str("real"), &seen);
+        assert!(seen.joins().is_empty(), "nothing open to fold");
         seen.record(&r, &span(3, 3, Some(1), None));
         trace_3_root_ends(&r, &seen, "real", 2);
     }
