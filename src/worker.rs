@@ -651,25 +651,8 @@ impl Worker {
             .get(call_id)
             .cloned()
             .unwrap_or_else(|| call_id.clone());
-        if !self.buffers.contains_key(&key) {
-            // A span of a call whose final batch already went out raced its call's end (queued
-            // before the end by another thread, counted after it): it travels as late detail
-            // with a fresh batch number, never reusing one the receiver already stored.
-            let ended = self.ended_seqs.get(&key).copied();
-            let late = (msg_late || ended.is_some()) && !self.pending.contains_key(&key);
-            let next_seq = if late {
-                ended.unwrap_or_else(|| {
-                    self.late_seq = self.late_seq.saturating_add(1);
-                    self.late_seq
-                })
-            } else {
-                0
-            };
-            // A provisional call's span redirected to the call it joined is that call's.
-            let provisional = provisional && key == *call_id;
-            let b = self.new_buf(&key, provisional, late, next_seq);
-            self.buffers.insert(key.clone(), b);
-        }
+        // A provisional call's span redirected to the call it joined is that call's.
+        self.open_buf(&key, msg_late, provisional && key == *call_id);
         let Some(b) = self.buffers.get(&key) else {
             return;
         };
@@ -709,6 +692,28 @@ impl Worker {
                 self.flush_buffer(&key);
             }
         }
+    }
+
+    /// Opens `key`'s batch unless it is open. Spans of a call whose final batch already went
+    /// out raced its call's end (queued before the end by another thread, counted after it, or
+    /// joined to it after it ended): they travel as late detail with a fresh batch number, never
+    /// reusing one the receiver already stored.
+    fn open_buf(&mut self, key: &Arc<str>, msg_late: bool, provisional: bool) {
+        if self.buffers.contains_key(key) {
+            return;
+        }
+        let ended = self.ended_seqs.get(key).copied();
+        let late = (msg_late || ended.is_some()) && !self.pending.contains_key(key);
+        let next_seq = if late {
+            ended.unwrap_or_else(|| {
+                self.late_seq = self.late_seq.saturating_add(1);
+                self.late_seq
+            })
+        } else {
+            0
+        };
+        let b = self.new_buf(key, provisional, late, next_seq);
+        self.buffers.insert(key.clone(), b);
     }
 
     fn new_buf(&self, call_id: &str, provisional: bool, late: bool, next_seq: u32) -> Buf {
@@ -1287,13 +1292,15 @@ impl Worker {
         let Some(old) = self.buffers.remove(&from) else {
             return;
         };
-        if !self.buffers.contains_key(&to) {
-            let b = self.new_buf(&to, false, false, 0);
-            self.buffers.insert(to.clone(), b);
-        }
+        // The join may reach the worker after the real call's end (an idle end, or another
+        // thread's end sent first): the provisional call's spans are then its late detail.
+        self.open_buf(&to, false, false);
         let Some(b) = self.buffers.get(&to) else {
             return;
         };
+        if b.late {
+            Counters::add(&self.stats.late_spans, old.buf.list.len() as u64);
+        }
         let budget = self.cfg.max_request_bytes.saturating_sub(b.overhead);
         let now = Instant::now();
         let bytes = &old.buf.list.bytes;
@@ -1739,6 +1746,33 @@ mod tests {
         feed(&mut w, &p, false, true, 2);
         assert!(!w.buffers.contains_key(&p));
         assert!(w.buffers.get(&real).is_some_and(|b| !b.provisional));
+    }
+
+    /// A join that reaches the worker after its real call's final batch went out (another
+    /// thread sent the call's end first, or the tick ended it idle): the provisional call's
+    /// spans are the real call's late detail, numbered after its final, never from 0 again.
+    #[test]
+    fn a_join_after_its_call_ended_sends_the_spans_as_late_detail_after_the_final() {
+        let (mut w, _handle) = worker();
+        let (p, real): (Arc<str>, Arc<str>) =
+            ("0000000000000000000000000000000b".into(), "real".into());
+        feed(&mut w, &p, false, true, 2);
+        feed(&mut w, &p, false, true, 3);
+        // `real` finished: its batches 0, 1 and 2 (the final) went out.
+        w.ended_seqs.insert(real.clone(), 3);
+        w.on_join(p.clone(), real.clone());
+        assert!(!w.buffers.contains_key(&p));
+        assert!(w.buffers.get(&real).is_some_and(|b| b.late));
+        assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 2);
+        w.flush_buffer(&real);
+        let sent: Vec<(u32, bool, u32)> = w
+            .queue
+            .iter()
+            .map(|j| (j.meta.seq, j.meta.late, j.meta.spans))
+            .collect();
+        assert_eq!(sent, [(3, true, 2)]);
+        // The late batch went: a later end or late span of `real` is numbered after it.
+        assert_eq!(w.ended_seqs.get(&real), Some(&4));
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
