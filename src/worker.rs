@@ -15,7 +15,7 @@
 //! - pending detail is bounded by `CALLSCOPE_MAX_BUFFER_BYTES`: past it, bodies are let go from
 //!   memory (kept in the spool) or, without a spool, the oldest detail batch is dropped.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -1478,7 +1478,39 @@ impl Worker {
             records = n,
             "replaying payloads left in the spool by an earlier run"
         );
-        for r in opened.records {
+        // A 413 split gives a held final's number to one of its halves and renumbers the final
+        // only when it goes: a run that stopped in between left a final sharing its number with
+        // a batch of its call. It takes the call's next free number (and is rewritten when it
+        // goes), so the receiver does not drop one of the two as a duplicate.
+        let mut last_seq: HashMap<&str, u32> = HashMap::new();
+        let mut taken = HashSet::new();
+        for r in opened.records.iter().filter(|r| !r.meta.core) {
+            let m = &r.meta;
+            let last = last_seq.entry(m.call_id.as_str()).or_insert(m.seq);
+            *last = (*last).max(m.seq);
+            if !m.is_final {
+                taken.insert((m.call_id.as_str(), m.seq));
+            }
+        }
+        let renumber: HashMap<(String, u32), u32> = opened
+            .records
+            .iter()
+            .filter(|r| r.meta.is_final && taken.contains(&(r.meta.call_id.as_str(), r.meta.seq)))
+            .map(|r| {
+                let next = last_seq.get(r.meta.call_id.as_str()).map_or(0, |s| s + 1);
+                ((r.meta.call_id.clone(), r.meta.seq), next)
+            })
+            .collect();
+        for mut r in opened.records {
+            let mut moved = false;
+            if r.meta.is_final
+                && let Some(&seq) = renumber.get(&(r.meta.call_id.clone(), r.meta.seq))
+            {
+                moved = true;
+                tracing::info!(call_id = %r.meta.call_id, seq = r.meta.seq, new_seq = seq,
+                    "spooled final batch shares its number with a split half: renumbered");
+                r.meta.seq = seq;
+            }
             let call: Arc<str> = Arc::from(r.meta.call_id.as_str());
             let id = self.new_id();
             let job = Job {
@@ -1497,7 +1529,7 @@ impl Worker {
                     self.remember_seq(call, next);
                 }
                 if job.meta.is_final {
-                    self.hold(job, false);
+                    self.hold(job, moved);
                 } else {
                     self.enqueue(job, false);
                 }
@@ -1773,6 +1805,49 @@ mod tests {
         assert_eq!(sent, [(3, true, 2)]);
         // The late batch went: a later end or late span of `real` is numbered after it.
         assert_eq!(w.ended_seqs.get(&real), Some(&4));
+    }
+
+    /// A 413 split gives the number of its call's held final to one half; the final takes the
+    /// next number only when it goes. A restart before that finds the final and the half under
+    /// one number in the spool: replay must give the final a free number, else the receiver
+    /// keeps one of the two and drops the other as a duplicate.
+    #[test]
+    fn a_final_renumbered_by_a_split_does_not_replay_under_its_old_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Arc<str> = "split-call".into();
+        let open = |w: &Worker| crate::spool::Spool::open(dir.path(), w.cfg.spool_max_bytes);
+        {
+            let (mut w, _handle) = worker();
+            w.spool = Some(open(&w).unwrap().0);
+            feed(&mut w, &c, false, false, 2);
+            feed(&mut w, &c, false, false, 3);
+            w.flush_buffer(&c);
+            feed(&mut w, &c, false, false, 4);
+            let list = w.buffers.get_mut(&c).unwrap().buf.take();
+            w.send_batch(&c, list, Some(b"[]"));
+            assert!(w.held.get(&c).is_some_and(|h| h.job.meta.seq == 1));
+            // Batch 0 is answered 413 and split: its halves are 0 and 1, the final becomes 2.
+            let whole = w.queue.pop_front().unwrap();
+            w.split(whole);
+            w.sync_spool();
+            // The process stops here, before the final went.
+        }
+        let (mut w, _handle) = worker();
+        let (spool, opened) = open(&w).unwrap();
+        w.spool = Some(spool);
+        w.replay(opened);
+        let mut seqs: Vec<(u32, bool)> = w
+            .queue
+            .iter()
+            .chain(w.held.values().map(|h| &h.job))
+            .map(|j| (j.meta.seq, j.meta.is_final))
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, [(0, false), (1, false), (2, true)]);
+        let fin = w.queue.iter().find(|j| j.meta.is_final).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&w.body_of(fin).unwrap()).unwrap();
+        assert_eq!(body["batch_seq"], 2);
+        assert_eq!(body["total_batches"], 3);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
