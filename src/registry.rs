@@ -252,6 +252,19 @@ impl Lifecycle {
         self.open_order.push_back((key, seq));
         seq
     }
+
+    /// `key` opens in the place of the call that held `seq` (a provisional call folded into
+    /// it): a joined call is as old as its first span, not new. Its seq.
+    fn take_place(&mut self, seq: u64, key: Arc<str>) -> u64 {
+        // Pushed in seq order and only ever filtered: sorted.
+        match self.open_order.binary_search_by_key(&seq, |(_, s)| *s) {
+            Ok(i) => {
+                self.open_order[i].0 = key;
+                seq
+            }
+            Err(_) => self.push_open(key),
+        }
+    }
 }
 
 fn lock(m: &Mutex<Lifecycle>) -> MutexGuard<'_, Lifecycle> {
@@ -705,7 +718,7 @@ impl Registry {
             Err(p) => {
                 let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
                 let cut = st.merge(p);
-                let seq = lc.push_open(real.clone());
+                let seq = lc.take_place(prov_call.seq, real.clone());
                 self.calls.insert(real.clone(), Call::new(st, seq));
                 self.open.fetch_add(1, Ordering::Relaxed);
                 cut
@@ -1012,6 +1025,22 @@ mod tests {
         assert_eq!(total_spans(&end.ended[0]), 5);
         assert_eq!(r.open_calls(), 0);
         assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
+    }
+
+    /// A provisional call folded into a call that is not open yet opens it in its own place
+    /// in the eviction order: the joined call is the oldest, not the newest.
+    #[test]
+    fn a_joined_call_keeps_its_provisional_calls_age_for_eviction() {
+        let r = registry_with(|b| b.max_open_calls(2));
+        let seen = Seen::default();
+        seen.record(&r, &span(1, 2, Some(1), None));
+        seen.record(&r, &span(2, 2, Some(1), Some("younger")));
+        // Trace 1's id shows up: its provisional call becomes "older", still the oldest.
+        seen.record(&r, &span(1, 3, Some(1), Some("older")));
+        assert_eq!(seen.joins().len(), 1);
+        let third = seen.record(&r, &span(3, 2, Some(1), Some("third")));
+        let evicted: Vec<&str> = third.ended.iter().map(|e| &*e.state.call_id).collect();
+        assert_eq!(evicted, ["older"]);
     }
 
     /// A fold is told to the worker before the lifecycle lock is let go: another thread's
