@@ -15,7 +15,7 @@
 //! - pending detail is bounded by `CALLSCOPE_MAX_BUFFER_BYTES`: past it, bodies are let go from
 //!   memory (kept in the spool) or, without a spool, the oldest detail batch is dropped.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -246,8 +246,6 @@ impl Job {
 #[derive(Debug)]
 struct Held {
     job: Job,
-    /// Its `batch_seq` changed since it was encoded (a split took its number).
-    renumber: bool,
 }
 
 #[derive(Debug)]
@@ -785,7 +783,7 @@ impl Worker {
             return;
         };
         if job.meta.is_final {
-            self.hold(job, false);
+            self.hold(job);
         } else {
             self.enqueue(job, false);
         }
@@ -860,10 +858,10 @@ impl Worker {
     }
 
     /// Holds a final batch until its core is acknowledged and its call has nothing else pending.
-    fn hold(&mut self, job: Job, renumber: bool) {
+    fn hold(&mut self, job: Job) {
         self.mem_bytes += job.mem();
         let key = job.call.clone();
-        if let Some(old) = self.held.insert(key.clone(), Held { job, renumber }) {
+        if let Some(old) = self.held.insert(key.clone(), Held { job }) {
             // The same call id ended again before its first final went: send that one as is.
             self.mem_bytes = self.mem_bytes.saturating_sub(old.job.mem());
             self.enqueue(old.job, false);
@@ -886,7 +884,7 @@ impl Worker {
         if core == CoreState::InFlight || !self.held.contains_key(key) {
             return;
         }
-        let Some(Held { mut job, renumber }) = self.held.remove(key) else {
+        let Some(Held { mut job }) = self.held.remove(key) else {
             return;
         };
         self.core_outcome.remove(key);
@@ -900,32 +898,36 @@ impl Worker {
             }
             job.meta.is_final = false;
             self.rework(job, |d| d.make_plain(), true);
-        } else if renumber {
-            let seq = job.meta.seq;
-            self.rework(job, |d| d.renumber(seq), true);
         } else {
             self.enqueue(job, true);
         }
     }
 
-    /// Rewrites a job's body (rare paths: renumbering, 413), replacing its spool record, and
+    /// Rewrites a job's body (rare paths: a failed core, 413), replacing its spool record, and
     /// queues it.
     fn rework(&mut self, job: Job, f: impl FnOnce(&mut DetailDoc), front: bool) {
-        let Some(mut doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
-            self.fail_detail(job, "its body could not be read back");
-            return;
-        };
-        f(&mut doc);
-        self.settle(&job);
-        let Some(new) = self.make_job(job.id, job.call.clone(), job.meta.clone(), doc.to_vec())
-        else {
+        let Some(new) = self.rewrite(job, f) else {
             return;
         };
         if new.meta.is_final {
-            self.hold(new, false);
+            self.hold(new);
         } else {
             self.enqueue(new, front);
         }
+    }
+
+    /// `job` with its body rewritten by `f`: the new spool record is written before the old
+    /// one is let go, so a restart in between finds one of the two, never neither. `None` if
+    /// the body could not be read back or the spool had no room (both counted).
+    fn rewrite(&mut self, job: Job, f: impl FnOnce(&mut DetailDoc)) -> Option<Job> {
+        let Some(mut doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
+            self.fail_detail(job, "its body could not be read back");
+            return None;
+        };
+        f(&mut doc);
+        let new = self.make_job(job.id, job.call.clone(), job.meta.clone(), doc.to_vec());
+        self.settle(&job);
+        new
     }
 
     fn body_of(&self, job: &Job) -> Option<Bytes> {
@@ -1205,7 +1207,7 @@ impl Worker {
             let new = self.make_job(id, call, meta, doc.to_vec());
             self.settle(&job);
             match new {
-                Some(new) if new.meta.is_final => self.hold(new, false),
+                Some(new) if new.meta.is_final => self.hold(new),
                 Some(new) => {
                     self.enqueue(new, true);
                     self.close_open(&job);
@@ -1220,19 +1222,25 @@ impl Worker {
         Counters::inc(&self.stats.batches_split);
         let key = job.call.clone();
         let seq_a = job.meta.seq;
-        let seq_b = if job.meta.is_final {
-            self.next_seq(&key)
-        } else if let Some(h) = self.held.get_mut(&key) {
-            // The held final gives up its number and takes the next one when it goes.
-            let s = h.job.meta.seq;
-            h.renumber = true;
-            let next = self.next_seq(&key);
-            if let Some(h) = self.held.get_mut(&key) {
-                h.job.meta.seq = next;
+        // The held final gives up its number to the second half and takes the next one. It is
+        // rewritten (and respooled) now, before the halves are written: a restart must never
+        // find the final and a half under one number (the receiver would keep only one).
+        let mut final_moved = None;
+        let seq_b = match self.held.remove(&key) {
+            Some(Held { job: mut fin }) if !job.meta.is_final => {
+                self.mem_bytes = self.mem_bytes.saturating_sub(fin.mem());
+                let s = fin.meta.seq;
+                let next = self.next_seq(&key);
+                fin.meta.seq = next;
+                final_moved = self.rewrite(fin, |d| d.renumber(next));
+                s
             }
-            s
-        } else {
-            self.next_seq(&key)
+            held => {
+                if let Some(h) = held {
+                    self.held.insert(key.clone(), h);
+                }
+                self.next_seq(&key)
+            }
         };
         tracing::info!(call_id = %key, seq = seq_a, new_seq = seq_b, spans = job.meta.spans,
             "receiver answered 413: batch split in halves");
@@ -1264,8 +1272,8 @@ impl Worker {
             }
         }
         self.close_open(&job);
-        for j in keep_open {
-            self.hold(j, false);
+        for j in keep_open.into_iter().chain(final_moved) {
+            self.hold(j);
         }
     }
 
@@ -1478,39 +1486,13 @@ impl Worker {
             records = n,
             "replaying payloads left in the spool by an earlier run"
         );
-        // A 413 split gives a held final's number to one of its halves and renumbers the final
-        // only when it goes: a run that stopped in between left a final sharing its number with
-        // a batch of its call. It takes the call's next free number (and is rewritten when it
-        // goes), so the receiver does not drop one of the two as a duplicate.
-        let mut last_seq: HashMap<&str, u32> = HashMap::new();
-        let mut taken = HashSet::new();
-        for r in opened.records.iter().filter(|r| !r.meta.core) {
-            let m = &r.meta;
-            let last = last_seq.entry(m.call_id.as_str()).or_insert(m.seq);
-            *last = (*last).max(m.seq);
-            if !m.is_final {
-                taken.insert((m.call_id.as_str(), m.seq));
-            }
-        }
-        let renumber: HashMap<(String, u32), u32> = opened
+        // Finals after every other record: a final is held while its call's other batches are
+        // pending, and they must be counted first (halves of a split come after the final).
+        let (finals, others): (Vec<_>, Vec<_>) = opened
             .records
-            .iter()
-            .filter(|r| r.meta.is_final && taken.contains(&(r.meta.call_id.as_str(), r.meta.seq)))
-            .map(|r| {
-                let next = last_seq.get(r.meta.call_id.as_str()).map_or(0, |s| s + 1);
-                ((r.meta.call_id.clone(), r.meta.seq), next)
-            })
-            .collect();
-        for mut r in opened.records {
-            let mut moved = false;
-            if r.meta.is_final
-                && let Some(&seq) = renumber.get(&(r.meta.call_id.clone(), r.meta.seq))
-            {
-                moved = true;
-                tracing::info!(call_id = %r.meta.call_id, seq = r.meta.seq, new_seq = seq,
-                    "spooled final batch shares its number with a split half: renumbered");
-                r.meta.seq = seq;
-            }
+            .into_iter()
+            .partition(|r| !r.meta.core && r.meta.is_final);
+        for r in others.into_iter().chain(finals) {
             let call: Arc<str> = Arc::from(r.meta.call_id.as_str());
             let id = self.new_id();
             let job = Job {
@@ -1529,7 +1511,7 @@ impl Worker {
                     self.remember_seq(call, next);
                 }
                 if job.meta.is_final {
-                    self.hold(job, moved);
+                    self.hold(job);
                 } else {
                     self.enqueue(job, false);
                 }
@@ -1807,12 +1789,12 @@ mod tests {
         assert_eq!(w.ended_seqs.get(&real), Some(&4));
     }
 
-    /// A 413 split gives the number of its call's held final to one half; the final takes the
-    /// next number only when it goes. A restart before that finds the final and the half under
-    /// one number in the spool: replay must give the final a free number, else the receiver
-    /// keeps one of the two and drops the other as a duplicate.
+    /// A 413 split gives the number of its call's held final to one half, and the final the
+    /// next number. A restart before the final went must not find the final and the half
+    /// under one number (the receiver keeps one of the two and drops the other as a
+    /// duplicate): the final is rewritten in the spool at the split, before the halves.
     #[test]
-    fn a_final_renumbered_by_a_split_does_not_replay_under_its_old_number() {
+    fn a_final_renumbered_by_a_split_is_respooled_under_its_new_number() {
         let dir = tempfile::tempdir().unwrap();
         let c: Arc<str> = "split-call".into();
         let open = |w: &Worker| crate::spool::Spool::open(dir.path(), w.cfg.spool_max_bytes);
@@ -1829,25 +1811,27 @@ mod tests {
             // Batch 0 is answered 413 and split: its halves are 0 and 1, the final becomes 2.
             let whole = w.queue.pop_front().unwrap();
             w.split(whole);
+            assert!(w.held.get(&c).is_some_and(|h| h.job.meta.seq == 2));
             w.sync_spool();
             // The process stops here, before the final went.
         }
         let (mut w, _handle) = worker();
         let (spool, opened) = open(&w).unwrap();
+        let mut spooled: Vec<(u32, bool)> = opened
+            .records
+            .iter()
+            .map(|r| (r.meta.seq, r.meta.is_final))
+            .collect();
+        spooled.sort_unstable();
+        assert_eq!(spooled, [(0, false), (1, false), (2, true)]);
         w.spool = Some(spool);
         w.replay(opened);
-        let mut seqs: Vec<(u32, bool)> = w
-            .queue
-            .iter()
-            .chain(w.held.values().map(|h| &h.job))
-            .map(|j| (j.meta.seq, j.meta.is_final))
-            .collect();
-        seqs.sort_unstable();
-        assert_eq!(seqs, [(0, false), (1, false), (2, true)]);
-        let fin = w.queue.iter().find(|j| j.meta.is_final).unwrap();
+        // Replayed, the final waits for the halves again (they were spooled after it).
+        let fin = &w.held.get(&c).expect("the final is held").job;
         let body: serde_json::Value = serde_json::from_slice(&w.body_of(fin).unwrap()).unwrap();
         assert_eq!(body["batch_seq"], 2);
         assert_eq!(body["total_batches"], 3);
+        assert_eq!(w.queue.len(), 2);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
