@@ -569,6 +569,10 @@ pub(crate) struct CallState {
     pub transcript: Transcript,
     pub turns: Turns,
     pub trace_ids: Vec<TraceId>,
+    /// Provisional calls folded into this one (at most [`MAX_TRACE_IDS`]): the worker moves
+    /// their detail into this call at its end even if their joins have not reached it yet
+    /// (an idle end is taken by the worker's tick, not sent after the join).
+    pub folded: Vec<Arc<str>>,
     /// Spans packed for the worker and not yet handed over (see [`crate::packed`]).
     pub chunk: Option<Chunk>,
     /// Bytes of text one call may hold (transcript and turn records each).
@@ -588,6 +592,7 @@ impl CallState {
             transcript: Transcript::default(),
             turns: Turns::default(),
             trace_ids: Vec::new(),
+            folded: Vec::new(),
             chunk: None,
             text_cap,
         }
@@ -635,6 +640,9 @@ impl CallState {
         };
         for t in &o.trace_ids {
             self.note_trace(*t);
+        }
+        if o.provisional && self.folded.len() < MAX_TRACE_IDS {
+            self.folded.push(o.call_id.clone());
         }
         self.agg.merge(&o.agg);
         let cut = self.transcript.merge(o.transcript, self.text_cap);

@@ -167,8 +167,9 @@ pub(crate) struct Routed {
 }
 
 /// Where the registry hands the worker what it must know while the lock that orders it is
-/// still held: the worker then learns of it before any end of the call concerned, whichever
-/// thread sends that end.
+/// still held: the worker then learns of it before any end of the call concerned that is sent
+/// after it, whichever thread sends that end. (An idle end is taken by the worker's own tick,
+/// which may run before it reads a join: the ended call lists its folds for that case.)
 pub(crate) trait Outbox {
     /// A call's full chunk of packed spans (or a late span's), under the call's lock.
     fn ship(&self, s: Shipment);
@@ -417,9 +418,9 @@ impl Registry {
         }
     }
 
-    /// `on_end`: updates the span's call and says what it ended or joined. `now` is the
+    /// `on_end`: updates the span's call and says what it ended (folds go to `out`). `now` is the
     /// processor's clock ([`now_ns`](Self::now_ns) or the coarse [`coarse_now_ns`](Self::coarse_now_ns)).
-    /// A chunk that fills up is handed to `ship` while the call's lock is still held, so
+    /// A chunk that fills up is handed to `out` while the call's lock is still held, so
     /// that an end of the call recorded by another thread is counted after it (the worker
     /// finishes a call once everything queued before its end is in: a shipment counted after
     /// the end would arrive as late detail).
@@ -675,10 +676,11 @@ impl Registry {
 
     /// The call id `id` showed up on a trace whose spans so far sit in provisional call `prov`:
     /// fold it into the real call and point the trace at it. The real call's key. A fold is
-    /// told to `out` under the lifecycle lock, so the worker learns of it before any end of
-    /// the real call (none is taken before the lock is let go). Nothing is folded when the
-    /// real call is over, or the provisional one ended meanwhile: it then keeps its spans
-    /// under its own key.
+    /// told to `out` under the lifecycle lock, so it reaches the worker before any end of the
+    /// real call sent by an app thread (none is taken before the lock is let go); the real
+    /// call's state also lists the fold, for an idle end taken by the worker itself. Nothing
+    /// is folded when the real call is over, or the provisional one ended meanwhile: it then
+    /// keeps its spans under its own key.
     fn join(&self, prov: &Arc<str>, id: &str, trace: TraceId, out: &dyn Outbox) -> Arc<str> {
         let mut lc = lock(&self.lifecycle);
         let real = self.intern(id);

@@ -1296,7 +1296,14 @@ impl Worker {
     // ---- call ends -----------------------------------------------------------------------
 
     fn on_join(&mut self, from: Arc<str>, to: Arc<str>) {
-        self.redirects.insert(from.clone(), to.clone());
+        // Once `to` finished, every chunk of `from` is in (its end's mark counted them): a
+        // redirect would only linger.
+        let finished = !self.buffers.contains_key(&to)
+            && !self.pending.contains_key(&to)
+            && self.ended_seqs.contains_key(&to);
+        if !finished {
+            self.redirects.insert(from.clone(), to.clone());
+        }
         let Some(old) = self.buffers.remove(&from) else {
             return;
         };
@@ -1330,6 +1337,7 @@ impl Worker {
         let Ended { mut state, reason } = e;
         let chunk = state.chunk.take();
         let call_id = state.call_id.clone();
+        let folded = std::mem::take(&mut state.folded);
         if let Some(old) = self.pending.remove(&call_id) {
             // The same id ended twice before its first end was finished: finish that one now.
             self.finish(call_id.clone(), old);
@@ -1369,13 +1377,18 @@ impl Worker {
         self.core_outcome.insert(call_id.clone(), core_state);
         self.by_mark.insert((mark, call_id.clone()));
         self.pending.insert(
-            call_id,
+            call_id.clone(),
             PendingEnd {
                 turns: state.turns,
                 mark,
                 chunk,
             },
         );
+        // Its folds, whose joins may still wait in the control queue (an idle end is taken by
+        // the tick): their detail is this call's, in its final batch, not late detail after it.
+        for from in folded {
+            self.on_join(from, call_id.clone());
+        }
     }
 
     /// Finishes ended calls whose spans have all been batched; dispatches what may go.
@@ -1691,6 +1704,7 @@ enum DropWhy {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::call::CallState;
     use crate::semantics::Operation;
     use opentelemetry::trace::{
         SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
@@ -1832,6 +1846,44 @@ mod tests {
         assert_eq!(body["batch_seq"], 2);
         assert_eq!(body["total_batches"], 3);
         assert_eq!(w.queue.len(), 2);
+    }
+
+    /// An idle end is taken by the worker's tick, which may run before the worker reads a join
+    /// sent just before: the ended call's own list of folds brings the provisional call's
+    /// detail into its final batch, and the join read afterwards changes nothing.
+    #[test]
+    fn an_idle_end_ahead_of_its_join_still_batches_the_folded_spans_in_the_final() {
+        let (mut w, _handle) = worker();
+        let (p, real): (Arc<str>, Arc<str>) = (
+            "0000000000000000000000000000000c".into(),
+            "idle-real".into(),
+        );
+        feed(&mut w, &p, false, true, 2);
+        feed(&mut w, &p, false, true, 3);
+        let mut state = CallState::new(real.clone(), false, 0, 1 << 16);
+        state.merge(CallState::new(p.clone(), true, 0, 1 << 16));
+        assert_eq!(state.folded, std::slice::from_ref(&p));
+        w.on_end(
+            Ended {
+                state,
+                reason: crate::registry::EndReason::IdleTimeout,
+            },
+            0,
+        );
+        w.finish_ready();
+        w.on_join(p.clone(), real.clone());
+        let fin = &w
+            .held
+            .get(&real)
+            .expect("the final is held for its core")
+            .job;
+        assert_eq!((fin.meta.seq, fin.meta.spans, fin.meta.late), (0, 2, false));
+        assert!(w.buffers.is_empty());
+        assert!(
+            w.redirects.is_empty(),
+            "a join after the end leaves no redirect"
+        );
+        assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 0);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
