@@ -708,7 +708,8 @@ impl Worker {
                 self.late_seq
             })
         } else {
-            0
+            // A pending end of an id that ended before numbers on from there, as `finish` does.
+            ended.unwrap_or(0)
         };
         let b = self.new_buf(key, provisional, late, next_seq);
         self.buffers.insert(key.clone(), b);
@@ -1884,6 +1885,24 @@ mod tests {
             "a join after the end leaves no redirect"
         );
         assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 0);
+    }
+
+    /// A call id that ends a second time (its first call was evicted or idle, then the id came
+    /// back) numbers the batches it opens while its end is pending after the first call's,
+    /// as its final does: batch 0 again would be a duplicate at the receiver.
+    #[test]
+    fn a_call_id_ended_again_numbers_its_batches_after_its_first_call() {
+        let (mut w, _handle) = worker();
+        let k: Arc<str> = "again".into();
+        w.ended_seqs.insert(k.clone(), 3);
+        let state = CallState::new(k.clone(), false, 0, 1 << 16);
+        let reason = crate::registry::EndReason::RootSpanEnded;
+        // Its end waits for one more chunk, which arrives.
+        w.on_end(Ended { state, reason }, 1);
+        feed(&mut w, &k, false, false, 2);
+        w.flush_buffer(&k);
+        let sent: Vec<(u32, bool)> = w.queue.iter().map(|j| (j.meta.seq, j.meta.late)).collect();
+        assert_eq!(sent, [(3, false)]);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
