@@ -758,6 +758,12 @@ impl Registry {
         }
     }
 
+    /// How many ended calls are remembered (their spans are late); an id forgotten can open
+    /// a call again.
+    pub(crate) fn ended_cap(&self) -> usize {
+        self.ended_cap
+    }
+
     /// Ends a call (if open) and remembers it for late-span detection.
     pub(crate) fn end(&self, key: &str, reason: EndReason) -> Option<Ended> {
         let mut lc = lock(&self.lifecycle);

@@ -38,7 +38,8 @@ use crate::transport::{Delivery, Lane, Transport};
 /// Sequence numbers for late batches of calls the worker no longer remembers start here, far
 /// above any real batch count, so they never collide with a stored batch.
 const LATE_SEQ_BASE: u32 = 1 << 30;
-/// Ended calls whose next batch number is remembered for late spans.
+/// Ended calls whose next batch number is remembered for late spans, at least (see
+/// [`Worker::ended_seqs_kept`]).
 const ENDED_SEQS_KEPT: usize = 16_384;
 /// Outstanding jobs up to which flush waiters are checked on every event (above: per tick).
 const WAITER_SCAN_LIMIT: usize = 1024;
@@ -295,6 +296,10 @@ struct Worker {
     by_mark: BTreeSet<(u64, Arc<str>)>,
     ended_seqs: HashMap<Arc<str>, u32>,
     ended_order: VecDeque<Arc<str>>,
+    /// How many ended calls' numbers are kept: more than the registry remembers ended calls,
+    /// so an id the registry lets start again (once it forgot it) is still numbered on from
+    /// its first call, never from 0 again.
+    ended_seqs_kept: usize,
     late_seq: u32,
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
@@ -336,6 +341,7 @@ impl Worker {
         let ends_queued = Arc::new(AtomicUsize::new(0));
         let queue_spans = Arc::new(Budget::new(cfg.queue_size));
         let backlog_limit = cfg.max_open_calls.max(1024);
+        let ended_seqs_kept = registry.ended_cap().saturating_mul(2).max(ENDED_SEQS_KEPT);
         let worker = Worker {
             stats: registry.stats.clone(),
             transport: Arc::new(transport),
@@ -360,6 +366,7 @@ impl Worker {
             by_mark: BTreeSet::new(),
             ended_seqs: HashMap::new(),
             ended_order: VecDeque::new(),
+            ended_seqs_kept,
             late_seq: LATE_SEQ_BASE,
             tasks: JoinSet::new(),
             running: HashMap::new(),
@@ -918,16 +925,26 @@ impl Worker {
     }
 
     /// `job` with its body rewritten by `f`: the new spool record is written before the old
-    /// one is let go, so a restart in between finds one of the two, never neither. `None` if
-    /// the body could not be read back or the spool had no room (both counted).
+    /// one is let go, so a process restart in between finds one of the two (a power loss keeps
+    /// what the last fsync covered). `None` if the body could not be read back or the spool had
+    /// no room (both counted).
     fn rewrite(&mut self, job: Job, f: impl FnOnce(&mut DetailDoc)) -> Option<Job> {
         let Some(mut doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
             self.fail_detail(job, "its body could not be read back");
             return None;
         };
         f(&mut doc);
-        let new = self.make_job(job.id, job.call.clone(), job.meta.clone(), doc.to_vec());
-        self.settle(&job);
+        let body = doc.to_vec();
+        // A spool without room for both records lets the old one go first rather than drop
+        // other detail (or this batch) to make room.
+        let both = self.spool.as_ref().is_none_or(|s| s.fits(body.len()));
+        if !both {
+            self.settle(&job);
+        }
+        let new = self.make_job(job.id, job.call.clone(), job.meta.clone(), body);
+        if both {
+            self.settle(&job);
+        }
         new
     }
 
@@ -1234,6 +1251,10 @@ impl Worker {
                 let next = self.next_seq(&key);
                 fin.meta.seq = next;
                 final_moved = self.rewrite(fin, |d| d.renumber(next));
+                if final_moved.is_none() {
+                    // Lost (counted): nothing waits for its core any more.
+                    self.core_outcome.remove(&key);
+                }
                 s
             }
             held => {
@@ -1430,6 +1451,7 @@ impl Worker {
         if self.cfg.detail == DetailMode::None {
             self.buffers.remove(&key);
             self.core_outcome.remove(&key);
+            self.redirects.retain(|_, to| *to != key);
             return;
         }
         if !self.buffers.contains_key(&key) {
@@ -1477,7 +1499,7 @@ impl Worker {
         if self.ended_seqs.insert(key.clone(), next).is_none() {
             self.ended_order.push_back(key);
         }
-        while self.ended_order.len() > ENDED_SEQS_KEPT {
+        while self.ended_order.len() > self.ended_seqs_kept {
             if let Some(old) = self.ended_order.pop_front() {
                 self.ended_seqs.remove(&old);
             }
@@ -1903,6 +1925,55 @@ mod tests {
         w.flush_buffer(&k);
         let sent: Vec<(u32, bool)> = w.queue.iter().map(|j| (j.meta.seq, j.meta.late)).collect();
         assert_eq!(sent, [(3, false)]);
+    }
+
+    /// An id the registry forgot (after `ended_cap` other ends) may open a call again; the
+    /// worker must still know the id's next batch number then, whatever the configuration.
+    #[test]
+    fn the_worker_remembers_batch_numbers_longer_than_the_registry_remembers_ends() {
+        for open in [16, 10_000, 100_000] {
+            let cfg = Config::builder()
+                .without_env()
+                .endpoint("http://127.0.0.1:9/")
+                .max_open_calls(open)
+                .build()
+                .unwrap();
+            let stats = Arc::new(Counters::default());
+            let transport = Transport::new(&cfg, stats.clone()).unwrap();
+            let reg = Arc::new(Registry::new(Arc::new(cfg), stats));
+            let cap = reg.ended_cap();
+            let (w, _handle) = Worker::new(reg, transport, None);
+            assert!(w.ended_seqs_kept > cap, "{open} open calls");
+        }
+    }
+
+    /// With `CALLSCOPE_DETAIL=none` a call's end leaves no redirect of its folds behind.
+    #[test]
+    fn no_redirect_outlives_its_call_without_detail() {
+        let cfg = Config::builder()
+            .without_env()
+            .endpoint("http://127.0.0.1:9/")
+            .detail(DetailMode::None)
+            .build()
+            .unwrap();
+        let stats = Arc::new(Counters::default());
+        let transport = Transport::new(&cfg, stats.clone()).unwrap();
+        let (mut w, _handle) = Worker::new(
+            Arc::new(Registry::new(Arc::new(cfg), stats)),
+            transport,
+            None,
+        );
+        let (p, real): (Arc<str>, Arc<str>) = (
+            "0000000000000000000000000000000d".into(),
+            "no-detail".into(),
+        );
+        w.on_join(p.clone(), real.clone());
+        let mut state = CallState::new(real.clone(), false, 0, 1 << 16);
+        state.merge(CallState::new(p, true, 0, 1 << 16));
+        let reason = crate::registry::EndReason::RootSpanEnded;
+        w.on_end(Ended { state, reason }, 0);
+        w.finish_ready();
+        assert!(w.redirects.is_empty());
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
