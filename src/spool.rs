@@ -218,6 +218,11 @@ pub(crate) struct Spool {
     cur_len: u64,
     live_bytes: u64,
     dirty: bool,
+    /// Segments left with nothing live while the current one held unsynced records: deleted
+    /// at the next sync, so a power loss cannot take a record's replacement (not yet durable)
+    /// and the segment of the record it replaced together. Kept on disk until then, they are
+    /// replayed after a crash: the receiver's idempotency keys make that harmless.
+    doomed: Vec<u64>,
     scratch: Vec<u8>,
 }
 
@@ -307,6 +312,7 @@ impl Spool {
                 cur_len: 0,
                 live_bytes,
                 dirty: false,
+                doomed: Vec::new(),
                 scratch: Vec::new(),
             },
             opened,
@@ -376,10 +382,14 @@ impl Spool {
             self.cur.sync_data()?;
             self.dirty = false;
         }
+        for seg in self.doomed.drain(..) {
+            remove_segment(&self.dir, seg);
+        }
         Ok(())
     }
 
-    /// Marks a data record acknowledged; deletes its segment when nothing in it is left.
+    /// Marks a data record acknowledged; deletes its segment when nothing in it is left (at the
+    /// next [`sync`](Self::sync) if records written since the last one are not durable yet).
     /// `bytes` is what [`append`](Self::append) or recovery reported for it.
     pub(crate) fn ack(&mut self, id: RecId, bytes: u64) -> io::Result<()> {
         self.live_bytes = self.live_bytes.saturating_sub(bytes);
@@ -393,7 +403,11 @@ impl Spool {
         };
         if empty && id.seg != self.cur_id {
             self.segs.remove(&id.seg);
-            remove_segment(&self.dir, id.seg);
+            if self.dirty {
+                self.doomed.push(id.seg);
+            } else {
+                remove_segment(&self.dir, id.seg);
+            }
             return Ok(());
         }
         if empty && self.cur_len >= SEGMENT_BYTES / 4 {
@@ -592,6 +606,31 @@ mod tests {
         let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(o.records.is_empty());
         assert_eq!(o.corrupt_tails, 0);
+    }
+
+    /// A record rewritten elsewhere (a renumbered final, a split's halves) is acknowledged
+    /// right after its replacement is written: the replaced record's segment must outlive
+    /// that write until it is durable, or a power loss in between could leave neither.
+    #[test]
+    fn a_segment_emptied_before_a_sync_is_deleted_by_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&meta(1), b"{\"a\":1}").unwrap();
+        s.sync().unwrap();
+        drop(s);
+        // Reopened: the record is in segment 0, new records go to segment 1.
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let old = &o.records[0];
+        assert_eq!(old.id.seg, 0);
+        s.append(&meta(1), b"{\"a\":2}").unwrap();
+        s.ack(old.id, old.bytes).unwrap();
+        let seg0 = seg_path(dir.path(), 0);
+        assert!(seg0.exists(), "deleted before its replacement was durable");
+        s.sync().unwrap();
+        assert!(!seg0.exists());
+        drop(s);
+        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(o.records.len(), 1);
     }
 
     proptest! {
