@@ -560,6 +560,9 @@ pub(crate) struct CallState {
     pub call_id: Arc<str>,
     /// Keyed by a trace id because no call id was seen yet; joins a real call when one is.
     pub provisional: bool,
+    /// The registry's number for this call (its place in creation order; 0 until it opens):
+    /// an id that comes back once the registry forgot it is a new call, with a new number.
+    pub incarnation: u64,
     /// Processor clock (ns since the processor started) of the first and last span seen.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
@@ -584,6 +587,7 @@ impl CallState {
         CallState {
             call_id,
             provisional,
+            incarnation: 0,
             first_seen_ns: now_ns,
             last_seen_ns: now_ns,
             started_at: None,

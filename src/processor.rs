@@ -155,6 +155,7 @@ impl Outbox for Active {
             chunk: s.chunk,
             late: s.late,
             provisional: s.provisional,
+            incarnation: s.incarnation,
         };
         match self.worker.data.try_send(msg) {
             Ok(()) => {

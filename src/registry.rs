@@ -65,7 +65,8 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    fn new(state: CallState, seq: u64) -> Arc<Self> {
+    fn new(mut state: CallState, seq: u64) -> Arc<Self> {
+        state.incarnation = seq;
         Arc::new(Call {
             id: state.call_id.clone(),
             provisional: state.provisional,
@@ -194,6 +195,8 @@ pub(crate) struct Shipment {
     pub late: bool,
     /// The call is still keyed by its trace id.
     pub provisional: bool,
+    /// [`CallState::incarnation`] of the call (0 for a late span: its call is gone).
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -442,6 +445,7 @@ impl Registry {
                     chunk,
                     late: false,
                     provisional: c.provisional,
+                    incarnation: c.incarnation,
                 });
             }
             cut
@@ -492,16 +496,18 @@ impl Registry {
                             chunk,
                             late: true,
                             provisional,
+                            incarnation: 0,
                         });
                     }
                 }
             } else {
                 self.evict_for_new(&mut lc, &mut ended);
                 let mut st = CallState::new(key.clone(), provisional, now, self.text_cap);
+                let seq = lc.push_open(key.clone());
+                st.incarnation = seq;
                 // Shipped (if its first span fills a chunk) under the lifecycle lock, which
                 // any end of this call takes too.
                 cut = update(&key, &mut st);
-                let seq = lc.push_open(key.clone());
                 let call = Call::new(st, seq);
                 self.calls.insert(key.clone(), call.clone());
                 self.open.fetch_add(1, Ordering::Relaxed);
@@ -652,7 +658,7 @@ impl Registry {
 
     /// Takes the chunks of open calls whose first span was packed at least `min_age_ns` ago
     /// (all of them for 0): a quiet call's detail must not wait for its chunk to fill.
-    pub(crate) fn take_chunks(&self, min_age_ns: u64) -> Vec<(Arc<str>, bool, Chunk)> {
+    pub(crate) fn take_chunks(&self, min_age_ns: u64) -> Vec<Shipment> {
         let now = self.coarse_now_ns();
         let mut out = Vec::new();
         for e in self.calls.iter() {
@@ -663,8 +669,14 @@ impl Registry {
                 .chunk
                 .as_ref()
                 .is_some_and(|c| now.saturating_sub(c.since_ns) >= min_age_ns);
-            if due && let Some(c) = st.chunk.take() {
-                out.push((call.id.clone(), call.provisional, c));
+            if due && let Some(chunk) = st.chunk.take() {
+                out.push(Shipment {
+                    call_id: call.id.clone(),
+                    chunk,
+                    late: false,
+                    provisional: call.provisional,
+                    incarnation: st.incarnation,
+                });
             }
         }
         out
@@ -1223,12 +1235,9 @@ mod tests {
             trace
         };
         // "k" starts and ends.
-        assert_eq!(
-            seen.record(&r, &span(next(), 1, None, Some("k")))
-                .ended
-                .len(),
-            1
-        );
+        let k = seen.record(&r, &span(next(), 1, None, Some("k"))).ended;
+        assert_eq!(k.len(), 1);
+        let first_k = k[0].state.incarnation;
         // "a" starts and stays open: the oldest open call from now on.
         seen.record(&r, &span(next(), 2, Some(1), Some("a")));
         // Enough calls end that "k" is forgotten (no longer late).
@@ -1261,6 +1270,10 @@ mod tests {
             .map(|e| e.state.call_id.to_string())
             .collect();
         assert_eq!(evicted, vec!["a".to_owned()]);
+        // The "k" that came back is another call for the worker too (it numbers its batches on
+        // from the first one's without taking its spans for late ones).
+        let again = r.end("k", EndReason::Shutdown).unwrap();
+        assert_ne!(again.state.incarnation, first_k);
     }
 
     #[test]

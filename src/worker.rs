@@ -116,6 +116,31 @@ pub(crate) struct DetailMsg {
     pub chunk: Chunk,
     pub late: bool,
     pub provisional: bool,
+    /// The registry's number for the call ([`crate::call::CallState::incarnation`]).
+    pub incarnation: u64,
+}
+
+/// What the app thread said of a chunk's spans.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    /// The registry found the call ended.
+    late: bool,
+    /// The call is keyed by its trace id.
+    provisional: bool,
+    /// The call's registry number (`None`: not known, as for a provisional call's spans
+    /// moved into the call it joined).
+    incarnation: Option<u64>,
+}
+
+impl Origin {
+    /// Spans of the open call `incarnation`, neither late nor provisional.
+    fn of(incarnation: u64) -> Self {
+        Origin {
+            late: false,
+            provisional: false,
+            incarnation: Some(incarnation),
+        }
+    }
 }
 
 /// Messages that are never dropped.
@@ -221,6 +246,8 @@ struct PendingEnd {
     /// The call's last packed spans (its chunk when it ended), batched at its mark, after the
     /// spans queued before its end: many ends drained at once must not fill open batches.
     chunk: Option<Chunk>,
+    /// The registry's number for the call ([`crate::call::CallState::incarnation`]).
+    incarnation: u64,
 }
 
 /// A payload on its way: a core or a detail batch.
@@ -300,6 +327,9 @@ struct Worker {
     /// so an id the registry lets start again (once it forgot it) is still numbered on from
     /// its first call, never from 0 again.
     ended_seqs_kept: usize,
+    /// The registry's number of the last call finished under each id of `ended_seqs` (absent
+    /// for ids the worker did not finish in this run).
+    ended_calls: HashMap<Arc<str>, u64>,
     late_seq: u32,
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
@@ -367,6 +397,7 @@ impl Worker {
             ended_seqs: HashMap::new(),
             ended_order: VecDeque::new(),
             ended_seqs_kept,
+            ended_calls: HashMap::new(),
             late_seq: LATE_SEQ_BASE,
             tasks: JoinSet::new(),
             running: HashMap::new(),
@@ -566,8 +597,12 @@ impl Worker {
 
     /// Serialises the chunks of open calls packed at least `min_age_ns` ago.
     fn take_chunks(&mut self, min_age_ns: u64) {
-        for (call_id, provisional, chunk) in self.reg.take_chunks(min_age_ns) {
-            self.on_chunk(&call_id, false, provisional, &chunk);
+        for s in self.reg.take_chunks(min_age_ns) {
+            let origin = Origin {
+                provisional: s.provisional,
+                ..Origin::of(s.incarnation)
+            };
+            self.on_chunk(&s.call_id, origin, &s.chunk);
         }
         self.settle_null_spans();
     }
@@ -613,12 +648,17 @@ impl Worker {
     fn on_detail(&mut self, msg: DetailMsg) {
         self.received += 1;
         self.queue_spans.give(msg.chunk.spans());
-        self.on_chunk(&msg.call_id, msg.late, msg.provisional, &msg.chunk);
+        let origin = Origin {
+            late: msg.late,
+            provisional: msg.provisional,
+            incarnation: Some(msg.incarnation),
+        };
+        self.on_chunk(&msg.call_id, origin, &msg.chunk);
     }
 
     /// Serialises and batches a chunk of one call's packed spans; the chunk (and the bytes it
     /// holds against the queue's bound) is let go by the caller.
-    fn on_chunk(&mut self, call_id: &Arc<str>, late: bool, provisional: bool, chunk: &Chunk) {
+    fn on_chunk(&mut self, call_id: &Arc<str>, origin: Origin, chunk: &Chunk) {
         if self.null_sink {
             // Counted once per drain (the counters share cache lines with the callers').
             self.null_spans += chunk.spans() as u64;
@@ -630,7 +670,7 @@ impl Worker {
             match s {
                 Ok(span) => {
                     read += 1;
-                    self.on_span(call_id, late, provisional, &span);
+                    self.on_span(call_id, origin, &span);
                 }
                 Err(()) => {
                     // Only a bug in `packed` gets here; the chunk's other spans are lost.
@@ -644,26 +684,24 @@ impl Worker {
         }
     }
 
-    fn on_span(
-        &mut self,
-        call_id: &Arc<str>,
-        msg_late: bool,
-        provisional: bool,
-        span: &SpanRef<'_, '_>,
-    ) {
+    fn on_span(&mut self, call_id: &Arc<str>, origin: Origin, span: &SpanRef<'_, '_>) {
         let key = self
             .redirects
             .get(call_id)
             .cloned()
             .unwrap_or_else(|| call_id.clone());
-        // A provisional call's span redirected to the call it joined is that call's.
-        self.open_buf(&key, msg_late, provisional && key == *call_id);
+        if key != *call_id {
+            // A provisional call's span redirected to the call it joined is that call's.
+            self.open_buf(&key, origin.late, false, None);
+        } else {
+            self.open_buf(&key, origin.late, origin.provisional, origin.incarnation);
+        }
         let Some(b) = self.buffers.get(&key) else {
             return;
         };
         // Every span found late here, not only the one that opened the late batch (the
         // registry counted those it found late itself).
-        if b.late && !msg_late {
+        if b.late && !origin.late {
             Counters::inc(&self.stats.late_spans);
         }
         // A span must fit a request; the open batch is also kept to its share of a quarter of
@@ -702,13 +740,28 @@ impl Worker {
     /// Opens `key`'s batch unless it is open. Spans of a call whose final batch already went
     /// out raced its call's end (queued before the end by another thread, counted after it, or
     /// joined to it after it ended): they travel as late detail with a fresh batch number, never
-    /// reusing one the receiver already stored.
-    fn open_buf(&mut self, key: &Arc<str>, msg_late: bool, provisional: bool) {
+    /// reusing one the receiver already stored. Spans of a *new* call under an id that ended
+    /// before (`incarnation` differs from the ended call's) are not late, but are numbered on
+    /// from the ended call too: the receiver keys batches by call id and number.
+    fn open_buf(
+        &mut self,
+        key: &Arc<str>,
+        msg_late: bool,
+        provisional: bool,
+        incarnation: Option<u64>,
+    ) {
         if self.buffers.contains_key(key) {
             return;
         }
         let ended = self.ended_seqs.get(key).copied();
-        let late = (msg_late || ended.is_some()) && !self.pending.contains_key(key);
+        // Unknown on either side (spans moved by a join; a call ended before a restart):
+        // assume the ended call's own.
+        let same_call = match (incarnation, self.ended_calls.get(key)) {
+            (Some(mine), Some(ended)) => mine == *ended,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let late = (msg_late || (ended.is_some() && same_call)) && !self.pending.contains_key(key);
         let next_seq = if late {
             ended.unwrap_or_else(|| {
                 self.late_seq = self.late_seq.saturating_add(1);
@@ -1331,7 +1384,7 @@ impl Worker {
         };
         // The join may reach the worker after the real call's end (an idle end, or another
         // thread's end sent first): the provisional call's spans are then its late detail.
-        self.open_buf(&to, false, false);
+        self.open_buf(&to, false, false, None);
         let Some(b) = self.buffers.get(&to) else {
             return;
         };
@@ -1404,6 +1457,7 @@ impl Worker {
                 turns: state.turns,
                 mark,
                 chunk,
+                incarnation: state.incarnation,
             },
         );
         // Its folds, whose joins may still wait in the control queue (an idle end is taken by
@@ -1461,7 +1515,7 @@ impl Worker {
         }
         // The spans packed since the call's last full chunk (its buffer exists: never late).
         if let Some(chunk) = p.chunk.take() {
-            self.on_chunk(&key, false, false, &chunk);
+            self.on_chunk(&key, Origin::of(p.incarnation), &chunk);
             self.settle_null_spans();
         }
         if self.core_outcome.get(&key) == Some(&CoreState::Failed) {
@@ -1490,6 +1544,7 @@ impl Worker {
             self.send_batch(&key, list, Some(&twm));
         }
         if let Some(b) = self.buffers.remove(&key) {
+            self.ended_calls.insert(key.clone(), p.incarnation);
             self.remember_seq(key, b.buf.next_seq);
         }
     }
@@ -1502,6 +1557,7 @@ impl Worker {
         while self.ended_order.len() > self.ended_seqs_kept {
             if let Some(old) = self.ended_order.pop_front() {
                 self.ended_seqs.remove(&old);
+                self.ended_calls.remove(&old);
             }
         }
     }
@@ -1775,6 +1831,9 @@ mod tests {
     }
 
     /// Hands the worker `span(id)` as it arrives: packed by an app thread, read back.
+    /// The registry's number of the call `feed` hands spans of.
+    const FED_CALL: u64 = 1;
+
     fn feed(w: &mut Worker, call: &Arc<str>, late: bool, provisional: bool, id: u64) {
         let s = span(id);
         let mut bytes = Vec::new();
@@ -1782,7 +1841,12 @@ mod tests {
         crate::packed::pack(&mut bytes, &s, Operation::Llm, dur, usize::MAX);
         let mut spans = crate::packed::Unpacker::new(&bytes);
         let one = spans.next_span().unwrap().unwrap();
-        w.on_span(call, late, provisional, &one);
+        let origin = Origin {
+            late,
+            provisional,
+            incarnation: Some(FED_CALL),
+        };
+        w.on_span(call, origin, &one);
     }
 
     /// A provisional call's chunk that arrives after its join opens a batch of the real call,
@@ -1976,6 +2040,31 @@ mod tests {
         assert!(w.redirects.is_empty());
     }
 
+    /// An id the registry forgot and opened again is a new call (another registry number, or
+    /// any call after a restart): its spans before its end are not late, and its batches are
+    /// numbered on from the ended call's, which the receiver may have stored.
+    #[test]
+    fn a_new_call_under_an_ended_id_is_not_late_and_numbers_on() {
+        let (mut w, _handle) = worker();
+        let (reused, replayed): (Arc<str>, Arc<str>) = ("reused".into(), "replayed".into());
+        w.ended_seqs.insert(reused.clone(), 4);
+        w.ended_calls.insert(reused.clone(), FED_CALL + 1);
+        // Known only from the spool of an earlier run.
+        w.ended_seqs.insert(replayed.clone(), 2);
+        for k in [&reused, &replayed] {
+            feed(&mut w, k, false, false, 2);
+            assert!(w.buffers.get(k).is_some_and(|b| !b.late), "{k}");
+            w.flush_buffer(k);
+        }
+        assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 0);
+        let sent: Vec<(&str, u32, bool)> = w
+            .queue
+            .iter()
+            .map(|j| (&*j.call, j.meta.seq, j.meta.late))
+            .collect();
+        assert_eq!(sent, [("reused", 4, false), ("replayed", 2, false)]);
+    }
+
     /// Spans of a call whose final batch already went out (they raced its end) are late,
     /// each of them.
     #[test]
@@ -1983,6 +2072,7 @@ mod tests {
         let (mut w, _handle) = worker();
         let k: Arc<str> = "over".into();
         w.ended_seqs.insert(k.clone(), 1);
+        w.ended_calls.insert(k.clone(), FED_CALL);
         for i in 0..3 {
             feed(&mut w, &k, false, false, 2 + i);
         }
