@@ -139,7 +139,9 @@ pub(crate) fn read_frames(buf: &[u8]) -> (Vec<(u64, &[u8])>, usize) {
         };
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if len > MAX_PAYLOAD {
+        // Every payload has at least its tag byte: a zero length is a zero-filled (torn) tail,
+        // whose "frames" would pass the check (the CRC of nothing is 0).
+        if len == 0 || len > MAX_PAYLOAD {
             break;
         }
         let Some(payload) = buf.get(at + HEADER..at + HEADER + len) else {
@@ -218,10 +220,10 @@ pub(crate) struct Spool {
     cur_len: u64,
     live_bytes: u64,
     dirty: bool,
-    /// Segments left with nothing live while the current one held unsynced records: deleted
-    /// at the next sync, so a power loss cannot take a record's replacement (not yet durable)
-    /// and the segment of the record it replaced together. Kept on disk until then, they are
-    /// replayed after a crash: the receiver's idempotency keys make that harmless.
+    /// Segments left with nothing live: deleted at the next sync, once the acks (written to the
+    /// current segment like any other) and whatever replaced their records are durable. A
+    /// process that stops before then leaves them behind with every record acked: the next
+    /// open deletes them.
     doomed: Vec<u64>,
     scratch: Vec<u8>,
 }
@@ -389,7 +391,7 @@ impl Spool {
     }
 
     /// Marks a data record acknowledged; deletes its segment when nothing in it is left (at the
-    /// next [`sync`](Self::sync) if records written since the last one are not durable yet).
+    /// next [`sync`](Self::sync), which makes the ack and any record written before it durable).
     /// `bytes` is what [`append`](Self::append) or recovery reported for it.
     pub(crate) fn ack(&mut self, id: RecId, bytes: u64) -> io::Result<()> {
         self.live_bytes = self.live_bytes.saturating_sub(bytes);
@@ -402,15 +404,11 @@ impl Spool {
             None => false,
         };
         if empty && id.seg != self.cur_id {
+            // Deleting it now could lose the record and its replacement together (a power loss
+            // before the replacement is synced); without an ack, a crash would replay it.
             self.segs.remove(&id.seg);
-            if self.dirty {
-                self.doomed.push(id.seg);
-            } else {
-                remove_segment(&self.dir, id.seg);
-            }
-            return Ok(());
-        }
-        if empty && self.cur_len >= SEGMENT_BYTES / 4 {
+            self.doomed.push(id.seg);
+        } else if empty && self.cur_len >= SEGMENT_BYTES / 4 {
             // The current segment holds nothing live: start afresh instead of growing it.
             return self.rotate();
         }
@@ -458,6 +456,15 @@ impl Spool {
             remove_segment(&self.dir, old);
         }
         Ok(())
+    }
+}
+
+impl Drop for Spool {
+    /// A clean stop makes the last acks durable and deletes the segments they emptied.
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e, "could not sync the spool at shutdown (its last acknowledged records may be sent again)");
+        }
     }
 }
 
@@ -600,7 +607,8 @@ mod tests {
         let r = &o.records[0];
         s.ack(r.id, r.bytes).unwrap();
         assert_eq!(s.live_bytes(), 0);
-        // Segment 0 had nothing left and is gone; the new one stays.
+        // Segment 0 has nothing left and goes at the next sync; the new one stays.
+        s.sync().unwrap();
         assert!(!seg.exists());
         drop(s);
         let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
@@ -631,6 +639,41 @@ mod tests {
         drop(s);
         let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(o.records.len(), 1);
+    }
+
+    /// The process stops (no sync, no drop) after a record was acked and its segment left for
+    /// the next sync: the ack itself is in the current segment, so the record does not come
+    /// back beside its replacement (a renumbered final would then share a number).
+    #[test]
+    fn a_record_acked_before_a_crash_does_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&meta(1), b"{\"a\":1}").unwrap();
+        drop(s);
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let old = &o.records[0];
+        s.append(&meta(2), b"{\"a\":2}").unwrap();
+        s.ack(old.id, old.bytes).unwrap();
+        std::mem::forget(s);
+        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+        assert_eq!(left, [meta(2)]);
+        assert!(
+            !seg_path(dir.path(), 0).exists(),
+            "an emptied segment is deleted at open"
+        );
+    }
+
+    /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
+    #[test]
+    fn zero_filled_tail_is_not_frames() {
+        let mut buf = Vec::new();
+        frame(b"x", &mut buf);
+        let valid = buf.len();
+        buf.extend_from_slice(&[0u8; 64]);
+        let (frames, ok) = read_frames(&buf);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(ok, valid);
     }
 
     proptest! {
