@@ -120,6 +120,16 @@ pub(crate) struct DetailMsg {
     pub incarnation: u64,
 }
 
+/// An id whose call the worker finished (or whose batch numbers it otherwise remembers).
+#[derive(Debug, Clone, Copy)]
+struct EndedId {
+    /// The registry's number of the last call finished under it (`None`: the id is known
+    /// from a late batch or an earlier run's spool only).
+    call: Option<u64>,
+    /// When its batch numbers were last remembered (see `Worker::ended_order`).
+    generation: u64,
+}
+
 /// What the app thread said of a chunk's spans.
 #[derive(Debug, Clone, Copy)]
 struct Origin {
@@ -322,14 +332,17 @@ struct Worker {
     /// `pending` by mark, smallest first (entries of calls finished otherwise are skipped).
     by_mark: BTreeSet<(u64, Arc<str>)>,
     ended_seqs: HashMap<Arc<str>, u32>,
-    ended_order: VecDeque<Arc<str>>,
+    /// Ids of `ended_seqs` by their last end, oldest first, with the `EndedId::generation` of that
+    /// end (entries of an id that ended again since are stale and skipped).
+    ended_order: VecDeque<(Arc<str>, u64)>,
+    /// The number of the last `remember_seq`.
+    ended_gen: u64,
     /// How many ended calls' numbers are kept: more than the registry remembers ended calls,
     /// so an id the registry lets start again (once it forgot it) is still numbered on from
     /// its first call, never from 0 again.
     ended_seqs_kept: usize,
-    /// The registry's number of the last call finished under each id of `ended_seqs` (absent
-    /// for ids the worker did not finish in this run).
-    ended_calls: HashMap<Arc<str>, u64>,
+    /// What else is known of each id of `ended_seqs`.
+    ended_calls: HashMap<Arc<str>, EndedId>,
     late_seq: u32,
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
@@ -396,6 +409,7 @@ impl Worker {
             by_mark: BTreeSet::new(),
             ended_seqs: HashMap::new(),
             ended_order: VecDeque::new(),
+            ended_gen: 0,
             ended_seqs_kept,
             ended_calls: HashMap::new(),
             late_seq: LATE_SEQ_BASE,
@@ -756,8 +770,8 @@ impl Worker {
         let ended = self.ended_seqs.get(key).copied();
         // Unknown on either side (spans moved by a join; a call ended before a restart):
         // assume the ended call's own.
-        let same_call = match (incarnation, self.ended_calls.get(key)) {
-            (Some(mine), Some(ended)) => mine == *ended,
+        let same_call = match (incarnation, self.ended_calls.get(key).and_then(|e| e.call)) {
+            (Some(mine), Some(ended)) => mine == ended,
             (Some(_), None) => false,
             (None, _) => true,
         };
@@ -1544,21 +1558,45 @@ impl Worker {
             self.send_batch(&key, list, Some(&twm));
         }
         if let Some(b) = self.buffers.remove(&key) {
-            self.ended_calls.insert(key.clone(), p.incarnation);
-            self.remember_seq(key, b.buf.next_seq);
+            self.remember_seq(key.clone(), b.buf.next_seq);
+            if let Some(e) = self.ended_calls.get_mut(&key) {
+                e.call = Some(p.incarnation);
+            }
         }
     }
 
+    /// Remembers `key`'s next batch number; the ids whose last end is oldest are forgotten
+    /// past `ended_seqs_kept`.
     fn remember_seq(&mut self, key: Arc<str>, next: u32) {
         self.redirects.retain(|_, to| *to != key);
-        if self.ended_seqs.insert(key.clone(), next).is_none() {
-            self.ended_order.push_back(key);
-        }
-        while self.ended_order.len() > self.ended_seqs_kept {
-            if let Some(old) = self.ended_order.pop_front() {
+        self.ended_gen += 1;
+        let generation = self.ended_gen;
+        self.ended_seqs.insert(key.clone(), next);
+        self.ended_calls
+            .entry(key.clone())
+            .and_modify(|e| e.generation = generation)
+            .or_insert(EndedId {
+                call: None,
+                generation,
+            });
+        self.ended_order.push_back((key, generation));
+        let current = |calls: &HashMap<Arc<str>, EndedId>, k: &Arc<str>, g: u64| {
+            calls.get(k).is_some_and(|e| e.generation == g)
+        };
+        while self.ended_seqs.len() > self.ended_seqs_kept {
+            let Some((old, g)) = self.ended_order.pop_front() else {
+                break;
+            };
+            if current(&self.ended_calls, &old, g) {
                 self.ended_seqs.remove(&old);
                 self.ended_calls.remove(&old);
             }
+        }
+        // An id remembered again leaves a stale entry behind: keep the queue within twice the
+        // ids it orders.
+        if self.ended_order.len() > self.ended_seqs_kept.saturating_mul(2) + 64 {
+            let calls = &self.ended_calls;
+            self.ended_order.retain(|(k, g)| current(calls, k, *g));
         }
     }
 
@@ -1830,10 +1868,16 @@ mod tests {
         }
     }
 
-    /// Hands the worker `span(id)` as it arrives: packed by an app thread, read back.
     /// The registry's number of the call `feed` hands spans of.
     const FED_CALL: u64 = 1;
 
+    /// `k`'s call finished, numbered up to `next`; `call` is its registry number, if known.
+    fn ended(w: &mut Worker, k: &Arc<str>, next: u32, call: Option<u64>) {
+        w.remember_seq(k.clone(), next);
+        w.ended_calls.get_mut(k).unwrap().call = call;
+    }
+
+    /// Hands the worker `span(id)` as it arrives: packed by an app thread, read back.
     fn feed(w: &mut Worker, call: &Arc<str>, late: bool, provisional: bool, id: u64) {
         let s = span(id);
         let mut bytes = Vec::new();
@@ -1874,7 +1918,7 @@ mod tests {
         feed(&mut w, &p, false, true, 2);
         feed(&mut w, &p, false, true, 3);
         // `real` finished: its batches 0, 1 and 2 (the final) went out.
-        w.ended_seqs.insert(real.clone(), 3);
+        ended(&mut w, &real, 3, None);
         w.on_join(p.clone(), real.clone());
         assert!(!w.buffers.contains_key(&p));
         assert!(w.buffers.get(&real).is_some_and(|b| b.late));
@@ -1980,7 +2024,7 @@ mod tests {
     fn a_call_id_ended_again_numbers_its_batches_after_its_first_call() {
         let (mut w, _handle) = worker();
         let k: Arc<str> = "again".into();
-        w.ended_seqs.insert(k.clone(), 3);
+        ended(&mut w, &k, 3, None);
         let state = CallState::new(k.clone(), false, 0, 1 << 16);
         let reason = crate::registry::EndReason::RootSpanEnded;
         // Its end waits for one more chunk, which arrives.
@@ -2047,10 +2091,9 @@ mod tests {
     fn a_new_call_under_an_ended_id_is_not_late_and_numbers_on() {
         let (mut w, _handle) = worker();
         let (reused, replayed): (Arc<str>, Arc<str>) = ("reused".into(), "replayed".into());
-        w.ended_seqs.insert(reused.clone(), 4);
-        w.ended_calls.insert(reused.clone(), FED_CALL + 1);
+        ended(&mut w, &reused, 4, Some(FED_CALL + 1));
         // Known only from the spool of an earlier run.
-        w.ended_seqs.insert(replayed.clone(), 2);
+        ended(&mut w, &replayed, 2, None);
         for k in [&reused, &replayed] {
             feed(&mut w, k, false, false, 2);
             assert!(w.buffers.get(k).is_some_and(|b| !b.late), "{k}");
@@ -2065,14 +2108,52 @@ mod tests {
         assert_eq!(sent, [("reused", 4, false), ("replayed", 2, false)]);
     }
 
+    /// Past `ended_seqs_kept` ids, the one whose *last* end is oldest is forgotten: an id that
+    /// ended again is kept (it may come back a third time, numbered on).
+    #[test]
+    fn the_id_forgotten_is_the_one_whose_last_end_is_oldest() {
+        let (mut w, _handle) = worker();
+        w.ended_seqs_kept = 2;
+        let [a, b, c]: [Arc<str>; 3] = ["a".into(), "b".into(), "c".into()];
+        ended(&mut w, &a, 1, Some(1));
+        ended(&mut w, &b, 1, Some(2));
+        ended(&mut w, &a, 2, Some(3));
+        ended(&mut w, &c, 1, Some(4));
+        let mut kept: Vec<&str> = w.ended_seqs.keys().map(|k| &**k).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["a", "c"]);
+        assert_eq!(w.ended_seqs.get(&a), Some(&2));
+        assert_eq!(w.ended_calls.len(), 2);
+        // Stale entries do not pile up.
+        for i in 0..1000 {
+            ended(&mut w, &a, 3 + i, Some(5));
+        }
+        assert!(w.ended_order.len() <= 2 * w.ended_seqs_kept + 64 + 1);
+    }
+
+    /// Finishing a call remembers its registry number: a chunk of that call arriving after
+    /// its final (counted after its end's mark) is late; one of a later call of the id is not.
+    #[test]
+    fn finish_remembers_which_call_ended() {
+        let (mut w, _handle) = worker();
+        let k: Arc<str> = "finished".into();
+        let mut state = CallState::new(k.clone(), false, 0, 1 << 16);
+        state.incarnation = FED_CALL;
+        let reason = crate::registry::EndReason::RootSpanEnded;
+        w.on_end(Ended { state, reason }, 0);
+        w.finish_ready();
+        assert_eq!(w.ended_calls.get(&k).and_then(|e| e.call), Some(FED_CALL));
+        feed(&mut w, &k, false, false, 2);
+        assert!(w.buffers.get(&k).is_some_and(|b| b.late));
+    }
+
     /// Spans of a call whose final batch already went out (they raced its end) are late,
     /// each of them.
     #[test]
     fn every_span_found_late_by_the_worker_is_counted() {
         let (mut w, _handle) = worker();
         let k: Arc<str> = "over".into();
-        w.ended_seqs.insert(k.clone(), 1);
-        w.ended_calls.insert(k.clone(), FED_CALL);
+        ended(&mut w, &k, 1, Some(FED_CALL));
         for i in 0..3 {
             feed(&mut w, &k, false, false, 2 + i);
         }
