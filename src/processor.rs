@@ -176,8 +176,8 @@ impl Outbox for Active {
 
     /// Tells the worker of a fold; called under the registry's lifecycle lock (never blocks:
     /// the control channel is unbounded, and a provisional call is folded at most once).
-    fn joined(&self, from: Arc<str>, to: Arc<str>) {
-        self.send_control(Control::Join { from, to });
+    fn joined(&self, from: Arc<str>, to: Arc<str>, call: u64) {
+        self.send_control(Control::Join { from, to, call });
     }
 }
 

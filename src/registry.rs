@@ -174,8 +174,9 @@ pub(crate) struct Routed {
 pub(crate) trait Outbox {
     /// A call's full chunk of packed spans (or a late span's), under the call's lock.
     fn ship(&self, s: Shipment);
-    /// Provisional call `from` was folded into `to`, under the lifecycle lock.
-    fn joined(&self, from: Arc<str>, to: Arc<str>);
+    /// Provisional call `from` was folded into `to`, whose registry number is `call`
+    /// ([`CallState::incarnation`]), under the lifecycle lock.
+    fn joined(&self, from: Arc<str>, to: Arc<str>, call: u64);
 }
 
 /// An [`Outbox`] that lets everything go (benchmarks of the registry alone).
@@ -183,7 +184,7 @@ pub(crate) struct Discard;
 
 impl Outbox for Discard {
     fn ship(&self, _: Shipment) {}
-    fn joined(&self, _: Arc<str>, _: Arc<str>) {}
+    fn joined(&self, _: Arc<str>, _: Arc<str>, _: u64) {}
 }
 
 /// A call's packed spans, ready for the worker: its chunk filled up, or the span is late.
@@ -204,7 +205,7 @@ struct Lifecycle {
     /// Open calls in creation order, with their [`Call::seq`] (may hold ended ones; compacted
     /// now and then).
     open_order: VecDeque<(Arc<str>, u64)>,
-    /// The next [`Call::seq`].
+    /// The last [`Call::seq`] given out.
     next_seq: u64,
     /// Forgotten calls to wait for before the full trace index is swept again.
     sweep_wait: usize,
@@ -251,8 +252,9 @@ pub(crate) struct Registry {
 impl Lifecycle {
     /// Puts a new call last in `open_order`; its [`Call::seq`].
     fn push_open(&mut self, key: Arc<str>) -> u64 {
-        let seq = self.next_seq;
+        // From 1: 0 is no call's (a late span's shipment, a state not yet in the table).
         self.next_seq += 1;
+        let seq = self.next_seq;
         self.open_order.push_back((key, seq));
         seq
     }
@@ -722,25 +724,25 @@ impl Registry {
         let open = self.calls.get(&*real).map(|e| e.value().clone());
         let merged = match &open {
             Some(r) => match r.lock().as_mut() {
-                Some(st) => Ok(st.merge(p)),
+                Some(st) => Ok((st.merge(p), st.incarnation)),
                 None => Err(p),
             },
             None => Err(p),
         };
-        let cut = match merged {
-            Ok(cut) => cut,
+        let (cut, call) = match merged {
+            Ok(merged) => merged,
             Err(p) => {
                 let mut st = CallState::new(real.clone(), false, p.first_seen_ns, self.text_cap);
                 let cut = st.merge(p);
                 let seq = lc.take_place(prov_call.seq, real.clone());
                 self.calls.insert(real.clone(), Call::new(st, seq));
                 self.open.fetch_add(1, Ordering::Relaxed);
-                cut
+                (cut, seq)
             }
         };
         Counters::add(&self.stats.text_truncations, cut);
         Counters::inc(&self.stats.calls_joined);
-        out.joined(prov.clone(), real.clone());
+        out.joined(prov.clone(), real.clone(), call);
         real
     }
 
@@ -957,7 +959,7 @@ mod tests {
                 .unwrap()
                 .push((sh.call_id.to_string(), sh.late));
         }
-        fn joined(&self, from: Arc<str>, to: Arc<str>) {
+        fn joined(&self, from: Arc<str>, to: Arc<str>, _: u64) {
             self.joined
                 .lock()
                 .unwrap()
@@ -1075,7 +1077,7 @@ mod tests {
         }
         impl Outbox for LockCheck<'_> {
             fn ship(&self, _: Shipment) {}
-            fn joined(&self, _: Arc<str>, _: Arc<str>) {
+            fn joined(&self, _: Arc<str>, _: Arc<str>, _: u64) {
                 let held = self.r.lifecycle.try_lock().is_err();
                 self.held.lock().unwrap().push(held);
             }

@@ -137,9 +137,8 @@ struct Origin {
     late: bool,
     /// The call is keyed by its trace id.
     provisional: bool,
-    /// The call's registry number (`None`: not known, as for a provisional call's spans
-    /// moved into the call it joined).
-    incarnation: Option<u64>,
+    /// The call's registry number ([`crate::call::CallState::incarnation`]).
+    incarnation: u64,
 }
 
 impl Origin {
@@ -148,7 +147,7 @@ impl Origin {
         Origin {
             late: false,
             provisional: false,
-            incarnation: Some(incarnation),
+            incarnation,
         }
     }
 }
@@ -158,8 +157,12 @@ impl Origin {
 pub(crate) enum Control {
     /// A call ended; `mark` = detail messages enqueued before it ended.
     End(Box<Ended>, u64),
-    /// A provisional call (trace id) joined its real call id.
-    Join { from: Arc<str>, to: Arc<str> },
+    /// A provisional call (trace id) joined its real call id, whose registry number is `call`.
+    Join {
+        from: Arc<str>,
+        to: Arc<str>,
+        call: u64,
+    },
     /// Deliver everything pending; ack when done.
     Flush { mark: u64, ack: SyncSender<()> },
     /// Deliver everything pending before `deadline`, then stop.
@@ -327,7 +330,8 @@ struct Worker {
     /// Outstanding payloads above which control messages wait (see the run loop).
     backlog_limit: usize,
     buffers: HashMap<Arc<str>, Buf>,
-    redirects: HashMap<Arc<str>, Arc<str>>,
+    /// Provisional calls folded into a call: its id and registry number.
+    redirects: HashMap<Arc<str>, (Arc<str>, u64)>,
     pending: HashMap<Arc<str>, PendingEnd>,
     /// `pending` by mark, smallest first (entries of calls finished otherwise are skipped).
     by_mark: BTreeSet<(u64, Arc<str>)>,
@@ -576,7 +580,7 @@ impl Worker {
                 self.ends_queued.fetch_sub(1, Ordering::AcqRel);
                 self.on_end(*e, mark)
             }
-            Control::Join { from, to } => self.on_join(from, to),
+            Control::Join { from, to, call } => self.on_join(from, to, call),
             Control::Flush { mark, ack } => {
                 // Spans still packed in open calls' chunks are part of what a flush delivers.
                 self.take_chunks(0);
@@ -665,7 +669,7 @@ impl Worker {
         let origin = Origin {
             late: msg.late,
             provisional: msg.provisional,
-            incarnation: Some(msg.incarnation),
+            incarnation: msg.incarnation,
         };
         self.on_chunk(&msg.call_id, origin, &msg.chunk);
     }
@@ -699,17 +703,19 @@ impl Worker {
     }
 
     fn on_span(&mut self, call_id: &Arc<str>, origin: Origin, span: &SpanRef<'_, '_>) {
-        let key = self
-            .redirects
-            .get(call_id)
-            .cloned()
-            .unwrap_or_else(|| call_id.clone());
-        if key != *call_id {
-            // A provisional call's span redirected to the call it joined is that call's.
-            self.open_buf(&key, origin.late, false, None);
-        } else {
-            self.open_buf(&key, origin.late, origin.provisional, origin.incarnation);
-        }
+        let key = match self.redirects.get(call_id) {
+            Some((to, call)) => {
+                // A provisional call's span redirected to the call it joined is that call's.
+                let (to, call) = (to.clone(), *call);
+                self.open_buf(&to, origin.late, false, call);
+                to
+            }
+            None => {
+                let provisional = origin.provisional;
+                self.open_buf(call_id, origin.late, provisional, origin.incarnation);
+                call_id.clone()
+            }
+        };
         let Some(b) = self.buffers.get(&key) else {
             return;
         };
@@ -755,26 +761,15 @@ impl Worker {
     /// out raced its call's end (queued before the end by another thread, counted after it, or
     /// joined to it after it ended): they travel as late detail with a fresh batch number, never
     /// reusing one the receiver already stored. Spans of a *new* call under an id that ended
-    /// before (`incarnation` differs from the ended call's) are not late, but are numbered on
-    /// from the ended call too: the receiver keys batches by call id and number.
-    fn open_buf(
-        &mut self,
-        key: &Arc<str>,
-        msg_late: bool,
-        provisional: bool,
-        incarnation: Option<u64>,
-    ) {
+    /// before (registry number `incarnation` is not the ended call's, or the id is known only
+    /// from a late batch or an earlier run's spool) are not late, but are numbered on from the
+    /// ended call too: the receiver keys batches by call id and number.
+    fn open_buf(&mut self, key: &Arc<str>, msg_late: bool, provisional: bool, incarnation: u64) {
         if self.buffers.contains_key(key) {
             return;
         }
         let ended = self.ended_seqs.get(key).copied();
-        // Unknown on either side (spans moved by a join; a call ended before a restart):
-        // assume the ended call's own.
-        let same_call = match (incarnation, self.ended_calls.get(key).and_then(|e| e.call)) {
-            (Some(mine), Some(ended)) => mine == ended,
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
+        let same_call = self.ended_calls.get(key).and_then(|e| e.call) == Some(incarnation);
         let late = (msg_late || (ended.is_some() && same_call)) && !self.pending.contains_key(key);
         let next_seq = if late {
             ended.unwrap_or_else(|| {
@@ -1384,21 +1379,24 @@ impl Worker {
 
     // ---- call ends -----------------------------------------------------------------------
 
-    fn on_join(&mut self, from: Arc<str>, to: Arc<str>) {
-        // Once `to` finished, every chunk of `from` is in (its end's mark counted them): a
-        // redirect would only linger.
+    fn on_join(&mut self, from: Arc<str>, to: Arc<str>, call: u64) {
+        // Once call `call` finished, every chunk of `from` is in (its end's mark counted
+        // them): a redirect would only linger.
         let finished = !self.buffers.contains_key(&to)
             && !self.pending.contains_key(&to)
-            && self.ended_seqs.contains_key(&to);
+            && self
+                .ended_calls
+                .get(&to)
+                .is_some_and(|e| e.call == Some(call));
         if !finished {
-            self.redirects.insert(from.clone(), to.clone());
+            self.redirects.insert(from.clone(), (to.clone(), call));
         }
         let Some(old) = self.buffers.remove(&from) else {
             return;
         };
         // The join may reach the worker after the real call's end (an idle end, or another
         // thread's end sent first): the provisional call's spans are then its late detail.
-        self.open_buf(&to, false, false, None);
+        self.open_buf(&to, false, false, call);
         let Some(b) = self.buffers.get(&to) else {
             return;
         };
@@ -1427,6 +1425,7 @@ impl Worker {
         let chunk = state.chunk.take();
         let call_id = state.call_id.clone();
         let folded = std::mem::take(&mut state.folded);
+        let incarnation = state.incarnation;
         if let Some(old) = self.pending.remove(&call_id) {
             // The same id ended twice before its first end was finished: finish that one now.
             self.finish(call_id.clone(), old);
@@ -1471,13 +1470,13 @@ impl Worker {
                 turns: state.turns,
                 mark,
                 chunk,
-                incarnation: state.incarnation,
+                incarnation,
             },
         );
         // Its folds, whose joins may still wait in the control queue (an idle end is taken by
         // the tick): their detail is this call's, in its final batch, not late detail after it.
         for from in folded {
-            self.on_join(from, call_id.clone());
+            self.on_join(from, call_id.clone(), incarnation);
         }
     }
 
@@ -1519,7 +1518,7 @@ impl Worker {
         if self.cfg.detail == DetailMode::None {
             self.buffers.remove(&key);
             self.core_outcome.remove(&key);
-            self.redirects.retain(|_, to| *to != key);
+            self.redirects.retain(|_, (to, _)| *to != key);
             return;
         }
         if !self.buffers.contains_key(&key) {
@@ -1568,7 +1567,7 @@ impl Worker {
     /// Remembers `key`'s next batch number; the ids whose last end is oldest are forgotten
     /// past `ended_seqs_kept`.
     fn remember_seq(&mut self, key: Arc<str>, next: u32) {
-        self.redirects.retain(|_, to| *to != key);
+        self.redirects.retain(|_, (to, _)| *to != key);
         self.ended_gen += 1;
         let generation = self.ended_gen;
         self.ended_seqs.insert(key.clone(), next);
@@ -1888,7 +1887,7 @@ mod tests {
         let origin = Origin {
             late,
             provisional,
-            incarnation: Some(FED_CALL),
+            incarnation: FED_CALL,
         };
         w.on_span(call, origin, &one);
     }
@@ -1901,7 +1900,7 @@ mod tests {
         let (mut w, _handle) = worker();
         let (p, real): (Arc<str>, Arc<str>) =
             ("0000000000000000000000000000000a".into(), "real".into());
-        w.on_join(p.clone(), real.clone());
+        w.on_join(p.clone(), real.clone(), FED_CALL);
         feed(&mut w, &p, false, true, 2);
         assert!(!w.buffers.contains_key(&p));
         assert!(w.buffers.get(&real).is_some_and(|b| !b.provisional));
@@ -1918,8 +1917,8 @@ mod tests {
         feed(&mut w, &p, false, true, 2);
         feed(&mut w, &p, false, true, 3);
         // `real` finished: its batches 0, 1 and 2 (the final) went out.
-        ended(&mut w, &real, 3, None);
-        w.on_join(p.clone(), real.clone());
+        ended(&mut w, &real, 3, Some(FED_CALL));
+        w.on_join(p.clone(), real.clone(), FED_CALL);
         assert!(!w.buffers.contains_key(&p));
         assert!(w.buffers.get(&real).is_some_and(|b| b.late));
         assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 2);
@@ -2002,7 +2001,7 @@ mod tests {
             0,
         );
         w.finish_ready();
-        w.on_join(p.clone(), real.clone());
+        w.on_join(p.clone(), real.clone(), 0);
         let fin = &w
             .held
             .get(&real)
@@ -2075,7 +2074,7 @@ mod tests {
             "0000000000000000000000000000000d".into(),
             "no-detail".into(),
         );
-        w.on_join(p.clone(), real.clone());
+        w.on_join(p.clone(), real.clone(), 0);
         let mut state = CallState::new(real.clone(), false, 0, 1 << 16);
         state.merge(CallState::new(p, true, 0, 1 << 16));
         let reason = crate::registry::EndReason::RootSpanEnded;
@@ -2145,6 +2144,33 @@ mod tests {
         assert_eq!(w.ended_calls.get(&k).and_then(|e| e.call), Some(FED_CALL));
         feed(&mut w, &k, false, false, 2);
         assert!(w.buffers.get(&k).is_some_and(|b| b.late));
+    }
+
+    /// A provisional call joins a *new* call under an id that ended before: its spans are the
+    /// new call's (not late), numbered on from the ended call's batches.
+    #[test]
+    fn a_join_into_a_new_call_under_an_ended_id_is_not_late() {
+        let (mut w, _handle) = worker();
+        let (p, real): (Arc<str>, Arc<str>) =
+            ("0000000000000000000000000000000e".into(), "room-7".into());
+        ended(&mut w, &real, 4, Some(FED_CALL));
+        feed(&mut w, &p, false, true, 2);
+        w.on_join(p.clone(), real.clone(), FED_CALL + 1);
+        // A later chunk of the provisional call follows the join.
+        feed(&mut w, &p, false, true, 3);
+        assert!(
+            w.buffers
+                .get(&real)
+                .is_some_and(|b| !b.late && !b.provisional)
+        );
+        assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 0);
+        w.flush_buffer(&real);
+        let sent: Vec<(u32, bool, u32)> = w
+            .queue
+            .iter()
+            .map(|j| (j.meta.seq, j.meta.late, j.meta.spans))
+            .collect();
+        assert_eq!(sent, [(4, false, 2)]);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
