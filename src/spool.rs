@@ -4,17 +4,19 @@
 //! Layout: append-only segment files `<id>.seg` (id zero-padded, increasing). Each record is
 //! framed as `len: u32 LE | crc32c(payload): u32 LE | payload`. A payload is either a data
 //! record (a core or detail body and what the worker needs to resend it) or an ack record naming
-//! a data record that was acknowledged. A segment file is deleted once every data record in it
-//! was acknowledged (and it is no longer the one being appended to).
+//! a data record that was acknowledged. A segment file is deleted, at a sync (once what was
+//! written before is durable), when every data record in it was acknowledged, it is no longer
+//! the one being appended to, and every segment its ack records point into is gone: deleting
+//! it earlier would bring those records back at the next start.
 //!
-//! Recovery reads the segments in order; the first frame that is short or fails its CRC ends
-//! that segment (a torn or corrupt tail): it is counted, the file is cut back to its valid
-//! prefix, and every record before it is replayed. The framing and recovery logic below
+//! Recovery reads the segments in order; the first frame that is short, has a zero length or
+//! fails its CRC ends that segment (a torn or corrupt tail): it is counted, the file is cut back
+//! to its valid prefix, and every record before it is replayed. The framing and recovery logic below
 //! (`frame`, `read_frames`, `Payload::decode`) is pure and tested without a disk.
 //!
 //! All spool I/O runs on the worker thread, never in `on_end`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -207,6 +209,8 @@ struct Segment {
     live: usize,
     /// Their bytes.
     live_bytes: u64,
+    /// Older segments holding records this one's ack records acknowledge.
+    acks_into: BTreeSet<u64>,
 }
 
 /// The open spool. Not thread-safe by design: only the worker owns it.
@@ -220,11 +224,10 @@ pub(crate) struct Spool {
     cur_len: u64,
     live_bytes: u64,
     dirty: bool,
-    /// Segments left with nothing live: deleted at the next sync, once the acks (written to the
-    /// current segment like any other) and whatever replaced their records are durable. A
-    /// process that stops before then leaves them behind with every record acked: the next
-    /// open deletes them.
-    doomed: Vec<u64>,
+    /// An fsync failed: a later one may report success for data that never reached the disk
+    /// (Linux forgets a writeback error once reported), so no segment is deleted any more in
+    /// this run (the next start replays what they held; the receiver drops duplicates).
+    sync_failed: bool,
     scratch: Vec<u8>,
 }
 
@@ -261,6 +264,7 @@ impl Spool {
         ids.sort_unstable();
         // One segment in memory at a time.
         let mut acked = HashSet::new();
+        let mut acks_into: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         let mut records = Vec::new();
         let mut opened = Opened::default();
         for &id in &ids {
@@ -269,6 +273,10 @@ impl Spool {
             File::open(&path)?.read_to_end(&mut buf)?;
             let (data, acks, ok) = scan(id, &buf);
             records.extend(data);
+            let targets: BTreeSet<u64> = acks.iter().map(|a| a.seg).filter(|&s| s != id).collect();
+            if !targets.is_empty() {
+                acks_into.insert(id, targets);
+            }
             acked.extend(acks);
             if ok < buf.len() {
                 opened.corrupt_tails += 1;
@@ -286,7 +294,13 @@ impl Spool {
             }
         }
         records.retain(|r| !acked.contains(&r.id));
-        let mut segs: BTreeMap<u64, Segment> = BTreeMap::new();
+        let mut segs: BTreeMap<u64, Segment> =
+            ids.iter().map(|&id| (id, Segment::default())).collect();
+        for (seg, targets) in acks_into {
+            if let Some(s) = segs.get_mut(&seg) {
+                s.acks_into = targets;
+            }
+        }
         let mut live_bytes = 0;
         for r in &records {
             let s = segs.entry(r.id.seg).or_default();
@@ -294,31 +308,25 @@ impl Spool {
             s.live_bytes += r.bytes;
             live_bytes += r.bytes;
         }
-        // Segments with nothing left to deliver go now.
-        for id in &ids {
-            if !segs.contains_key(id) {
-                remove_segment(dir, *id);
-            }
-        }
         let cur_id = ids.last().map_or(0, |l| l + 1);
         let cur = new_segment(dir, cur_id)?;
         segs.insert(cur_id, Segment::default());
         opened.records = records;
-        Ok((
-            Spool {
-                dir: dir.to_owned(),
-                max_bytes,
-                segs,
-                cur_id,
-                cur,
-                cur_len: 0,
-                live_bytes,
-                dirty: false,
-                doomed: Vec::new(),
-                scratch: Vec::new(),
-            },
-            opened,
-        ))
+        let mut spool = Spool {
+            dir: dir.to_owned(),
+            max_bytes,
+            segs,
+            cur_id,
+            cur,
+            cur_len: 0,
+            live_bytes,
+            dirty: false,
+            sync_failed: false,
+            scratch: Vec::new(),
+        };
+        // Segments with nothing left to deliver and no ack anything still needs go now.
+        spool.collect();
+        Ok((spool, opened))
     }
 
     /// Bytes of unacknowledged records.
@@ -381,13 +389,39 @@ impl Spool {
     /// Makes every record written so far durable (one `fsync` for all of them).
     pub(crate) fn sync(&mut self) -> io::Result<()> {
         if self.dirty {
-            self.cur.sync_data()?;
+            if let Err(e) = self.cur.sync_data() {
+                self.sync_failed = true;
+                return Err(e);
+            }
             self.dirty = false;
         }
-        for seg in self.doomed.drain(..) {
-            remove_segment(&self.dir, seg);
+        if !self.sync_failed {
+            self.collect();
         }
         Ok(())
+    }
+
+    /// Deletes the segments nothing needs any more (see the module docs); oldest first, so a
+    /// segment whose acks pointed only into segments deleted here goes in the same pass.
+    fn collect(&mut self) {
+        let cur = self.cur_id;
+        let done: Vec<u64> = {
+            let mut gone = Vec::new();
+            for (&id, s) in &self.segs {
+                let needed = s
+                    .acks_into
+                    .iter()
+                    .any(|t| *t != id && self.segs.contains_key(t) && !gone.contains(t));
+                if id != cur && s.live == 0 && !needed {
+                    gone.push(id);
+                }
+            }
+            gone
+        };
+        for id in done {
+            self.segs.remove(&id);
+            remove_segment(&self.dir, id);
+        }
     }
 
     /// Marks a data record acknowledged; deletes its segment when nothing in it is left (at the
@@ -403,20 +437,25 @@ impl Spool {
             }
             None => false,
         };
-        if empty && id.seg != self.cur_id {
-            // Deleting it now could lose the record and its replacement together (a power loss
-            // before the replacement is synced); without an ack, a crash would replay it.
-            self.segs.remove(&id.seg);
-            self.doomed.push(id.seg);
-        } else if empty && self.cur_len >= SEGMENT_BYTES / 4 {
-            // The current segment holds nothing live: start afresh instead of growing it.
-            return self.rotate();
-        }
+        // Written even when the record's segment is now empty: that segment is deleted only at
+        // a sync, once this ack and whatever replaced the record are durable, and a crash
+        // before then must not bring the record back.
         let mut p = Vec::with_capacity(17);
         Payload::Ack(id).encode(&mut p);
         let mut framed = Vec::with_capacity(p.len() + HEADER);
         frame(&p, &mut framed);
-        self.write(&framed)
+        self.write(&framed)?;
+        let cur = self.cur_id;
+        if id.seg != cur
+            && let Some(s) = self.segs.get_mut(&cur)
+        {
+            s.acks_into.insert(id.seg);
+        }
+        if empty && id.seg == cur && self.cur_len >= SEGMENT_BYTES / 4 {
+            // The current segment holds nothing live: start afresh instead of growing it.
+            return self.rotate();
+        }
+        Ok(())
     }
 
     /// Reads a data record back (for a body that was let go from memory).
@@ -444,17 +483,13 @@ impl Spool {
         }
     }
 
+    /// Starts a new segment (the old one is deleted at a later sync if nothing needs it).
     fn rotate(&mut self) -> io::Result<()> {
         self.sync()?;
-        let old = self.cur_id;
         self.cur_id += 1;
         self.cur = new_segment(&self.dir, self.cur_id)?;
         self.cur_len = 0;
         self.segs.insert(self.cur_id, Segment::default());
-        if self.segs.get(&old).is_some_and(|s| s.live == 0) {
-            self.segs.remove(&old);
-            remove_segment(&self.dir, old);
-        }
         Ok(())
     }
 }
@@ -662,6 +697,35 @@ mod tests {
             !seg_path(dir.path(), 0).exists(),
             "an emptied segment is deleted at open"
         );
+    }
+
+    /// An ack in a segment with no data of its own is needed while the acked record's segment
+    /// lives (kept there by another record): deleting it would bring the record back.
+    #[test]
+    fn a_segment_is_kept_while_its_acks_are_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&meta(1), b"{\"r\":1}").unwrap();
+        s.append(&meta(2), b"{\"r\":2}").unwrap();
+        drop(s);
+        // Run 2 acknowledges the first record; its ack goes to segment 1.
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(o.records.len(), 2);
+        s.ack(o.records[0].id, o.records[0].bytes).unwrap();
+        drop(s);
+        // Runs 3 and 4 find only the second record, each time.
+        for run in [3, 4] {
+            let (s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+            let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+            assert_eq!(left, [meta(2)], "run {run}");
+            drop(s);
+        }
+        // Once the second record is acknowledged too, everything but the current segment goes.
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.ack(o.records[0].id, o.records[0].bytes).unwrap();
+        s.sync().unwrap();
+        let segs = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(segs, 1);
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
