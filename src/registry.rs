@@ -950,6 +950,8 @@ mod tests {
     struct Seen {
         shipped: StdMutex<Vec<(String, bool)>>,
         joined: StdMutex<Vec<(String, String)>>,
+        /// The registry number each fold named.
+        join_calls: StdMutex<Vec<u64>>,
     }
 
     impl Outbox for Seen {
@@ -959,7 +961,8 @@ mod tests {
                 .unwrap()
                 .push((sh.call_id.to_string(), sh.late));
         }
-        fn joined(&self, from: Arc<str>, to: Arc<str>, _: u64) {
+        fn joined(&self, from: Arc<str>, to: Arc<str>, call: u64) {
+            self.join_calls.lock().unwrap().push(call);
             self.joined
                 .lock()
                 .unwrap()
@@ -1045,6 +1048,10 @@ mod tests {
         assert_eq!(end.ended.len(), 1);
         assert_eq!(&*end.ended[0].state.call_id, "real");
         assert_eq!(total_spans(&end.ended[0]), 5);
+        // The fold named the call it created (no call was open under "real").
+        let call = end.ended[0].state.incarnation;
+        assert!(call >= 1);
+        assert_eq!(*seen.join_calls.lock().unwrap(), [call]);
         assert_eq!(r.open_calls(), 0);
         assert_eq!(r.stats.late_spans.load(Ordering::Relaxed), 0);
     }
@@ -1063,6 +1070,23 @@ mod tests {
         let third = seen.record(&r, &span(3, 2, Some(1), Some("third")));
         let evicted: Vec<&str> = third.ended.iter().map(|e| &*e.state.call_id).collect();
         assert_eq!(evicted, ["older"]);
+    }
+
+    /// A fold into a call already open names that call's registry number.
+    #[test]
+    fn a_fold_into_an_open_call_names_its_number() {
+        let r = registry();
+        let seen = Seen::default();
+        seen.record(&r, &span(6, 2, Some(1), Some("real")));
+        seen.record(&r, &span(5, 2, Some(1), None));
+        seen.record(&r, &span(5, 3, Some(1), Some("real")));
+        let end = seen.record(&r, &span(6, 1, None, None));
+        assert_eq!(&*end.ended[0].state.call_id, "real");
+        assert_eq!(total_spans(&end.ended[0]), 4);
+        assert_eq!(
+            *seen.join_calls.lock().unwrap(),
+            [end.ended[0].state.incarnation]
+        );
     }
 
     /// A fold is told to the worker before the lifecycle lock is let go: another thread's

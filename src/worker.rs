@@ -1380,6 +1380,9 @@ impl Worker {
     // ---- call ends -----------------------------------------------------------------------
 
     fn on_join(&mut self, from: Arc<str>, to: Arc<str>, call: u64) {
+        if self.cfg.detail == DetailMode::None {
+            return;
+        }
         // Once call `call` finished, every chunk of `from` is in (its end's mark counted
         // them): a redirect would only linger.
         let finished = !self.buffers.contains_key(&to)
@@ -1515,10 +1518,12 @@ impl Worker {
     /// Every span of an ended call is batched: its remaining spans and its transcript become
     /// the final batch, held until the core is acknowledged.
     fn finish(&mut self, key: Arc<str>, mut p: PendingEnd) {
+        // Every chunk of the calls folded into this one is in (the end's mark counted them).
+        self.redirects
+            .retain(|_, (to, call)| !(*to == key && *call == p.incarnation));
         if self.cfg.detail == DetailMode::None {
             self.buffers.remove(&key);
             self.core_outcome.remove(&key);
-            self.redirects.retain(|_, (to, _)| *to != key);
             return;
         }
         if !self.buffers.contains_key(&key) {
@@ -1567,7 +1572,6 @@ impl Worker {
     /// Remembers `key`'s next batch number; the ids whose last end is oldest are forgotten
     /// past `ended_seqs_kept`.
     fn remember_seq(&mut self, key: Arc<str>, next: u32) {
-        self.redirects.retain(|_, (to, _)| *to != key);
         self.ended_gen += 1;
         let generation = self.ended_gen;
         self.ended_seqs.insert(key.clone(), next);
@@ -2171,6 +2175,27 @@ mod tests {
             .map(|j| (j.meta.seq, j.meta.late, j.meta.spans))
             .collect();
         assert_eq!(sent, [(4, false, 2)]);
+    }
+
+    /// A late batch of an id's old call goes out while a newer call under the id has a
+    /// provisional call folded into it: the newer call's redirect stays (only its own end
+    /// removes it), so the provisional call's later chunks still follow it.
+    #[test]
+    fn an_old_calls_late_batch_leaves_a_newer_calls_redirect() {
+        let (mut w, _handle) = worker();
+        let (p, k): (Arc<str>, Arc<str>) =
+            ("0000000000000000000000000000000f".into(), "room-9".into());
+        ended(&mut w, &k, 3, Some(FED_CALL));
+        w.on_join(p.clone(), k.clone(), FED_CALL + 1);
+        // A late span of the old call, its batch sent on the batch timeout.
+        feed(&mut w, &k, true, false, 2);
+        w.flush_buffer(&k);
+        feed(&mut w, &p, false, true, 3);
+        assert!(
+            !w.buffers.contains_key(&p),
+            "the provisional chunk lost its way"
+        );
+        assert!(w.buffers.get(&k).is_some_and(|b| !b.late));
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
