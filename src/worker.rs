@@ -1880,6 +1880,15 @@ mod tests {
         w.ended_calls.get_mut(k).unwrap().call = call;
     }
 
+    /// Sends `k`'s open batch; the queue's batches as `(batch_seq, late, spans)`.
+    fn flush_and_list(w: &mut Worker, k: &Arc<str>) -> Vec<(u32, bool, u32)> {
+        w.flush_buffer(k);
+        w.queue
+            .iter()
+            .map(|j| (j.meta.seq, j.meta.late, j.meta.spans))
+            .collect()
+    }
+
     /// Hands the worker `span(id)` as it arrives: packed by an app thread, read back.
     fn feed(w: &mut Worker, call: &Arc<str>, late: bool, provisional: bool, id: u64) {
         let s = span(id);
@@ -1926,12 +1935,7 @@ mod tests {
         assert!(!w.buffers.contains_key(&p));
         assert!(w.buffers.get(&real).is_some_and(|b| b.late));
         assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 2);
-        w.flush_buffer(&real);
-        let sent: Vec<(u32, bool, u32)> = w
-            .queue
-            .iter()
-            .map(|j| (j.meta.seq, j.meta.late, j.meta.spans))
-            .collect();
+        let sent = flush_and_list(&mut w, &real);
         assert_eq!(sent, [(3, true, 2)]);
         // The late batch went: a later end or late span of `real` is numbered after it.
         assert_eq!(w.ended_seqs.get(&real), Some(&4));
@@ -2168,12 +2172,7 @@ mod tests {
                 .is_some_and(|b| !b.late && !b.provisional)
         );
         assert_eq!(w.stats.late_spans.load(Ordering::Relaxed), 0);
-        w.flush_buffer(&real);
-        let sent: Vec<(u32, bool, u32)> = w
-            .queue
-            .iter()
-            .map(|j| (j.meta.seq, j.meta.late, j.meta.spans))
-            .collect();
+        let sent = flush_and_list(&mut w, &real);
         assert_eq!(sent, [(4, false, 2)]);
     }
 
