@@ -4,10 +4,12 @@
 //! Layout: append-only segment files `<id>.seg` (id zero-padded, increasing). Each record is
 //! framed as `len: u32 LE | crc32c(payload): u32 LE | payload`. A payload is either a data
 //! record (a core or detail body and what the worker needs to resend it) or an ack record naming
-//! a data record that was acknowledged. A segment file is deleted, at a sync (once what was
-//! written before is durable), when every data record in it was acknowledged, it is no longer
-//! the one being appended to, and every segment its ack records point into is gone: deleting
-//! it earlier would bring those records back at the next start.
+//! a data record that was acknowledged. A segment file is deleted, at a sync (once the acks and
+//! any records that replaced its own are durable), when every data record in it was
+//! acknowledged and it is no longer the one being appended to. Its ack records go with it: a
+//! record of an older segment they acknowledged is then replayed at the next start, a
+//! duplicate the receiver drops by its idempotency key (keeping every ack-carrying segment
+//! instead would let one long-pending record pin all later segments on disk).
 //!
 //! Recovery reads the segments in order; the first frame that is short, has a zero length or
 //! fails its CRC ends that segment (a torn or corrupt tail): it is counted, the file is cut back
@@ -16,7 +18,7 @@
 //!
 //! All spool I/O runs on the worker thread, never in `on_end`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -209,8 +211,6 @@ struct Segment {
     live: usize,
     /// Their bytes.
     live_bytes: u64,
-    /// Older segments holding records this one's ack records acknowledge.
-    acks_into: BTreeSet<u64>,
 }
 
 /// The open spool. Not thread-safe by design: only the worker owns it.
@@ -264,7 +264,6 @@ impl Spool {
         ids.sort_unstable();
         // One segment in memory at a time.
         let mut acked = HashSet::new();
-        let mut acks_into: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         let mut records = Vec::new();
         let mut opened = Opened::default();
         for &id in &ids {
@@ -273,10 +272,6 @@ impl Spool {
             File::open(&path)?.read_to_end(&mut buf)?;
             let (data, acks, ok) = scan(id, &buf);
             records.extend(data);
-            let targets: BTreeSet<u64> = acks.iter().map(|a| a.seg).filter(|&s| s != id).collect();
-            if !targets.is_empty() {
-                acks_into.insert(id, targets);
-            }
             acked.extend(acks);
             if ok < buf.len() {
                 opened.corrupt_tails += 1;
@@ -296,11 +291,6 @@ impl Spool {
         records.retain(|r| !acked.contains(&r.id));
         let mut segs: BTreeMap<u64, Segment> =
             ids.iter().map(|&id| (id, Segment::default())).collect();
-        for (seg, targets) in acks_into {
-            if let Some(s) = segs.get_mut(&seg) {
-                s.acks_into = targets;
-            }
-        }
         let mut live_bytes = 0;
         for r in &records {
             let s = segs.entry(r.id.seg).or_default();
@@ -324,7 +314,19 @@ impl Spool {
             sync_failed: false,
             scratch: Vec::new(),
         };
-        // Segments with nothing left to deliver and no ack anything still needs go now.
+        // Segments with nothing left to deliver go now, on the word of acks a crashed run may
+        // have left in the page cache only: make those durable first.
+        if spool
+            .segs
+            .iter()
+            .any(|(&id, s)| id != cur_id && s.live == 0)
+        {
+            for id in &ids {
+                if let Ok(f) = File::open(seg_path(dir, *id)) {
+                    f.sync_all()?;
+                }
+            }
+        }
         spool.collect();
         Ok((spool, opened))
     }
@@ -401,23 +403,15 @@ impl Spool {
         Ok(())
     }
 
-    /// Deletes the segments nothing needs any more (see the module docs); oldest first, so a
-    /// segment whose acks pointed only into segments deleted here goes in the same pass.
+    /// Deletes the segments with nothing pending that are no longer appended to.
     fn collect(&mut self) {
         let cur = self.cur_id;
-        let done: Vec<u64> = {
-            let mut gone = Vec::new();
-            for (&id, s) in &self.segs {
-                let needed = s
-                    .acks_into
-                    .iter()
-                    .any(|t| *t != id && self.segs.contains_key(t) && !gone.contains(t));
-                if id != cur && s.live == 0 && !needed {
-                    gone.push(id);
-                }
-            }
-            gone
-        };
+        let done: Vec<u64> = self
+            .segs
+            .iter()
+            .filter(|&(&id, s)| id != cur && s.live == 0)
+            .map(|(&id, _)| id)
+            .collect();
         for id in done {
             self.segs.remove(&id);
             remove_segment(&self.dir, id);
@@ -445,13 +439,7 @@ impl Spool {
         let mut framed = Vec::with_capacity(p.len() + HEADER);
         frame(&p, &mut framed);
         self.write(&framed)?;
-        let cur = self.cur_id;
-        if id.seg != cur
-            && let Some(s) = self.segs.get_mut(&cur)
-        {
-            s.acks_into.insert(id.seg);
-        }
-        if empty && id.seg == cur && self.cur_len >= SEGMENT_BYTES / 4 {
+        if empty && id.seg == self.cur_id && self.cur_len >= SEGMENT_BYTES / 4 {
             // The current segment holds nothing live: start afresh instead of growing it.
             return self.rotate();
         }
@@ -697,35 +685,6 @@ mod tests {
             !seg_path(dir.path(), 0).exists(),
             "an emptied segment is deleted at open"
         );
-    }
-
-    /// An ack in a segment with no data of its own is needed while the acked record's segment
-    /// lives (kept there by another record): deleting it would bring the record back.
-    #[test]
-    fn a_segment_is_kept_while_its_acks_are_needed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append(&meta(1), b"{\"r\":1}").unwrap();
-        s.append(&meta(2), b"{\"r\":2}").unwrap();
-        drop(s);
-        // Run 2 acknowledges the first record; its ack goes to segment 1.
-        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(o.records.len(), 2);
-        s.ack(o.records[0].id, o.records[0].bytes).unwrap();
-        drop(s);
-        // Runs 3 and 4 find only the second record, each time.
-        for run in [3, 4] {
-            let (s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
-            let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
-            assert_eq!(left, [meta(2)], "run {run}");
-            drop(s);
-        }
-        // Once the second record is acknowledged too, everything but the current segment goes.
-        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.ack(o.records[0].id, o.records[0].bytes).unwrap();
-        s.sync().unwrap();
-        let segs = fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(segs, 1);
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
