@@ -772,6 +772,11 @@ impl Registry {
         }
     }
 
+    /// Whether call number `call` ([`CallState::incarnation`]) is open under `id`.
+    pub(crate) fn is_open(&self, id: &str, call: u64) -> bool {
+        self.calls.get(id).is_some_and(|c| c.seq == call)
+    }
+
     /// How many ended calls are remembered (their spans are late); an id forgotten can open
     /// a call again.
     pub(crate) fn ended_cap(&self) -> usize {

@@ -639,6 +639,7 @@ impl Worker {
             self.on_end(e, mark);
         }
         self.reg.sweep_traces_if_due();
+        self.sweep_redirects();
         let now = Instant::now();
         let due: Vec<Arc<str>> = self
             .buffers
@@ -1378,6 +1379,20 @@ impl Worker {
     }
 
     // ---- call ends -----------------------------------------------------------------------
+
+    /// Drops the redirects of calls neither open in the registry nor waiting here to finish: a
+    /// join read after its call finished, or a call whose end was dropped (backlog). Their
+    /// provisional calls' chunks are all in (the end's mark counted them); a fold this misses
+    /// is still applied at the call's end, from its state's list.
+    fn sweep_redirects(&mut self) {
+        if self.redirects.is_empty() {
+            return;
+        }
+        let (reg, pending) = (&self.reg, &self.pending);
+        self.redirects.retain(|_, (to, call)| {
+            reg.is_open(to, *call) || pending.get(to).is_some_and(|p| p.incarnation == *call)
+        });
+    }
 
     fn on_join(&mut self, from: Arc<str>, to: Arc<str>, call: u64) {
         if self.cfg.detail == DetailMode::None {
@@ -2195,6 +2210,25 @@ mod tests {
             "the provisional chunk lost its way"
         );
         assert!(w.buffers.get(&k).is_some_and(|b| !b.late));
+    }
+
+    /// A join read after its call finished (or whose call's end was dropped) leaves a redirect
+    /// nothing would remove: the tick drops those whose call is neither open nor pending.
+    #[test]
+    fn the_tick_drops_redirects_of_calls_no_longer_open() {
+        let (mut w, _handle) = worker();
+        let mut s = span(2);
+        s.attributes = vec![opentelemetry::KeyValue::new("call.id", "live")];
+        w.reg.record(&s, w.reg.now_ns(), &crate::registry::Discard);
+        // The registry's first call is number 1.
+        assert!(w.reg.is_open("live", 1));
+        let (p1, p2): (Arc<str>, Arc<str>) = ("p1".into(), "p2".into());
+        w.on_join(p1.clone(), "live".into(), 1);
+        w.on_join(p2.clone(), "gone".into(), 7);
+        w.sweep_redirects();
+        let mut left: Vec<&str> = w.redirects.keys().map(|k| &**k).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["p1"]);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
