@@ -687,6 +687,38 @@ mod tests {
         );
     }
 
+    /// Across a rotate at run time: a full segment's records acked from the next segment stay
+    /// acked after a crash before the sync, and the segment goes at the sync.
+    #[test]
+    fn a_rotated_segment_goes_at_the_sync_after_its_last_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; (SEGMENT_BYTES / 2 + 1) as usize];
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let (r1, b1) = s.append(&meta(1), &big).unwrap();
+        let (r2, b2) = s.append(&meta(2), &big).unwrap();
+        // Segment 0 is full: the next record starts segment 1.
+        let (r3, _) = s.append(&meta(3), b"{}").unwrap();
+        assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
+        s.ack(r1, b1).unwrap();
+        s.ack(r2, b2).unwrap();
+        let seg0 = seg_path(dir.path(), 0);
+        assert!(seg0.exists(), "deleted before the sync");
+        s.sync().unwrap();
+        assert!(!seg0.exists());
+        drop(s);
+        // Again, stopping before the sync: the acks are in segment 1.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let (r1, b1) = s.append(&meta(1), &big).unwrap();
+        s.append(&meta(2), &big).unwrap();
+        s.append(&meta(3), b"{}").unwrap();
+        s.ack(r1, b1).unwrap();
+        std::mem::forget(s);
+        let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+        assert_eq!(left, [meta(2), meta(3)]);
+    }
+
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
     #[test]
     fn zero_filled_tail_is_not_frames() {
