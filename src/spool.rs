@@ -9,7 +9,11 @@
 //! acknowledged and it is no longer the one being appended to. Its ack records go with it: a
 //! record of an older segment they acknowledged is then replayed at the next start, a
 //! duplicate the receiver drops by its idempotency key (keeping every ack-carrying segment
-//! instead would let one long-pending record pin all later segments on disk).
+//! instead would let one long-pending record pin all later segments on disk). At start,
+//! segments with nothing pending are deleted too, after every leftover segment was fsynced (a
+//! crashed run's acks may have been in the page cache only). After a failed fsync nothing is
+//! deleted until the process restarts: the files may then outgrow `CALLSCOPE_SPOOL_MAX_BYTES`,
+//! which counts pending records only.
 //!
 //! Recovery reads the segments in order; the first frame that is short, has a zero length or
 //! fails its CRC ends that segment (a torn or corrupt tail): it is counted, the file is cut back
@@ -322,12 +326,22 @@ impl Spool {
             .any(|(&id, s)| id != cur_id && s.live == 0)
         {
             for id in &ids {
-                if let Ok(f) = File::open(seg_path(dir, *id)) {
-                    f.sync_all()?;
+                let path = seg_path(dir, *id);
+                if let Err(e) = File::options()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.sync_all())
+                {
+                    tracing::warn!(segment = %path.display(), error = %e,
+                        "could not fsync a spool segment left by an earlier run: no segment is deleted in this run (check the disk); acknowledged records may be sent again after a restart");
+                    spool.sync_failed = true;
+                    break;
                 }
             }
         }
-        spool.collect();
+        if !spool.sync_failed {
+            spool.collect();
+        }
         Ok((spool, opened))
     }
 
@@ -474,10 +488,17 @@ impl Spool {
     /// Starts a new segment (the old one is deleted at a later sync if nothing needs it).
     fn rotate(&mut self) -> io::Result<()> {
         self.sync()?;
+        // The new file first: if it cannot be made, nothing changed (records keep going to the
+        // current segment, which must not look like an old one and be deleted).
+        let f = new_segment(&self.dir, self.cur_id + 1)?;
         self.cur_id += 1;
-        self.cur = new_segment(&self.dir, self.cur_id)?;
+        self.cur = f;
         self.cur_len = 0;
         self.segs.insert(self.cur_id, Segment::default());
+        // The old segment, if nothing in it is pending, was made durable by the sync above.
+        if !self.sync_failed {
+            self.collect();
+        }
         Ok(())
     }
 }
@@ -717,6 +738,28 @@ mod tests {
         let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
         let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
         assert_eq!(left, [meta(2), meta(3)]);
+    }
+
+    /// A rotate that cannot create the next file changes nothing: records keep going to the
+    /// current segment, which is not taken for an old, empty one and deleted.
+    #[test]
+    fn a_failed_rotate_loses_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; (SEGMENT_BYTES / 4 + 1) as usize];
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let (r1, b1) = s.append(&meta(1), &big).unwrap();
+        // The next segment's name is taken by a directory: its file cannot be created.
+        fs::create_dir(seg_path(dir.path(), 1)).unwrap();
+        // The ack empties the current segment, which then rotates, and fails.
+        assert!(s.ack(r1, b1).is_err());
+        let (r2, _) = s.append(&meta(2), b"{}").unwrap();
+        assert_eq!(r2.seg, 0);
+        s.sync().unwrap();
+        drop(s);
+        fs::remove_dir(seg_path(dir.path(), 1)).unwrap();
+        let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+        assert_eq!(left, [meta(2)]);
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
