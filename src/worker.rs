@@ -15,7 +15,7 @@
 //! - pending detail is bounded by `CALLSCOPE_MAX_BUFFER_BYTES`: past it, bodies are let go from
 //!   memory (kept in the spool) or, without a spool, the oldest detail batch is dropped.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -1640,9 +1640,18 @@ impl Worker {
             .records
             .into_iter()
             .partition(|r| !r.meta.core && r.meta.is_final);
+        // A final under the number of another batch of its call is one a 413 split renumbered
+        // (the half took its number; its rewrite is here too, or was delivered) whose ack was
+        // lost with its segment: sending it could beat the half to that number.
+        let taken: HashSet<(String, u32)> = others
+            .iter()
+            .filter(|r| !r.meta.core)
+            .map(|r| (r.meta.call_id.clone(), r.meta.seq))
+            .collect();
         for r in others.into_iter().chain(finals) {
             let call: Arc<str> = Arc::from(r.meta.call_id.as_str());
             let id = self.new_id();
+            let stale = r.meta.is_final && taken.contains(&(r.meta.call_id.clone(), r.meta.seq));
             let job = Job {
                 id,
                 call: call.clone(),
@@ -1650,6 +1659,12 @@ impl Worker {
                 json: None,
                 rec: Some((r.id, r.bytes)),
             };
+            if stale {
+                tracing::info!(%call, seq = job.meta.seq,
+                    "spooled final batch superseded by a split (its number is a half's): not sent again");
+                self.settle(&job);
+                continue;
+            }
             if job.meta.core {
                 self.core_outcome.insert(call, CoreState::InFlight);
                 self.cores.push_back(job);
@@ -1999,6 +2014,44 @@ mod tests {
         assert_eq!(body["batch_seq"], 2);
         assert_eq!(body["total_batches"], 3);
         assert_eq!(w.queue.len(), 2);
+    }
+
+    /// After a restart, a final whose ack was lost while the split half that took its number
+    /// and its rewrite under the next number are still spooled: it is dropped, not sent to
+    /// race the half for that number.
+    #[test]
+    fn a_superseded_final_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = |seq, is_final| crate::spool::Meta {
+            core: false,
+            is_final,
+            late: false,
+            seq,
+            spans: 1,
+            call_id: "c".into(),
+        };
+        {
+            let (mut s, _) = crate::spool::Spool::open(dir.path(), 1 << 20).unwrap();
+            s.append(&meta(1, true), b"{}").unwrap();
+            s.append(&meta(1, false), b"{}").unwrap();
+            s.append(&meta(2, true), b"{}").unwrap();
+        }
+        let (mut w, _handle) = worker();
+        let (spool, opened) = crate::spool::Spool::open(dir.path(), 1 << 20).unwrap();
+        w.spool = Some(spool);
+        w.replay(opened);
+        let jobs: Vec<&Job> = w
+            .queue
+            .iter()
+            .chain(w.held.values().map(|h| &h.job))
+            .collect();
+        let mut seqs: Vec<(u32, bool)> =
+            jobs.iter().map(|j| (j.meta.seq, j.meta.is_final)).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, [(1, false), (2, true)]);
+        // The stale final's record is acknowledged: only the two jobs' records are pending.
+        let pending: u64 = jobs.iter().filter_map(|j| j.rec).map(|(_, b)| b).sum();
+        assert_eq!(w.spool.as_ref().unwrap().live_bytes(), pending);
     }
 
     /// An idle end is taken by the worker's tick, which may run before the worker reads a join
