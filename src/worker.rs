@@ -130,6 +130,18 @@ struct EndedId {
     generation: u64,
 }
 
+/// Where a provisional call's spans go once it was folded into a call.
+#[derive(Debug)]
+struct Redirect {
+    to: Arc<str>,
+    /// The call's registry number.
+    call: u64,
+    /// Detail messages enqueued when the tick first found the call neither open in the registry
+    /// nor pending here: the redirect goes once that many were received (every chunk of the
+    /// provisional call was shipped before its fold, so before that count was read).
+    gone_at: Option<u64>,
+}
+
 /// What the app thread said of a chunk's spans.
 #[derive(Debug, Clone, Copy)]
 struct Origin {
@@ -331,7 +343,7 @@ struct Worker {
     backlog_limit: usize,
     buffers: HashMap<Arc<str>, Buf>,
     /// Provisional calls folded into a call: its id and registry number.
-    redirects: HashMap<Arc<str>, (Arc<str>, u64)>,
+    redirects: HashMap<Arc<str>, Redirect>,
     pending: HashMap<Arc<str>, PendingEnd>,
     /// `pending` by mark, smallest first (entries of calls finished otherwise are skipped).
     by_mark: BTreeSet<(u64, Arc<str>)>,
@@ -705,9 +717,9 @@ impl Worker {
 
     fn on_span(&mut self, call_id: &Arc<str>, origin: Origin, span: &SpanRef<'_, '_>) {
         let key = match self.redirects.get(call_id) {
-            Some((to, call)) => {
+            Some(r) => {
                 // A provisional call's span redirected to the call it joined is that call's.
-                let (to, call) = (to.clone(), *call);
+                let (to, call) = (r.to.clone(), r.call);
                 self.open_buf(&to, origin.late, false, call);
                 to
             }
@@ -1380,17 +1392,25 @@ impl Worker {
 
     // ---- call ends -----------------------------------------------------------------------
 
-    /// Drops the redirects of calls neither open in the registry nor waiting here to finish: a
-    /// join read after its call finished, or a call whose end was dropped (backlog). Their
-    /// provisional calls' chunks are all in (the end's mark counted them); a fold this misses
-    /// is still applied at the call's end, from its state's list.
+    /// Drops the redirects of calls neither open in the registry nor waiting here to finish (a
+    /// join read after its call finished, or a call whose end was dropped under backlog) once
+    /// every detail message enqueued when that was first seen was received: their provisional
+    /// calls' chunks are then all in, even if the call's end is still on its way.
     fn sweep_redirects(&mut self) {
         if self.redirects.is_empty() {
             return;
         }
         let (reg, pending) = (&self.reg, &self.pending);
-        self.redirects.retain(|_, (to, call)| {
-            reg.is_open(to, *call) || pending.get(to).is_some_and(|p| p.incarnation == *call)
+        let (enqueued, received) = (self.enqueued.load(Ordering::Acquire), self.received);
+        self.redirects.retain(|_, r| {
+            let live = reg.is_open(&r.to, r.call)
+                || pending.get(&r.to).is_some_and(|p| p.incarnation == r.call);
+            if live {
+                r.gone_at = None;
+                return true;
+            }
+            let mark = *r.gone_at.get_or_insert(enqueued);
+            received < mark
         });
     }
 
@@ -1407,7 +1427,12 @@ impl Worker {
                 .get(&to)
                 .is_some_and(|e| e.call == Some(call));
         if !finished {
-            self.redirects.insert(from.clone(), (to.clone(), call));
+            let r = Redirect {
+                to: to.clone(),
+                call,
+                gone_at: None,
+            };
+            self.redirects.insert(from.clone(), r);
         }
         let Some(old) = self.buffers.remove(&from) else {
             return;
@@ -1535,7 +1560,7 @@ impl Worker {
     fn finish(&mut self, key: Arc<str>, mut p: PendingEnd) {
         // Every chunk of the calls folded into this one is in (the end's mark counted them).
         self.redirects
-            .retain(|_, (to, call)| !(*to == key && *call == p.incarnation));
+            .retain(|_, r| !(r.to == key && r.call == p.incarnation));
         if self.cfg.detail == DetailMode::None {
             self.buffers.remove(&key);
             self.core_outcome.remove(&key);
@@ -2278,10 +2303,19 @@ mod tests {
         let (p1, p2): (Arc<str>, Arc<str>) = ("p1".into(), "p2".into());
         w.on_join(p1.clone(), "live".into(), 1);
         w.on_join(p2.clone(), "gone".into(), 7);
+        // A detail message is still on its way (it may be a chunk of p2): p2's redirect waits
+        // for it.
+        w.enqueued.store(1, Ordering::Release);
         w.sweep_redirects();
-        let mut left: Vec<&str> = w.redirects.keys().map(|k| &**k).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["p1"]);
+        let left = |w: &Worker| {
+            let mut k: Vec<String> = w.redirects.keys().map(|k| k.to_string()).collect();
+            k.sort_unstable();
+            k
+        };
+        assert_eq!(left(&w), ["p1", "p2"]);
+        w.received = 1;
+        w.sweep_redirects();
+        assert_eq!(left(&w), ["p1"]);
     }
 
     /// Spans of a call whose final batch already went out (they raced its end) are late,
