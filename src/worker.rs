@@ -123,6 +123,8 @@ pub(crate) struct DetailMsg {
 /// An id whose call the worker finished (or whose batch numbers it otherwise remembers).
 #[derive(Debug, Clone, Copy)]
 struct EndedId {
+    /// Its next batch number.
+    next: u32,
     /// The registry's number of the last call finished under it (`None`: the id is known
     /// from a late batch or an earlier run's spool only).
     call: Option<u64>,
@@ -347,8 +349,8 @@ struct Worker {
     pending: HashMap<Arc<str>, PendingEnd>,
     /// `pending` by mark, smallest first (entries of calls finished otherwise are skipped).
     by_mark: BTreeSet<(u64, Arc<str>)>,
-    ended_seqs: HashMap<Arc<str>, u32>,
-    /// Ids of `ended_seqs` by their last end, oldest first, with the `EndedId::generation` of that
+    ended: HashMap<Arc<str>, EndedId>,
+    /// Ids of `ended` by their last end, oldest first, with the `EndedId::generation` of that
     /// end (entries of an id that ended again since are stale and skipped).
     ended_order: VecDeque<(Arc<str>, u64)>,
     /// The number of the last `remember_seq`.
@@ -357,8 +359,6 @@ struct Worker {
     /// so an id the registry lets start again (once it forgot it) is still numbered on from
     /// its first call, never from 0 again.
     ended_seqs_kept: usize,
-    /// What else is known of each id of `ended_seqs`.
-    ended_calls: HashMap<Arc<str>, EndedId>,
     late_seq: u32,
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
@@ -423,11 +423,10 @@ impl Worker {
             redirects: HashMap::new(),
             pending: HashMap::new(),
             by_mark: BTreeSet::new(),
-            ended_seqs: HashMap::new(),
+            ended: HashMap::new(),
             ended_order: VecDeque::new(),
             ended_gen: 0,
             ended_seqs_kept,
-            ended_calls: HashMap::new(),
             late_seq: LATE_SEQ_BASE,
             tasks: JoinSet::new(),
             running: HashMap::new(),
@@ -781,8 +780,8 @@ impl Worker {
         if self.buffers.contains_key(key) {
             return;
         }
-        let ended = self.ended_seqs.get(key).copied();
-        let same_call = self.ended_calls.get(key).and_then(|e| e.call) == Some(incarnation);
+        let ended = self.ended_next(key);
+        let same_call = self.ended.get(key).and_then(|e| e.call) == Some(incarnation);
         let late = (msg_late || (ended.is_some() && same_call)) && !self.pending.contains_key(key);
         let next_seq = if late {
             ended.unwrap_or_else(|| {
@@ -1236,7 +1235,7 @@ impl Worker {
                 self.settle(&job);
                 // Never lower: late batches may already have taken numbers above the final's.
                 let next = job.meta.seq + 1;
-                if job.meta.is_final && self.ended_seqs.get(&job.call).is_none_or(|s| *s < next) {
+                if job.meta.is_final && self.ended_next(&job.call).is_none_or(|s| s < next) {
                     self.remember_seq(job.call.clone(), next);
                 }
                 self.close_open(&job);
@@ -1319,25 +1318,21 @@ impl Worker {
         // rewritten (and respooled) now, before the halves are written: a restart must never
         // find the final and a half under one number (the receiver would keep only one).
         let mut final_moved = None;
-        let seq_b = match self.held.remove(&key) {
-            Some(Held { job: mut fin }) if !job.meta.is_final => {
-                self.mem_bytes = self.mem_bytes.saturating_sub(fin.mem());
-                let s = fin.meta.seq;
-                let next = self.next_seq(&key);
-                fin.meta.seq = next;
-                final_moved = self.rewrite(fin, |d| d.renumber(next));
-                if final_moved.is_none() {
-                    // Lost (counted): nothing waits for its core any more.
-                    self.core_outcome.remove(&key);
-                }
-                s
+        let seq_b = if !job.meta.is_final
+            && let Some(Held { job: mut fin }) = self.held.remove(&key)
+        {
+            self.mem_bytes = self.mem_bytes.saturating_sub(fin.mem());
+            let s = fin.meta.seq;
+            let next = self.next_seq(&key);
+            fin.meta.seq = next;
+            final_moved = self.rewrite(fin, |d| d.renumber(next));
+            if final_moved.is_none() {
+                // Lost (counted): nothing waits for its core any more.
+                self.core_outcome.remove(&key);
             }
-            held => {
-                if let Some(h) = held {
-                    self.held.insert(key.clone(), h);
-                }
-                self.next_seq(&key)
-            }
+            s
+        } else {
+            self.next_seq(&key)
         };
         tracing::info!(call_id = %key, seq = seq_a, new_seq = seq_b, spans = job.meta.spans,
             "receiver answered 413: batch split in halves");
@@ -1379,8 +1374,8 @@ impl Worker {
         if let Some(b) = self.buffers.get_mut(key) {
             return b.buf.seq();
         }
-        let s = match self.ended_seqs.get(key) {
-            Some(s) => *s,
+        let s = match self.ended_next(key) {
+            Some(s) => s,
             None => {
                 self.late_seq = self.late_seq.saturating_add(1);
                 self.late_seq
@@ -1422,10 +1417,7 @@ impl Worker {
         // them): a redirect would only linger.
         let finished = !self.buffers.contains_key(&to)
             && !self.pending.contains_key(&to)
-            && self
-                .ended_calls
-                .get(&to)
-                .is_some_and(|e| e.call == Some(call));
+            && self.ended.get(&to).is_some_and(|e| e.call == Some(call));
         if !finished {
             let r = Redirect {
                 to: to.clone(),
@@ -1567,7 +1559,7 @@ impl Worker {
             return;
         }
         if !self.buffers.contains_key(&key) {
-            let next = self.ended_seqs.get(&key).copied().unwrap_or(0);
+            let next = self.ended_next(&key).unwrap_or(0);
             let b = self.new_buf(&key, false, false, next);
             self.buffers.insert(key.clone(), b);
         }
@@ -1603,10 +1595,15 @@ impl Worker {
         }
         if let Some(b) = self.buffers.remove(&key) {
             self.remember_seq(key.clone(), b.buf.next_seq);
-            if let Some(e) = self.ended_calls.get_mut(&key) {
+            if let Some(e) = self.ended.get_mut(&key) {
                 e.call = Some(p.incarnation);
             }
         }
+    }
+
+    /// `key`'s next batch number, if its numbers are remembered.
+    fn ended_next(&self, key: &str) -> Option<u32> {
+        self.ended.get(key).map(|e| e.next)
     }
 
     /// Remembers `key`'s next batch number; the ids whose last end is oldest are forgotten
@@ -1614,11 +1611,11 @@ impl Worker {
     fn remember_seq(&mut self, key: Arc<str>, next: u32) {
         self.ended_gen += 1;
         let generation = self.ended_gen;
-        self.ended_seqs.insert(key.clone(), next);
-        self.ended_calls
+        self.ended
             .entry(key.clone())
-            .and_modify(|e| e.generation = generation)
+            .and_modify(|e| (e.next, e.generation) = (next, generation))
             .or_insert(EndedId {
+                next,
                 call: None,
                 generation,
             });
@@ -1626,20 +1623,19 @@ impl Worker {
         let current = |calls: &HashMap<Arc<str>, EndedId>, k: &Arc<str>, g: u64| {
             calls.get(k).is_some_and(|e| e.generation == g)
         };
-        while self.ended_seqs.len() > self.ended_seqs_kept {
+        while self.ended.len() > self.ended_seqs_kept {
             let Some((old, g)) = self.ended_order.pop_front() else {
                 break;
             };
-            if current(&self.ended_calls, &old, g) {
-                self.ended_seqs.remove(&old);
-                self.ended_calls.remove(&old);
+            if current(&self.ended, &old, g) {
+                self.ended.remove(&old);
             }
         }
         // An id remembered again leaves a stale entry behind: keep the queue within twice the
         // ids it orders.
         if self.ended_order.len() > self.ended_seqs_kept.saturating_mul(2) + 64 {
-            let calls = &self.ended_calls;
-            self.ended_order.retain(|(k, g)| current(calls, k, *g));
+            let ended = &self.ended;
+            self.ended_order.retain(|(k, g)| current(ended, k, *g));
         }
     }
 
@@ -1695,7 +1691,7 @@ impl Worker {
                 self.cores.push_back(job);
             } else {
                 let next = job.meta.seq.saturating_add(1);
-                if self.ended_seqs.get(&call).is_none_or(|s| *s < next) {
+                if self.ended_next(&call).is_none_or(|s| s < next) {
                     self.remember_seq(call, next);
                 }
                 if job.meta.is_final {
@@ -1932,7 +1928,7 @@ mod tests {
     /// `k`'s call finished, numbered up to `next`; `call` is its registry number, if known.
     fn ended(w: &mut Worker, k: &Arc<str>, next: u32, call: Option<u64>) {
         w.remember_seq(k.clone(), next);
-        w.ended_calls.get_mut(k).unwrap().call = call;
+        w.ended.get_mut(k).unwrap().call = call;
     }
 
     /// Sends `k`'s open batch; the queue's batches as `(batch_seq, late, spans)`.
@@ -1993,7 +1989,7 @@ mod tests {
         let sent = flush_and_list(&mut w, &real);
         assert_eq!(sent, [(3, true, 2)]);
         // The late batch went: a later end or late span of `real` is numbered after it.
-        assert_eq!(w.ended_seqs.get(&real), Some(&4));
+        assert_eq!(w.ended_next(&real), Some(4));
     }
 
     /// A 413 split gives the number of its call's held final to one half, and the final the
@@ -2219,11 +2215,11 @@ mod tests {
         ended(&mut w, &b, 1, Some(2));
         ended(&mut w, &a, 2, Some(3));
         ended(&mut w, &c, 1, Some(4));
-        let mut kept: Vec<&str> = w.ended_seqs.keys().map(|k| &**k).collect();
+        let mut kept: Vec<&str> = w.ended.keys().map(|k| &**k).collect();
         kept.sort_unstable();
         assert_eq!(kept, ["a", "c"]);
-        assert_eq!(w.ended_seqs.get(&a), Some(&2));
-        assert_eq!(w.ended_calls.len(), 2);
+        assert_eq!(w.ended_next(&a), Some(2));
+        assert_eq!(w.ended.len(), 2);
         // Stale entries do not pile up.
         for i in 0..1000 {
             ended(&mut w, &a, 3 + i, Some(5));
@@ -2242,7 +2238,7 @@ mod tests {
         let reason = crate::registry::EndReason::RootSpanEnded;
         w.on_end(Ended { state, reason }, 0);
         w.finish_ready();
-        assert_eq!(w.ended_calls.get(&k).and_then(|e| e.call), Some(FED_CALL));
+        assert_eq!(w.ended.get(&k).and_then(|e| e.call), Some(FED_CALL));
         feed(&mut w, &k, false, false, 2);
         assert!(w.buffers.get(&k).is_some_and(|b| b.late));
     }
