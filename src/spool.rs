@@ -339,9 +339,7 @@ impl Spool {
                 }
             }
         }
-        if !spool.sync_failed {
-            spool.collect();
-        }
+        spool.collect();
         Ok((spool, opened))
     }
 
@@ -411,14 +409,16 @@ impl Spool {
             }
             self.dirty = false;
         }
-        if !self.sync_failed {
-            self.collect();
-        }
+        self.collect();
         Ok(())
     }
 
-    /// Deletes the segments with nothing pending that are no longer appended to.
+    /// Deletes the segments with nothing pending that are no longer appended to (none after a
+    /// failed fsync).
     fn collect(&mut self) {
+        if self.sync_failed {
+            return;
+        }
         let cur = self.cur_id;
         let done: Vec<u64> = self
             .segs
@@ -485,7 +485,7 @@ impl Spool {
         }
     }
 
-    /// Starts a new segment (the old one is deleted at a later sync if nothing needs it).
+    /// Starts a new segment (the old one is deleted at once if nothing in it is pending).
     fn rotate(&mut self) -> io::Result<()> {
         self.sync()?;
         // The new file first: if it cannot be made, nothing changed (records keep going to the
@@ -496,9 +496,7 @@ impl Spool {
         self.cur_len = 0;
         self.segs.insert(self.cur_id, Segment::default());
         // The old segment, if nothing in it is pending, was made durable by the sync above.
-        if !self.sync_failed {
-            self.collect();
-        }
+        self.collect();
         Ok(())
     }
 }
