@@ -142,12 +142,29 @@ fn thread_cpu() -> Duration {
         .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
-/// What a run took: wall-clock time of the slowest thread, and the most CPU time one of the
-/// app threads was given (a thread also waits while other threads, workers included, run).
+/// The CPU time of this process's live threads (`/proc/self/task/*/schedstat`), or zero where
+/// those files are not there. Threads that exit between two readings are not in their
+/// difference: [`run`] adds its own app threads' time itself.
+fn live_threads_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .sum()
+}
+
+/// What a run took: wall-clock time of the slowest thread, the most CPU time one of the app
+/// threads was given (a thread also waits while other threads, workers included, run), and
+/// the CPU time of the app threads `run` spawned (they exit before the caller can read them).
 #[derive(Debug, Clone, Copy, Default)]
 struct Took {
     wall: Duration,
     cpu: Duration,
+    spawned_cpu: Duration,
 }
 
 /// Each of `threads` threads emits `iters` spans.
@@ -164,6 +181,7 @@ fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Took {
         let took = Took {
             wall: t.elapsed(),
             cpu: thread_cpu().saturating_sub(cpu),
+            spawned_cpu: Duration::ZERO,
         };
         c.finish();
         took
@@ -184,6 +202,7 @@ fn run(tracer: &SdkTracer, threads: u64, iters: u64) -> Took {
             .fold(Took::default(), |a, b| Took {
                 wall: a.wall.max(b.wall),
                 cpu: a.cpu.max(b.cpu),
+                spawned_cpu: a.spawned_cpu + b.cpu,
             })
     })
 }
@@ -358,13 +377,19 @@ fn rounds(r: usize) {
         .collect();
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
+    let mut all: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
     for _ in 0..r {
         for (i, (_, provider, _, tracer)) in built.iter().enumerate() {
+            let before = live_threads_cpu();
             let took = run(tracer, threads, spans);
-            // Let each worker catch up before the next pipeline's turn.
+            // Let each worker catch up before the next pipeline's turn (its work for these
+            // spans counts in the process's CPU).
             let _ = provider.force_flush();
+            let process = live_threads_cpu().saturating_sub(before) + took.spawned_cpu;
+            let per = |d: Duration| d.as_nanos() as f64 / (spans * threads) as f64;
             ns[i].push(took.wall.as_nanos() as f64 / spans as f64);
             cpu[i].push(took.cpu.as_nanos() as f64 / spans as f64);
+            all[i].push(per(process));
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -373,12 +398,14 @@ fn rounds(r: usize) {
     };
     let sdk = ns[1].clone();
     let sdk_cpu = cpu[1].clone();
+    let sdk_all = all[1].clone();
     eprintln!(
-        "{r} rounds x {spans} spans, {threads} thread(s); median wall ns/span and median per-round ratio to sdk_batch_noop; the same for the app thread's CPU time:"
+        "{r} rounds x {spans} spans, {threads} thread(s); median wall ns/span and median per-round ratio to sdk_batch_noop; the same for the app thread's CPU time, and for the whole process's CPU time (every thread, the processor's own included, until its flush) per span emitted:"
     );
     for (i, (name, provider, seen, _)) in built.into_iter().enumerate() {
         let mut ratios: Vec<f64> = ns[i].iter().zip(&sdk).map(|(a, b)| a / b).collect();
         let mut cpu_ratios: Vec<f64> = cpu[i].iter().zip(&sdk_cpu).map(|(a, b)| a / b).collect();
+        let mut all_ratios: Vec<f64> = all[i].iter().zip(&sdk_all).map(|(a, b)| a / b).collect();
         let drops = match &seen {
             Seen::Callscope(s) => {
                 let s = s.snapshot();
@@ -391,11 +418,13 @@ fn rounds(r: usize) {
             Seen::Nothing => String::new(),
         };
         eprintln!(
-            "  {name:<24} {:>7.1} ns  ratio {:.2}   cpu {:>7.1} ns  ratio {:.2}  {drops}",
+            "  {name:<24} {:>7.1} ns  ratio {:.2}   cpu {:>7.1} ns  ratio {:.2}   process {:>7.1} ns  ratio {:.2}  {drops}",
             median(&mut ns[i].clone()),
             median(&mut ratios),
             median(&mut cpu[i].clone()),
-            median(&mut cpu_ratios)
+            median(&mut cpu_ratios),
+            median(&mut all[i].clone()),
+            median(&mut all_ratios)
         );
         let _ = provider.shutdown();
     }
