@@ -330,7 +330,7 @@ impl Spool {
                 if let Err(e) = File::options()
                     .write(true)
                     .open(&path)
-                    .and_then(|f| f.sync_all())
+                    .and_then(|f| fsync(&f, true))
                 {
                     tracing::warn!(segment = %path.display(), error = %e,
                         "could not fsync a spool segment left by an earlier run: no segment is deleted in this run (check the disk); acknowledged records may be sent again after a restart");
@@ -403,7 +403,7 @@ impl Spool {
     /// Makes every record written so far durable (one `fsync` for all of them).
     pub(crate) fn sync(&mut self) -> io::Result<()> {
         if self.dirty {
-            if let Err(e) = self.cur.sync_data() {
+            if let Err(e) = fsync(&self.cur, false) {
                 self.sync_failed = true;
                 return Err(e);
             }
@@ -510,6 +510,16 @@ impl Drop for Spool {
     }
 }
 
+/// `fsync`: the file's data (and its metadata too when `all`). Tests can make it fail (no disk
+/// here fails one on request).
+fn fsync(f: &File, all: bool) -> io::Result<()> {
+    #[cfg(test)]
+    if tests::FAIL_FSYNC.with(std::cell::Cell::get) {
+        return Err(io::Error::other("fsync failure injected by a test"));
+    }
+    if all { f.sync_all() } else { f.sync_data() }
+}
+
 fn new_segment(dir: &Path, id: u64) -> io::Result<File> {
     let f = File::options()
         .create(true)
@@ -535,6 +545,16 @@ fn remove_segment(dir: &Path, id: u64) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set: every `fsync` of the spool on this thread fails.
+        pub(super) static FAIL_FSYNC: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn fail_fsync(on: bool) {
+        FAIL_FSYNC.with(|f| f.set(on));
+    }
 
     fn meta(i: u32) -> Meta {
         Meta {
@@ -758,6 +778,83 @@ mod tests {
         let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
         let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
         assert_eq!(left, [meta(2)]);
+    }
+
+    /// After a failed fsync a later one may report success for data that never reached the
+    /// disk (Linux forgets a writeback error once reported): acks written before it may be
+    /// lost, so no segment is deleted for the rest of the run. The next start finds the acks
+    /// that did reach the disk and deletes what they emptied.
+    #[test]
+    fn after_a_failed_fsync_no_segment_is_deleted_in_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; (SEGMENT_BYTES / 2 + 1) as usize];
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let (r1, b1) = s.append(&meta(1), &big).unwrap();
+        let (r2, b2) = s.append(&meta(2), &big).unwrap();
+        let (r3, _) = s.append(&meta(3), b"{}").unwrap();
+        assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
+        s.ack(r1, b1).unwrap();
+        s.ack(r2, b2).unwrap();
+        fail_fsync(true);
+        assert!(s.sync().is_err());
+        fail_fsync(false);
+        let seg0 = seg_path(dir.path(), 0);
+        assert!(seg0.exists(), "deleted on the word of a failed fsync");
+        // Later fsyncs succeed, and segment 1 fills and rotates: still nothing is deleted.
+        s.append(&meta(4), b"{}").unwrap();
+        s.sync().unwrap();
+        assert!(seg0.exists(), "deleted at a sync after a failed one");
+        let (r5, b5) = s.append(&meta(5), &big).unwrap();
+        let (r6, b6) = s.append(&meta(6), &big).unwrap();
+        let (r7, _) = s.append(&meta(7), b"{}").unwrap();
+        assert_eq!((r5.seg, r6.seg, r7.seg), (1, 1, 2));
+        s.ack(r5, b5).unwrap();
+        s.ack(r6, b6).unwrap();
+        s.ack(r3, 0).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        assert!(seg0.exists() && seg_path(dir.path(), 1).exists());
+        // The next run: the acks are on disk, the emptied segment goes (segment 1 still holds
+        // record 4).
+        let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+        assert_eq!(left, [meta(4), meta(7)]);
+        assert!(!seg0.exists() && seg_path(dir.path(), 1).exists());
+    }
+
+    /// A crashed run left acks that may be in the page cache only. If they cannot be made
+    /// durable at the next start, the spool still opens (the processor works without
+    /// deleting), keeps every segment, and deletes none for the run.
+    #[test]
+    fn an_fsync_failure_at_open_keeps_every_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&meta(1), b"{\"a\":1}").unwrap();
+        drop(s);
+        // A run acks the record and crashes before its sync.
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let old = &o.records[0];
+        s.ack(old.id, old.bytes).unwrap();
+        s.append(&meta(2), b"{\"a\":2}").unwrap();
+        std::mem::forget(s);
+        let seg0 = seg_path(dir.path(), 0);
+        fail_fsync(true);
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        fail_fsync(false);
+        let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+        assert_eq!(left, [meta(2)]);
+        assert!(
+            seg0.exists(),
+            "deleted on the word of acks that could not be synced"
+        );
+        s.append(&meta(3), b"{}").unwrap();
+        s.sync().unwrap();
+        drop(s);
+        assert!(seg0.exists(), "deleted later in the run");
+        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+        assert_eq!(left, [meta(2), meta(3)]);
+        assert!(!seg0.exists());
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
