@@ -177,7 +177,7 @@ impl Encoder {
 
     /// The body as it would go on the wire.
     pub fn encode(&self, json: &[u8]) -> Vec<u8> {
-        self.transport.encode(json)
+        self.transport.encode(json).bytes.to_vec()
     }
 }
 

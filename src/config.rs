@@ -100,7 +100,7 @@ pub const ENV_CRITICAL_MS: &str = "CALLSCOPE_CRITICAL_MS";
 /// Default of `CALLSCOPE_CRITICAL_MS`: 1 s.
 pub const DEFAULT_CRITICAL_THRESHOLD: Duration = Duration::from_millis(1000);
 
-/// `CALLSCOPE_COMPRESSION`: encoding of request bodies, `gzip` or `none`.
+/// `CALLSCOPE_COMPRESSION`: encoding of request bodies, `gzip`, `auto` or `none`.
 pub const ENV_COMPRESSION: &str = "CALLSCOPE_COMPRESSION";
 /// Default of `CALLSCOPE_COMPRESSION`.
 pub const DEFAULT_COMPRESSION: Compression = Compression::Gzip;
@@ -220,7 +220,7 @@ const EXPECT_QUEUE_SIZE: &str = "an integer from 1 to 1048576";
 const EXPECT_CONCURRENT: &str = "an integer from 1 to 64";
 const EXPECT_BUFFER_BYTES: &str = "an integer >= 65536";
 const EXPECT_DETAIL: &str = "one of all, critical, none";
-const EXPECT_COMPRESSION: &str = "one of gzip, none";
+const EXPECT_COMPRESSION: &str = "one of gzip, none, auto";
 const EXPECT_BOOL: &str = "one of true, false, 1, 0, yes, no";
 const EXPECT_PATH: &str = "a non-empty directory path";
 const HINT_ENDPOINT: &str = "set it to the URL call summaries are POSTed to, e.g. \
@@ -276,19 +276,27 @@ pub enum Compression {
     Gzip,
     /// `none`: bodies are sent as plain JSON.
     None,
+    /// `auto`: as `gzip`, except for a detail body that would wait for a busy compressor,
+    /// when uploads lately waited longer for compression than for the receiver and the
+    /// detail held in memory is past 7/8 of `CALLSCOPE_MAX_BUFFER_BYTES`: it goes
+    /// as plain JSON (counted in [`Stats::detail_bodies_uncompressed`](crate::Stats)). When
+    /// compression is what the worker cannot keep up with (a burst on a busy machine), more
+    /// bytes go on the wire instead of detail being dropped. Summaries are always compressed.
+    Auto,
 }
 
 impl Compression {
-    /// The value's spelling in `CALLSCOPE_COMPRESSION`: `gzip` or `none`.
+    /// The value's spelling in `CALLSCOPE_COMPRESSION`: `gzip`, `none` or `auto`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Gzip => "gzip",
             Self::None => "none",
+            Self::Auto => "auto",
         }
     }
 
     fn parse(raw: &str) -> Option<Self> {
-        [Self::Gzip, Self::None]
+        [Self::Gzip, Self::None, Self::Auto]
             .into_iter()
             .find(|c| raw.eq_ignore_ascii_case(c.as_str()))
     }
@@ -1612,6 +1620,8 @@ mod tests {
             ("GZip", Compression::Gzip),
             ("none", Compression::None),
             ("None", Compression::None),
+            ("auto", Compression::Auto),
+            ("AUTO", Compression::Auto),
         ] {
             let c = env_config(&[(ENV_ENDPOINT, URL), (ENV_COMPRESSION, raw)]).unwrap();
             assert_eq!(c.compression, compression, "{raw}");

@@ -129,6 +129,9 @@ counters! {
     bytes_sent,
     /// Request bodies before compression.
     bytes_uncompressed,
+    /// Detail bodies sent as plain JSON under `CALLSCOPE_COMPRESSION=auto` because the
+    /// compressor was busy while pending detail was past 7/8 of `CALLSCOPE_MAX_BUFFER_BYTES`.
+    detail_bodies_uncompressed,
     /// HTTP requests retried.
     requests_retried,
     /// Payloads the receiver refused with a status that retrying cannot fix (400, 401, 403, 404...).

@@ -46,6 +46,14 @@ pub(crate) enum Delivery {
 #[error("could not build the HTTP client for CALLSCOPE_ENDPOINT: {0}")]
 pub(crate) struct TransportError(#[from] reqwest::Error);
 
+/// A request body as it goes on the wire.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Body {
+    pub bytes: Bytes,
+    /// Compressed: sent with `Content-Encoding: gzip`.
+    pub gzip: bool,
+}
+
 /// The HTTP side of the worker.
 #[derive(Debug)]
 pub(crate) struct Transport {
@@ -58,7 +66,7 @@ pub(crate) struct Transport {
     core_url: Url,
     detail_url: Url,
     headers: HeaderMap,
-    gzip: bool,
+    compression: Compression,
     gzip_level: u32,
     backoff: Backoff,
     stats: Arc<Counters>,
@@ -95,10 +103,6 @@ impl Transport {
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
-        let gzip = matches!(cfg.compression, Compression::Gzip);
-        if gzip {
-            headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        }
         let build = || {
             Client::builder()
                 .timeout(cfg.timeout)
@@ -113,7 +117,7 @@ impl Transport {
             core_url: cfg.endpoint.clone(),
             detail_url: cfg.detailed_endpoint.clone(),
             headers,
-            gzip,
+            compression: cfg.compression,
             gzip_level: cfg.gzip_level,
             backoff: Backoff::new(cfg.retry_max_elapsed),
             stats,
@@ -129,7 +133,13 @@ impl Transport {
 
     /// Whether bodies are gzip-compressed before they go out (not for the null sink).
     pub(crate) fn compresses(&self) -> bool {
-        self.gzip && self.sink == Sink::Http
+        self.compression != Compression::None && self.sink == Sink::Http
+    }
+
+    /// Whether a detail body may go uncompressed when the compressor is behind
+    /// (`CALLSCOPE_COMPRESSION=auto`).
+    pub(crate) fn adaptive(&self) -> bool {
+        self.compression == Compression::Auto && self.compresses()
     }
 
     /// Whether payloads go nowhere (the worker then skips serializing detail).
@@ -137,24 +147,44 @@ impl Transport {
         self.sink == Sink::Null
     }
 
-    /// The body as it goes on the wire (gzip at `CALLSCOPE_GZIP_LEVEL`). Nothing for the null sink.
-    pub(crate) fn encode(&self, json: &[u8]) -> Vec<u8> {
-        Counters::add(&self.stats.bytes_uncompressed, json.len() as u64);
-        if self.sink == Sink::Null {
-            return Vec::new();
-        }
-        if !self.gzip {
-            return json.to_vec();
-        }
-        gzip(json, self.gzip_level)
+    /// The body as it goes on the wire (gzip at `CALLSCOPE_GZIP_LEVEL` unless compression is
+    /// off). Nothing for the null sink.
+    pub(crate) fn encode(&self, json: &[u8]) -> Body {
+        self.encode_as(json, self.compresses())
     }
 
-    /// POSTs `body` (already encoded) until acknowledged, rejected, or the retry budget is spent.
+    /// The body as plain JSON (shared, not copied), whatever `CALLSCOPE_COMPRESSION` says
+    /// (see [`Compression::Auto`]). Nothing for the null sink.
+    pub(crate) fn plain(&self, json: Bytes) -> Body {
+        Counters::add(&self.stats.bytes_uncompressed, json.len() as u64);
+        if self.sink == Sink::Null {
+            return Body::default();
+        }
+        Body {
+            bytes: json,
+            gzip: false,
+        }
+    }
+
+    fn encode_as(&self, json: &[u8], gzip_it: bool) -> Body {
+        if !gzip_it {
+            return self.plain(Bytes::copy_from_slice(json));
+        }
+        Counters::add(&self.stats.bytes_uncompressed, json.len() as u64);
+        Body {
+            bytes: Bytes::from(gzip(json, self.gzip_level)),
+            gzip: true,
+        }
+    }
+
+    /// POSTs `body` (already encoded, with `Content-Encoding: gzip` if it is compressed) until
+    /// acknowledged, rejected, or the retry budget is spent.
     ///
     /// Summaries have their own client (own connection pool) and priority: while any summary is
     /// waiting to be retried, detail uploads hold back before each attempt, so on recovery the
     /// summaries reach the receiver first.
-    pub(crate) async fn deliver(&self, lane: Lane, body: Bytes, idempotency_key: &str) -> Delivery {
+    pub(crate) async fn deliver(&self, lane: Lane, body: Body, idempotency_key: &str) -> Delivery {
+        let Body { bytes: body, gzip } = body;
         if self.sink == Sink::Null {
             return Delivery::Acked;
         }
@@ -171,13 +201,14 @@ impl Transport {
                     // The sender lives as long as `self`: this cannot fail while we run.
                     let _ = rx.wait_for(|n| *n == 0).await;
                 }
-                let sent = client
+                let mut req = client
                     .post(url.clone())
                     .headers(self.headers.clone())
-                    .header("idempotency-key", idempotency_key)
-                    .body(body)
-                    .send()
-                    .await;
+                    .header("idempotency-key", idempotency_key);
+                if gzip {
+                    req = req.header(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                }
+                let sent = req.body(body).send().await;
                 match sent {
                     Ok(resp) => {
                         let ra = resp
@@ -412,11 +443,15 @@ mod tests {
             let t = Transport::new(&cfg.expect("valid config"), Arc::new(Counters::default()))
                 .expect("client");
             let body = t.encode(&json);
+            assert!(body.gzip);
             let mut back = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut back)
-                .expect("gzip");
+            std::io::Read::read_to_end(
+                &mut flate2::read::GzDecoder::new(&body.bytes[..]),
+                &mut back,
+            )
+            .expect("gzip");
             assert_eq!(back, json);
-            body.len()
+            body.bytes.len()
         };
         assert!(size(0) > size(1));
         assert!(size(1) > size(9));

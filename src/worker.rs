@@ -109,6 +109,69 @@ impl Wake {
     }
 }
 
+/// Whether a detail body goes plain under `CALLSCOPE_COMPRESSION=auto`: compression is what
+/// uploads wait for lately (`times`: a body's wait for its deflate longer than its HTTP
+/// exchange, on average), every deflate thread is busy (`deflating` bodies for `deflaters`
+/// threads: this one would wait), and pending detail (`pending` bytes) is past 7/8 of its
+/// bound `max` (drops are near). A worker that cannot compress as fast as detail comes then
+/// sends more bytes instead of dropping spans; a slow receiver or network, where plain bodies
+/// would take longer still, never gets them. Past half of the bound instead of 7/8, plain
+/// uploads took CPU from deflate and most bodies went plain (BENCHMARKS.md).
+fn plain_when_behind(
+    deflating: usize,
+    deflaters: usize,
+    pending: usize,
+    max: usize,
+    times: (u64, u64),
+) -> bool {
+    let (deflate_ns, http_ns) = times;
+    deflate_ns > http_ns && deflating >= deflaters && pending > max - max / 8
+}
+
+/// How long detail uploads lately waited for their compression and for their HTTP exchange
+/// (retries included): moving averages in nanoseconds, updated by each compressed upload.
+#[derive(Debug, Default)]
+struct UploadTimes {
+    deflate_ns: AtomicU64,
+    http_ns: AtomicU64,
+}
+
+impl UploadTimes {
+    fn record(&self, deflate: Duration, http: Duration) {
+        let ewma = |avg: &AtomicU64, d: Duration| {
+            let x = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            let old = avg.load(Ordering::Relaxed);
+            avg.store(old - old / 4 + x / 4, Ordering::Relaxed);
+        };
+        ewma(&self.deflate_ns, deflate);
+        ewma(&self.http_ns, http);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.deflate_ns.load(Ordering::Relaxed),
+            self.http_ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One detail body being compressed (or waiting for a deflate thread), counted in the
+/// worker's `deflating` while it lives.
+struct Deflating(Arc<AtomicUsize>);
+
+impl Deflating {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Deflating(count.clone())
+    }
+}
+
+impl Drop for Deflating {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Packed spans of one call on their way to the worker.
 #[derive(Debug)]
 pub(crate) struct DetailMsg {
@@ -223,14 +286,14 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     };
     let (mut worker, mut handle) = Worker::new(registry, transport, spool);
     worker.replay(replay);
-    let concurrent_detail = worker.cfg.max_concurrent_detail;
+    // Detail compression runs on the runtime's blocking threads: one per core left besides
+    // the worker's, at most one per concurrent upload.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let deflaters = (cores - 1).clamp(1, worker.cfg.max_concurrent_detail.max(1));
+    worker.deflaters = deflaters;
     let thread = std::thread::Builder::new()
         .name("callscope-worker".into())
         .spawn(move || {
-            // Detail compression runs on the runtime's blocking threads: one per core left
-            // besides this one, at most one per concurrent upload.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let deflaters = (cores - 1).clamp(1, concurrent_detail.max(1));
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .max_blocking_threads(deflaters)
@@ -385,6 +448,11 @@ struct Worker {
     mem_bytes: usize,
     spool: Option<Spool>,
     scratch: Vec<u8>,
+    /// Detail bodies being compressed or waiting for a deflate thread.
+    deflating: Arc<AtomicUsize>,
+    /// The runtime's deflate (blocking) threads.
+    deflaters: usize,
+    upload_times: Arc<UploadTimes>,
 }
 
 impl Worker {
@@ -445,6 +513,9 @@ impl Worker {
             mem_bytes: 0,
             spool,
             scratch: Vec::with_capacity(16 * 1024),
+            deflating: Arc::new(AtomicUsize::new(0)),
+            deflaters: 1,
+            upload_times: Arc::default(),
         };
         let handle = Handle {
             data: data_tx,
@@ -1185,17 +1256,31 @@ impl Worker {
             format!("{}:detail:{}", job.call, job.meta.seq)
         };
         let t = self.transport.clone();
-        let (handle, wire) = if lane == Lane::Detail && self.transport.compresses() {
+        let json = job.json.clone().unwrap_or_default();
+        let detail = lane == Lane::Detail;
+        let (handle, wire) = if detail && self.transport.compresses() && !self.compressor_behind() {
             // A detail body is compressed on the runtime's blocking thread while this thread
             // goes on building batches (deflate was two thirds of this thread's time). Until
             // the upload is done it counts as big as its JSON: the compressed size is not
             // known yet, and memory must never be under-counted.
-            let json = job.json.clone().unwrap_or_default();
             let charged = json.len();
+            let busy = Deflating::start(&self.deflating);
+            let times = self.upload_times.clone();
             let handle = self.tasks.spawn(async move {
                 let enc = t.clone();
-                match tokio::task::spawn_blocking(move || enc.encode(&json)).await {
-                    Ok(body) => t.deliver(lane, Bytes::from(body), &idem).await,
+                let queued = Instant::now();
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let body = enc.encode(&json);
+                    drop(busy);
+                    body
+                });
+                match encoded.await {
+                    Ok(body) => {
+                        let sent = Instant::now();
+                        let r = t.deliver(lane, body, &idem).await;
+                        times.record(sent - queued, sent.elapsed());
+                        r
+                    }
                     // Only a runtime shutting down gets here (deflating into a Vec cannot
                     // fail): the batch is counted as failed like any undelivered one.
                     Err(_) => Delivery::Failed,
@@ -1204,10 +1289,17 @@ impl Worker {
             (handle, charged)
         } else {
             // Summaries are compressed here, at once: they are small and their latency is
-            // what the call log waits for.
-            let json = job.json.as_deref().unwrap_or_default();
-            let body = Bytes::from(self.transport.encode(json));
-            let wire = body.len();
+            // what the call log waits for. A detail body here goes as it is: compression is
+            // off, or behind (`CALLSCOPE_COMPRESSION=auto`).
+            let body = if detail {
+                if self.transport.compresses() {
+                    Counters::inc(&self.stats.detail_bodies_uncompressed);
+                }
+                self.transport.plain(json)
+            } else {
+                self.transport.encode(&json)
+            };
+            let wire = body.bytes.len();
             let handle = self
                 .tasks
                 .spawn(async move { t.deliver(lane, body, &idem).await });
@@ -1217,6 +1309,19 @@ impl Worker {
             self.mem_bytes += wire;
         }
         self.running.insert(handle.id(), Running { job, wire });
+    }
+
+    /// Under `CALLSCOPE_COMPRESSION=auto`: whether the next detail body goes plain because
+    /// compression is behind (see [`plain_when_behind`]).
+    fn compressor_behind(&self) -> bool {
+        self.transport.adaptive()
+            && plain_when_behind(
+                self.deflating.load(Ordering::Acquire),
+                self.deflaters,
+                self.buffered_bytes + self.mem_bytes,
+                self.cfg.max_buffer_bytes,
+                self.upload_times.get(),
+            )
     }
 
     fn on_done(&mut self, id: Id, result: Delivery) {
@@ -1954,6 +2059,154 @@ mod tests {
             incarnation: FED_CALL,
         };
         w.on_span(call, origin, &one);
+    }
+
+    #[test]
+    fn plain_bodies_only_when_every_deflater_is_busy_and_drops_are_near() {
+        // (deflating, deflaters, pending, max, (deflate wait, HTTP time))
+        let cpu_bound = (15_000_000, 3_000_000);
+        assert!(plain_when_behind(1, 1, 876, 1000, cpu_bound));
+        assert!(plain_when_behind(3, 2, 1000, 1000, cpu_bound));
+        // A deflate thread is free: the body only waits for it if it is compressed.
+        assert!(!plain_when_behind(0, 1, 1000, 1000, cpu_bound));
+        assert!(!plain_when_behind(1, 2, 1000, 1000, cpu_bound));
+        // Memory is not tight: compressing late costs nothing.
+        assert!(!plain_when_behind(1, 1, 875, 1000, cpu_bound));
+        assert!(!plain_when_behind(5, 1, 0, 1000, cpu_bound));
+        // Uploads wait on the receiver or the network more than on deflate: plain bodies
+        // would only make them longer.
+        assert!(!plain_when_behind(
+            1,
+            1,
+            1000,
+            1000,
+            (3_000_000, 15_000_000)
+        ));
+        assert!(!plain_when_behind(1, 1, 1000, 1000, (0, 0)));
+    }
+
+    /// What a receiver saw: (Idempotency-Key, gzip-compressed, body as JSON text).
+    type Seen = Arc<std::sync::Mutex<Vec<(String, bool, String)>>>;
+
+    /// A receiver on 127.0.0.1:0 that acknowledges everything and records what came.
+    async fn recording_receiver() -> (String, Seen) {
+        use axum::http::HeaderMap;
+        let seen: Seen = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |h: HeaderMap, body: axum::body::Bytes| {
+            let log = log.clone();
+            async move {
+                let gz = h
+                    .get("content-encoding")
+                    .is_some_and(|v| v.as_bytes() == b"gzip");
+                let text = if gz {
+                    let mut out = String::new();
+                    std::io::Read::read_to_string(
+                        &mut flate2::read::GzDecoder::new(&body[..]),
+                        &mut out,
+                    )
+                    .unwrap();
+                    out
+                } else {
+                    String::from_utf8(body.to_vec()).unwrap()
+                };
+                let key = h
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                log.lock().unwrap().push((key, gz, text));
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, seen)
+    }
+
+    /// Under `CALLSCOPE_COMPRESSION=auto` a detail body goes plain (and is counted) only while
+    /// uploads wait on deflate, its threads are busy and pending detail is past 7/8 of its bound; under
+    /// `gzip` it waits for them. The receiver gets each body whole either way.
+    #[tokio::test]
+    async fn auto_compression_sends_plain_detail_while_the_compressor_is_behind() {
+        let (url, seen) = recording_receiver().await;
+        for compression in [
+            crate::config::Compression::Auto,
+            crate::config::Compression::Gzip,
+        ] {
+            seen.lock().unwrap().clear();
+            let cfg = Arc::new(
+                Config::builder()
+                    .without_env()
+                    .endpoint(&url)
+                    .compression(compression)
+                    .build()
+                    .unwrap(),
+            );
+            let stats = Arc::new(Counters::default());
+            let transport = Transport::new(&cfg, stats.clone()).unwrap();
+            let (mut w, _h) = Worker::new(
+                Arc::new(Registry::new(cfg.clone(), stats.clone())),
+                transport,
+                None,
+            );
+            let job = |seq: u32| Job {
+                id: u64::from(seq),
+                call: Arc::from("c"),
+                meta: Meta {
+                    core: false,
+                    is_final: false,
+                    late: false,
+                    seq,
+                    spans: 1,
+                    call_id: "c".into(),
+                },
+                json: Some(Bytes::from(format!("{{\"batch_seq\":{seq}}}"))),
+                rec: None,
+            };
+            // Uploads lately waited on deflate more than on HTTP, pending detail is past 7/8
+            // of the bound, and the one deflate thread is taken.
+            w.upload_times
+                .record(Duration::from_millis(15), Duration::from_millis(3));
+            w.mem_bytes = cfg.max_buffer_bytes - cfg.max_buffer_bytes / 8 + 1;
+            let busy = Deflating::start(&w.deflating);
+            w.start(job(0), Lane::Detail);
+            drop(busy);
+            // A free deflate thread: compressed, even with memory tight.
+            w.start(job(1), Lane::Detail);
+            while let Some(done) = w.tasks.join_next().await {
+                assert_eq!(done.unwrap(), Delivery::Acked);
+            }
+            let mut got = seen.lock().unwrap().clone();
+            got.sort();
+            let auto = compression == crate::config::Compression::Auto;
+            assert_eq!(
+                got,
+                [
+                    (
+                        "c:detail:0".to_owned(),
+                        !auto,
+                        "{\"batch_seq\":0}".to_owned()
+                    ),
+                    (
+                        "c:detail:1".to_owned(),
+                        true,
+                        "{\"batch_seq\":1}".to_owned()
+                    ),
+                ],
+                "{compression}"
+            );
+            assert_eq!(
+                stats.detail_bodies_uncompressed.load(Ordering::Relaxed),
+                u64::from(auto)
+            );
+            assert_eq!(
+                w.deflating.load(Ordering::Relaxed),
+                0,
+                "the gauge is given back"
+            );
+        }
     }
 
     /// A provisional call's chunk that arrives after its join opens a batch of the real call,
