@@ -93,6 +93,10 @@ struct Args {
     /// exporter sends its protobuf here.
     #[arg(long)]
     cs_no_gzip: bool,
+    /// callscope's CALLSCOPE_COMPRESSION=auto: gzip, but detail bodies go uncompressed while
+    /// the compressor is behind and pending detail is past 7/8 of its bound.
+    #[arg(long, conflicts_with = "cs_no_gzip")]
+    cs_auto_gzip: bool,
     /// Have the SDK's OTLP exporter gzip its protobuf (opentelemetry-otlp's `gzip-http`, at
     /// flate2's default level), for a comparison where both pipelines compress.
     #[arg(long)]
@@ -341,6 +345,7 @@ struct Tuning {
     max_buffer_mib: Option<usize>,
     max_request_kib: Option<usize>,
     no_gzip: bool,
+    auto_gzip: bool,
     sdk_gzip: bool,
 }
 
@@ -351,6 +356,7 @@ impl Tuning {
             max_buffer_mib: a.cs_max_buffer_mib,
             max_request_kib: a.cs_max_request_kib,
             no_gzip: a.cs_no_gzip,
+            auto_gzip: a.cs_auto_gzip,
             sdk_gzip: a.sdk_gzip,
         }
     }
@@ -378,6 +384,9 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
             }
             if t.no_gzip {
                 b = b.compression(callscope::Compression::None);
+            }
+            if t.auto_gzip {
+                b = b.compression(callscope::Compression::Auto);
             }
             let p = b.build().unwrap();
             let stats = Some(p.stats_handle());
@@ -779,6 +788,9 @@ fn spawn_child(spec: &str, a: &Args) -> Json {
     if a.cs_no_gzip {
         cmd.arg("--cs-no-gzip");
     }
+    if a.cs_auto_gzip {
+        cmd.arg("--cs-auto-gzip");
+    }
     if a.sdk_gzip {
         cmd.arg("--sdk-gzip");
     }
@@ -836,7 +848,11 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
     let gz = |on: bool| if on { "gzip" } else { "uncompressed" };
     println!(
         "\n== {scenario} ==  (callscope bodies {}, sdk otlp protobuf {})",
-        gz(!a.cs_no_gzip),
+        if a.cs_auto_gzip {
+            "gzip, uncompressed while deflate is behind (auto)"
+        } else {
+            gz(!a.cs_no_gzip)
+        },
         gz(a.sdk_gzip)
     );
     match scenario {
