@@ -703,20 +703,26 @@ mod tests {
         assert_eq!(o.records.len(), 1);
     }
 
+    /// Record 1 written in segment 0 by one run; the next run writes record 2, acks record 1,
+    /// and stops (no sync, no drop) with segment 0 left for the next sync.
+    fn crash_after_an_ack(dir: &Path) {
+        let (mut s, _) = Spool::open(dir, 1 << 20).unwrap();
+        s.append(&meta(1), b"{\"a\":1}").unwrap();
+        drop(s);
+        let (mut s, o) = Spool::open(dir, 1 << 20).unwrap();
+        let old = &o.records[0];
+        s.append(&meta(2), b"{\"a\":2}").unwrap();
+        s.ack(old.id, old.bytes).unwrap();
+        std::mem::forget(s);
+    }
+
     /// The process stops (no sync, no drop) after a record was acked and its segment left for
     /// the next sync: the ack itself is in the current segment, so the record does not come
     /// back beside its replacement (a renumbered final would then share a number).
     #[test]
     fn a_record_acked_before_a_crash_does_not_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append(&meta(1), b"{\"a\":1}").unwrap();
-        drop(s);
-        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
-        let old = &o.records[0];
-        s.append(&meta(2), b"{\"a\":2}").unwrap();
-        s.ack(old.id, old.bytes).unwrap();
-        std::mem::forget(s);
+        crash_after_an_ack(dir.path());
         let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
         let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
         assert_eq!(left, [meta(2)]);
@@ -726,20 +732,27 @@ mod tests {
         );
     }
 
+    /// A spool in `dir` whose segment 0 holds two records of half a segment each, both acked;
+    /// the third record (returned) started segment 1.
+    fn segment_0_acked(dir: &Path) -> (Spool, RecId) {
+        let big = vec![b'x'; (SEGMENT_BYTES / 2 + 1) as usize];
+        let (mut s, _) = Spool::open(dir, 1 << 30).unwrap();
+        let (r1, b1) = s.append(&meta(1), &big).unwrap();
+        let (r2, b2) = s.append(&meta(2), &big).unwrap();
+        let (r3, _) = s.append(&meta(3), b"{}").unwrap();
+        assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
+        s.ack(r1, b1).unwrap();
+        s.ack(r2, b2).unwrap();
+        (s, r3)
+    }
+
     /// Across a rotate at run time: a full segment's records acked from the next segment stay
     /// acked after a crash before the sync, and the segment goes at the sync.
     #[test]
     fn a_rotated_segment_goes_at_the_sync_after_its_last_ack() {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![b'x'; (SEGMENT_BYTES / 2 + 1) as usize];
-        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
-        let (r1, b1) = s.append(&meta(1), &big).unwrap();
-        let (r2, b2) = s.append(&meta(2), &big).unwrap();
-        // Segment 0 is full: the next record starts segment 1.
-        let (r3, _) = s.append(&meta(3), b"{}").unwrap();
-        assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
-        s.ack(r1, b1).unwrap();
-        s.ack(r2, b2).unwrap();
+        let (mut s, _) = segment_0_acked(dir.path());
         let seg0 = seg_path(dir.path(), 0);
         assert!(seg0.exists(), "deleted before the sync");
         s.sync().unwrap();
@@ -788,13 +801,7 @@ mod tests {
     fn after_a_failed_fsync_no_segment_is_deleted_in_the_run() {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![b'x'; (SEGMENT_BYTES / 2 + 1) as usize];
-        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
-        let (r1, b1) = s.append(&meta(1), &big).unwrap();
-        let (r2, b2) = s.append(&meta(2), &big).unwrap();
-        let (r3, _) = s.append(&meta(3), b"{}").unwrap();
-        assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
-        s.ack(r1, b1).unwrap();
-        s.ack(r2, b2).unwrap();
+        let (mut s, r3) = segment_0_acked(dir.path());
         fail_fsync(true);
         assert!(s.sync().is_err());
         fail_fsync(false);
@@ -828,15 +835,7 @@ mod tests {
     #[test]
     fn an_fsync_failure_at_open_keeps_every_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append(&meta(1), b"{\"a\":1}").unwrap();
-        drop(s);
-        // A run acks the record and crashes before its sync.
-        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
-        let old = &o.records[0];
-        s.ack(old.id, old.bytes).unwrap();
-        s.append(&meta(2), b"{\"a\":2}").unwrap();
-        std::mem::forget(s);
+        crash_after_an_ack(dir.path());
         let seg0 = seg_path(dir.path(), 0);
         fail_fsync(true);
         let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
