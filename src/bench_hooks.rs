@@ -176,8 +176,8 @@ impl Encoder {
     }
 
     /// The body as it would go on the wire.
-    pub fn encode(&self, json: &[u8]) -> Vec<u8> {
-        self.transport.encode(json).bytes.to_vec()
+    pub fn encode(&self, json: &[u8]) -> bytes::Bytes {
+        self.transport.encode(json).bytes
     }
 }
 

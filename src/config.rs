@@ -276,12 +276,13 @@ pub enum Compression {
     Gzip,
     /// `none`: bodies are sent as plain JSON.
     None,
-    /// `auto`: as `gzip`, except for a detail body that would wait for a busy compressor,
-    /// when uploads lately waited longer for compression than for the receiver and the
-    /// detail held in memory is past 7/8 of `CALLSCOPE_MAX_BUFFER_BYTES`: it goes
-    /// as plain JSON (counted in [`Stats::detail_bodies_uncompressed`](crate::Stats)). When
+    /// `auto`: as `gzip`, except while compressing a detail body lately took longer (its wait
+    /// for a compression thread included) than sending the bytes it saves would, and the
+    /// detail held in memory is past 7/8 of `CALLSCOPE_MAX_BUFFER_BYTES`: a detail body then
+    /// goes as plain JSON (counted in [`Stats::detail_bodies_uncompressed`](crate::Stats)). When
     /// compression is what the worker cannot keep up with (a burst on a busy machine), more
-    /// bytes go on the wire instead of detail being dropped. Summaries are always compressed.
+    /// bytes go on the wire instead of detail being dropped; a slow receiver or network, where the
+    /// saved bytes are worth more, keeps getting compressed bodies. Summaries are always compressed.
     Auto,
 }
 

@@ -129,8 +129,9 @@ counters! {
     bytes_sent,
     /// Request bodies before compression.
     bytes_uncompressed,
-    /// Detail bodies sent as plain JSON under `CALLSCOPE_COMPRESSION=auto` because the
-    /// compressor was busy while pending detail was past 7/8 of `CALLSCOPE_MAX_BUFFER_BYTES`.
+    /// Detail bodies sent as plain JSON under `CALLSCOPE_COMPRESSION=auto` because compressing
+    /// cost uploads more time than the bytes it saves while pending detail was past 7/8 of
+    /// `CALLSCOPE_MAX_BUFFER_BYTES`.
     detail_bodies_uncompressed,
     /// HTTP requests retried.
     requests_retried,

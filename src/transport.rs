@@ -94,6 +94,15 @@ impl Transport {
                 HeaderName::try_from(k.as_str()),
                 HeaderValue::try_from(v.as_str()),
             ) {
+                // Each body says its own encoding (gzip or none, see `deliver`); a second
+                // Content-Encoding would make the receiver decode it wrongly.
+                if k == CONTENT_ENCODING {
+                    tracing::warn!(
+                        value = ?v,
+                        "CALLSCOPE_HEADERS sets Content-Encoding; it is ignored: callscope sets it per body from CALLSCOPE_COMPRESSION"
+                    );
+                    continue;
+                }
                 headers.insert(k, v);
             }
         }
@@ -136,7 +145,7 @@ impl Transport {
         self.compression != Compression::None && self.sink == Sink::Http
     }
 
-    /// Whether a detail body may go uncompressed when the compressor is behind
+    /// Whether a detail body may go uncompressed when compression costs more than it saves
     /// (`CALLSCOPE_COMPRESSION=auto`).
     pub(crate) fn adaptive(&self) -> bool {
         self.compression == Compression::Auto && self.compresses()

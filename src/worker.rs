@@ -109,66 +109,53 @@ impl Wake {
     }
 }
 
-/// Whether a detail body goes plain under `CALLSCOPE_COMPRESSION=auto`: compression is what
-/// uploads wait for lately (`times`: a body's wait for its deflate longer than its HTTP
-/// exchange, on average), every deflate thread is busy (`deflating` bodies for `deflaters`
-/// threads: this one would wait), and pending detail (`pending` bytes) is past 7/8 of its
-/// bound `max` (drops are near). A worker that cannot compress as fast as detail comes then
-/// sends more bytes instead of dropping spans; a slow receiver or network, where plain bodies
-/// would take longer still, never gets them. Past half of the bound instead of 7/8, plain
-/// uploads took CPU from deflate and most bodies went plain (BENCHMARKS.md).
-fn plain_when_behind(
-    deflating: usize,
-    deflaters: usize,
-    pending: usize,
-    max: usize,
-    times: (u64, u64),
-) -> bool {
-    let (deflate_ns, http_ns) = times;
-    deflate_ns > http_ns && deflating >= deflaters && pending > max - max / 8
+/// Whether a detail body goes plain under `CALLSCOPE_COMPRESSION=auto`: deflating a body
+/// lately took longer (its wait for a deflate thread included) than sending the bytes deflate
+/// saved would have (`times`: moving averages in nanoseconds, see [`UploadTimes`]), and pending
+/// detail (`pending` bytes) is past 7/8 of its bound `max` (drops are near). A worker that cannot
+/// compress as fast as detail comes then sends more bytes instead of dropping spans; a slow
+/// receiver or network, where the saved bytes are worth more than the CPU, never gets plain
+/// bodies. Past half of the bound instead of 7/8, plain uploads took CPU from deflate and most
+/// bodies went plain (BENCHMARKS.md).
+fn plain_when_behind(pending: usize, max: usize, times: (u64, u64)) -> bool {
+    let (deflate_ns, saved_bytes_ns) = times;
+    deflate_ns > saved_bytes_ns && pending > max - max / 8
 }
 
-/// How long detail uploads lately waited for their compression and for their HTTP exchange
-/// (retries included): moving averages in nanoseconds, updated by each compressed upload.
+/// What compression lately cost and bought detail uploads: moving averages in nanoseconds,
+/// updated by each compressed upload. `deflate_ns`: from the moment a body was handed to the
+/// deflate threads to the end of its compression. `saved_bytes_ns`: how much longer its HTTP
+/// exchange would have taken with the bytes deflate removed, scaling the exchange's time by
+/// the bytes (an over-estimate: part of an exchange is latency, not bytes; it errs towards
+/// compressing).
 #[derive(Debug, Default)]
 struct UploadTimes {
     deflate_ns: AtomicU64,
-    http_ns: AtomicU64,
+    saved_bytes_ns: AtomicU64,
 }
 
 impl UploadTimes {
-    fn record(&self, deflate: Duration, http: Duration) {
-        let ewma = |avg: &AtomicU64, d: Duration| {
-            let x = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    /// Records one compressed upload: `deflate` and `http` as measured, `raw` and `wire` the
+    /// body's bytes before and after compression.
+    fn record(&self, deflate: Duration, http: Duration, raw: usize, wire: usize) {
+        let ewma = |avg: &AtomicU64, x: u128| {
+            let x = u64::try_from(x).unwrap_or(u64::MAX);
             let old = avg.load(Ordering::Relaxed);
             avg.store(old - old / 4 + x / 4, Ordering::Relaxed);
         };
-        ewma(&self.deflate_ns, deflate);
-        ewma(&self.http_ns, http);
+        let saved = raw.saturating_sub(wire) as u128;
+        ewma(&self.deflate_ns, deflate.as_nanos());
+        ewma(
+            &self.saved_bytes_ns,
+            http.as_nanos().saturating_mul(saved) / wire.max(1) as u128,
+        );
     }
 
     fn get(&self) -> (u64, u64) {
         (
             self.deflate_ns.load(Ordering::Relaxed),
-            self.http_ns.load(Ordering::Relaxed),
+            self.saved_bytes_ns.load(Ordering::Relaxed),
         )
-    }
-}
-
-/// One detail body being compressed (or waiting for a deflate thread), counted in the
-/// worker's `deflating` while it lives.
-struct Deflating(Arc<AtomicUsize>);
-
-impl Deflating {
-    fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Deflating(count.clone())
-    }
-}
-
-impl Drop for Deflating {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -290,7 +277,6 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     // the worker's, at most one per concurrent upload.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let deflaters = (cores - 1).clamp(1, worker.cfg.max_concurrent_detail.max(1));
-    worker.deflaters = deflaters;
     let thread = std::thread::Builder::new()
         .name("callscope-worker".into())
         .spawn(move || {
@@ -448,10 +434,6 @@ struct Worker {
     mem_bytes: usize,
     spool: Option<Spool>,
     scratch: Vec<u8>,
-    /// Detail bodies being compressed or waiting for a deflate thread.
-    deflating: Arc<AtomicUsize>,
-    /// The runtime's deflate (blocking) threads.
-    deflaters: usize,
     upload_times: Arc<UploadTimes>,
 }
 
@@ -513,8 +495,6 @@ impl Worker {
             mem_bytes: 0,
             spool,
             scratch: Vec::with_capacity(16 * 1024),
-            deflating: Arc::new(AtomicUsize::new(0)),
-            deflaters: 1,
             upload_times: Arc::default(),
         };
         let handle = Handle {
@@ -1264,21 +1244,20 @@ impl Worker {
             // the upload is done it counts as big as its JSON: the compressed size is not
             // known yet, and memory must never be under-counted.
             let charged = json.len();
-            let busy = Deflating::start(&self.deflating);
             let times = self.upload_times.clone();
             let handle = self.tasks.spawn(async move {
                 let enc = t.clone();
                 let queued = Instant::now();
                 let encoded = tokio::task::spawn_blocking(move || {
                     let body = enc.encode(&json);
-                    drop(busy);
-                    body
+                    (body, queued.elapsed(), json.len())
                 });
                 match encoded.await {
-                    Ok(body) => {
+                    Ok((body, deflate, raw)) => {
+                        let wire = body.bytes.len();
                         let sent = Instant::now();
                         let r = t.deliver(lane, body, &idem).await;
-                        times.record(sent - queued, sent.elapsed());
+                        times.record(deflate, sent.elapsed(), raw, wire);
                         r
                     }
                     // Only a runtime shutting down gets here (deflating into a Vec cannot
@@ -1290,16 +1269,18 @@ impl Worker {
         } else {
             // Summaries are compressed here, at once: they are small and their latency is
             // what the call log waits for. A detail body here goes as it is: compression is
-            // off, or behind (`CALLSCOPE_COMPRESSION=auto`).
-            let body = if detail {
+            // off, or behind (`CALLSCOPE_COMPRESSION=auto`); it shares the job's JSON, which
+            // is counted already.
+            let (body, wire) = if detail {
                 if self.transport.compresses() {
                     Counters::inc(&self.stats.detail_bodies_uncompressed);
                 }
-                self.transport.plain(json)
+                (self.transport.plain(json), 0)
             } else {
-                self.transport.encode(&json)
+                let body = self.transport.encode(&json);
+                let wire = body.bytes.len();
+                (body, wire)
             };
-            let wire = body.bytes.len();
             let handle = self
                 .tasks
                 .spawn(async move { t.deliver(lane, body, &idem).await });
@@ -1316,8 +1297,6 @@ impl Worker {
     fn compressor_behind(&self) -> bool {
         self.transport.adaptive()
             && plain_when_behind(
-                self.deflating.load(Ordering::Acquire),
-                self.deflaters,
                 self.buffered_bytes + self.mem_bytes,
                 self.cfg.max_buffer_bytes,
                 self.upload_times.get(),
@@ -2062,44 +2041,63 @@ mod tests {
     }
 
     #[test]
-    fn plain_bodies_only_when_every_deflater_is_busy_and_drops_are_near() {
-        // (deflating, deflaters, pending, max, (deflate wait, HTTP time))
+    fn plain_bodies_only_when_deflate_costs_more_than_the_bytes_it_saves_and_drops_are_near() {
+        // (pending, max, (deflate time, time of the bytes deflate saved))
         let cpu_bound = (15_000_000, 3_000_000);
-        assert!(plain_when_behind(1, 1, 876, 1000, cpu_bound));
-        assert!(plain_when_behind(3, 2, 1000, 1000, cpu_bound));
-        // A deflate thread is free: the body only waits for it if it is compressed.
-        assert!(!plain_when_behind(0, 1, 1000, 1000, cpu_bound));
-        assert!(!plain_when_behind(1, 2, 1000, 1000, cpu_bound));
+        assert!(plain_when_behind(876, 1000, cpu_bound));
+        assert!(plain_when_behind(1000, 1000, cpu_bound));
         // Memory is not tight: compressing late costs nothing.
-        assert!(!plain_when_behind(1, 1, 875, 1000, cpu_bound));
-        assert!(!plain_when_behind(5, 1, 0, 1000, cpu_bound));
-        // Uploads wait on the receiver or the network more than on deflate: plain bodies
-        // would only make them longer.
-        assert!(!plain_when_behind(
-            1,
-            1,
-            1000,
-            1000,
-            (3_000_000, 15_000_000)
-        ));
-        assert!(!plain_when_behind(1, 1, 1000, 1000, (0, 0)));
+        assert!(!plain_when_behind(875, 1000, cpu_bound));
+        assert!(!plain_when_behind(0, 1000, cpu_bound));
+        // The saved bytes are worth more than the CPU (a slow receiver or network): plain
+        // bodies would only make uploads longer.
+        assert!(!plain_when_behind(1000, 1000, (3_000_000, 15_000_000)));
+        // Nothing measured yet.
+        assert!(!plain_when_behind(1000, 1000, (0, 0)));
     }
 
-    /// What a receiver saw: (Idempotency-Key, gzip-compressed, body as JSON text).
-    type Seen = Arc<std::sync::Mutex<Vec<(String, bool, String)>>>;
+    #[test]
+    fn upload_times_scale_the_exchange_by_the_bytes_deflate_saved() {
+        let times = UploadTimes::default();
+        // 1,000 bytes deflated to 250 in 10 ms, sent in 4 ms: the 750 saved bytes would have
+        // taken 3 times the exchange, 12 ms.
+        for _ in 0..64 {
+            times.record(
+                Duration::from_millis(10),
+                Duration::from_millis(4),
+                1000,
+                250,
+            );
+        }
+        let (deflate, saved) = times.get();
+        assert!((9_900_000..=10_000_000).contains(&deflate), "{deflate}");
+        assert!((11_900_000..=12_000_000).contains(&saved), "{saved}");
+        // Incompressible bodies save nothing; an empty wire body never divides by zero.
+        let times = UploadTimes::default();
+        for (raw, wire) in [(100, 120), (0, 0)] {
+            times.record(Duration::from_millis(1), Duration::from_secs(1), raw, wire);
+        }
+        assert_eq!(times.get().1, 0);
+    }
 
-    /// A receiver on 127.0.0.1:0 that acknowledges everything and records what came.
-    async fn recording_receiver() -> (String, Seen) {
+    /// What a receiver saw: (Idempotency-Key, Content-Encoding values, body as JSON text).
+    type Seen = Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+    /// A receiver on 127.0.0.1:0 that acknowledges everything after `delay` and records what
+    /// came.
+    async fn recording_receiver(delay: Duration) -> (String, Seen) {
         use axum::http::HeaderMap;
         let seen: Seen = Arc::default();
         let log = seen.clone();
         let app = axum::Router::new().fallback(move |h: HeaderMap, body: axum::body::Bytes| {
             let log = log.clone();
             async move {
-                let gz = h
-                    .get("content-encoding")
-                    .is_some_and(|v| v.as_bytes() == b"gzip");
-                let text = if gz {
+                let encodings: Vec<&str> = h
+                    .get_all("content-encoding")
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect();
+                let text = if encodings == ["gzip"] {
                     let mut out = String::new();
                     std::io::Read::read_to_string(
                         &mut flate2::read::GzDecoder::new(&body[..]),
@@ -2108,14 +2106,15 @@ mod tests {
                     .unwrap();
                     out
                 } else {
-                    String::from_utf8(body.to_vec()).unwrap()
+                    String::from_utf8_lossy(&body).into_owned()
                 };
                 let key = h
                     .get("idempotency-key")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_owned();
-                log.lock().unwrap().push((key, gz, text));
+                log.lock().unwrap().push((key, encodings.join(","), text));
+                tokio::time::sleep(delay).await;
                 "ok"
             }
         });
@@ -2125,73 +2124,87 @@ mod tests {
         (url, seen)
     }
 
-    /// Under `CALLSCOPE_COMPRESSION=auto` a detail body goes plain (and is counted) only while
-    /// uploads wait on deflate, its threads are busy and pending detail is past 7/8 of its bound; under
-    /// `gzip` it waits for them. The receiver gets each body whole either way.
+    /// A worker sending to `url` with `compression`, and its counters. The app's headers name
+    /// a Content-Encoding of their own, which the transport must not send.
+    fn worker_to(url: &str, compression: crate::config::Compression) -> (Worker, Arc<Counters>) {
+        let cfg = Arc::new(
+            Config::builder()
+                .without_env()
+                .endpoint(url)
+                .header("Content-Encoding", "br")
+                .compression(compression)
+                .build()
+                .unwrap(),
+        );
+        let stats = Arc::new(Counters::default());
+        let transport = Transport::new(&cfg, stats.clone()).unwrap();
+        let (w, _h) = Worker::new(
+            Arc::new(Registry::new(cfg.clone(), stats.clone())),
+            transport,
+            None,
+        );
+        (w, stats)
+    }
+
+    /// A detail job of call "c" numbered `seq`, whose body is `json`.
+    fn detail_job(seq: u32, json: String) -> Job {
+        Job {
+            id: u64::from(seq),
+            call: Arc::from("c"),
+            meta: Meta {
+                core: false,
+                is_final: false,
+                late: false,
+                seq,
+                spans: 1,
+                call_id: "c".into(),
+            },
+            json: Some(Bytes::from(json)),
+            rec: None,
+        }
+    }
+
+    /// Under `CALLSCOPE_COMPRESSION=auto` a detail body goes plain (and is counted, and
+    /// charged to memory once) only while deflate costs uploads more than the bytes it saves
+    /// and pending detail is past 7/8 of its bound; under `gzip` it is always compressed. The
+    /// receiver gets each body whole either way, with one Content-Encoding or none.
     #[tokio::test]
-    async fn auto_compression_sends_plain_detail_while_the_compressor_is_behind() {
-        let (url, seen) = recording_receiver().await;
+    async fn auto_compression_sends_plain_detail_while_deflate_is_what_uploads_wait_for() {
+        let (url, seen) = recording_receiver(Duration::ZERO).await;
         for compression in [
             crate::config::Compression::Auto,
             crate::config::Compression::Gzip,
         ] {
             seen.lock().unwrap().clear();
-            let cfg = Arc::new(
-                Config::builder()
-                    .without_env()
-                    .endpoint(&url)
-                    .compression(compression)
-                    .build()
-                    .unwrap(),
-            );
-            let stats = Arc::new(Counters::default());
-            let transport = Transport::new(&cfg, stats.clone()).unwrap();
-            let (mut w, _h) = Worker::new(
-                Arc::new(Registry::new(cfg.clone(), stats.clone())),
-                transport,
-                None,
-            );
-            let job = |seq: u32| Job {
-                id: u64::from(seq),
-                call: Arc::from("c"),
-                meta: Meta {
-                    core: false,
-                    is_final: false,
-                    late: false,
-                    seq,
-                    spans: 1,
-                    call_id: "c".into(),
-                },
-                json: Some(Bytes::from(format!("{{\"batch_seq\":{seq}}}"))),
-                rec: None,
-            };
-            // Uploads lately waited on deflate more than on HTTP, pending detail is past 7/8
-            // of the bound, and the one deflate thread is taken.
-            w.upload_times
-                .record(Duration::from_millis(15), Duration::from_millis(3));
-            w.mem_bytes = cfg.max_buffer_bytes - cfg.max_buffer_bytes / 8 + 1;
-            let busy = Deflating::start(&w.deflating);
-            w.start(job(0), Lane::Detail);
-            drop(busy);
-            // A free deflate thread: compressed, even with memory tight.
-            w.start(job(1), Lane::Detail);
+            let (mut w, stats) = worker_to(&url, compression);
+            let tight = w.cfg.max_buffer_bytes - w.cfg.max_buffer_bytes / 8 + 1;
+            // Deflate lately took 15 ms; the bytes it saved would have taken 3 ms to send.
+            for _ in 0..64 {
+                w.upload_times
+                    .record(Duration::from_millis(15), Duration::from_millis(1), 4, 1);
+            }
+            w.mem_bytes = tight;
+            let body0 = "{\"batch_seq\":0}".to_owned();
+            w.start(detail_job(0, body0.clone()), Lane::Detail);
+            let auto = compression == crate::config::Compression::Auto;
+            let charged = if auto { 0 } else { body0.len() };
+            assert_eq!(w.mem_bytes, tight + charged, "the body is charged once");
+            // Memory is not tight: compressed.
+            w.mem_bytes = 0;
+            w.start(detail_job(1, "{\"batch_seq\":1}".into()), Lane::Detail);
             while let Some(done) = w.tasks.join_next().await {
                 assert_eq!(done.unwrap(), Delivery::Acked);
             }
             let mut got = seen.lock().unwrap().clone();
             got.sort();
-            let auto = compression == crate::config::Compression::Auto;
+            let enc = |gz: bool| if gz { "gzip" } else { "" }.to_owned();
             assert_eq!(
                 got,
                 [
-                    (
-                        "c:detail:0".to_owned(),
-                        !auto,
-                        "{\"batch_seq\":0}".to_owned()
-                    ),
+                    ("c:detail:0".to_owned(), enc(!auto), body0.clone()),
                     (
                         "c:detail:1".to_owned(),
-                        true,
+                        enc(true),
                         "{\"batch_seq\":1}".to_owned()
                     ),
                 ],
@@ -2201,12 +2214,37 @@ mod tests {
                 stats.detail_bodies_uncompressed.load(Ordering::Relaxed),
                 u64::from(auto)
             );
-            assert_eq!(
-                w.deflating.load(Ordering::Relaxed),
-                0,
-                "the gauge is given back"
-            );
         }
+    }
+
+    /// The times that decide come from real uploads: to a receiver that takes 50 ms per body,
+    /// the bytes deflate saves are worth more than its CPU, and every body stays compressed
+    /// under `auto` even with memory past 7/8 of its bound.
+    #[tokio::test]
+    async fn auto_compression_keeps_compressing_for_a_slow_receiver() {
+        let (url, seen) = recording_receiver(Duration::from_millis(50)).await;
+        let (mut w, stats) = worker_to(&url, crate::config::Compression::Auto);
+        let tight = w.cfg.max_buffer_bytes - w.cfg.max_buffer_bytes / 8 + 1;
+        let spans = format!(
+            "[{}]",
+            vec!["{\"name\":\"llm_request\",\"attributes\":{\"lk.turn\":1}}"; 400].join(",")
+        );
+        for seq in 0..4 {
+            w.mem_bytes = tight;
+            w.start(detail_job(seq, spans.clone()), Lane::Detail);
+            // One at a time, so each start sees the times of the uploads before it.
+            assert_eq!(w.tasks.join_next().await.unwrap().unwrap(), Delivery::Acked);
+            w.running.clear();
+        }
+        let (deflate, saved) = w.upload_times.get();
+        assert!(saved > deflate, "deflate {deflate} ns, saved {saved} ns");
+        assert_eq!(stats.detail_bodies_uncompressed.load(Ordering::Relaxed), 0);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 4);
+        assert!(
+            seen.iter()
+                .all(|(_, enc, body)| enc == "gzip" && *body == spans)
+        );
     }
 
     /// A provisional call's chunk that arrives after its join opens a batch of the real call,
