@@ -379,7 +379,8 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Extra headers on every request, names lowercased. Env `CALLSCOPE_HEADERS` (`k1=v1,k2=v2`,
     /// values percent-decoded), default none. Headers set in code replace env headers of the
-    /// same name.
+    /// same name. `content-encoding` and `idempotency-key` are set per request by callscope;
+    /// given here they are ignored, with a warning.
     pub headers: Vec<(String, String)>,
     /// `agent_id` in payloads. Env `CALLSCOPE_AGENT_ID`; `None` (default) = the resource's
     /// `service.name`.

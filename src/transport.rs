@@ -46,6 +46,9 @@ pub(crate) enum Delivery {
 #[error("could not build the HTTP client for CALLSCOPE_ENDPOINT: {0}")]
 pub(crate) struct TransportError(#[from] reqwest::Error);
 
+/// The header that names a payload for the receiver's deduplication (wire contract v1).
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
 /// A request body as it goes on the wire.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Body {
@@ -94,12 +97,12 @@ impl Transport {
                 HeaderName::try_from(k.as_str()),
                 HeaderValue::try_from(v.as_str()),
             ) {
-                // Each body says its own encoding (gzip or none, see `deliver`); a second
-                // Content-Encoding would make the receiver decode it wrongly.
-                if k == CONTENT_ENCODING {
+                // Set per request (see `deliver`): a second value would make the receiver
+                // decode the body wrongly or lose its deduplication.
+                if k == CONTENT_ENCODING || k == IDEMPOTENCY_KEY {
                     tracing::warn!(
-                        value = ?v,
-                        "CALLSCOPE_HEADERS sets Content-Encoding; it is ignored: callscope sets it per body from CALLSCOPE_COMPRESSION"
+                        header = %k,
+                        "CALLSCOPE_HEADERS sets a header callscope sets per request (Content-Encoding from CALLSCOPE_COMPRESSION, Idempotency-Key from the payload); the configured value is ignored"
                     );
                     continue;
                 }
@@ -193,10 +196,26 @@ impl Transport {
     /// waiting to be retried, detail uploads hold back before each attempt, so on recovery the
     /// summaries reach the receiver first.
     pub(crate) async fn deliver(&self, lane: Lane, body: Body, idempotency_key: &str) -> Delivery {
+        self.deliver_timed(lane, body, idempotency_key).await.0
+    }
+
+    /// [`deliver`](Self::deliver), and how long its last attempt took (from the request's
+    /// start, after any wait behind retried summaries, to the decision; zero for the null sink).
+    pub(crate) async fn deliver_timed(
+        &self,
+        lane: Lane,
+        body: Body,
+        idempotency_key: &str,
+    ) -> (Delivery, Duration) {
         let Body { bytes: body, gzip } = body;
         if self.sink == Sink::Null {
-            return Delivery::Acked;
+            return (Delivery::Acked, Duration::ZERO);
         }
+        // When the last attempt started, in nanoseconds after `base` (an atomic: the future
+        // must stay `Send`).
+        let base = tokio::time::Instant::now();
+        let last_try = std::sync::atomic::AtomicU64::new(0);
+        let last_try = &last_try;
         let (client, url) = match lane {
             Lane::Core => (&self.core_client, &self.core_url),
             Lane::Detail => (&self.client, &self.detail_url),
@@ -210,10 +229,12 @@ impl Transport {
                     // The sender lives as long as `self`: this cannot fail while we run.
                     let _ = rx.wait_for(|n| *n == 0).await;
                 }
+                let since = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                last_try.store(since, std::sync::atomic::Ordering::Relaxed);
                 let mut req = client
                     .post(url.clone())
                     .headers(self.headers.clone())
-                    .header("idempotency-key", idempotency_key);
+                    .header(IDEMPOTENCY_KEY, idempotency_key);
                 if gzip {
                     req = req.header(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
                 }
@@ -251,11 +272,14 @@ impl Transport {
         let (decision, response, attempts) =
             retry_loop(&self.backoff, send, fastrand::f64, on_retry).await;
         drop(trouble);
+        let took = base.elapsed().saturating_sub(Duration::from_nanos(
+            last_try.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         Counters::add(
             &self.stats.bytes_sent,
             body.len() as u64 * u64::from(attempts),
         );
-        match decision {
+        let delivery = match decision {
             Decision::Done => Delivery::Acked,
             Decision::Split => Delivery::TooLarge,
             Decision::RetryAfter(_) => Delivery::Failed,
@@ -285,7 +309,8 @@ impl Transport {
                 }
                 Delivery::Failed
             }
-        }
+        };
+        (delivery, took)
     }
 }
 
@@ -561,5 +586,44 @@ mod tests {
             assert_eq!((d, attempts), (want, 1));
             assert_eq!(t0.elapsed(), Duration::ZERO);
         }
+    }
+
+    /// `deliver_timed` reports the acknowledged attempt's time, not the failed attempt's and
+    /// the backoff before it. A receiver answers the first attempt 503 after 300 ms and the
+    /// second at once.
+    #[tokio::test]
+    async fn deliver_timed_reports_the_last_attempt_only() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            let h = h.clone();
+            async move {
+                if h.fetch_add(1, Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let cfg = Config::builder()
+            .without_env()
+            .endpoint(&url)
+            .build()
+            .unwrap();
+        let t = Transport::new(&cfg, Arc::new(Counters::default())).unwrap();
+        let started = std::time::Instant::now();
+        let (d, took) = t
+            .deliver_timed(Lane::Detail, t.encode(b"{}"), "c:detail:0")
+            .await;
+        let total = started.elapsed();
+        assert_eq!(d, Delivery::Acked);
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        assert!(total >= Duration::from_millis(300), "{total:?}");
+        assert!(took < Duration::from_millis(300), "{took:?} of {total:?}");
     }
 }

@@ -122,10 +122,14 @@ fn plain_when_behind(pending: usize, max: usize, times: (u64, u64)) -> bool {
     deflate_ns > saved_bytes_ns && pending > max - max / 8
 }
 
+/// Under `CALLSCOPE_COMPRESSION=auto`, while detail goes plain, every `PROBE_EVERY`th body is
+/// compressed anyway to keep [`UploadTimes`] current.
+const PROBE_EVERY: u32 = 8;
+
 /// What compression lately cost and bought detail uploads: moving averages in nanoseconds,
-/// updated by each compressed upload. `deflate_ns`: from the moment a body was handed to the
-/// deflate threads to the end of its compression. `saved_bytes_ns`: how much longer its HTTP
-/// exchange would have taken with the bytes deflate removed, scaling the exchange's time by
+/// updated by each compressed upload the receiver acknowledged. `deflate_ns`: from the moment a body was handed to the
+/// deflate threads to the end of its compression. `saved_bytes_ns`: how much longer its acknowledged
+/// HTTP attempt would have taken with the bytes deflate removed, scaling the exchange's time by
 /// the bytes (an over-estimate: part of an exchange is latency, not bytes; it errs towards
 /// compressing).
 #[derive(Debug, Default)]
@@ -355,8 +359,9 @@ struct Held {
 #[derive(Debug)]
 struct Running {
     job: Job,
-    /// Bytes its body is counted as while it runs: the encoded body's, or (while a detail
-    /// body is compressed off this thread) its JSON's.
+    /// Bytes its body is counted as while it runs, beside its job's JSON: the encoded body's,
+    /// its JSON's again while a detail body is compressed off this thread, or 0 for a plain
+    /// detail body (it shares the job's JSON).
     wire: usize,
 }
 
@@ -435,6 +440,8 @@ struct Worker {
     spool: Option<Spool>,
     scratch: Vec<u8>,
     upload_times: Arc<UploadTimes>,
+    /// Detail bodies chosen to go plain in a row (see [`Worker::compressor_behind`]).
+    plain_run: u32,
 }
 
 impl Worker {
@@ -496,6 +503,7 @@ impl Worker {
             spool,
             scratch: Vec::with_capacity(16 * 1024),
             upload_times: Arc::default(),
+            plain_run: 0,
         };
         let handle = Handle {
             data: data_tx,
@@ -1255,9 +1263,12 @@ impl Worker {
                 match encoded.await {
                     Ok((body, deflate, raw)) => {
                         let wire = body.bytes.len();
-                        let sent = Instant::now();
-                        let r = t.deliver(lane, body, &idem).await;
-                        times.record(deflate, sent.elapsed(), raw, wire);
+                        let (r, http) = t.deliver_timed(lane, body, &idem).await;
+                        // An acknowledged attempt's time only: retries' backoff and fast
+                        // rejections say nothing about what the bytes cost.
+                        if r == Delivery::Acked {
+                            times.record(deflate, http, raw, wire);
+                        }
                         r
                     }
                     // Only a runtime shutting down gets here (deflating into a Vec cannot
@@ -1293,14 +1304,27 @@ impl Worker {
     }
 
     /// Under `CALLSCOPE_COMPRESSION=auto`: whether the next detail body goes plain because
-    /// compression is behind (see [`plain_when_behind`]).
-    fn compressor_behind(&self) -> bool {
-        self.transport.adaptive()
+    /// compression is behind (see [`plain_when_behind`]). One body in [`PROBE_EVERY`] of a
+    /// run of plain ones is compressed all the same, so the times that decide keep being
+    /// measured: without it they froze when bodies went plain, and a receiver that became
+    /// slow meanwhile got plain bodies for as long as memory stayed tight.
+    fn compressor_behind(&mut self) -> bool {
+        let behind = self.transport.adaptive()
             && plain_when_behind(
                 self.buffered_bytes + self.mem_bytes,
                 self.cfg.max_buffer_bytes,
                 self.upload_times.get(),
-            )
+            );
+        if !behind {
+            self.plain_run = 0;
+            return false;
+        }
+        self.plain_run += 1;
+        if self.plain_run == PROBE_EVERY {
+            self.plain_run = 0;
+            return false;
+        }
+        true
     }
 
     fn on_done(&mut self, id: Id, result: Delivery) {
@@ -2125,13 +2149,15 @@ mod tests {
     }
 
     /// A worker sending to `url` with `compression`, and its counters. The app's headers name
-    /// a Content-Encoding of their own, which the transport must not send.
+    /// a Content-Encoding and an Idempotency-Key of their own, which the transport must not
+    /// send.
     fn worker_to(url: &str, compression: crate::config::Compression) -> (Worker, Arc<Counters>) {
         let cfg = Arc::new(
             Config::builder()
                 .without_env()
                 .endpoint(url)
                 .header("Content-Encoding", "br")
+                .header("Idempotency-Key", "from-the-app")
                 .compression(compression)
                 .build()
                 .unwrap(),
@@ -2164,6 +2190,32 @@ mod tests {
         }
     }
 
+    /// Starts `job` as the pump does (its JSON charged first, as `enqueue` does), waits for its
+    /// upload and hands the result to `on_done`; returns what memory counted while it ran.
+    async fn upload_one(w: &mut Worker, job: Job) -> usize {
+        let before = w.mem_bytes;
+        w.mem_bytes += job.mem();
+        w.running_detail += 1;
+        w.start(job, Lane::Detail);
+        let running = w.mem_bytes - before;
+        let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
+        assert_eq!(r, Delivery::Acked);
+        w.on_done(id, r);
+        assert_eq!(
+            w.mem_bytes, before,
+            "what an upload was charged is given back"
+        );
+        running
+    }
+
+    /// Stale times that say deflate costs uploads 15 ms and the bytes it saves 3 ms.
+    fn deflate_behind(w: &Worker) {
+        for _ in 0..64 {
+            w.upload_times
+                .record(Duration::from_millis(15), Duration::from_millis(1), 4, 1);
+        }
+    }
+
     /// Under `CALLSCOPE_COMPRESSION=auto` a detail body goes plain (and is counted, and
     /// charged to memory once) only while deflate costs uploads more than the bytes it saves
     /// and pending detail is past 7/8 of its bound; under `gzip` it is always compressed. The
@@ -2177,29 +2229,20 @@ mod tests {
         ] {
             seen.lock().unwrap().clear();
             let (mut w, stats) = worker_to(&url, compression);
-            let tight = w.cfg.max_buffer_bytes - w.cfg.max_buffer_bytes / 8 + 1;
-            // Deflate lately took 15 ms; the bytes it saved would have taken 3 ms to send.
-            for _ in 0..64 {
-                w.upload_times
-                    .record(Duration::from_millis(15), Duration::from_millis(1), 4, 1);
-            }
-            w.mem_bytes = tight;
+            deflate_behind(&w);
+            w.mem_bytes = w.cfg.max_buffer_bytes - w.cfg.max_buffer_bytes / 8 + 1;
             let body0 = "{\"batch_seq\":0}".to_owned();
-            w.start(detail_job(0, body0.clone()), Lane::Detail);
+            let charged = upload_one(&mut w, detail_job(0, body0.clone())).await;
             let auto = compression == crate::config::Compression::Auto;
-            let charged = if auto { 0 } else { body0.len() };
-            assert_eq!(w.mem_bytes, tight + charged, "the body is charged once");
+            // A compressed body counts its JSON twice until its size is known.
+            let copies = if auto { 1 } else { 2 };
+            assert_eq!(charged, copies * body0.len(), "{compression}");
             // Memory is not tight: compressed.
             w.mem_bytes = 0;
-            w.start(detail_job(1, "{\"batch_seq\":1}".into()), Lane::Detail);
-            while let Some(done) = w.tasks.join_next().await {
-                assert_eq!(done.unwrap(), Delivery::Acked);
-            }
-            let mut got = seen.lock().unwrap().clone();
-            got.sort();
+            upload_one(&mut w, detail_job(1, "{\"batch_seq\":1}".into())).await;
             let enc = |gz: bool| if gz { "gzip" } else { "" }.to_owned();
             assert_eq!(
-                got,
+                *seen.lock().unwrap(),
                 [
                     ("c:detail:0".to_owned(), enc(!auto), body0.clone()),
                     (
@@ -2217,34 +2260,70 @@ mod tests {
         }
     }
 
-    /// The times that decide come from real uploads: to a receiver that takes 50 ms per body,
-    /// the bytes deflate saves are worth more than its CPU, and every body stays compressed
-    /// under `auto` even with memory past 7/8 of its bound.
+    /// The times that decide come from real uploads, and keep coming while bodies go plain.
+    /// With stale times that say deflate is what uploads wait for and memory past 7/8 of its
+    /// bound, bodies go plain but one in `PROBE_EVERY` is compressed; its upload, to a
+    /// receiver that takes 50 ms per body, shows that the bytes deflate saves are worth more
+    /// than its CPU, and every body after it is compressed.
     #[tokio::test]
-    async fn auto_compression_keeps_compressing_for_a_slow_receiver() {
+    async fn auto_compression_probes_while_plain_and_keeps_compressing_for_a_slow_receiver() {
         let (url, seen) = recording_receiver(Duration::from_millis(50)).await;
         let (mut w, stats) = worker_to(&url, crate::config::Compression::Auto);
+        deflate_behind(&w);
         let tight = w.cfg.max_buffer_bytes - w.cfg.max_buffer_bytes / 8 + 1;
         let spans = format!(
             "[{}]",
             vec!["{\"name\":\"llm_request\",\"attributes\":{\"lk.turn\":1}}"; 400].join(",")
         );
-        for seq in 0..4 {
+        let n = PROBE_EVERY + 4;
+        for seq in 0..n {
             w.mem_bytes = tight;
-            w.start(detail_job(seq, spans.clone()), Lane::Detail);
-            // One at a time, so each start sees the times of the uploads before it.
-            assert_eq!(w.tasks.join_next().await.unwrap().unwrap(), Delivery::Acked);
-            w.running.clear();
+            upload_one(&mut w, detail_job(seq, spans.clone())).await;
         }
-        let (deflate, saved) = w.upload_times.get();
-        assert!(saved > deflate, "deflate {deflate} ns, saved {saved} ns");
-        assert_eq!(stats.detail_bodies_uncompressed.load(Ordering::Relaxed), 0);
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 4);
-        assert!(
-            seen.iter()
-                .all(|(_, enc, body)| enc == "gzip" && *body == spans)
+        let compressed: Vec<bool> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, enc, body)| {
+                assert_eq!(*body, spans);
+                enc == "gzip"
+            })
+            .collect();
+        let expected: Vec<bool> = (1..=n).map(|i| i >= PROBE_EVERY).collect();
+        assert_eq!(compressed, expected);
+        assert_eq!(
+            stats.detail_bodies_uncompressed.load(Ordering::Relaxed),
+            u64::from(PROBE_EVERY - 1)
         );
+        // The saved time is each acknowledged attempt (at least 50 ms) scaled by the bytes
+        // deflate removed, not the attempt alone: after the 5 compressed uploads it is at
+        // least 1 - (3/4)^5 of that.
+        let (raw, wire) = (
+            spans.len() as f64,
+            crate::transport::gzip(spans.as_bytes(), w.cfg.gzip_level).len() as f64,
+        );
+        let floor = 50e6 * (raw - wire) / wire * (1.0 - 0.75f64.powi(5));
+        let (deflate, saved) = w.upload_times.get();
+        assert!(
+            saved as f64 >= floor && saved > deflate,
+            "saved {saved} ns, floor {floor}, deflate {deflate} ns"
+        );
+    }
+
+    /// A rejected upload (or one that ran out of retries) feeds nothing into the times: a fast
+    /// 400 says nothing about what the bytes cost, and would make deflate look dear.
+    #[tokio::test]
+    async fn only_acknowledged_uploads_feed_the_times() {
+        let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::BAD_REQUEST });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (mut w, stats) = worker_to(&url, crate::config::Compression::Auto);
+        w.start(detail_job(0, "{\"batch_seq\":0}".into()), Lane::Detail);
+        let done = w.tasks.join_next().await.unwrap().unwrap();
+        assert_eq!(done, Delivery::Failed);
+        assert_eq!(stats.requests_rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(w.upload_times.get(), (0, 0));
     }
 
     /// A provisional call's chunk that arrives after its join opens a batch of the real call,
