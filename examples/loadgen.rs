@@ -917,6 +917,15 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
 
 fn main() {
     let a = Args::parse();
+    // callscope's own logs (drops, compression going plain...) on stderr; RUST_LOG picks them,
+    // errors only by default so the report stays readable.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .try_init();
     if let Some(spec) = a.child.clone() {
         let r = run_child(&spec, &a);
         println!("RESULT {r}");

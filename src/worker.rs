@@ -442,6 +442,13 @@ struct Worker {
     upload_times: Arc<UploadTimes>,
     /// Detail bodies chosen to go plain in a row (see [`Worker::compressor_behind`]).
     plain_run: u32,
+    /// Since when detail has been going plain, and how many bodies went so far (`None` while
+    /// bodies are compressed).
+    plain_since: Option<(Instant, u64)>,
+    /// When going plain was last logged at `info` (at most once a minute; `debug` between).
+    plain_logged: Option<Instant>,
+    /// Detail batches dropped because the spool was full (for the log's powers of two).
+    spool_full_drops: u64,
 }
 
 impl Worker {
@@ -504,6 +511,9 @@ impl Worker {
             scratch: Vec::with_capacity(16 * 1024),
             upload_times: Arc::default(),
             plain_run: 0,
+            plain_since: None,
+            plain_logged: None,
+            spool_full_drops: 0,
         };
         let handle = Handle {
             data: data_tx,
@@ -1141,15 +1151,30 @@ impl Worker {
     fn drop_detail(&mut self, job: Job, why: DropWhy) {
         self.mem_bytes = self.mem_bytes.saturating_sub(job.mem());
         let spans = u64::from(job.meta.spans);
+        // Counted each; logged at the 1st, 2nd, 4th, 8th... batch dropped for a cause, so an
+        // overload cannot flood the log too.
         match why {
             DropWhy::BufferFull => {
                 Counters::add(&self.stats.spans_dropped_buffer_full, spans);
                 Counters::inc(&self.stats.detail_batches_dropped_buffer_full);
-                tracing::warn!(call_id = %job.call, spans, "oldest detail batch dropped: CALLSCOPE_MAX_BUFFER_BYTES reached (receiver too slow or down)");
+                let batches = self
+                    .stats
+                    .detail_batches_dropped_buffer_full
+                    .load(Ordering::Relaxed);
+                if batches.is_power_of_two() {
+                    let total = self.stats.spans_dropped_buffer_full.load(Ordering::Relaxed);
+                    tracing::warn!(call_id = %job.call, spans, batches, total_spans = total,
+                        "oldest detail batch dropped: CALLSCOPE_MAX_BUFFER_BYTES reached (the receiver is too slow or down, or the worker is short of CPU: CALLSCOPE_COMPRESSION=auto trades bytes for CPU)");
+                }
             }
             DropWhy::SpoolFull => {
                 Counters::add(&self.stats.spans_dropped_spool_full, spans);
-                tracing::warn!(call_id = %job.call, spans, "oldest detail batch dropped: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
+                self.spool_full_drops += 1;
+                if self.spool_full_drops.is_power_of_two() {
+                    let total = self.stats.spans_dropped_spool_full.load(Ordering::Relaxed);
+                    tracing::warn!(call_id = %job.call, spans, batches = self.spool_full_drops, total_spans = total,
+                        "oldest detail batch dropped: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
+                }
             }
         }
         Counters::inc(&self.stats.detail_batches_failed);
@@ -1317,6 +1342,13 @@ impl Worker {
             );
         if !behind {
             self.plain_run = 0;
+            if let Some((since, bodies)) = self.plain_since.take() {
+                tracing::debug!(
+                    bodies,
+                    seconds = since.elapsed().as_secs_f64(),
+                    "detail bodies are compressed again (CALLSCOPE_COMPRESSION=auto)"
+                );
+            }
             return false;
         }
         self.plain_run += 1;
@@ -1324,7 +1356,46 @@ impl Worker {
             self.plain_run = 0;
             return false;
         }
+        match &mut self.plain_since {
+            Some((_, bodies)) => *bodies += 1,
+            None => {
+                self.plain_since = Some((Instant::now(), 1));
+                self.log_going_plain();
+            }
+        }
         true
+    }
+
+    /// Says why detail starts going plain: at `info` once a minute at most (memory near its
+    /// bound can make it start and stop often), at `debug` otherwise.
+    #[cold]
+    fn log_going_plain(&mut self) {
+        let (deflate_ns, saved_ns) = self.upload_times.get();
+        let pending = self.buffered_bytes + self.mem_bytes;
+        let bound = self.cfg.max_buffer_bytes;
+        let (deflate_ms, saved_ms) = (deflate_ns as f64 / 1e6, saved_ns as f64 / 1e6);
+        let now = Instant::now();
+        if self
+            .plain_logged
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            self.plain_logged = Some(now);
+            tracing::info!(
+                deflate_ms,
+                saved_ms,
+                pending,
+                bound,
+                "compression is behind: detail bodies go uncompressed while pending detail is past 7/8 of CALLSCOPE_MAX_BUFFER_BYTES (CALLSCOPE_COMPRESSION=auto; counted in detail_bodies_uncompressed)"
+            );
+        } else {
+            tracing::debug!(
+                deflate_ms,
+                saved_ms,
+                pending,
+                bound,
+                "detail bodies go uncompressed again"
+            );
+        }
     }
 
     fn on_done(&mut self, id: Id, result: Delivery) {
