@@ -127,11 +127,11 @@ fn plain_when_behind(pending: usize, max: usize, times: (u64, u64)) -> bool {
 const PROBE_EVERY: u32 = 8;
 
 /// What compression lately cost and bought detail uploads: moving averages in nanoseconds,
-/// updated by each compressed upload the receiver acknowledged. `deflate_ns`: from the moment a body was handed to the
-/// deflate threads to the end of its compression. `saved_bytes_ns`: how much longer its acknowledged
-/// HTTP attempt would have taken with the bytes deflate removed, scaling the exchange's time by
-/// the bytes (an over-estimate: part of an exchange is latency, not bytes; it errs towards
-/// compressing).
+/// updated by each compressed upload the receiver acknowledged. `deflate_ns`: from the moment
+/// a body was handed to the deflate threads to the end of its compression. `saved_bytes_ns`:
+/// how much longer its acknowledged HTTP attempt would have taken with the bytes deflate
+/// removed, scaling the attempt's time by the bytes (an over-estimate: part of an attempt is
+/// latency, not bytes; it errs towards compressing).
 #[derive(Debug, Default)]
 struct UploadTimes {
     deflate_ns: AtomicU64,
