@@ -94,7 +94,8 @@ struct Args {
     #[arg(long)]
     cs_no_gzip: bool,
     /// callscope's CALLSCOPE_COMPRESSION=auto: gzip, but detail bodies go uncompressed while
-    /// the compressor is behind and pending detail is past 7/8 of its bound.
+    /// deflate costs more time than sending the bytes it saves would and pending detail is past
+    /// 7/8 of its bound.
     #[arg(long, conflicts_with = "cs_no_gzip")]
     cs_auto_gzip: bool,
     /// Have the SDK's OTLP exporter gzip its protobuf (opentelemetry-otlp's `gzip-http`, at
@@ -849,7 +850,7 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
     println!(
         "\n== {scenario} ==  (callscope bodies {}, sdk otlp protobuf {})",
         if a.cs_auto_gzip {
-            "gzip, uncompressed while deflate is behind (auto)"
+            "gzip, uncompressed while deflate costs more than it saves (auto)"
         } else {
             gz(!a.cs_no_gzip)
         },
