@@ -918,13 +918,12 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
 
 fn main() {
     let a = Args::parse();
-    // callscope's own logs (drops, compression going plain...) on stderr; RUST_LOG picks them,
-    // errors only by default so the report stays readable.
+    // callscope's own logs on stderr: warnings by default (drops, at powers of two), RUST_LOG
+    // for more (`callscope::worker=debug` shows CALLSCOPE_COMPRESSION=auto going plain).
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .try_init();
     if let Some(spec) = a.child.clone() {

@@ -447,8 +447,6 @@ struct Worker {
     plain_since: Option<(Instant, u64)>,
     /// When going plain was last logged at `info` (at most once a minute; `debug` between).
     plain_logged: Option<Instant>,
-    /// Detail batches dropped because the spool was full (for the log's powers of two).
-    spool_full_drops: u64,
 }
 
 impl Worker {
@@ -513,7 +511,6 @@ impl Worker {
             plain_run: 0,
             plain_since: None,
             plain_logged: None,
-            spool_full_drops: 0,
         };
         let handle = Handle {
             data: data_tx,
@@ -972,10 +969,8 @@ impl Worker {
                 self.drop_detail(old, DropWhy::SpoolFull);
             }
             if !self.spool.as_ref().is_some_and(|s| s.fits(len)) {
-                let spans = u64::from(job.meta.spans);
-                Counters::add(&self.stats.spans_dropped_spool_full, spans);
+                self.count_spool_full(&job.call, job.meta.spans, "detail batch dropped");
                 Counters::inc(&self.stats.detail_batches_failed);
-                tracing::warn!(call_id = %job.call, spans, "detail batch dropped: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
                 return None;
             }
         }
@@ -1151,35 +1146,38 @@ impl Worker {
     fn drop_detail(&mut self, job: Job, why: DropWhy) {
         self.mem_bytes = self.mem_bytes.saturating_sub(job.mem());
         let spans = u64::from(job.meta.spans);
-        // Counted each; logged at the 1st, 2nd, 4th, 8th... batch dropped for a cause, so an
-        // overload cannot flood the log too.
+        // Counted each; logged when a count passes a power of two, so an overload cannot
+        // flood the log too.
         match why {
             DropWhy::BufferFull => {
                 Counters::add(&self.stats.spans_dropped_buffer_full, spans);
-                Counters::inc(&self.stats.detail_batches_dropped_buffer_full);
-                let batches = self
-                    .stats
-                    .detail_batches_dropped_buffer_full
-                    .load(Ordering::Relaxed);
-                if batches.is_power_of_two() {
+                if let Some(batches) =
+                    Counters::inc_at_powers_of_two(&self.stats.detail_batches_dropped_buffer_full)
+                {
                     let total = self.stats.spans_dropped_buffer_full.load(Ordering::Relaxed);
                     tracing::warn!(call_id = %job.call, spans, batches, total_spans = total,
                         "oldest detail batch dropped: CALLSCOPE_MAX_BUFFER_BYTES reached (the receiver is too slow or down, or the worker is short of CPU: CALLSCOPE_COMPRESSION=auto trades bytes for CPU)");
                 }
             }
             DropWhy::SpoolFull => {
-                Counters::add(&self.stats.spans_dropped_spool_full, spans);
-                self.spool_full_drops += 1;
-                if self.spool_full_drops.is_power_of_two() {
-                    let total = self.stats.spans_dropped_spool_full.load(Ordering::Relaxed);
-                    tracing::warn!(call_id = %job.call, spans, batches = self.spool_full_drops, total_spans = total,
-                        "oldest detail batch dropped: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
-                }
+                self.count_spool_full(&job.call, job.meta.spans, "oldest detail batch dropped")
             }
         }
         Counters::inc(&self.stats.detail_batches_failed);
         self.settle(&job);
         self.close_open(&job);
+    }
+
+    /// Counts a detail batch of `spans` spans dropped because the spool is full; logs when the
+    /// spans dropped so pass a power of two.
+    fn count_spool_full(&self, call: &str, spans: u32, what: &str) {
+        let spans = u64::from(spans);
+        if let Some(total) =
+            Counters::add_at_powers_of_two(&self.stats.spans_dropped_spool_full, spans)
+        {
+            tracing::warn!(call_id = %call, spans, total_spans = total,
+                "{what}: the spool is full (CALLSCOPE_SPOOL_MAX_BYTES)");
+        }
     }
 
     /// One fsync for everything written to the spool since the last one.
