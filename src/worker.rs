@@ -440,10 +440,9 @@ struct Worker {
     spool: Option<Spool>,
     scratch: Vec<u8>,
     upload_times: Arc<UploadTimes>,
-    /// Detail bodies chosen to go plain in a row (see [`Worker::compressor_behind`]).
-    plain_run: u32,
-    /// Since when detail has been going plain, and how many bodies went so far (`None` while
-    /// bodies are compressed).
+    /// Since when detail has been going plain, and how many detail bodies found compression
+    /// behind so far, probes included (`None` while bodies are compressed; see
+    /// [`Worker::compressor_behind`]).
     plain_since: Option<(Instant, u64)>,
     /// When going plain was last logged at `info` (at most once a minute; `debug` between).
     plain_logged: Option<Instant>,
@@ -508,7 +507,6 @@ impl Worker {
             spool,
             scratch: Vec::with_capacity(16 * 1024),
             upload_times: Arc::default(),
-            plain_run: 0,
             plain_since: None,
             plain_logged: None,
         };
@@ -1339,29 +1337,27 @@ impl Worker {
                 self.upload_times.get(),
             );
         if !behind {
-            self.plain_run = 0;
-            if let Some((since, bodies)) = self.plain_since.take() {
+            if let Some((since, behind)) = self.plain_since.take() {
                 tracing::debug!(
-                    bodies,
+                    bodies = behind - behind / u64::from(PROBE_EVERY),
                     seconds = since.elapsed().as_secs_f64(),
                     "detail bodies are compressed again (CALLSCOPE_COMPRESSION=auto)"
                 );
             }
             return false;
         }
-        self.plain_run += 1;
-        if self.plain_run == PROBE_EVERY {
-            self.plain_run = 0;
-            return false;
-        }
-        match &mut self.plain_since {
-            Some((_, bodies)) => *bodies += 1,
+        let n = match &mut self.plain_since {
+            Some((_, behind)) => {
+                *behind += 1;
+                *behind
+            }
             None => {
                 self.plain_since = Some((Instant::now(), 1));
                 self.log_going_plain();
+                1
             }
-        }
-        true
+        };
+        n % u64::from(PROBE_EVERY) != 0
     }
 
     /// Says why detail starts going plain: at `info` once a minute at most (memory near its
@@ -2062,16 +2058,21 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     fn worker() -> (Worker, Handle) {
-        let cfg = Arc::new(
+        let (w, h, _) = worker_with(
             Config::builder()
                 .without_env()
-                .endpoint("http://127.0.0.1:9/")
-                .build()
-                .unwrap(),
+                .endpoint("http://127.0.0.1:9/"),
         );
+        (w, h)
+    }
+
+    /// A worker for the config `b` builds, its handle and its counters.
+    fn worker_with(b: crate::config::ConfigBuilder) -> (Worker, Handle, Arc<Counters>) {
+        let cfg = Arc::new(b.build().unwrap());
         let stats = Arc::new(Counters::default());
         let transport = Transport::new(&cfg, stats.clone()).unwrap();
-        Worker::new(Arc::new(Registry::new(cfg, stats)), transport, None)
+        let (w, h) = Worker::new(Arc::new(Registry::new(cfg, stats.clone())), transport, None);
+        (w, h, stats)
     }
 
     fn span(id: u64) -> SpanData {
@@ -2221,22 +2222,13 @@ mod tests {
     /// a Content-Encoding and an Idempotency-Key of their own, which the transport must not
     /// send.
     fn worker_to(url: &str, compression: crate::config::Compression) -> (Worker, Arc<Counters>) {
-        let cfg = Arc::new(
+        let (w, _h, stats) = worker_with(
             Config::builder()
                 .without_env()
                 .endpoint(url)
                 .header("Content-Encoding", "br")
                 .header("Idempotency-Key", "from-the-app")
-                .compression(compression)
-                .build()
-                .unwrap(),
-        );
-        let stats = Arc::new(Counters::default());
-        let transport = Transport::new(&cfg, stats.clone()).unwrap();
-        let (w, _h) = Worker::new(
-            Arc::new(Registry::new(cfg.clone(), stats.clone())),
-            transport,
-            None,
+                .compression(compression),
         );
         (w, stats)
     }
