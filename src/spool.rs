@@ -15,6 +15,13 @@
 //! deleted until the process restarts: the files may then outgrow `CALLSCOPE_SPOOL_MAX_BYTES`,
 //! which counts pending records only.
 //!
+//! A detail batch's number must never be used twice for its call, but the record that took
+//! it may be acknowledged and its segment deleted while other batches of the call are still
+//! pending. So the spool keeps, for every call with pending detail, the number after the
+//! highest it ever wrote (`next`), and each segment opens with a mark record of each (written
+//! and fsynced before any older segment can be deleted): the newest segment's marks and data
+//! records give every pending call's `next` after a restart.
+//!
 //! Recovery reads the segments in order; the first frame that is short, has a zero length or
 //! fails its CRC ends that segment (a torn or corrupt tail): it is counted, the file is cut back
 //! to its valid prefix, and every record before it is replayed. The framing and recovery logic below
@@ -22,7 +29,7 @@
 //!
 //! All spool I/O runs on the worker thread, never in `on_end`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +44,7 @@ const SEGMENT_BYTES: u64 = 4 << 20;
 const TAG_CORE: u8 = 1;
 const TAG_DETAIL: u8 = 2;
 const TAG_ACK: u8 = 3;
+const TAG_MARK: u8 = 4;
 const FLAG_FINAL: u8 = 1;
 const FLAG_LATE: u8 = 2;
 
@@ -69,6 +77,8 @@ pub(crate) enum Payload {
     Data { meta: Meta, json: Vec<u8> },
     /// The data record at this place was acknowledged.
     Ack(RecId),
+    /// `call_id` wrote detail batches numbered below `next` (a segment's opening snapshot).
+    Mark { call_id: String, next: u32 },
 }
 
 impl Payload {
@@ -82,16 +92,18 @@ impl Payload {
                 out.push(flags);
                 out.extend_from_slice(&meta.seq.to_le_bytes());
                 out.extend_from_slice(&meta.spans.to_le_bytes());
-                // Call ids are capped at 256 bytes upstream; be safe anyway.
-                let id = crate::call::truncate_str(&meta.call_id, usize::from(u16::MAX));
-                out.extend_from_slice(&(id.len() as u16).to_le_bytes());
-                out.extend_from_slice(id.as_bytes());
+                put_id(&meta.call_id, out);
                 out.extend_from_slice(json);
             }
             Payload::Ack(id) => {
                 out.push(TAG_ACK);
                 out.extend_from_slice(&id.seg.to_le_bytes());
                 out.extend_from_slice(&id.off.to_le_bytes());
+            }
+            Payload::Mark { call_id, next } => {
+                out.push(TAG_MARK);
+                out.extend_from_slice(&next.to_le_bytes());
+                put_id(call_id, out);
             }
         }
     }
@@ -105,13 +117,20 @@ impl Payload {
                 let off = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
                 (rest.len() == 16).then_some(Payload::Ack(RecId { seg, off }))
             }
+            TAG_MARK => {
+                let next = u32::from_le_bytes(rest.get(0..4)?.try_into().ok()?);
+                let (id, rest) = take_id(rest.get(4..)?)?;
+                rest.is_empty().then(|| Payload::Mark {
+                    call_id: id.to_owned(),
+                    next,
+                })
+            }
             TAG_CORE | TAG_DETAIL => {
                 let flags = *rest.first()?;
                 let seq = u32::from_le_bytes(rest.get(1..5)?.try_into().ok()?);
                 let spans = u32::from_le_bytes(rest.get(5..9)?.try_into().ok()?);
-                let n = usize::from(u16::from_le_bytes(rest.get(9..11)?.try_into().ok()?));
-                let id = std::str::from_utf8(rest.get(11..11 + n)?).ok()?;
-                let json = rest.get(11 + n..)?.to_vec();
+                let (id, json) = take_id(rest.get(9..)?)?;
+                let json = json.to_vec();
                 Some(Payload::Data {
                     meta: Meta {
                         core: tag == TAG_CORE,
@@ -127,6 +146,21 @@ impl Payload {
             _ => None,
         }
     }
+}
+
+/// Writes a call id as `len: u16 LE | bytes`.
+fn put_id(call_id: &str, out: &mut Vec<u8>) {
+    // Call ids are capped at 256 bytes upstream; be safe anyway.
+    let id = crate::call::truncate_str(call_id, usize::from(u16::MAX));
+    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    out.extend_from_slice(id.as_bytes());
+}
+
+/// Reads what [`put_id`] wrote: the id and the bytes after it.
+fn take_id(b: &[u8]) -> Option<(&str, &[u8])> {
+    let n = usize::from(u16::from_le_bytes(b.get(0..2)?.try_into().ok()?));
+    let id = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
+    Some((id, b.get(2 + n..)?))
 }
 
 /// Appends one framed payload to `out`.
@@ -173,40 +207,93 @@ pub(crate) struct Recovered {
     pub bytes: u64,
 }
 
-/// What one segment holds: its data records, the acks it carries, and its valid length.
-fn scan(seg: u64, buf: &[u8]) -> (Vec<Recovered>, Vec<RecId>, usize) {
-    let (frames, valid) = read_frames(buf);
-    let mut data = Vec::new();
-    let mut acks = Vec::new();
-    for (off, p) in frames {
-        match Payload::decode(p) {
-            Some(Payload::Ack(id)) => acks.push(id),
-            Some(Payload::Data { meta, .. }) => data.push(Recovered {
-                id: RecId { seg, off },
-                meta,
-                bytes: (HEADER + p.len()) as u64,
-            }),
-            None => {}
+/// What the segments read so far hold: their data records, the acks they carry and the batch
+/// numbers they show each call used.
+#[derive(Default)]
+struct Recovery {
+    data: Vec<Recovered>,
+    acked: HashSet<RecId>,
+    next: HashMap<String, u32>,
+}
+
+impl Recovery {
+    /// Reads one segment (segments are read in id order); returns the length of its valid
+    /// prefix.
+    fn scan(&mut self, seg: u64, buf: &[u8]) -> usize {
+        let (frames, valid) = read_frames(buf);
+        for (off, p) in frames {
+            match Payload::decode(p) {
+                Some(Payload::Ack(id)) => {
+                    self.acked.insert(id);
+                }
+                Some(Payload::Mark { call_id, next }) => raise(&mut self.next, &call_id, next),
+                Some(Payload::Data { meta, .. }) => {
+                    if !meta.core {
+                        raise(&mut self.next, &meta.call_id, meta.seq.saturating_add(1));
+                    }
+                    self.data.push(Recovered {
+                        id: RecId { seg, off },
+                        meta,
+                        bytes: (HEADER + p.len()) as u64,
+                    });
+                }
+                None => {}
+            }
+        }
+        valid
+    }
+
+    /// The records not acknowledged, in the order they were written, and each call with
+    /// pending detail: the number after the highest it used, and its pending records.
+    fn finish(mut self) -> (Vec<Recovered>, HashMap<String, CallSeq>) {
+        let acked = &self.acked;
+        self.data.retain(|r| !acked.contains(&r.id));
+        let mut calls: HashMap<String, CallSeq> = HashMap::new();
+        for r in self.data.iter().filter(|r| !r.meta.core) {
+            let next = self.next.get(&r.meta.call_id).copied().unwrap_or(0);
+            calls
+                .entry(r.meta.call_id.clone())
+                .or_insert(CallSeq { next, live: 0 })
+                .live += 1;
+        }
+        (self.data, calls)
+    }
+}
+
+/// `next[call] = max(next[call], n)`.
+fn raise(next: &mut HashMap<String, u32>, call: &str, n: u32) {
+    match next.get_mut(call) {
+        Some(v) => *v = (*v).max(n),
+        None => {
+            next.insert(call.to_owned(), n);
         }
     }
-    (data, acks, valid)
 }
 
 /// The pure half of recovery: the unacknowledged data records of several segments
-/// (`(segment id, file bytes)` in id order), and per segment the length of its valid prefix.
+/// (`(segment id, file bytes)` in id order), per segment the length of its valid prefix, and
+/// each call with pending detail's next batch number.
 #[cfg(test)]
-pub(crate) fn recover(segs: &[(u64, Vec<u8>)]) -> (Vec<Recovered>, Vec<usize>) {
-    let mut acked = HashSet::new();
-    let mut data = Vec::new();
-    let mut valid = Vec::new();
-    for (seg, buf) in segs {
-        let (d, a, v) = scan(*seg, buf);
-        data.extend(d);
-        acked.extend(a);
-        valid.push(v);
-    }
-    data.retain(|r| !acked.contains(&r.id));
-    (data, valid)
+pub(crate) fn recover(
+    segs: &[(u64, Vec<u8>)],
+) -> (Vec<Recovered>, Vec<usize>, HashMap<String, u32>) {
+    let mut r = Recovery::default();
+    let valid = segs.iter().map(|(seg, buf)| r.scan(*seg, buf)).collect();
+    let (data, calls) = r.finish();
+    (
+        data,
+        valid,
+        calls.into_iter().map(|(k, c)| (k, c.next)).collect(),
+    )
+}
+
+/// A call with detail pending in the spool.
+#[derive(Debug, Clone, Copy)]
+struct CallSeq {
+    /// The number after the highest batch number it wrote.
+    next: u32,
+    /// Its unacknowledged detail records.
+    live: u32,
 }
 
 #[derive(Debug, Default)]
@@ -226,7 +313,11 @@ pub(crate) struct Spool {
     cur_id: u64,
     cur: File,
     cur_len: u64,
+    /// Bytes of the mark records that open the current segment.
+    cur_head: u64,
     live_bytes: u64,
+    /// Calls with detail pending here.
+    calls: HashMap<String, CallSeq>,
     dirty: bool,
     /// An fsync failed: a later one may report success for data that never reached the disk
     /// (Linux forgets a writeback error once reported), so no segment is deleted any more in
@@ -244,6 +335,9 @@ pub(crate) struct Opened {
     pub corrupt_tails: u64,
     /// Bytes cut off those tails.
     pub corrupt_bytes: u64,
+    /// Each call with pending detail: the number after the highest batch number it used,
+    /// including batches acknowledged since.
+    pub next_seqs: Vec<(String, u32)>,
 }
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
@@ -267,16 +361,13 @@ impl Spool {
         }
         ids.sort_unstable();
         // One segment in memory at a time.
-        let mut acked = HashSet::new();
-        let mut records = Vec::new();
+        let mut recovery = Recovery::default();
         let mut opened = Opened::default();
         for &id in &ids {
             let path = seg_path(dir, id);
             let mut buf = Vec::new();
             File::open(&path)?.read_to_end(&mut buf)?;
-            let (data, acks, ok) = scan(id, &buf);
-            records.extend(data);
-            acked.extend(acks);
+            let ok = recovery.scan(id, &buf);
             if ok < buf.len() {
                 opened.corrupt_tails += 1;
                 opened.corrupt_bytes += (buf.len() - ok) as u64;
@@ -292,7 +383,7 @@ impl Spool {
                     .set_len(ok as u64)?;
             }
         }
-        records.retain(|r| !acked.contains(&r.id));
+        let (records, calls) = recovery.finish();
         let mut segs: BTreeMap<u64, Segment> =
             ids.iter().map(|&id| (id, Segment::default())).collect();
         let mut live_bytes = 0;
@@ -303,19 +394,23 @@ impl Spool {
             live_bytes += r.bytes;
         }
         let cur_id = ids.last().map_or(0, |l| l + 1);
-        let cur = new_segment(dir, cur_id)?;
+        // The marks go first: the segments that held the numbers may be deleted below.
+        let (cur, cur_head, marked) = new_segment(dir, cur_id, &calls)?;
         segs.insert(cur_id, Segment::default());
         opened.records = records;
+        opened.next_seqs = calls.iter().map(|(k, c)| (k.clone(), c.next)).collect();
         let mut spool = Spool {
             dir: dir.to_owned(),
             max_bytes,
             segs,
             cur_id,
             cur,
-            cur_len: 0,
+            cur_len: cur_head,
+            cur_head,
             live_bytes,
+            calls,
             dirty: false,
-            sync_failed: false,
+            sync_failed: !marked,
             scratch: Vec::new(),
         };
         // Segments with nothing left to deliver go now, on the word of acks a crashed run may
@@ -357,7 +452,7 @@ impl Spool {
     /// Appends a data record (not yet synced: call [`sync`](Self::sync) before relying on it).
     /// Returns where it is and the bytes it takes (to pass to [`ack`](Self::ack)).
     pub(crate) fn append(&mut self, meta: &Meta, json: &[u8]) -> io::Result<(RecId, u64)> {
-        if self.cur_len >= SEGMENT_BYTES {
+        if self.cur_len - self.cur_head >= SEGMENT_BYTES {
             self.rotate()?;
         }
         let payload = Payload::Data {
@@ -380,6 +475,19 @@ impl Spool {
         s.live += 1;
         s.live_bytes += framed.len() as u64;
         self.live_bytes += framed.len() as u64;
+        if !meta.core {
+            let next = meta.seq.saturating_add(1);
+            match self.calls.get_mut(meta.call_id.as_str()) {
+                Some(c) => {
+                    c.next = c.next.max(next);
+                    c.live += 1;
+                }
+                None => {
+                    self.calls
+                        .insert(meta.call_id.clone(), CallSeq { next, live: 1 });
+                }
+            }
+        }
         Ok((id, framed.len() as u64))
     }
 
@@ -434,9 +542,17 @@ impl Spool {
 
     /// Marks a data record acknowledged; deletes its segment when nothing in it is left (at the
     /// next [`sync`](Self::sync), which makes the ack and any record written before it durable).
-    /// `bytes` is what [`append`](Self::append) or recovery reported for it.
-    pub(crate) fn ack(&mut self, id: RecId, bytes: u64) -> io::Result<()> {
+    /// `bytes` and `meta` are what [`append`](Self::append) or recovery reported for it.
+    pub(crate) fn ack(&mut self, id: RecId, bytes: u64, meta: &Meta) -> io::Result<()> {
         self.live_bytes = self.live_bytes.saturating_sub(bytes);
+        if !meta.core
+            && let Some(c) = self.calls.get_mut(meta.call_id.as_str())
+        {
+            c.live = c.live.saturating_sub(1);
+            if c.live == 0 {
+                self.calls.remove(meta.call_id.as_str());
+            }
+        }
         let empty = match self.segs.get_mut(&id.seg) {
             Some(s) => {
                 s.live = s.live.saturating_sub(1);
@@ -453,7 +569,7 @@ impl Spool {
         let mut framed = Vec::with_capacity(p.len() + HEADER);
         frame(&p, &mut framed);
         self.write(&framed)?;
-        if empty && id.seg == self.cur_id && self.cur_len >= SEGMENT_BYTES / 4 {
+        if empty && id.seg == self.cur_id && self.cur_len - self.cur_head >= SEGMENT_BYTES / 4 {
             // The current segment holds nothing live: start afresh instead of growing it.
             return self.rotate();
         }
@@ -488,12 +604,15 @@ impl Spool {
     /// Starts a new segment (the old one is deleted at once if nothing in it is pending).
     fn rotate(&mut self) -> io::Result<()> {
         self.sync()?;
-        // The new file first: if it cannot be made, nothing changed (records keep going to the
-        // current segment, which must not look like an old one and be deleted).
-        let f = new_segment(&self.dir, self.cur_id + 1)?;
+        // The new file first, with its marks durable: if it cannot be made, nothing changed
+        // (records keep going to the current segment, which must not look like an old one and
+        // be deleted).
+        let (f, head, marked) = new_segment(&self.dir, self.cur_id + 1, &self.calls)?;
+        self.sync_failed |= !marked;
         self.cur_id += 1;
         self.cur = f;
-        self.cur_len = 0;
+        self.cur_len = head;
+        self.cur_head = head;
         self.segs.insert(self.cur_id, Segment::default());
         // The old segment, if nothing in it is pending, was made durable by the sync above.
         self.collect();
@@ -520,16 +639,49 @@ fn fsync(f: &File, all: bool) -> io::Result<()> {
     if all { f.sync_all() } else { f.sync_data() }
 }
 
-fn new_segment(dir: &Path, id: u64) -> io::Result<File> {
-    let f = File::options()
-        .create(true)
-        .append(true)
-        .open(seg_path(dir, id))?;
+/// Creates segment `id` with a mark record of each of `calls` at its head. Returns the file,
+/// the marks' length, and whether they are durable: when a write or fsync of them failed, the
+/// caller must delete no segment in this run (the records that took those numbers are then
+/// their only durable trace).
+fn new_segment(
+    dir: &Path,
+    id: u64,
+    calls: &HashMap<String, CallSeq>,
+) -> io::Result<(File, u64, bool)> {
+    let path = seg_path(dir, id);
+    let mut f = File::options().create(true).append(true).open(&path)?;
+    let mut marks = Vec::new();
+    let mut p = Vec::new();
+    for (call_id, c) in calls {
+        p.clear();
+        Payload::Mark {
+            call_id: call_id.clone(),
+            next: c.next,
+        }
+        .encode(&mut p);
+        frame(&p, &mut marks);
+    }
+    let mut head = marks.len() as u64;
+    let mut durable = true;
+    if !marks.is_empty()
+        && let Err(e) = f.write_all(&marks).and_then(|()| fsync(&f, false))
+    {
+        tracing::warn!(segment = id, error = %e,
+            "could not write the batch numbers of pending calls to a new spool segment: no segment is deleted in this run (check the disk)");
+        durable = false;
+        // A torn head would hide every record appended after it.
+        if let Err(e) = f.set_len(0) {
+            drop(f);
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        head = 0;
+    }
     // Make the new file's name durable too.
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(f)
+    Ok((f, head, durable))
 }
 
 fn remove_segment(dir: &Path, id: u64) {
@@ -598,6 +750,10 @@ mod tests {
             data(0, 0),
             data(1, 100),
             Payload::Ack(RecId { seg: 3, off: 99 }),
+            Payload::Mark {
+                call_id: "call-x".into(),
+                next: 41,
+            },
         ];
         let seg = segment(&ps);
         assert_eq!(decoded(&seg), ps);
@@ -619,7 +775,7 @@ mod tests {
         let a = segment(&[data(1, 10), data(2, 10)]);
         let second = read_frames(&a).0[1].0;
         let b = segment(&[Payload::Ack(RecId { seg: 7, off: 0 })]);
-        let (recs, valid) = recover(&[(7, a.clone()), (8, b)]);
+        let (recs, valid, _) = recover(&[(7, a.clone()), (8, b)]);
         assert_eq!(recs.len(), 1);
         assert_eq!(
             recs[0].id,
@@ -630,6 +786,80 @@ mod tests {
         );
         assert_eq!(recs[0].meta, meta(2));
         assert_eq!(valid[0], a.len());
+    }
+
+    fn detail(call: &str, seq: u32) -> Meta {
+        Meta {
+            core: false,
+            is_final: false,
+            late: false,
+            seq,
+            spans: 1,
+            call_id: call.into(),
+        }
+    }
+
+    /// A call's next batch number counts every number it wrote: acknowledged records and
+    /// marks too. Calls with nothing pending, and summaries, are not carried.
+    #[test]
+    fn next_batch_numbers_count_acknowledged_records_and_marks() {
+        let d = |meta: Meta| Payload::Data { meta, json: vec![] };
+        let a = segment(&[
+            d(detail("a", 2)),
+            d(detail("a", 5)),
+            d(detail("b", 1)),
+            d(detail("e", 0)),
+            d(detail("e", 6)),
+            d(Meta {
+                core: true,
+                ..detail("f", 9)
+            }),
+        ]);
+        let off: Vec<u64> = read_frames(&a).0.iter().map(|(o, _)| *o).collect();
+        let ack = |i: usize| {
+            Payload::Ack(RecId {
+                seg: 0,
+                off: off[i],
+            })
+        };
+        let mark = |call: &str, next| Payload::Mark {
+            call_id: call.into(),
+            next,
+        };
+        let b = segment(&[mark("a", 8), mark("b", 4), ack(1), ack(2), ack(4)]);
+        let (recs, _, next) = recover(&[(0, a), (1, b)]);
+        assert_eq!(recs.len(), 3);
+        let mut next: Vec<(String, u32)> = next.into_iter().collect();
+        next.sort_unstable();
+        assert_eq!(next, [("a".into(), 8), ("e".into(), 7)]);
+    }
+
+    /// A pending call's numbers outlive the segment that held its highest, acknowledged
+    /// batch: the segment after it opens with the call's mark, carried on at each start.
+    #[test]
+    fn a_calls_next_number_outlives_the_segment_of_its_acknowledged_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        s.append(&detail("c", 0), b"{}").unwrap();
+        let (rf, bf) = s.append(&meta(1), &big).unwrap();
+        s.ack(rf, bf, &meta(1)).unwrap();
+        // Batch 4 of `c` starts segment 1 and is acknowledged.
+        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
+        assert_eq!(r4.seg, 1);
+        s.ack(r4, b4, &detail("c", 4)).unwrap();
+        // Segment 1 fills with acknowledged records: it rotates and is deleted.
+        let (rf, bf) = s.append(&meta(2), &big).unwrap();
+        s.ack(rf, bf, &meta(2)).unwrap();
+        s.sync().unwrap();
+        assert!(!seg_path(dir.path(), 1).exists());
+        drop(s);
+        for _restart in 0..2 {
+            let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+            let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
+            assert_eq!(left, [detail("c", 0)]);
+            assert_eq!(o.next_seqs, [("c".into(), 5)]);
+        }
     }
 
     #[test]
@@ -654,7 +884,7 @@ mod tests {
         let _b = s.append(&meta(2), b"{\"b\":2}").unwrap();
         s.sync().unwrap();
         assert_eq!(s.read(a).unwrap(), b"{\"a\":1}");
-        s.ack(a, bytes_a).unwrap();
+        s.ack(a, bytes_a, &meta(1)).unwrap();
         drop(s);
         // A torn write at the end of the segment.
         let seg = seg_path(dir.path(), 0);
@@ -667,7 +897,7 @@ mod tests {
         assert_eq!(s.read(o.records[0].id).unwrap(), b"{\"b\":2}");
         assert_eq!(o.records[0].meta, meta(2));
         let r = &o.records[0];
-        s.ack(r.id, r.bytes).unwrap();
+        s.ack(r.id, r.bytes, &r.meta).unwrap();
         assert_eq!(s.live_bytes(), 0);
         // Segment 0 has nothing left and goes at the next sync; the new one stays.
         s.sync().unwrap();
@@ -693,7 +923,7 @@ mod tests {
         let old = &o.records[0];
         assert_eq!(old.id.seg, 0);
         s.append(&meta(1), b"{\"a\":2}").unwrap();
-        s.ack(old.id, old.bytes).unwrap();
+        s.ack(old.id, old.bytes, &old.meta).unwrap();
         let seg0 = seg_path(dir.path(), 0);
         assert!(seg0.exists(), "deleted before its replacement was durable");
         s.sync().unwrap();
@@ -712,7 +942,7 @@ mod tests {
         let (mut s, o) = Spool::open(dir, 1 << 20).unwrap();
         let old = &o.records[0];
         s.append(&meta(2), b"{\"a\":2}").unwrap();
-        s.ack(old.id, old.bytes).unwrap();
+        s.ack(old.id, old.bytes, &old.meta).unwrap();
         std::mem::forget(s);
     }
 
@@ -741,8 +971,8 @@ mod tests {
         let (r2, b2) = s.append(&meta(2), &big).unwrap();
         let (r3, _) = s.append(&meta(3), b"{}").unwrap();
         assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
-        s.ack(r1, b1).unwrap();
-        s.ack(r2, b2).unwrap();
+        s.ack(r1, b1, &meta(1)).unwrap();
+        s.ack(r2, b2, &meta(2)).unwrap();
         (s, r3)
     }
 
@@ -764,7 +994,7 @@ mod tests {
         let (r1, b1) = s.append(&meta(1), &big).unwrap();
         s.append(&meta(2), &big).unwrap();
         s.append(&meta(3), b"{}").unwrap();
-        s.ack(r1, b1).unwrap();
+        s.ack(r1, b1, &meta(1)).unwrap();
         std::mem::forget(s);
         let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
         let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
@@ -782,7 +1012,7 @@ mod tests {
         // The next segment's name is taken by a directory: its file cannot be created.
         fs::create_dir(seg_path(dir.path(), 1)).unwrap();
         // The ack empties the current segment, which then rotates, and fails.
-        assert!(s.ack(r1, b1).is_err());
+        assert!(s.ack(r1, b1, &meta(1)).is_err());
         let (r2, _) = s.append(&meta(2), b"{}").unwrap();
         assert_eq!(r2.seg, 0);
         s.sync().unwrap();
@@ -815,9 +1045,9 @@ mod tests {
         let (r6, b6) = s.append(&meta(6), &big).unwrap();
         let (r7, _) = s.append(&meta(7), b"{}").unwrap();
         assert_eq!((r5.seg, r6.seg, r7.seg), (1, 1, 2));
-        s.ack(r5, b5).unwrap();
-        s.ack(r6, b6).unwrap();
-        s.ack(r3, 0).unwrap();
+        s.ack(r5, b5, &meta(5)).unwrap();
+        s.ack(r6, b6, &meta(6)).unwrap();
+        s.ack(r3, 0, &meta(3)).unwrap();
         s.sync().unwrap();
         drop(s);
         assert!(seg0.exists() && seg_path(dir.path(), 1).exists());
@@ -854,6 +1084,40 @@ mod tests {
         let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
         assert_eq!(left, [meta(2), meta(3)]);
         assert!(!seg0.exists());
+    }
+
+    /// A new segment whose marks could not be made durable deletes no segment for the rest
+    /// of the run: the one holding a pending call's highest, acknowledged batch stays, and the
+    /// next start still finds the number.
+    #[test]
+    fn marks_that_failed_to_sync_keep_every_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        s.append(&detail("c", 0), b"{}").unwrap();
+        let (rf, bf) = s.append(&meta(1), &big).unwrap();
+        s.ack(rf, bf, &meta(1)).unwrap();
+        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
+        s.ack(r4, b4, &detail("c", 4)).unwrap();
+        let (rf, bf) = s.append(&meta(2), &big).unwrap();
+        s.sync().unwrap();
+        // Segment 1 is full: the next record starts segment 2, whose marks fail to sync.
+        fail_fsync(true);
+        let (r, _) = s.append(&detail("d", 0), b"{}").unwrap();
+        fail_fsync(false);
+        assert_eq!(r.seg, 2);
+        s.ack(rf, bf, &meta(2)).unwrap();
+        s.sync().unwrap();
+        assert!(
+            seg_path(dir.path(), 1).exists(),
+            "deleted while the only durable trace of batch 4"
+        );
+        drop(s);
+        let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let mut next = o.next_seqs.clone();
+        next.sort_unstable();
+        assert_eq!(next, [("c".into(), 5), ("d".into(), 1)]);
+        assert_eq!(o.records.len(), 2);
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.
@@ -894,7 +1158,7 @@ mod tests {
             for (g, want) in got.iter().zip(&ps) {
                 prop_assert_eq!(g.as_ref(), Some(want));
             }
-            let (recs, _) = recover(&[(0, seg.clone())]);
+            let (recs, _, _) = recover(&[(0, seg.clone())]);
             prop_assert_eq!(recs.len(), got.len());
         }
     }

@@ -1192,7 +1192,7 @@ impl Worker {
     /// The job is done with: its spool record goes.
     fn settle(&mut self, job: &Job) {
         if let (Some((rec, bytes)), Some(spool)) = (job.rec, self.spool.as_mut())
-            && let Err(e) = spool.ack(rec, bytes)
+            && let Err(e) = spool.ack(rec, bytes, &job.meta)
         {
             Counters::inc(&self.stats.spool_errors);
             tracing::warn!(error = %e, "could not mark a spool record acknowledged (it may be sent again after a restart)");
@@ -1828,6 +1828,14 @@ impl Worker {
             records = n,
             "replaying payloads left in the spool by an earlier run"
         );
+        // Numbers a call used before the restart stay taken, even those whose records were
+        // acknowledged and deleted since (a split or late batch must not take them again).
+        for (call, next) in opened.next_seqs {
+            let call: Arc<str> = Arc::from(call);
+            if self.ended_next(&call).is_none_or(|s| s < next) {
+                self.remember_seq(call, next);
+            }
+        }
         // Finals after every other record: a final is held while its call's other batches are
         // pending, and they must be counted first (halves of a split come after the final).
         let (finals, others): (Vec<_>, Vec<_>) = opened
@@ -2504,6 +2512,67 @@ mod tests {
         // The stale final's record is acknowledged: only the two jobs' records are pending.
         let pending: u64 = jobs.iter().filter_map(|j| j.rec).map(|(_, b)| b).sum();
         assert_eq!(w.spool.as_ref().unwrap().live_bytes(), pending);
+    }
+
+    /// After a restart a call's batch numbers stay taken even when the records that carried
+    /// them were acknowledged and their segment deleted: a 413 split of a replayed batch moves
+    /// the held final after the late batch the receiver already stored, not onto its number
+    /// (the receiver would answer "already stored" and the final and its spans would be lost).
+    #[test]
+    fn a_split_after_a_restart_numbers_after_batches_acknowledged_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Arc<str> = "restarted-call".into();
+        let open = |w: &Worker| crate::spool::Spool::open(dir.path(), w.cfg.spool_max_bytes);
+        let filler = |w: &mut Worker, call: &str| {
+            let meta = Meta {
+                core: false,
+                is_final: false,
+                late: false,
+                seq: 0,
+                spans: 1,
+                call_id: call.into(),
+            };
+            let spool = w.spool.as_mut().unwrap();
+            let (rec, bytes) = spool.append(&meta, &vec![b' '; 4 << 20]).unwrap();
+            spool.ack(rec, bytes, &meta).unwrap();
+        };
+        {
+            let (mut w, _handle) = worker();
+            w.spool = Some(open(&w).unwrap().0);
+            // Batch 0 (two spans) is pending and the final (1) held.
+            feed(&mut w, &c, false, false, 2);
+            feed(&mut w, &c, false, false, 3);
+            w.flush_buffer(&c);
+            let list = w.buffers.get_mut(&c).unwrap().buf.take();
+            w.send_batch(&c, list, Some(b"[]"));
+            w.buffers.remove(&c);
+            ended(&mut w, &c, 2, Some(FED_CALL));
+            // A late span goes as batch 2, in a segment of its own, and is acknowledged.
+            filler(&mut w, "other-call");
+            feed(&mut w, &c, false, false, 5);
+            assert_eq!(flush_and_list(&mut w, &c), [(0, false, 2), (2, true, 1)]);
+            let late = w.queue.pop_back().unwrap();
+            w.settle(&late);
+            w.close_open(&late);
+            // Its segment fills with acknowledged records and is deleted.
+            filler(&mut w, "another-call");
+            w.sync_spool();
+            assert!(!dir.path().join(format!("{:020}.seg", 1)).exists());
+            // The process stops before batch 0 and the final went.
+        }
+        let (mut w, _handle) = worker();
+        let (spool, opened) = open(&w).unwrap();
+        w.spool = Some(spool);
+        w.replay(opened);
+        let whole = w.queue.pop_front().unwrap();
+        assert_eq!((whole.meta.seq, whole.meta.spans), (0, 2));
+        // Batch 0 is answered 413: its halves are 0 and 1, the final takes 3, not 2.
+        w.split(whole);
+        let fin = &w.held.get(&c).expect("the final is held").job;
+        assert_eq!(fin.meta.seq, 3);
+        let body: serde_json::Value = serde_json::from_slice(&w.body_of(fin).unwrap()).unwrap();
+        assert_eq!(body["batch_seq"], 3);
+        assert_eq!(body["total_batches"], 4);
     }
 
     /// An idle end is taken by the worker's tick, which may run before the worker reads a join
