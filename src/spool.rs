@@ -22,6 +22,11 @@
 //! and fsynced before any older segment can be deleted): the newest segment's marks and data
 //! records give every pending call's `next` after a restart.
 //!
+//! Records that must reach the disk together (a 413 split: two halves, a renumbered final and
+//! the acks of what they replace) are written as one group frame holding their frames: a crash
+//! finds all of them or none. Each record keeps its own place (the offset of its inner frame),
+//! so it is read and acknowledged like any other.
+//!
 //! Recovery reads the segments in order; the first frame that is short, has a zero length or
 //! fails its CRC ends that segment (a torn or corrupt tail): it is counted, the file is cut back
 //! to its valid prefix, and every record before it is replayed. The framing and recovery logic below
@@ -45,6 +50,10 @@ const TAG_CORE: u8 = 1;
 const TAG_DETAIL: u8 = 2;
 const TAG_ACK: u8 = 3;
 const TAG_MARK: u8 = 4;
+/// A group frame: `TAG_GROUP` followed by the frames of records written as one unit.
+const TAG_GROUP: u8 = 5;
+/// Where a group's first inner frame starts, from the group frame's start.
+const GROUP_HEAD: u64 = HEADER as u64 + 1;
 const FLAG_FINAL: u8 = 1;
 const FLAG_LATE: u8 = 2;
 
@@ -222,25 +231,38 @@ impl Recovery {
     fn scan(&mut self, seg: u64, buf: &[u8]) -> usize {
         let (frames, valid) = read_frames(buf);
         for (off, p) in frames {
-            match Payload::decode(p) {
-                Some(Payload::Ack(id)) => {
-                    self.acked.insert(id);
-                }
-                Some(Payload::Mark { call_id, next }) => raise(&mut self.next, &call_id, next),
-                Some(Payload::Data { meta, .. }) => {
-                    if !meta.core {
-                        raise(&mut self.next, &meta.call_id, meta.seq.saturating_add(1));
+            match p.split_first() {
+                // One level only: a group inside a group is never written.
+                Some((&TAG_GROUP, inner)) => {
+                    for (o, q) in read_frames(inner).0 {
+                        self.take(seg, off + GROUP_HEAD + o, q);
                     }
-                    self.data.push(Recovered {
-                        id: RecId { seg, off },
-                        meta,
-                        bytes: (HEADER + p.len()) as u64,
-                    });
                 }
-                None => {}
+                _ => self.take(seg, off, p),
             }
         }
         valid
+    }
+
+    /// Takes in one record's payload, found at `off` of segment `seg`.
+    fn take(&mut self, seg: u64, off: u64, p: &[u8]) {
+        match Payload::decode(p) {
+            Some(Payload::Ack(id)) => {
+                self.acked.insert(id);
+            }
+            Some(Payload::Mark { call_id, next }) => raise(&mut self.next, &call_id, next),
+            Some(Payload::Data { meta, .. }) => {
+                if !meta.core {
+                    raise(&mut self.next, &meta.call_id, meta.seq.saturating_add(1));
+                }
+                self.data.push(Recovered {
+                    id: RecId { seg, off },
+                    meta,
+                    bytes: (HEADER + p.len()) as u64,
+                });
+            }
+            None => {}
+        }
     }
 
     /// The records not acknowledged, in the order they were written, and each call with
@@ -323,6 +345,11 @@ pub(crate) struct Spool {
     /// (Linux forgets a writeback error once reported), so no segment is deleted any more in
     /// this run (the next start replays what they held; the receiver drops duplicates).
     sync_failed: bool,
+    /// The frames of an open group (see [`begin_group`](Self::begin_group)).
+    group: Option<Vec<u8>>,
+    /// A group failed to be written: its records' places in the current segment must not be
+    /// given to other records, so the next write starts a new segment.
+    tail_broken: bool,
     scratch: Vec<u8>,
 }
 
@@ -411,6 +438,8 @@ impl Spool {
             calls,
             dirty: false,
             sync_failed: !marked,
+            group: None,
+            tail_broken: false,
             scratch: Vec::new(),
         };
         // Segments with nothing left to deliver go now, on the word of acks a crashed run may
@@ -452,7 +481,7 @@ impl Spool {
     /// Appends a data record (not yet synced: call [`sync`](Self::sync) before relying on it).
     /// Returns where it is and the bytes it takes (to pass to [`ack`](Self::ack)).
     pub(crate) fn append(&mut self, meta: &Meta, json: &[u8]) -> io::Result<(RecId, u64)> {
-        if self.cur_len - self.cur_head >= SEGMENT_BYTES {
+        if self.group.is_none() && self.rotate_due() {
             self.rotate()?;
         }
         let payload = Payload::Data {
@@ -466,11 +495,7 @@ impl Spool {
         let mut framed = Vec::with_capacity(p.len() + HEADER);
         frame(&p, &mut framed);
         self.scratch = p;
-        let id = RecId {
-            seg: self.cur_id,
-            off: self.cur_len,
-        };
-        self.write(&framed)?;
+        let id = self.put(&framed)?;
         let s = self.segs.entry(self.cur_id).or_default();
         s.live += 1;
         s.live_bytes += framed.len() as u64;
@@ -491,8 +516,82 @@ impl Spool {
         Ok((id, framed.len() as u64))
     }
 
+    /// Whether the current segment is to be closed before the next record.
+    fn rotate_due(&self) -> bool {
+        self.tail_broken || self.cur_len - self.cur_head >= SEGMENT_BYTES
+    }
+
+    /// Writes a framed record, or adds it to the open group; returns its place.
+    fn put(&mut self, framed: &[u8]) -> io::Result<RecId> {
+        let off = match &mut self.group {
+            Some(g) => {
+                let off = self.cur_len + GROUP_HEAD + g.len() as u64;
+                g.extend_from_slice(framed);
+                off
+            }
+            None => {
+                let off = self.cur_len;
+                self.write(framed)?;
+                off
+            }
+        };
+        Ok(RecId {
+            seg: self.cur_id,
+            off,
+        })
+    }
+
+    /// Starts a group: the records appended and acknowledged until
+    /// [`end_group`](Self::end_group) reach the disk as one frame, all or none after a crash.
+    pub(crate) fn begin_group(&mut self) {
+        debug_assert!(self.group.is_none(), "spool groups do not nest");
+        if self.rotate_due()
+            && let Err(e) = self.rotate()
+        {
+            // The group then goes to the current segment, past its usual size (or, after a
+            // failed group, is refused at its end).
+            tracing::warn!(error = %e, "could not start a new spool segment");
+        }
+        self.group = Some(Vec::new());
+    }
+
+    /// Writes the open group as one frame. On failure its records are not on disk (the
+    /// payloads stay in memory; what they replaced may be sent again after a restart).
+    pub(crate) fn end_group(&mut self) -> io::Result<()> {
+        let Some(g) = self.group.take() else {
+            return Ok(());
+        };
+        if g.is_empty() {
+            return Ok(());
+        }
+        if self.tail_broken {
+            return Err(io::Error::other(
+                "the spool segment after a failed write could not be replaced",
+            ));
+        }
+        let mut p = Vec::with_capacity(1 + g.len());
+        p.push(TAG_GROUP);
+        p.extend_from_slice(&g);
+        drop(g);
+        let mut framed = Vec::with_capacity(p.len() + HEADER);
+        frame(&p, &mut framed);
+        self.write(&framed).inspect_err(|_| self.tail_broken = true)
+    }
+
     fn write(&mut self, framed: &[u8]) -> io::Result<()> {
-        if let Err(e) = self.cur.write_all(framed) {
+        #[cfg(test)]
+        let fail = tests::FAIL_WRITE.with(std::cell::Cell::get);
+        #[cfg(not(test))]
+        let fail = false;
+        let wrote = if fail {
+            // A write cut short: part of the frame reaches the file.
+            self.cur
+                .write_all(&framed[..framed.len() / 2])
+                .and(Err(io::Error::other("write failure injected by a test")))
+        } else {
+            self.cur.write_all(framed)
+        };
+        if let Err(e) = wrote {
             // Leave no half record behind us for the next append.
             let _ = self.cur.set_len(self.cur_len);
             let _ = self.cur.seek(SeekFrom::Start(self.cur_len));
@@ -524,7 +623,8 @@ impl Spool {
     /// Deletes the segments with nothing pending that are no longer appended to (none after a
     /// failed fsync).
     fn collect(&mut self) {
-        if self.sync_failed {
+        // An open group's acks are not on disk yet.
+        if self.sync_failed || self.group.is_some() {
             return;
         }
         let cur = self.cur_id;
@@ -568,8 +668,12 @@ impl Spool {
         Payload::Ack(id).encode(&mut p);
         let mut framed = Vec::with_capacity(p.len() + HEADER);
         frame(&p, &mut framed);
-        self.write(&framed)?;
-        if empty && id.seg == self.cur_id && self.cur_len - self.cur_head >= SEGMENT_BYTES / 4 {
+        self.put(&framed)?;
+        if empty
+            && self.group.is_none()
+            && id.seg == self.cur_id
+            && self.cur_len - self.cur_head >= SEGMENT_BYTES / 4
+        {
             // The current segment holds nothing live: start afresh instead of growing it.
             return self.rotate();
         }
@@ -578,6 +682,14 @@ impl Spool {
 
     /// Reads a data record back (for a body that was let go from memory).
     pub(crate) fn read(&self, id: RecId) -> io::Result<Vec<u8>> {
+        if let Some(g) = &self.group
+            && id.seg == self.cur_id
+            && id.off >= self.cur_len
+        {
+            // A record of the open group, not yet written.
+            let at = usize::try_from(id.off - self.cur_len - GROUP_HEAD).unwrap_or(usize::MAX);
+            return Self::data_of(g.get(at..).unwrap_or_default());
+        }
         let mut f = File::open(seg_path(&self.dir, id.seg))?;
         f.seek(SeekFrom::Start(id.off))?;
         let mut head = [0u8; HEADER];
@@ -592,7 +704,12 @@ impl Spool {
         let mut buf = vec![0u8; HEADER + len];
         buf[..HEADER].copy_from_slice(&head);
         f.read_exact(&mut buf[HEADER..])?;
-        match read_frames(&buf).0.first().map(|(_, p)| Payload::decode(p)) {
+        Self::data_of(&buf)
+    }
+
+    /// The body of the data record framed at the start of `buf`.
+    fn data_of(buf: &[u8]) -> io::Result<Vec<u8>> {
+        match read_frames(buf).0.first().map(|(_, p)| Payload::decode(p)) {
             Some(Some(Payload::Data { json, .. })) => Ok(json),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -613,6 +730,7 @@ impl Spool {
         self.cur = f;
         self.cur_len = head;
         self.cur_head = head;
+        self.tail_broken = false;
         self.segs.insert(self.cur_id, Segment::default());
         // The old segment, if nothing in it is pending, was made durable by the sync above.
         self.collect();
@@ -702,6 +820,8 @@ mod tests {
     thread_local! {
         /// Set: every `fsync` of the spool on this thread fails.
         pub(super) static FAIL_FSYNC: Cell<bool> = const { Cell::new(false) };
+        /// Set: every write of the spool on this thread fails half way.
+        pub(super) static FAIL_WRITE: Cell<bool> = const { Cell::new(false) };
     }
 
     fn fail_fsync(on: bool) {
@@ -1118,6 +1238,95 @@ mod tests {
         next.sort_unstable();
         assert_eq!(next, [("c".into(), 5), ("d".into(), 1)]);
         assert_eq!(o.records.len(), 2);
+    }
+
+    /// Records written as a group keep their own places: read back before and after the group
+    /// is written, acknowledged one by one, replayed after a restart; a group cut short
+    /// brings back none of its records and none of its acks.
+    #[test]
+    fn a_group_reaches_the_disk_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let (r1, b1) = s.append(&detail("c", 0), b"{\"whole\":1}").unwrap();
+        s.sync().unwrap();
+        let before = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
+        s.begin_group();
+        let (a, _) = s.append(&detail("c", 0), b"{\"half\":1}").unwrap();
+        let (b, bb) = s.append(&detail("c", 1), b"{\"half\":2}").unwrap();
+        s.ack(r1, b1, &detail("c", 0)).unwrap();
+        assert_eq!(s.read(b).unwrap(), b"{\"half\":2}");
+        s.end_group().unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.read(a).unwrap(), b"{\"half\":1}");
+        assert_eq!(s.read(b).unwrap(), b"{\"half\":2}");
+        s.ack(b, bb, &detail("c", 1)).unwrap();
+        drop(s);
+        let bytes = fs::read(seg_path(dir.path(), 0)).unwrap();
+        let seqs = |o: &Opened| o.records.iter().map(|r| r.meta.seq).collect::<Vec<_>>();
+        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(seqs(&o), [0]);
+        assert_eq!(o.records[0].id, a);
+        // The group's frame torn anywhere: the spool as it was before it.
+        for cut in [before + 1, before + 9, bytes.len() as u64 - 30] {
+            let d = tempfile::tempdir().unwrap();
+            fs::write(seg_path(d.path(), 0), &bytes[..cut as usize]).unwrap();
+            let (_s, o) = Spool::open(d.path(), 1 << 20).unwrap();
+            assert_eq!(o.records.len(), 1, "cut at {cut}");
+            assert_eq!(o.records[0].id, r1, "cut at {cut}");
+        }
+    }
+
+    /// A sync while a group is open deletes no segment: the acks that emptied it are still in
+    /// memory.
+    #[test]
+    fn a_sync_inside_a_group_deletes_nothing_it_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let (r1, b1) = s.append(&detail("c", 0), &big).unwrap();
+        s.append(&detail("d", 0), b"{}").unwrap();
+        s.begin_group();
+        s.append(&detail("c", 0), b"{}").unwrap();
+        s.ack(r1, b1, &detail("c", 0)).unwrap();
+        s.sync().unwrap();
+        assert!(seg_path(dir.path(), 0).exists());
+        s.end_group().unwrap();
+        s.sync().unwrap();
+        assert!(!seg_path(dir.path(), 0).exists());
+    }
+
+    /// A group that fails to be written leaves no trace, and its records' places are never
+    /// given to later records (their acks would acknowledge those): the next record starts a
+    /// new segment.
+    #[test]
+    fn a_failed_group_gives_its_places_to_no_other_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let (r1, b1) = s.append(&detail("c", 0), b"{}").unwrap();
+        s.begin_group();
+        let (a, ba) = s.append(&detail("c", 1), b"{}").unwrap();
+        s.ack(r1, b1, &detail("c", 0)).unwrap();
+        FAIL_WRITE.with(|f| f.set(true));
+        let failed = s.end_group();
+        FAIL_WRITE.with(|f| f.set(false));
+        assert!(failed.is_err());
+        let (r2, _) = s.append(&detail("d", 0), b"{}").unwrap();
+        assert_eq!(r2.seg, 1);
+        s.sync().unwrap();
+        // A restart now finds the record the group was to replace, whose ack was in it.
+        let copy = tempfile::tempdir().unwrap();
+        for seg in [0, 1] {
+            fs::copy(seg_path(dir.path(), seg), seg_path(copy.path(), seg)).unwrap();
+        }
+        let (_s, o) = Spool::open(copy.path(), 1 << 20).unwrap();
+        let ids: Vec<RecId> = o.records.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [r1, r2]);
+        // Once the group's record is delivered from memory and acknowledged, it goes too.
+        s.ack(a, ba, &detail("c", 1)).unwrap();
+        drop(s);
+        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let ids: Vec<RecId> = o.records.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [r2]);
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.

@@ -1444,8 +1444,23 @@ impl Worker {
     }
 
     /// 413: split the batch in halves (first half keeps its number, the second takes a new
-    /// one, or the held final's); a lone span is shortened instead.
+    /// one, or the held final's); a lone span is shortened instead. What the split writes to
+    /// the spool and the acks of what it replaces go as one unit: a crash finds the batch
+    /// before the split or after it, never a mix (a number taken twice, or one never used).
     fn split(&mut self, job: Job) {
+        if let Some(s) = self.spool.as_mut() {
+            s.begin_group();
+        }
+        self.split_records(job);
+        if let Some(s) = self.spool.as_mut()
+            && let Err(e) = s.end_group()
+        {
+            Counters::inc(&self.stats.spool_errors);
+            tracing::error!(error = %e, "could not write a split batch to the spool; its halves are kept in memory only");
+        }
+    }
+
+    fn split_records(&mut self, job: Job) {
         let Some(doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
             return self.fail_detail(job, "413 and its body could not be read back");
         };
@@ -2573,6 +2588,60 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&w.body_of(fin).unwrap()).unwrap();
         assert_eq!(body["batch_seq"], 3);
         assert_eq!(body["total_batches"], 4);
+    }
+
+    /// A 413 split writes its records (the renumbered final, the two halves, the acks of what
+    /// they replace) to the spool as one unit: a crash at any point of the split leaves the
+    /// spool as it was before the split or as it is after it, never a mix under which a batch
+    /// number would be taken twice or never used.
+    #[test]
+    fn a_split_reaches_the_spool_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Arc<str> = "split-call".into();
+        let name = format!("{:020}.seg", 0);
+        let seg0 = dir.path().join(&name);
+        let (before, after) = {
+            let (mut w, _handle) = worker();
+            w.spool = Some(crate::spool::Spool::open(dir.path(), 1 << 30).unwrap().0);
+            feed(&mut w, &c, false, false, 2);
+            feed(&mut w, &c, false, false, 3);
+            w.flush_buffer(&c);
+            feed(&mut w, &c, false, false, 4);
+            let list = w.buffers.get_mut(&c).unwrap().buf.take();
+            w.send_batch(&c, list, Some(b"[]"));
+            w.sync_spool();
+            let before = std::fs::metadata(&seg0).unwrap().len() as usize;
+            let whole = w.queue.pop_front().unwrap();
+            w.split(whole);
+            w.sync_spool();
+            (before, std::fs::metadata(&seg0).unwrap().len() as usize)
+        };
+        let bytes = std::fs::read(&seg0).unwrap();
+        // What a restart finds when the segment was written up to `cut`.
+        let state = |cut: usize| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(&name), &bytes[..cut]).unwrap();
+            let (_s, o) = crate::spool::Spool::open(d.path(), 1 << 30).unwrap();
+            let mut v: Vec<(u32, bool, u32)> = o
+                .records
+                .iter()
+                .map(|r| (r.meta.seq, r.meta.is_final, r.meta.spans))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let (old, new) = (state(before), state(after));
+        assert_eq!(old, [(0, false, 2), (1, true, 1)]);
+        assert_eq!(new, [(0, false, 1), (1, false, 1), (2, true, 1)]);
+        // A cut every 5 bytes falls in every frame the split wrote (an ack's is 25 bytes): each
+        // prefix of them is tried.
+        for cut in (before + 1..after).step_by(5) {
+            let s = state(cut);
+            assert!(
+                s == old || s == new,
+                "cut at {cut} of {before}..{after}: {s:?}"
+            );
+        }
     }
 
     /// An idle end is taken by the worker's tick, which may run before the worker reads a join
