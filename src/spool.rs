@@ -954,20 +954,28 @@ mod tests {
         assert_eq!(next, [("a".into(), 8), ("e".into(), 7)]);
     }
 
+    /// A spool in `dir` where call `c`'s batch 0 is pending in segment 0 (filled by an
+    /// acknowledged record) and its batch 4 started segment 1 and was acknowledged.
+    fn batch_4_acked_in_segment_1(dir: &Path) -> Spool {
+        let (mut s, _) = Spool::open(dir, 1 << 30).unwrap();
+        s.append(&detail("c", 0), b"{}").unwrap();
+        let (rf, bf) = s
+            .append(&meta(1), &vec![b'x'; SEGMENT_BYTES as usize])
+            .unwrap();
+        s.ack(rf, bf, &meta(1)).unwrap();
+        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
+        assert_eq!(r4.seg, 1);
+        s.ack(r4, b4, &detail("c", 4)).unwrap();
+        s
+    }
+
     /// A pending call's numbers outlive the segment that held its highest, acknowledged
     /// batch: the segment after it opens with the call's mark, carried on at each start.
     #[test]
     fn a_calls_next_number_outlives_the_segment_of_its_acknowledged_batch() {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![b'x'; SEGMENT_BYTES as usize];
-        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
-        s.append(&detail("c", 0), b"{}").unwrap();
-        let (rf, bf) = s.append(&meta(1), &big).unwrap();
-        s.ack(rf, bf, &meta(1)).unwrap();
-        // Batch 4 of `c` starts segment 1 and is acknowledged.
-        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
-        assert_eq!(r4.seg, 1);
-        s.ack(r4, b4, &detail("c", 4)).unwrap();
+        let mut s = batch_4_acked_in_segment_1(dir.path());
         // Segment 1 fills with acknowledged records: it rotates and is deleted.
         let (rf, bf) = s.append(&meta(2), &big).unwrap();
         s.ack(rf, bf, &meta(2)).unwrap();
@@ -1213,12 +1221,7 @@ mod tests {
     fn marks_that_failed_to_sync_keep_every_segment() {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![b'x'; SEGMENT_BYTES as usize];
-        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
-        s.append(&detail("c", 0), b"{}").unwrap();
-        let (rf, bf) = s.append(&meta(1), &big).unwrap();
-        s.ack(rf, bf, &meta(1)).unwrap();
-        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
-        s.ack(r4, b4, &detail("c", 4)).unwrap();
+        let mut s = batch_4_acked_in_segment_1(dir.path());
         let (rf, bf) = s.append(&meta(2), &big).unwrap();
         s.sync().unwrap();
         // Segment 1 is full: the next record starts segment 2, whose marks fail to sync.

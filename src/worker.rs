@@ -2446,6 +2446,16 @@ mod tests {
         assert_eq!(w.ended_next(&real), Some(4));
     }
 
+    /// `c`'s batch 0 (spans 2 and 3) queued and its final (1, span 4) held.
+    fn batch_and_final(w: &mut Worker, c: &Arc<str>) {
+        feed(w, c, false, false, 2);
+        feed(w, c, false, false, 3);
+        w.flush_buffer(c);
+        feed(w, c, false, false, 4);
+        let list = w.buffers.get_mut(c).unwrap().buf.take();
+        w.send_batch(c, list, Some(b"[]"));
+    }
+
     /// A 413 split gives the number of its call's held final to one half, and the final the
     /// next number. A restart before the final went must not find the final and the half
     /// under one number (the receiver keeps one of the two and drops the other as a
@@ -2458,12 +2468,7 @@ mod tests {
         {
             let (mut w, _handle) = worker();
             w.spool = Some(open(&w).unwrap().0);
-            feed(&mut w, &c, false, false, 2);
-            feed(&mut w, &c, false, false, 3);
-            w.flush_buffer(&c);
-            feed(&mut w, &c, false, false, 4);
-            let list = w.buffers.get_mut(&c).unwrap().buf.take();
-            w.send_batch(&c, list, Some(b"[]"));
+            batch_and_final(&mut w, &c);
             assert!(w.held.get(&c).is_some_and(|h| h.job.meta.seq == 1));
             // Batch 0 is answered 413 and split: its halves are 0 and 1, the final becomes 2.
             let whole = w.queue.pop_front().unwrap();
@@ -2554,12 +2559,7 @@ mod tests {
         {
             let (mut w, _handle) = worker();
             w.spool = Some(open(&w).unwrap().0);
-            // Batch 0 (two spans) is pending and the final (1) held.
-            feed(&mut w, &c, false, false, 2);
-            feed(&mut w, &c, false, false, 3);
-            w.flush_buffer(&c);
-            let list = w.buffers.get_mut(&c).unwrap().buf.take();
-            w.send_batch(&c, list, Some(b"[]"));
+            batch_and_final(&mut w, &c);
             w.buffers.remove(&c);
             ended(&mut w, &c, 2, Some(FED_CALL));
             // A late span goes as batch 2, in a segment of its own, and is acknowledged.
@@ -2603,12 +2603,7 @@ mod tests {
         let (before, after) = {
             let (mut w, _handle) = worker();
             w.spool = Some(crate::spool::Spool::open(dir.path(), 1 << 30).unwrap().0);
-            feed(&mut w, &c, false, false, 2);
-            feed(&mut w, &c, false, false, 3);
-            w.flush_buffer(&c);
-            feed(&mut w, &c, false, false, 4);
-            let list = w.buffers.get_mut(&c).unwrap().buf.take();
-            w.send_batch(&c, list, Some(b"[]"));
+            batch_and_final(&mut w, &c);
             w.sync_spool();
             let before = std::fs::metadata(&seg0).unwrap().len() as usize;
             let whole = w.queue.pop_front().unwrap();
