@@ -17,10 +17,14 @@
 //!
 //! A detail batch's number must never be used twice for its call, but the record that took
 //! it may be acknowledged and its segment deleted while other batches of the call are still
-//! pending. So the spool keeps, for every call with pending detail, the number after the
-//! highest it ever wrote (`next`), and each segment opens with a mark record of each (written
-//! and fsynced before any older segment can be deleted): the newest segment's marks and data
-//! records give every pending call's `next` after a restart.
+//! pending. So the spool keeps, per call, the number after the highest it wrote (`next`) and
+//! which pending records carry it. When the last record carrying it is acknowledged a mark
+//! record (`call`, `next`) is written beside the ack, and each new segment opens with a mark
+//! of every call whose `next` no pending record carries, made durable before any older
+//! segment can be deleted. So after a restart a pending call's `next` is in one of its
+//! pending records or in a mark of a segment still on disk. (The spool holds one small entry
+//! per pending detail record for this, bounded as the records are by
+//! `CALLSCOPE_SPOOL_MAX_BYTES`.)
 //!
 //! Records that must reach the disk together (a 413 split: two halves, a renumbered final and
 //! the acks of what they replace) are written as one group frame holding their frames: a crash
@@ -38,6 +42,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Bytes of a frame header (`len` and `crc`).
 const HEADER: usize = 8;
@@ -265,20 +270,17 @@ impl Recovery {
         }
     }
 
-    /// The records not acknowledged, in the order they were written, and each call with
-    /// pending detail: the number after the highest it used, and its pending records.
-    fn finish(mut self) -> (Vec<Recovered>, HashMap<String, CallSeq>) {
+    /// The records not acknowledged, in the order they were written, and the numbers of the
+    /// calls with pending detail.
+    fn finish(mut self) -> (Vec<Recovered>, Numbers) {
         let acked = &self.acked;
         self.data.retain(|r| !acked.contains(&r.id));
-        let mut calls: HashMap<String, CallSeq> = HashMap::new();
+        let mut numbers = Numbers::default();
         for r in self.data.iter().filter(|r| !r.meta.core) {
             let next = self.next.get(&r.meta.call_id).copied().unwrap_or(0);
-            calls
-                .entry(r.meta.call_id.clone())
-                .or_insert(CallSeq { next, live: 0 })
-                .live += 1;
+            numbers.add(Some(r.id), &r.meta.call_id, r.meta.seq, next);
         }
-        (self.data, calls)
+        (self.data, numbers)
     }
 }
 
@@ -301,21 +303,122 @@ pub(crate) fn recover(
 ) -> (Vec<Recovered>, Vec<usize>, HashMap<String, u32>) {
     let mut r = Recovery::default();
     let valid = segs.iter().map(|(seg, buf)| r.scan(*seg, buf)).collect();
-    let (data, calls) = r.finish();
-    (
-        data,
-        valid,
-        calls.into_iter().map(|(k, c)| (k, c.next)).collect(),
-    )
+    let (data, numbers) = r.finish();
+    (data, valid, numbers.pending().into_iter().collect())
 }
 
-/// A call with detail pending in the spool.
-#[derive(Debug, Clone, Copy)]
+/// The batch numbers of the calls with detail in the spool (see the module docs).
+#[derive(Debug, Default)]
+struct Numbers {
+    /// Each pending detail record: its call and number.
+    live: HashMap<RecId, (Arc<str>, u32)>,
+    calls: HashMap<Arc<str>, CallSeq>,
+}
+
+#[derive(Debug)]
 struct CallSeq {
-    /// The number after the highest batch number it wrote.
+    /// The number after the highest batch number the call wrote.
     next: u32,
-    /// Its unacknowledged detail records.
+    /// Its pending detail records.
     live: u32,
+    /// Those numbered `next - 1`: while there is one, it carries `next`.
+    at_top: u32,
+    /// It had no pending record at the last new segment (it is forgotten at the next one).
+    idle: bool,
+}
+
+impl Numbers {
+    /// `call` used number `seq`, for record `id`, which is pending (`None`: a record that
+    /// could not be written); `next` is what else is known of the call's numbers (0 if
+    /// nothing).
+    fn add(&mut self, id: Option<RecId>, call: &str, seq: u32, next: u32) {
+        let (key, c) = self.call(call);
+        c.next = c.next.max(next);
+        let n = seq.saturating_add(1);
+        if n > c.next {
+            c.next = n;
+            c.at_top = 0;
+        }
+        c.idle = false;
+        let Some(id) = id else {
+            return;
+        };
+        if n == c.next {
+            c.at_top += 1;
+        }
+        c.live += 1;
+        self.live.insert(id, (key, seq));
+    }
+
+    /// `call`'s entry (made if new) and its shared id.
+    fn call(&mut self, call: &str) -> (Arc<str>, &mut CallSeq) {
+        let key = match self.calls.get_key_value(call) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(call);
+                self.calls.insert(
+                    k.clone(),
+                    CallSeq {
+                        next: 0,
+                        live: 0,
+                        at_top: 0,
+                        idle: false,
+                    },
+                );
+                k
+            }
+        };
+        let c = self.calls.get_mut(&key).expect("inserted above");
+        (key, c)
+    }
+
+    /// Record `id` is no longer pending. Returns the mark to write now when it was the last
+    /// to carry its call's `next`.
+    fn remove(&mut self, id: RecId) -> Option<Payload> {
+        let (call, seq) = self.live.remove(&id)?;
+        let c = self.calls.get_mut(&call)?;
+        c.live = c.live.saturating_sub(1);
+        if seq.saturating_add(1) == c.next {
+            c.at_top = c.at_top.saturating_sub(1);
+            if c.at_top == 0 {
+                return Some(Payload::Mark {
+                    call_id: call.to_string(),
+                    next: c.next,
+                });
+            }
+        }
+        None
+    }
+
+    /// At a new segment: the marks it opens with (each call whose `next` no pending record
+    /// carries), after forgetting the calls with no pending record since the last one.
+    fn rotate(&mut self) -> Vec<Payload> {
+        self.calls.retain(|_, c| !(c.idle && c.live == 0));
+        let mut marks = Vec::new();
+        for (call, c) in &mut self.calls {
+            c.idle = c.live == 0;
+            if c.at_top == 0 {
+                marks.push(Payload::Mark {
+                    call_id: call.to_string(),
+                    next: c.next,
+                });
+            }
+        }
+        marks
+    }
+
+    /// Each call with pending detail and its `next`, in call order.
+    #[cfg(test)]
+    fn pending(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.live > 0)
+            .map(|(k, c)| (k.to_string(), c.next))
+            .collect();
+        v.sort_unstable();
+        v
+    }
 }
 
 #[derive(Debug, Default)]
@@ -338,15 +441,15 @@ pub(crate) struct Spool {
     /// Bytes of the mark records that open the current segment.
     cur_head: u64,
     live_bytes: u64,
-    /// Calls with detail pending here.
-    calls: HashMap<String, CallSeq>,
+    /// The batch numbers of the calls with detail here.
+    numbers: Numbers,
     dirty: bool,
     /// An fsync failed: a later one may report success for data that never reached the disk
     /// (Linux forgets a writeback error once reported), so no segment is deleted any more in
     /// this run (the next start replays what they held; the receiver drops duplicates).
     sync_failed: bool,
-    /// The frames of an open group (see [`begin_group`](Self::begin_group)).
-    group: Option<Vec<u8>>,
+    /// The open group (see [`begin_group`](Self::begin_group)).
+    group: Option<Group>,
     /// A group failed to be written: its records' places in the current segment must not be
     /// given to other records, so the next write starts a new segment.
     tail_broken: bool,
@@ -362,9 +465,33 @@ pub(crate) struct Opened {
     pub corrupt_tails: u64,
     /// Bytes cut off those tails.
     pub corrupt_bytes: u64,
-    /// Each call with pending detail: the number after the highest batch number it used,
-    /// including batches acknowledged since.
-    pub next_seqs: Vec<(String, u32)>,
+}
+
+/// Records kept back to be written as one frame.
+#[derive(Debug)]
+struct Group {
+    /// Where its frame will start in the current segment.
+    start: u64,
+    /// The inner frames.
+    frames: Vec<u8>,
+    /// How to undo what it did to the counts, should it fail to be written.
+    undo: Vec<Undo>,
+    /// `begin_group` calls not yet ended.
+    depth: u32,
+}
+
+#[derive(Debug)]
+enum Undo {
+    Append(RecId, u64),
+    Ack(RecId, u64, Option<(Arc<str>, u32)>),
+}
+
+/// A group could not be written: none of its records is on disk, and none of its acks.
+#[derive(Debug)]
+pub(crate) struct GroupFailed {
+    pub error: io::Error,
+    /// The places [`Spool::append`] gave its records: they do not exist.
+    pub places: Vec<RecId>,
 }
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
@@ -410,7 +537,7 @@ impl Spool {
                     .set_len(ok as u64)?;
             }
         }
-        let (records, calls) = recovery.finish();
+        let (records, mut numbers) = recovery.finish();
         let mut segs: BTreeMap<u64, Segment> =
             ids.iter().map(|&id| (id, Segment::default())).collect();
         let mut live_bytes = 0;
@@ -422,10 +549,9 @@ impl Spool {
         }
         let cur_id = ids.last().map_or(0, |l| l + 1);
         // The marks go first: the segments that held the numbers may be deleted below.
-        let (cur, cur_head, marked) = new_segment(dir, cur_id, &calls)?;
+        let (cur, cur_head, marked) = new_segment(dir, cur_id, &numbers.rotate())?;
         segs.insert(cur_id, Segment::default());
         opened.records = records;
-        opened.next_seqs = calls.iter().map(|(k, c)| (k.clone(), c.next)).collect();
         let mut spool = Spool {
             dir: dir.to_owned(),
             max_bytes,
@@ -435,7 +561,7 @@ impl Spool {
             cur_len: cur_head,
             cur_head,
             live_bytes,
-            calls,
+            numbers,
             dirty: false,
             sync_failed: !marked,
             group: None,
@@ -495,25 +621,23 @@ impl Spool {
         let mut framed = Vec::with_capacity(p.len() + HEADER);
         frame(&p, &mut framed);
         self.scratch = p;
-        let id = self.put(&framed)?;
+        let put = self.put(&framed);
+        if !meta.core {
+            // A number is taken even if its record could not be written (the batch may still
+            // go from memory).
+            self.numbers
+                .add(put.as_ref().ok().copied(), &meta.call_id, meta.seq, 0);
+        }
+        let id = put?;
+        let bytes = framed.len() as u64;
         let s = self.segs.entry(self.cur_id).or_default();
         s.live += 1;
-        s.live_bytes += framed.len() as u64;
-        self.live_bytes += framed.len() as u64;
-        if !meta.core {
-            let next = meta.seq.saturating_add(1);
-            match self.calls.get_mut(meta.call_id.as_str()) {
-                Some(c) => {
-                    c.next = c.next.max(next);
-                    c.live += 1;
-                }
-                None => {
-                    self.calls
-                        .insert(meta.call_id.clone(), CallSeq { next, live: 1 });
-                }
-            }
+        s.live_bytes += bytes;
+        self.live_bytes += bytes;
+        if let Some(g) = &mut self.group {
+            g.undo.push(Undo::Append(id, bytes));
         }
-        Ok((id, framed.len() as u64))
+        Ok((id, bytes))
     }
 
     /// Whether the current segment is to be closed before the next record.
@@ -525,8 +649,8 @@ impl Spool {
     fn put(&mut self, framed: &[u8]) -> io::Result<RecId> {
         let off = match &mut self.group {
             Some(g) => {
-                let off = self.cur_len + GROUP_HEAD + g.len() as u64;
-                g.extend_from_slice(framed);
+                let off = g.start + GROUP_HEAD + g.frames.len() as u64;
+                g.frames.extend_from_slice(framed);
                 off
             }
             None => {
@@ -543,8 +667,12 @@ impl Spool {
 
     /// Starts a group: the records appended and acknowledged until
     /// [`end_group`](Self::end_group) reach the disk as one frame, all or none after a crash.
+    /// Groups nest: the outermost one is written.
     pub(crate) fn begin_group(&mut self) {
-        debug_assert!(self.group.is_none(), "spool groups do not nest");
+        if let Some(g) = &mut self.group {
+            g.depth += 1;
+            return;
+        }
         if self.rotate_due()
             && let Err(e) = self.rotate()
         {
@@ -552,35 +680,107 @@ impl Spool {
             // failed group, is refused at its end).
             tracing::warn!(error = %e, "could not start a new spool segment");
         }
-        self.group = Some(Vec::new());
+        self.group = Some(Group {
+            start: self.cur_len,
+            frames: Vec::new(),
+            undo: Vec::new(),
+            depth: 1,
+        });
     }
 
-    /// Writes the open group as one frame. On failure its records are not on disk (the
-    /// payloads stay in memory; what they replaced may be sent again after a restart).
-    pub(crate) fn end_group(&mut self) -> io::Result<()> {
+    /// The number after the highest batch number `call` wrote here, while the spool keeps
+    /// track of it (from its first record until a segment after its last is acknowledged).
+    pub(crate) fn next_seq(&self, call: &str) -> Option<u32> {
+        self.numbers.calls.get(call).map(|c| c.next)
+    }
+
+    /// Whether a group is open.
+    pub(crate) fn in_group(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// Ends a group: the outermost writes it as one frame. On failure nothing of it is on
+    /// disk: its records' places do not exist (the caller keeps those payloads in memory),
+    /// and what its acks acknowledged is pending again until a restart replays it.
+    pub(crate) fn end_group(&mut self) -> Result<(), GroupFailed> {
+        match &mut self.group {
+            Some(g) if g.depth > 1 => {
+                g.depth -= 1;
+                return Ok(());
+            }
+            Some(_) => {}
+            None => return Ok(()),
+        }
         let Some(g) = self.group.take() else {
             return Ok(());
         };
-        if g.is_empty() {
+        if g.frames.is_empty() {
             return Ok(());
         }
-        if self.tail_broken {
-            return Err(io::Error::other(
+        let wrote = if self.tail_broken {
+            Err(io::Error::other(
                 "the spool segment after a failed write could not be replaced",
-            ));
+            ))
+        } else {
+            let mut p = Vec::with_capacity(1 + g.frames.len());
+            p.push(TAG_GROUP);
+            p.extend_from_slice(&g.frames);
+            let mut framed = Vec::with_capacity(p.len() + HEADER);
+            frame(&p, &mut framed);
+            self.write(&framed)
+        };
+        let Err(error) = wrote else {
+            return Ok(());
+        };
+        // Its places may have been handed to payloads still referring to them: never give
+        // them to other records.
+        self.tail_broken = true;
+        let mut places = Vec::new();
+        for u in g.undo.into_iter().rev() {
+            match u {
+                Undo::Append(id, bytes) => {
+                    self.count(id.seg, bytes, false);
+                    // Its number stays taken (the payload may go from memory).
+                    self.numbers.remove(id);
+                    places.push(id);
+                }
+                Undo::Ack(id, bytes, number) => {
+                    self.count(id.seg, bytes, true);
+                    if let Some((call, seq)) = number {
+                        self.numbers.add(Some(id), &call, seq, 0);
+                    }
+                }
+            }
         }
-        let mut p = Vec::with_capacity(1 + g.len());
-        p.push(TAG_GROUP);
-        p.extend_from_slice(&g);
-        drop(g);
-        let mut framed = Vec::with_capacity(p.len() + HEADER);
-        frame(&p, &mut framed);
-        self.write(&framed).inspect_err(|_| self.tail_broken = true)
+        Err(GroupFailed { error, places })
+    }
+
+    /// Counts a record of `bytes` in segment `seg` as pending (`live`) or no longer; returns
+    /// whether the segment then has nothing pending.
+    fn count(&mut self, seg: u64, bytes: u64, live: bool) -> bool {
+        if live {
+            self.live_bytes += bytes;
+        } else {
+            self.live_bytes = self.live_bytes.saturating_sub(bytes);
+        }
+        match self.segs.get_mut(&seg) {
+            Some(s) if live => {
+                s.live += 1;
+                s.live_bytes += bytes;
+                false
+            }
+            Some(s) => {
+                s.live = s.live.saturating_sub(1);
+                s.live_bytes = s.live_bytes.saturating_sub(bytes);
+                s.live == 0
+            }
+            None => false,
+        }
     }
 
     fn write(&mut self, framed: &[u8]) -> io::Result<()> {
         #[cfg(test)]
-        let fail = tests::FAIL_WRITE.with(std::cell::Cell::get);
+        let fail = FAIL_WRITE.with(std::cell::Cell::get);
         #[cfg(not(test))]
         let fail = false;
         let wrote = if fail {
@@ -642,32 +842,25 @@ impl Spool {
 
     /// Marks a data record acknowledged; deletes its segment when nothing in it is left (at the
     /// next [`sync`](Self::sync), which makes the ack and any record written before it durable).
-    /// `bytes` and `meta` are what [`append`](Self::append) or recovery reported for it.
-    pub(crate) fn ack(&mut self, id: RecId, bytes: u64, meta: &Meta) -> io::Result<()> {
-        self.live_bytes = self.live_bytes.saturating_sub(bytes);
-        if !meta.core
-            && let Some(c) = self.calls.get_mut(meta.call_id.as_str())
-        {
-            c.live = c.live.saturating_sub(1);
-            if c.live == 0 {
-                self.calls.remove(meta.call_id.as_str());
-            }
+    /// `bytes` is what [`append`](Self::append) or recovery reported for it.
+    pub(crate) fn ack(&mut self, id: RecId, bytes: u64) -> io::Result<()> {
+        let empty = self.count(id.seg, bytes, false);
+        let number = self.numbers.live.get(&id).cloned();
+        let mark = self.numbers.remove(id);
+        if let Some(g) = &mut self.group {
+            g.undo.push(Undo::Ack(id, bytes, number));
         }
-        let empty = match self.segs.get_mut(&id.seg) {
-            Some(s) => {
-                s.live = s.live.saturating_sub(1);
-                s.live_bytes = s.live_bytes.saturating_sub(bytes);
-                s.live == 0
-            }
-            None => false,
-        };
         // Written even when the record's segment is now empty: that segment is deleted only at
         // a sync, once this ack and whatever replaced the record are durable, and a crash
-        // before then must not bring the record back.
-        let mut p = Vec::with_capacity(17);
-        Payload::Ack(id).encode(&mut p);
-        let mut framed = Vec::with_capacity(p.len() + HEADER);
-        frame(&p, &mut framed);
+        // before then must not bring the record back. The record carried its call's highest
+        // number: the mark carries it from now on.
+        let mut framed = Vec::with_capacity(64);
+        let mut p = Vec::with_capacity(64);
+        for payload in mark.into_iter().chain([Payload::Ack(id)]) {
+            p.clear();
+            payload.encode(&mut p);
+            frame(&p, &mut framed);
+        }
         self.put(&framed)?;
         if empty
             && self.group.is_none()
@@ -684,11 +877,11 @@ impl Spool {
     pub(crate) fn read(&self, id: RecId) -> io::Result<Vec<u8>> {
         if let Some(g) = &self.group
             && id.seg == self.cur_id
-            && id.off >= self.cur_len
+            && let Some(at) = id.off.checked_sub(g.start + GROUP_HEAD)
         {
             // A record of the open group, not yet written.
-            let at = usize::try_from(id.off - self.cur_len - GROUP_HEAD).unwrap_or(usize::MAX);
-            return Self::data_of(g.get(at..).unwrap_or_default());
+            let at = usize::try_from(at).unwrap_or(usize::MAX);
+            return Self::data_of(g.frames.get(at..).unwrap_or_default());
         }
         let mut f = File::open(seg_path(&self.dir, id.seg))?;
         f.seek(SeekFrom::Start(id.off))?;
@@ -724,7 +917,8 @@ impl Spool {
         // The new file first, with its marks durable: if it cannot be made, nothing changed
         // (records keep going to the current segment, which must not look like an old one and
         // be deleted).
-        let (f, head, marked) = new_segment(&self.dir, self.cur_id + 1, &self.calls)?;
+        let marks = self.numbers.rotate();
+        let (f, head, marked) = new_segment(&self.dir, self.cur_id + 1, &marks)?;
         self.sync_failed |= !marked;
         self.cur_id += 1;
         self.cur = f;
@@ -747,6 +941,12 @@ impl Drop for Spool {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set: every write of the spool on this thread fails half way (tests of the worker too).
+    pub(crate) static FAIL_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// `fsync`: the file's data (and its metadata too when `all`). Tests can make it fail (no disk
 /// here fails one on request).
 fn fsync(f: &File, all: bool) -> io::Result<()> {
@@ -757,28 +957,20 @@ fn fsync(f: &File, all: bool) -> io::Result<()> {
     if all { f.sync_all() } else { f.sync_data() }
 }
 
-/// Creates segment `id` with a mark record of each of `calls` at its head. Returns the file,
-/// the marks' length, and whether they are durable: when a write or fsync of them failed, the
-/// caller must delete no segment in this run (the records that took those numbers are then
-/// their only durable trace).
-fn new_segment(
-    dir: &Path,
-    id: u64,
-    calls: &HashMap<String, CallSeq>,
-) -> io::Result<(File, u64, bool)> {
+/// Creates segment `id` with `marks` at its head. Returns the file, the marks' length, and
+/// whether they are durable: when a write or fsync of them failed, the caller must delete no
+/// segment in this run (the records that took those numbers are then their only durable
+/// trace).
+fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(File, u64, bool)> {
     let path = seg_path(dir, id);
     let mut f = File::options().create(true).append(true).open(&path)?;
-    let mut marks = Vec::new();
     let mut p = Vec::new();
-    for (call_id, c) in calls {
+    let marks = marks.iter().fold(Vec::new(), |mut out, m| {
         p.clear();
-        Payload::Mark {
-            call_id: call_id.clone(),
-            next: c.next,
-        }
-        .encode(&mut p);
-        frame(&p, &mut marks);
-    }
+        m.encode(&mut p);
+        frame(&p, &mut out);
+        out
+    });
     let mut head = marks.len() as u64;
     let mut durable = true;
     if !marks.is_empty()
@@ -820,8 +1012,7 @@ mod tests {
     thread_local! {
         /// Set: every `fsync` of the spool on this thread fails.
         pub(super) static FAIL_FSYNC: Cell<bool> = const { Cell::new(false) };
-        /// Set: every write of the spool on this thread fails half way.
-        pub(super) static FAIL_WRITE: Cell<bool> = const { Cell::new(false) };
+
     }
 
     fn fail_fsync(on: bool) {
@@ -962,10 +1153,10 @@ mod tests {
         let (rf, bf) = s
             .append(&meta(1), &vec![b'x'; SEGMENT_BYTES as usize])
             .unwrap();
-        s.ack(rf, bf, &meta(1)).unwrap();
+        s.ack(rf, bf).unwrap();
         let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
         assert_eq!(r4.seg, 1);
-        s.ack(r4, b4, &detail("c", 4)).unwrap();
+        s.ack(r4, b4).unwrap();
         s
     }
 
@@ -978,15 +1169,15 @@ mod tests {
         let mut s = batch_4_acked_in_segment_1(dir.path());
         // Segment 1 fills with acknowledged records: it rotates and is deleted.
         let (rf, bf) = s.append(&meta(2), &big).unwrap();
-        s.ack(rf, bf, &meta(2)).unwrap();
+        s.ack(rf, bf).unwrap();
         s.sync().unwrap();
         assert!(!seg_path(dir.path(), 1).exists());
         drop(s);
         for _restart in 0..2 {
-            let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+            let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
             let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
             assert_eq!(left, [detail("c", 0)]);
-            assert_eq!(o.next_seqs, [("c".into(), 5)]);
+            assert_eq!(s.numbers.pending(), [("c".into(), 5)]);
         }
     }
 
@@ -1012,7 +1203,7 @@ mod tests {
         let _b = s.append(&meta(2), b"{\"b\":2}").unwrap();
         s.sync().unwrap();
         assert_eq!(s.read(a).unwrap(), b"{\"a\":1}");
-        s.ack(a, bytes_a, &meta(1)).unwrap();
+        s.ack(a, bytes_a).unwrap();
         drop(s);
         // A torn write at the end of the segment.
         let seg = seg_path(dir.path(), 0);
@@ -1025,7 +1216,7 @@ mod tests {
         assert_eq!(s.read(o.records[0].id).unwrap(), b"{\"b\":2}");
         assert_eq!(o.records[0].meta, meta(2));
         let r = &o.records[0];
-        s.ack(r.id, r.bytes, &r.meta).unwrap();
+        s.ack(r.id, r.bytes).unwrap();
         assert_eq!(s.live_bytes(), 0);
         // Segment 0 has nothing left and goes at the next sync; the new one stays.
         s.sync().unwrap();
@@ -1051,7 +1242,7 @@ mod tests {
         let old = &o.records[0];
         assert_eq!(old.id.seg, 0);
         s.append(&meta(1), b"{\"a\":2}").unwrap();
-        s.ack(old.id, old.bytes, &old.meta).unwrap();
+        s.ack(old.id, old.bytes).unwrap();
         let seg0 = seg_path(dir.path(), 0);
         assert!(seg0.exists(), "deleted before its replacement was durable");
         s.sync().unwrap();
@@ -1070,7 +1261,7 @@ mod tests {
         let (mut s, o) = Spool::open(dir, 1 << 20).unwrap();
         let old = &o.records[0];
         s.append(&meta(2), b"{\"a\":2}").unwrap();
-        s.ack(old.id, old.bytes, &old.meta).unwrap();
+        s.ack(old.id, old.bytes).unwrap();
         std::mem::forget(s);
     }
 
@@ -1099,8 +1290,8 @@ mod tests {
         let (r2, b2) = s.append(&meta(2), &big).unwrap();
         let (r3, _) = s.append(&meta(3), b"{}").unwrap();
         assert_eq!((r1.seg, r2.seg, r3.seg), (0, 0, 1));
-        s.ack(r1, b1, &meta(1)).unwrap();
-        s.ack(r2, b2, &meta(2)).unwrap();
+        s.ack(r1, b1).unwrap();
+        s.ack(r2, b2).unwrap();
         (s, r3)
     }
 
@@ -1122,7 +1313,7 @@ mod tests {
         let (r1, b1) = s.append(&meta(1), &big).unwrap();
         s.append(&meta(2), &big).unwrap();
         s.append(&meta(3), b"{}").unwrap();
-        s.ack(r1, b1, &meta(1)).unwrap();
+        s.ack(r1, b1).unwrap();
         std::mem::forget(s);
         let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
         let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
@@ -1140,7 +1331,7 @@ mod tests {
         // The next segment's name is taken by a directory: its file cannot be created.
         fs::create_dir(seg_path(dir.path(), 1)).unwrap();
         // The ack empties the current segment, which then rotates, and fails.
-        assert!(s.ack(r1, b1, &meta(1)).is_err());
+        assert!(s.ack(r1, b1).is_err());
         let (r2, _) = s.append(&meta(2), b"{}").unwrap();
         assert_eq!(r2.seg, 0);
         s.sync().unwrap();
@@ -1173,9 +1364,9 @@ mod tests {
         let (r6, b6) = s.append(&meta(6), &big).unwrap();
         let (r7, _) = s.append(&meta(7), b"{}").unwrap();
         assert_eq!((r5.seg, r6.seg, r7.seg), (1, 1, 2));
-        s.ack(r5, b5, &meta(5)).unwrap();
-        s.ack(r6, b6, &meta(6)).unwrap();
-        s.ack(r3, 0, &meta(3)).unwrap();
+        s.ack(r5, b5).unwrap();
+        s.ack(r6, b6).unwrap();
+        s.ack(r3, 0).unwrap();
         s.sync().unwrap();
         drop(s);
         assert!(seg0.exists() && seg_path(dir.path(), 1).exists());
@@ -1229,17 +1420,15 @@ mod tests {
         let (r, _) = s.append(&detail("d", 0), b"{}").unwrap();
         fail_fsync(false);
         assert_eq!(r.seg, 2);
-        s.ack(rf, bf, &meta(2)).unwrap();
+        s.ack(rf, bf).unwrap();
         s.sync().unwrap();
         assert!(
             seg_path(dir.path(), 1).exists(),
             "deleted while the only durable trace of batch 4"
         );
         drop(s);
-        let (_s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
-        let mut next = o.next_seqs.clone();
-        next.sort_unstable();
-        assert_eq!(next, [("c".into(), 5), ("d".into(), 1)]);
+        let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.numbers.pending(), [("c".into(), 5), ("d".into(), 1)]);
         assert_eq!(o.records.len(), 2);
     }
 
@@ -1256,13 +1445,14 @@ mod tests {
         s.begin_group();
         let (a, _) = s.append(&detail("c", 0), b"{\"half\":1}").unwrap();
         let (b, bb) = s.append(&detail("c", 1), b"{\"half\":2}").unwrap();
-        s.ack(r1, b1, &detail("c", 0)).unwrap();
+        s.ack(r1, b1).unwrap();
         assert_eq!(s.read(b).unwrap(), b"{\"half\":2}");
         s.end_group().unwrap();
         s.sync().unwrap();
+        let after = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
         assert_eq!(s.read(a).unwrap(), b"{\"half\":1}");
         assert_eq!(s.read(b).unwrap(), b"{\"half\":2}");
-        s.ack(b, bb, &detail("c", 1)).unwrap();
+        s.ack(b, bb).unwrap();
         drop(s);
         let bytes = fs::read(seg_path(dir.path(), 0)).unwrap();
         let seqs = |o: &Opened| o.records.iter().map(|r| r.meta.seq).collect::<Vec<_>>();
@@ -1270,7 +1460,7 @@ mod tests {
         assert_eq!(seqs(&o), [0]);
         assert_eq!(o.records[0].id, a);
         // The group's frame torn anywhere: the spool as it was before it.
-        for cut in [before + 1, before + 9, bytes.len() as u64 - 30] {
+        for cut in [before + 1, before + 9, after - 30] {
             let d = tempfile::tempdir().unwrap();
             fs::write(seg_path(d.path(), 0), &bytes[..cut as usize]).unwrap();
             let (_s, o) = Spool::open(d.path(), 1 << 20).unwrap();
@@ -1290,7 +1480,7 @@ mod tests {
         s.append(&detail("d", 0), b"{}").unwrap();
         s.begin_group();
         s.append(&detail("c", 0), b"{}").unwrap();
-        s.ack(r1, b1, &detail("c", 0)).unwrap();
+        s.ack(r1, b1).unwrap();
         s.sync().unwrap();
         assert!(seg_path(dir.path(), 0).exists());
         s.end_group().unwrap();
@@ -1307,29 +1497,77 @@ mod tests {
         let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
         let (r1, b1) = s.append(&detail("c", 0), b"{}").unwrap();
         s.begin_group();
-        let (a, ba) = s.append(&detail("c", 1), b"{}").unwrap();
-        s.ack(r1, b1, &detail("c", 0)).unwrap();
-        FAIL_WRITE.with(|f| f.set(true));
-        let failed = s.end_group();
-        FAIL_WRITE.with(|f| f.set(false));
-        assert!(failed.is_err());
+        let (a, _) = s.append(&detail("c", 1), b"{}").unwrap();
+        s.ack(r1, b1).unwrap();
+        super::FAIL_WRITE.with(|f| f.set(true));
+        let failed = s.end_group().unwrap_err();
+        super::FAIL_WRITE.with(|f| f.set(false));
+        assert_eq!(failed.places, [a]);
         let (r2, _) = s.append(&detail("d", 0), b"{}").unwrap();
         assert_eq!(r2.seg, 1);
+        // The record the group was to replace is pending again (its ack was in the group).
         s.sync().unwrap();
-        // A restart now finds the record the group was to replace, whose ack was in it.
-        let copy = tempfile::tempdir().unwrap();
-        for seg in [0, 1] {
-            fs::copy(seg_path(dir.path(), seg), seg_path(copy.path(), seg)).unwrap();
-        }
-        let (_s, o) = Spool::open(copy.path(), 1 << 20).unwrap();
+        drop(s);
+        let (s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
         let ids: Vec<RecId> = o.records.iter().map(|r| r.id).collect();
         assert_eq!(ids, [r1, r2]);
-        // Once the group's record is delivered from memory and acknowledged, it goes too.
-        s.ack(a, ba, &detail("c", 1)).unwrap();
+        // Batch 1 went from memory: its number stays taken.
+        assert_eq!(s.numbers.pending(), [("c".into(), 2), ("d".into(), 1)]);
+    }
+
+    /// The ack of the last pending record carrying a call's highest number writes a mark
+    /// beside it: the number outlives that record's segment even when the current segment
+    /// opened while the record was still pending (so without a mark for the call).
+    #[test]
+    fn acknowledging_a_calls_highest_batch_leaves_a_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
+        let (rf, bf) = s
+            .append(&meta(3), &vec![b'x'; SEGMENT_BYTES as usize])
+            .unwrap();
+        let (r0, _) = s.append(&detail("c", 0), b"{}").unwrap();
+        assert_eq!((r4.seg, r0.seg), (0, 1));
+        s.ack(rf, bf).unwrap();
+        s.ack(r4, b4).unwrap();
+        s.sync().unwrap();
+        assert!(!seg_path(dir.path(), 0).exists());
         drop(s);
-        let (_s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
-        let ids: Vec<RecId> = o.records.iter().map(|r| r.id).collect();
-        assert_eq!(ids, [r2]);
+        let (s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.numbers.pending(), [("c".into(), 5)]);
+    }
+
+    /// A new segment opens with a mark only for the calls whose highest number no pending
+    /// record carries: a spool of many pending calls does not copy them all into every
+    /// segment.
+    #[test]
+    fn a_segment_opens_with_marks_only_where_no_pending_record_carries_the_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..100 {
+            s.append(&detail(&format!("c{i}"), 3), b"{}").unwrap();
+        }
+        // `x`'s batch 1 is pending, its batch 2 acknowledged: its number rides on a mark.
+        s.append(&detail("x", 1), b"{}").unwrap();
+        let (r, b) = s.append(&detail("x", 2), b"{}").unwrap();
+        s.ack(r, b).unwrap();
+        // A summary (no batch number) fills segment 0; the next record starts segment 1.
+        assert!(meta(3).core);
+        let (rf, bf) = s
+            .append(&meta(3), &vec![b'x'; SEGMENT_BYTES as usize])
+            .unwrap();
+        s.ack(rf, bf).unwrap();
+        let (r, _) = s.append(&detail("y", 0), b"{}").unwrap();
+        assert_eq!(r.seg, 1);
+        let head = fs::read(seg_path(dir.path(), 1)).unwrap();
+        let marks: Vec<Payload> = decoded(&head[..s.cur_head as usize]);
+        assert_eq!(
+            marks,
+            [Payload::Mark {
+                call_id: "x".into(),
+                next: 3
+            }]
+        );
     }
 
     /// A zero-filled tail (a torn write after a power loss) is cut off, not read as frames.

@@ -847,6 +847,7 @@ impl Worker {
         let ended = self.ended_next(key);
         let same_call = self.ended.get(key).and_then(|e| e.call) == Some(incarnation);
         let late = (msg_late || (ended.is_some() && same_call)) && !self.pending.contains_key(key);
+        let ended = self.known_next(key);
         let next_seq = if late {
             ended.unwrap_or_else(|| {
                 self.late_seq = self.late_seq.saturating_add(1);
@@ -1104,7 +1105,10 @@ impl Worker {
     /// dropped. Summaries are never dropped.
     fn enforce_budget(&mut self) {
         let max = self.cfg.max_buffer_bytes;
-        if self.spool.is_some() {
+        if let Some(spool) = &self.spool {
+            if spool.in_group() {
+                return;
+            }
             for job in self.queue.iter_mut().rev() {
                 if self.buffered_bytes + self.mem_bytes <= max {
                     return;
@@ -1192,7 +1196,7 @@ impl Worker {
     /// The job is done with: its spool record goes.
     fn settle(&mut self, job: &Job) {
         if let (Some((rec, bytes)), Some(spool)) = (job.rec, self.spool.as_mut())
-            && let Err(e) = spool.ack(rec, bytes, &job.meta)
+            && let Err(e) = spool.ack(rec, bytes)
         {
             Counters::inc(&self.stats.spool_errors);
             tracing::warn!(error = %e, "could not mark a spool record acknowledged (it may be sent again after a restart)");
@@ -1453,11 +1457,24 @@ impl Worker {
         }
         self.split_records(job);
         if let Some(s) = self.spool.as_mut()
-            && let Err(e) = s.end_group()
+            && let Err(failed) = s.end_group()
         {
             Counters::inc(&self.stats.spool_errors);
-            tracing::error!(error = %e, "could not write a split batch to the spool; its halves are kept in memory only");
+            tracing::error!(error = %failed.error, "could not write a split batch to the spool: its batches are kept in memory only, and the batch it split may be sent again after a restart");
+            // Their records do not exist: their bodies must stay in memory.
+            let lost: HashSet<RecId> = failed.places.into_iter().collect();
+            for job in self
+                .queue
+                .iter_mut()
+                .chain(self.held.values_mut().map(|h| &mut h.job))
+            {
+                if job.rec.is_some_and(|(r, _)| lost.contains(&r)) {
+                    job.rec = None;
+                }
+            }
         }
+        // Bodies are let go from memory only once their records are written.
+        self.enforce_budget();
     }
 
     fn split_records(&mut self, job: Job) {
@@ -1562,7 +1579,7 @@ impl Worker {
         if let Some(b) = self.buffers.get_mut(key) {
             return b.buf.seq();
         }
-        let s = match self.ended_next(key) {
+        let s = match self.known_next(key) {
             Some(s) => s,
             None => {
                 self.late_seq = self.late_seq.saturating_add(1);
@@ -1747,7 +1764,7 @@ impl Worker {
             return;
         }
         if !self.buffers.contains_key(&key) {
-            let next = self.ended_next(&key).unwrap_or(0);
+            let next = self.known_next(&key).unwrap_or(0);
             let b = self.new_buf(&key, false, false, next);
             self.buffers.insert(key.clone(), b);
         }
@@ -1792,6 +1809,14 @@ impl Worker {
     /// `key`'s next batch number, if its numbers are remembered.
     fn ended_next(&self, key: &str) -> Option<u32> {
         self.ended.get(key).map(|e| e.next)
+    }
+
+    /// `key`'s next batch number: the higher of this worker's memory and the spool's, which
+    /// knows the numbers a call used before a restart (acknowledged batches included) for as
+    /// many calls as it holds records of.
+    fn known_next(&self, key: &str) -> Option<u32> {
+        let spool = self.spool.as_ref().and_then(|s| s.next_seq(key));
+        self.ended_next(key).max(spool)
     }
 
     /// Remembers `key`'s next batch number; the ids whose last end is oldest are forgotten
@@ -1843,14 +1868,6 @@ impl Worker {
             records = n,
             "replaying payloads left in the spool by an earlier run"
         );
-        // Numbers a call used before the restart stay taken, even those whose records were
-        // acknowledged and deleted since (a split or late batch must not take them again).
-        for (call, next) in opened.next_seqs {
-            let call: Arc<str> = Arc::from(call);
-            if self.ended_next(&call).is_none_or(|s| s < next) {
-                self.remember_seq(call, next);
-            }
-        }
         // Finals after every other record: a final is held while its call's other batches are
         // pending, and they must be counted first (halves of a split come after the final).
         let (finals, others): (Vec<_>, Vec<_>) = opened
@@ -2554,7 +2571,7 @@ mod tests {
             };
             let spool = w.spool.as_mut().unwrap();
             let (rec, bytes) = spool.append(&meta, &vec![b' '; 4 << 20]).unwrap();
-            spool.ack(rec, bytes, &meta).unwrap();
+            spool.ack(rec, bytes).unwrap();
         };
         {
             let (mut w, _handle) = worker();
@@ -2628,8 +2645,9 @@ mod tests {
         let (old, new) = (state(before), state(after));
         assert_eq!(old, [(0, false, 2), (1, true, 1)]);
         assert_eq!(new, [(0, false, 1), (1, false, 1), (2, true, 1)]);
-        // A cut every 5 bytes falls in every frame the split wrote (an ack's is 25 bytes): each
-        // prefix of them is tried.
+        // A cut every 5 bytes falls in every record's frame, were each written on its own (an
+        // ack's is 25 bytes): each prefix of them is tried, as is the inside of the one frame
+        // they are written as.
         for cut in (before + 1..after).step_by(5) {
             let s = state(cut);
             assert!(
@@ -2637,6 +2655,62 @@ mod tests {
                 "cut at {cut} of {before}..{after}: {s:?}"
             );
         }
+    }
+
+    /// A split whose records cannot be written to the spool keeps its batches in memory (their
+    /// places do not exist), and the batch and final it replaced stay pending on disk: a
+    /// restart finds the call as it was before the split.
+    #[test]
+    fn a_split_the_spool_could_not_write_keeps_its_batches_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Arc<str> = "split-call".into();
+        let (mut w, _handle) = worker();
+        w.spool = Some(crate::spool::Spool::open(dir.path(), 1 << 30).unwrap().0);
+        batch_and_final(&mut w, &c);
+        // Segment 0 (the batch and the final) fills: the split goes to segment 1.
+        let spool = w.spool.as_mut().unwrap();
+        let summary = Meta {
+            core: true,
+            is_final: false,
+            late: false,
+            seq: 0,
+            spans: 0,
+            call_id: "other-call".into(),
+        };
+        let (rec, bytes) = spool.append(&summary, &vec![b' '; 4 << 20]).unwrap();
+        spool.ack(rec, bytes).unwrap();
+        w.sync_spool();
+        let whole = w.queue.pop_front().unwrap();
+        crate::spool::FAIL_WRITE.with(|f| f.set(true));
+        w.split(whole);
+        crate::spool::FAIL_WRITE.with(|f| f.set(false));
+        assert_eq!(w.stats.spool_errors.load(Ordering::Relaxed), 1);
+        let jobs: Vec<&Job> = w
+            .queue
+            .iter()
+            .chain(w.held.values().map(|h| &h.job))
+            .collect();
+        let mut seqs: Vec<(u32, bool)> =
+            jobs.iter().map(|j| (j.meta.seq, j.meta.is_final)).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, [(0, false), (1, false), (2, true)]);
+        assert!(jobs.iter().all(|j| j.rec.is_none() && j.json.is_some()));
+        w.spool.as_mut().unwrap().sync().unwrap();
+        let seg0 = dir.path().join(format!("{:020}.seg", 0));
+        assert!(seg0.exists(), "deleted on the word of acks never written");
+        let copy = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(dir.path()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+        }
+        let (_s, opened) = crate::spool::Spool::open(copy.path(), 1 << 30).unwrap();
+        let mut left: Vec<(u32, bool, u32)> = opened
+            .records
+            .iter()
+            .map(|r| (r.meta.seq, r.meta.is_final, r.meta.spans))
+            .collect();
+        left.sort_unstable();
+        assert_eq!(left, [(0, false, 2), (1, true, 1)]);
     }
 
     /// An idle end is taken by the worker's tick, which may run before the worker reads a join
