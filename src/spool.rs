@@ -453,6 +453,9 @@ pub(crate) struct Spool {
     /// A group failed to be written: its records' places in the current segment must not be
     /// given to other records, so the next write starts a new segment.
     tail_broken: bool,
+    /// A call's number lost its carrier without its mark reaching the disk (a write failed):
+    /// no segment is deleted until a new segment's head carries it.
+    marks_owed: bool,
     scratch: Vec<u8>,
 }
 
@@ -547,7 +550,10 @@ impl Spool {
             s.live_bytes += r.bytes;
             live_bytes += r.bytes;
         }
-        let cur_id = ids.last().map_or(0, |l| l + 1);
+        let cur_id = match ids.last() {
+            Some(l) => l.checked_add(1).ok_or_else(ids_exhausted)?,
+            None => 0,
+        };
         // The marks go first: the segments that held the numbers may be deleted below.
         let (cur, cur_head, marked) = new_segment(dir, cur_id, &numbers.rotate())?;
         segs.insert(cur_id, Segment::default());
@@ -566,6 +572,7 @@ impl Spool {
             sync_failed: !marked,
             group: None,
             tail_broken: false,
+            marks_owed: false,
             scratch: Vec::new(),
         };
         // Segments with nothing left to deliver go now, on the word of acks a crashed run may
@@ -627,6 +634,7 @@ impl Spool {
             // go from memory).
             self.numbers
                 .add(put.as_ref().ok().copied(), &meta.call_id, meta.seq, 0);
+            self.marks_owed |= put.is_err();
         }
         let id = put?;
         let bytes = framed.len() as u64;
@@ -642,7 +650,7 @@ impl Spool {
 
     /// Whether the current segment is to be closed before the next record.
     fn rotate_due(&self) -> bool {
-        self.tail_broken || self.cur_len - self.cur_head >= SEGMENT_BYTES
+        self.tail_broken || self.marks_owed || self.cur_len - self.cur_head >= SEGMENT_BYTES
     }
 
     /// Writes a framed record, or adds it to the open group; returns its place.
@@ -741,7 +749,7 @@ impl Spool {
                 Undo::Append(id, bytes) => {
                     self.count(id.seg, bytes, false);
                     // Its number stays taken (the payload may go from memory).
-                    self.numbers.remove(id);
+                    self.marks_owed |= self.numbers.remove(id).is_some();
                     places.push(id);
                 }
                 Undo::Ack(id, bytes, number) => {
@@ -824,7 +832,7 @@ impl Spool {
     /// failed fsync).
     fn collect(&mut self) {
         // An open group's acks are not on disk yet.
-        if self.sync_failed || self.group.is_some() {
+        if self.sync_failed || self.marks_owed || self.group.is_some() {
             return;
         }
         let cur = self.cur_id;
@@ -856,12 +864,15 @@ impl Spool {
         // number: the mark carries it from now on.
         let mut framed = Vec::with_capacity(64);
         let mut p = Vec::with_capacity(64);
-        for payload in mark.into_iter().chain([Payload::Ack(id)]) {
+        for payload in mark.iter().chain([&Payload::Ack(id)]) {
             p.clear();
             payload.encode(&mut p);
             frame(&p, &mut framed);
         }
-        self.put(&framed)?;
+        if let Err(e) = self.put(&framed) {
+            self.marks_owed |= mark.is_some();
+            return Err(e);
+        }
         if empty
             && self.group.is_none()
             && id.seg == self.cur_id
@@ -917,10 +928,12 @@ impl Spool {
         // The new file first, with its marks durable: if it cannot be made, nothing changed
         // (records keep going to the current segment, which must not look like an old one and
         // be deleted).
+        let id = self.cur_id.checked_add(1).ok_or_else(ids_exhausted)?;
         let marks = self.numbers.rotate();
-        let (f, head, marked) = new_segment(&self.dir, self.cur_id + 1, &marks)?;
+        let (f, head, marked) = new_segment(&self.dir, id, &marks)?;
         self.sync_failed |= !marked;
-        self.cur_id += 1;
+        self.marks_owed = false;
+        self.cur_id = id;
         self.cur = f;
         self.cur_len = head;
         self.cur_head = head;
@@ -992,6 +1005,13 @@ fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(File, u64,
         let _ = d.sync_all();
     }
     Ok((f, head, durable))
+}
+
+fn ids_exhausted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "spool segment ids are exhausted: a segment file is named 18446744073709551615.seg (remove it, or empty the directory)",
+    )
 }
 
 fn remove_segment(dir: &Path, id: u64) {
@@ -1535,6 +1555,73 @@ mod tests {
         drop(s);
         let (s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(s.numbers.pending(), [("c".into(), 5)]);
+    }
+
+    /// A spool where call `c`'s batch 5 is pending in segment 0 and its batch 6, its highest,
+    /// in segment 1 beside an acknowledged summary; segment 2 is the current one.
+    fn batch_6_in_segment_1(dir: &Path) -> (Spool, RecId, u64) {
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let (mut s, _) = Spool::open(dir, 1 << 30).unwrap();
+        s.append(&detail("c", 5), b"{}").unwrap();
+        s.append(&meta(3), &big).unwrap();
+        let (r6, b6) = s.append(&detail("c", 6), b"{}").unwrap();
+        let (rf, bf) = s.append(&meta(3), &big).unwrap();
+        let (r, _) = s.append(&detail("d", 0), b"{}").unwrap();
+        assert_eq!((r6.seg, r.seg), (1, 2));
+        s.ack(rf, bf).unwrap();
+        s.sync().unwrap();
+        (s, r6, b6)
+    }
+
+    /// A mark that could not be written (the ack beside it failed, or the record that took a
+    /// higher number) deletes no segment until a new segment's head carries the number.
+    #[test]
+    fn a_mark_lost_to_a_failed_write_keeps_every_segment_until_the_next_head() {
+        let next_of_c = |dir: &Path| {
+            let copy = tempfile::tempdir().unwrap();
+            for e in fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+            }
+            Spool::open(copy.path(), 1 << 30).unwrap().0.next_seq("c")
+        };
+        // The ack of batch 6, and its mark, fail to be written.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, r6, b6) = batch_6_in_segment_1(dir.path());
+        super::FAIL_WRITE.with(|f| f.set(true));
+        assert!(s.ack(r6, b6).is_err());
+        super::FAIL_WRITE.with(|f| f.set(false));
+        s.sync().unwrap();
+        assert!(seg_path(dir.path(), 1).exists());
+        assert_eq!(next_of_c(dir.path()), Some(7));
+        // The next record starts a segment whose head carries the number: then it may go.
+        let (r, _) = s.append(&detail("d", 1), b"{}").unwrap();
+        assert_eq!(r.seg, 3);
+        s.sync().unwrap();
+        assert!(!seg_path(dir.path(), 1).exists());
+        assert_eq!(next_of_c(dir.path()), Some(7));
+        // Batch 9's record fails to be written (it goes from memory); batch 6 is acknowledged.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, r6, b6) = batch_6_in_segment_1(dir.path());
+        super::FAIL_WRITE.with(|f| f.set(true));
+        assert!(s.append(&detail("c", 9), b"{}").is_err());
+        super::FAIL_WRITE.with(|f| f.set(false));
+        s.ack(r6, b6).unwrap();
+        s.sync().unwrap();
+        assert!(seg_path(dir.path(), 1).exists());
+        s.append(&detail("d", 1), b"{}").unwrap();
+        s.sync().unwrap();
+        assert!(!seg_path(dir.path(), 1).exists());
+        assert_eq!(next_of_c(dir.path()), Some(10));
+    }
+
+    /// A segment id that cannot be followed is refused with what to do, not a panic.
+    #[test]
+    fn an_exhausted_segment_id_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(seg_path(dir.path(), u64::MAX), b"").unwrap();
+        let e = Spool::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("remove it"), "{e}");
     }
 
     /// A new segment opens with a mark only for the calls whose highest number no pending

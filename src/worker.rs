@@ -2463,6 +2463,19 @@ mod tests {
         assert_eq!(w.ended_next(&real), Some(4));
     }
 
+    /// The queued and held jobs, and their `(batch_seq, final)` in order.
+    fn queued_and_held(w: &Worker) -> (Vec<&Job>, Vec<(u32, bool)>) {
+        let jobs: Vec<&Job> = w
+            .queue
+            .iter()
+            .chain(w.held.values().map(|h| &h.job))
+            .collect();
+        let mut seqs: Vec<(u32, bool)> =
+            jobs.iter().map(|j| (j.meta.seq, j.meta.is_final)).collect();
+        seqs.sort_unstable();
+        (jobs, seqs)
+    }
+
     /// `c`'s batch 0 (spans 2 and 3) queued and its final (1, span 4) held.
     fn batch_and_final(w: &mut Worker, c: &Arc<str>) {
         feed(w, c, false, false, 2);
@@ -2537,14 +2550,7 @@ mod tests {
         let (spool, opened) = crate::spool::Spool::open(dir.path(), 1 << 20).unwrap();
         w.spool = Some(spool);
         w.replay(opened);
-        let jobs: Vec<&Job> = w
-            .queue
-            .iter()
-            .chain(w.held.values().map(|h| &h.job))
-            .collect();
-        let mut seqs: Vec<(u32, bool)> =
-            jobs.iter().map(|j| (j.meta.seq, j.meta.is_final)).collect();
-        seqs.sort_unstable();
+        let (jobs, seqs) = queued_and_held(&w);
         assert_eq!(seqs, [(1, false), (2, true)]);
         // The stale final's record is acknowledged: only the two jobs' records are pending.
         let pending: u64 = jobs.iter().filter_map(|j| j.rec).map(|(_, b)| b).sum();
@@ -2685,14 +2691,7 @@ mod tests {
         w.split(whole);
         crate::spool::FAIL_WRITE.with(|f| f.set(false));
         assert_eq!(w.stats.spool_errors.load(Ordering::Relaxed), 1);
-        let jobs: Vec<&Job> = w
-            .queue
-            .iter()
-            .chain(w.held.values().map(|h| &h.job))
-            .collect();
-        let mut seqs: Vec<(u32, bool)> =
-            jobs.iter().map(|j| (j.meta.seq, j.meta.is_final)).collect();
-        seqs.sort_unstable();
+        let (jobs, seqs) = queued_and_held(&w);
         assert_eq!(seqs, [(0, false), (1, false), (2, true)]);
         assert!(jobs.iter().all(|j| j.rec.is_none() && j.json.is_some()));
         w.spool.as_mut().unwrap().sync().unwrap();
