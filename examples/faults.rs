@@ -16,7 +16,11 @@ use callscope::{CallSpanProcessor, Compression, Config, Stats};
 use fault::{FaultProxy, Ingest, all_faults};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
-fn run(calls: usize, spans: usize, spool: bool) -> (Stats, Duration, u64, u64, u64) {
+/// What one run left: counters, time to settle, and in the ingest server the calls, the
+/// calls marked complete, the spans and the duplicate span rows.
+type Outcome = (Stats, Duration, u64, usize, u64, u64);
+
+fn run(calls: usize, spans: usize, spool: bool) -> Outcome {
     let ingest = Ingest::start();
     let timeout = Duration::from_millis(400);
     let proxy = FaultProxy::start(Some(&ingest.url), all_faults(timeout));
@@ -56,10 +60,19 @@ fn run(calls: usize, spans: usize, spool: bool) -> (Stats, Duration, u64, u64, u
     });
     let took = started.elapsed();
     let _ = provider.shutdown();
+    // Complete: every batch numbered below the final's total_batches arrived.
+    let complete = (0..calls)
+        .filter(|c| {
+            ingest
+                .call(&format!("call-{c}"))
+                .is_some_and(|v| v["complete"] == true)
+        })
+        .count();
     (
         stats.snapshot(),
         took,
         ingest.calls(),
+        complete,
         ingest.total_spans(),
         ingest.duplicates(),
     )
@@ -70,13 +83,15 @@ fn main() {
     let calls: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     let spans: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(500);
     for spool in [true, false] {
-        let (s, took, stored_calls, stored_spans, dups) = run(calls, spans, spool);
+        let (s, took, stored_calls, complete, stored_spans, dups) = run(calls, spans, spool);
         println!("== spool {}", if spool { "on" } else { "off" });
         println!(
             "emitted: {calls} calls, {} spans; settled in {took:.1?}",
             calls * spans
         );
-        println!("stored: {stored_calls} calls, {stored_spans} spans, {dups} duplicate span rows");
+        println!(
+            "stored: {stored_calls} calls ({complete} complete), {stored_spans} spans, {dups} duplicate span rows"
+        );
         println!(
             "stats: summaries_sent {} summaries_failed {} detail_spans_sent {} spans_dropped {} (buffer_full {}, send_failed {}, spool_full {})",
             s.summaries_sent,
