@@ -317,8 +317,17 @@ impl Store {
              agent_id = COALESCE(agent_id, $7) \
              WHERE call_id = $1";
         // Runs after PROGRESS in the same transaction, which holds the row lock: sees its values.
-        const COMPLETE: &str = "UPDATE call_logs SET complete = (total_batches IS NOT NULL \
-             AND data_batches_received >= total_batches) WHERE call_id = $1";
+        // Once the final's total_batches is known, the data batches are the numbers below it
+        // that arrived, late-marked or not: a sender's 413 split can move the final past a
+        // late batch, which then sits below the total.
+        const COMPLETE: &str = "UPDATE call_logs SET \
+             data_batches_received = CASE WHEN total_batches IS NULL \
+                 THEN data_batches_received ELSE (SELECT COUNT(*) FROM detail_batches d \
+                 WHERE d.call_id = call_logs.call_id AND d.batch_seq < call_logs.total_batches) END, \
+             complete = (total_batches IS NOT NULL AND (SELECT COUNT(*) FROM detail_batches d \
+                 WHERE d.call_id = call_logs.call_id AND d.batch_seq < call_logs.total_batches) \
+                 >= total_batches) \
+             WHERE call_id = $1";
 
         let span_count = i64::try_from(batch.spans.len()).unwrap_or(i64::MAX);
         // Insert in span_id order: concurrent batches that share spans then take their unique

@@ -226,6 +226,28 @@ async fn sequential_duplicates_are_stored_once() {
     }
 }
 
+/// A sender may number a late batch below its call's final (a 413 split moved the final past
+/// it): complete means every number below `total_batches` arrived, late or not, in any order.
+#[tokio::test]
+async fn a_late_batch_numbered_below_the_final_counts_toward_completeness() {
+    for db in backends().await {
+        let h = harness(&db.url, db.name, |_| {}).await;
+        h.post(&core("c5", "agent-1")).await;
+        h.post(&detail("c5", 0, 0..2, None)).await;
+        let mut late = detail("c5", 1, 2..3, None);
+        late["late"] = json!(true);
+        h.post(&late).await;
+        h.post(&detail("c5", 3, 3..4, Some(4))).await;
+        let call = h.call("c5").await;
+        assert_eq!(call["complete"], false, "[{}] {call}", db.name);
+        h.post(&detail("c5", 2, 4..5, None)).await;
+        let call = h.call("c5").await;
+        assert_eq!(call["complete"], true, "[{}] {call}", db.name);
+        assert_eq!(call["data_batches_received"], 4);
+        assert_eq!(call["spans_stored"], 5);
+    }
+}
+
 #[tokio::test]
 async fn late_batches_are_stored_without_breaking_completeness() {
     for db in backends().await {
