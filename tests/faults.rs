@@ -313,6 +313,132 @@ fn kill_9_then_restart(test_name: &str, refuse_cores: bool) {
     provider.shutdown().unwrap();
 }
 
+/// The call of the restart-numbering test: batch 0 (five children), its final (the sixth
+/// child and the root) and, once the call is finished, one late span.
+const LATE_CALL: &str = "late-call";
+
+/// In the child: the call ends, then (when the parent says the call was finished) a late span.
+fn child_late(dir: &str, url: &str) {
+    use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
+    let (provider, stats) = start(url, |b| {
+        b.spool_dir(dir)
+            .max_request_bytes(16 * 1024)
+            .batch_timeout(Duration::from_secs(3600))
+            .retry_max_elapsed(Duration::from_secs(3600))
+    });
+    let tracer = provider.tracer("faults");
+    let cx = support::open_root(&tracer, LATE_CALL);
+    for _ in 0..6 {
+        tracer
+            .build_with_context(
+                tracer.span_builder("llm_request").with_attributes(vec![
+                    opentelemetry::KeyValue::new("payload", "p".repeat(2_800)),
+                ]),
+                &cx,
+            )
+            .end();
+    }
+    cx.span().end();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    tracer.start_with_context("tts_request", &cx).end();
+    // A flush sends the late span's open batch now (and then waits on batch 0, refused).
+    let flushing = provider.clone();
+    std::thread::spawn(move || flushing.force_flush());
+    // The late batch is the one detail batch acknowledged: the worker wrote its ack to the
+    // spool in the same step. Whatever the worker does next comes after that, such as sending
+    // the summary of a call that ends now: the parent kills this process on seeing it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while stats.snapshot().detail_batches_sent < 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    support::open_root(&tracer, "probe").span().end();
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A late batch (2) is acknowledged while the call's batch 0 is refused and its final (1)
+/// held; the process is killed. After the restart batch 0 meets a 413 and is split: the half
+/// takes the final's number and the final the next free one, 3, not the late batch's 2 (the
+/// receiver would answer "already stored" and the final, its spans and the call's
+/// completeness would be lost).
+#[test]
+fn a_split_after_kill_9_numbers_past_a_late_batch_acknowledged_before_it() {
+    const NAME: &str = "a_split_after_kill_9_numbers_past_a_late_batch_acknowledged_before_it";
+    if let Ok(v) = std::env::var(CHILD_ENV) {
+        let (dir, url) = v.split_once('|').unwrap();
+        child_late(dir, url);
+        return;
+    }
+    let key = |n: u32| format!("{LATE_CALL}:detail:{n}");
+    let ingest = Ingest::start();
+    let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r2 = restarted.clone();
+    let batch_0 = key(0);
+    let proxy = FaultProxy::start(Some(&ingest.url), move |r: &Req| {
+        let after = r2.load(std::sync::atomic::Ordering::SeqCst);
+        match (r.key == batch_0, after) {
+            (true, false) => Fault::Status(503),
+            // The whole batch is too large; its halves are not.
+            (true, true) if r.wire_len > 10_000 => Fault::Status(413),
+            _ => Fault::Pass,
+        }
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture"])
+        .env(
+            CHILD_ENV,
+            format!("{}|{}", spool.path().display(), proxy.url()),
+        )
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The core went when the call was finished (its final is held behind batch 0).
+    let core = format!("{LATE_CALL}:core");
+    let finished = proxy.wait_for(WAIT, |seen, _| {
+        seen.iter().any(|s| s.req.key == core && s.ok()) && seen.iter().any(|s| s.req.key == key(0))
+    });
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"late\n").unwrap();
+    }
+    let late_stored = proxy.wait_for(WAIT, |seen, _| {
+        seen.iter().any(|s| s.req.key == key(2) && s.ok())
+            && seen.iter().any(|s| s.req.key == "probe:core")
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(finished && late_stored, "{:?}", proxy.seen());
+    assert!(
+        !proxy.seen().iter().any(|s| s.req.key == key(1)),
+        "the final went before batch 0"
+    );
+    restarted.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (provider, stats) = start(&proxy.url(), |b| b.spool_dir(spool.path()));
+    let complete = proxy.wait_for(WAIT, |_, _| {
+        ingest
+            .call(LATE_CALL)
+            .is_some_and(|c| c["complete"] == true)
+    });
+    let call = ingest.call(LATE_CALL);
+    assert!(
+        complete,
+        "{call:?} {:?} {:?}",
+        stats.snapshot(),
+        proxy.seen()
+    );
+    let call = call.unwrap();
+    assert_eq!(call["total_batches"], 4, "{call}");
+    // Root, six children and the late span, each once.
+    assert_eq!(ingest.spans(LATE_CALL), 8);
+    assert_eq!(ingest.duplicates(), 0);
+    assert!(stats.snapshot().batches_split >= 1);
+    provider.shutdown().unwrap();
+}
+
 fn tear_newest_segment(dir: &Path) {
     use std::io::Write;
     let mut segs: Vec<_> = std::fs::read_dir(dir)
