@@ -63,7 +63,8 @@ pub(crate) struct DetailBatch {
     pub agent_id: Option<String>,
     pub batch_seq: i64,
     pub is_final: bool,
-    /// Spans that arrived after the call ended (`batch_seq >= total_batches`).
+    /// Spans that arrived after the call ended: numbered at or past `total_batches`, except
+    /// where a 413 split moved the final past them.
     pub late: bool,
     pub total_batches: Option<i64>,
     pub transcript_with_metrics: Option<Value>,
@@ -162,7 +163,7 @@ fn parse_detail(mut map: Map<String, Value>) -> Result<DetailBatch, BadRequest> 
     if is_final && total_batches.is_none() {
         return Err(BadRequest::field(
             "total_batches",
-            "the final batch must carry total_batches (the number of non-late batches)",
+            "the final batch must carry total_batches (its batch_seq + 1: every batch numbered below it belongs to the call)",
         ));
     }
     let transcript_with_metrics = match m.remove("transcript_with_metrics") {

@@ -303,8 +303,8 @@ impl Store {
              ON CONFLICT DO NOTHING";
         const ENSURE_CALL: &str = "INSERT INTO call_logs (call_id, agent_id, first_seen_us) \
              VALUES ($1, $2, $3) ON CONFLICT (call_id) DO NOTHING";
-        // A batch counts toward completeness unless it is late (sent after the final batch,
-        // batch_seq >= total_batches).
+        // Until the final's total_batches is known, a batch counts toward completeness unless it
+        // is marked late; COMPLETE then recounts from the batch numbers below the total.
         const PROGRESS: &str = "UPDATE call_logs SET \
              batches_received = batches_received + 1, \
              data_batches_received = data_batches_received + CASE \
