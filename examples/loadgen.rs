@@ -98,6 +98,11 @@ struct Args {
     /// 7/8 of its bound.
     #[arg(long, conflicts_with = "cs_no_gzip")]
     cs_auto_gzip: bool,
+    /// Give callscope a disk spool (CALLSCOPE_SPOOL_DIR) in a fresh temporary directory: every
+    /// payload is written and fsynced before it is sent, and bodies past the memory bound wait
+    /// on disk instead of being dropped.
+    #[arg(long)]
+    cs_spool: bool,
     /// Have the SDK's OTLP exporter gzip its protobuf (opentelemetry-otlp's `gzip-http`, at
     /// flate2's default level), for a comparison where both pipelines compress.
     #[arg(long)]
@@ -337,6 +342,8 @@ struct Pipeline {
     exported: Arc<AtomicU64>,
     roots_acked: Arc<Mutex<HashMap<String, Instant>>>,
     _rt: Option<tokio::runtime::Runtime>,
+    /// callscope's spool directory, removed with the pipeline.
+    _spool: Option<tempfile::TempDir>,
 }
 
 /// Pipeline settings a run may override (callscope's, and the SDK exporter's compression).
@@ -347,6 +354,7 @@ struct Tuning {
     max_request_kib: Option<usize>,
     no_gzip: bool,
     auto_gzip: bool,
+    spool: bool,
     sdk_gzip: bool,
 }
 
@@ -358,6 +366,7 @@ impl Tuning {
             max_request_kib: a.cs_max_request_kib,
             no_gzip: a.cs_no_gzip,
             auto_gzip: a.cs_auto_gzip,
+            spool: a.cs_spool,
             sdk_gzip: a.sdk_gzip,
         }
     }
@@ -389,6 +398,10 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
             if t.auto_gzip {
                 b = b.compression(callscope::Compression::Auto);
             }
+            let spool = t.spool.then(|| tempfile::tempdir().unwrap());
+            if let Some(dir) = &spool {
+                b = b.spool_dir(dir.path());
+            }
             let p = b.build().unwrap();
             let stats = Some(p.stats_handle());
             Pipeline {
@@ -399,6 +412,7 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
                 exported,
                 roots_acked,
                 _rt: None,
+                _spool: spool,
             }
         }
         Pipe::Sdk => {
@@ -435,6 +449,7 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
                 exported,
                 roots_acked,
                 _rt: Some(rt),
+                _spool: None,
             }
         }
     }
@@ -792,6 +807,9 @@ fn spawn_child(spec: &str, a: &Args) -> Json {
     if a.cs_auto_gzip {
         cmd.arg("--cs-auto-gzip");
     }
+    if a.cs_spool {
+        cmd.arg("--cs-spool");
+    }
     if a.sdk_gzip {
         cmd.arg("--sdk-gzip");
     }
@@ -848,12 +866,13 @@ fn ratio(a: &Json, b: &Json) -> String {
 fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
     let gz = |on: bool| if on { "gzip" } else { "uncompressed" };
     println!(
-        "\n== {scenario} ==  (callscope bodies {}, sdk otlp protobuf {})",
+        "\n== {scenario} ==  (callscope bodies {}{}, sdk otlp protobuf {})",
         if a.cs_auto_gzip {
             "gzip, uncompressed while deflate costs more than it saves (auto)"
         } else {
             gz(!a.cs_no_gzip)
         },
+        if a.cs_spool { ", spooled to disk" } else { "" },
         gz(a.sdk_gzip)
     );
     match scenario {
