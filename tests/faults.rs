@@ -227,6 +227,17 @@ fn child_emit(dir: &str, url: &str) {
     }
 }
 
+/// Re-executes this test binary as `test_name` in the child role (the spool directory and the
+/// receiver's URL in `CHILD_ENV`), its stdin a pipe the parent may write to.
+fn spawn_child(test_name: &str, spool: &Path, url: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test_name, "--nocapture"])
+        .env(CHILD_ENV, format!("{}|{url}", spool.display()))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn kill_9_then_restart_with_the_same_spool_delivers_everything() {
     kill_9_then_restart(
@@ -265,14 +276,7 @@ fn kill_9_then_restart(test_name: &str, refuse_cores: bool) {
         }
     });
     let spool = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test_name, "--nocapture"])
-        .env(
-            CHILD_ENV,
-            format!("{}|{}", spool.path().display(), proxy.url()),
-        )
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child(test_name, spool.path(), &proxy.url());
     // Every call's summary, or its only batch (the final, sent after the summary), was tried
     // once: it is on disk, synced.
     let tried = proxy.wait_for(WAIT, |seen, _| {
@@ -386,15 +390,7 @@ fn a_split_after_kill_9_numbers_past_a_late_batch_acknowledged_before_it() {
         }
     });
     let spool = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture"])
-        .env(
-            CHILD_ENV,
-            format!("{}|{}", spool.path().display(), proxy.url()),
-        )
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child(NAME, spool.path(), &proxy.url());
     // The core went when the call was finished (its final is held behind batch 0).
     let core = format!("{LATE_CALL}:core");
     let finished = proxy.wait_for(WAIT, |seen, _| {
