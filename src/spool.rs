@@ -177,6 +177,18 @@ fn take_id(b: &[u8]) -> Option<(&str, &[u8])> {
     Some((id, b.get(2 + n..)?))
 }
 
+/// The payloads, encoded and framed one after another.
+fn frame_all<'a>(payloads: impl IntoIterator<Item = &'a Payload>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut p = Vec::new();
+    for payload in payloads {
+        p.clear();
+        payload.encode(&mut p);
+        frame(&p, &mut out);
+    }
+    out
+}
+
 /// Appends one framed payload to `out`.
 pub(crate) fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -315,7 +327,7 @@ struct Numbers {
     calls: HashMap<Arc<str>, CallSeq>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct CallSeq {
     /// The number after the highest batch number the call wrote.
     next: u32,
@@ -356,15 +368,7 @@ impl Numbers {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(call);
-                self.calls.insert(
-                    k.clone(),
-                    CallSeq {
-                        next: 0,
-                        live: 0,
-                        at_top: 0,
-                        idle: false,
-                    },
-                );
+                self.calls.insert(k.clone(), CallSeq::default());
                 k
             }
         };
@@ -372,22 +376,27 @@ impl Numbers {
         (key, c)
     }
 
-    /// Record `id` is no longer pending. Returns the mark to write now when it was the last
-    /// to carry its call's `next`.
-    fn remove(&mut self, id: RecId) -> Option<Payload> {
-        let (call, seq) = self.live.remove(&id)?;
-        let c = self.calls.get_mut(&call)?;
-        c.live = c.live.saturating_sub(1);
-        if seq.saturating_add(1) == c.next {
-            c.at_top = c.at_top.saturating_sub(1);
-            if c.at_top == 0 {
-                return Some(Payload::Mark {
-                    call_id: call.to_string(),
-                    next: c.next,
-                });
+    /// Record `id` is no longer pending. Returns its call and number (`None` for a record not
+    /// counted here: a summary's), and the mark to write now when it was the last to carry
+    /// its call's `next`.
+    fn remove(&mut self, id: RecId) -> (Option<(Arc<str>, u32)>, Option<Payload>) {
+        let Some((call, seq)) = self.live.remove(&id) else {
+            return (None, None);
+        };
+        let mut mark = None;
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.live = c.live.saturating_sub(1);
+            if seq.saturating_add(1) == c.next {
+                c.at_top = c.at_top.saturating_sub(1);
+                if c.at_top == 0 {
+                    mark = Some(Payload::Mark {
+                        call_id: call.to_string(),
+                        next: c.next,
+                    });
+                }
             }
         }
-        None
+        (Some((call, seq)), mark)
     }
 
     /// At a new segment: the marks it opens with (each call whose `next` no pending record
@@ -711,20 +720,15 @@ impl Spool {
     /// disk: its records' places do not exist (the caller keeps those payloads in memory),
     /// and what its acks acknowledged is pending again until a restart replays it.
     pub(crate) fn end_group(&mut self) -> Result<(), GroupFailed> {
-        match &mut self.group {
-            Some(g) if g.depth > 1 => {
+        let g = match self.group.take() {
+            Some(mut g) if g.depth > 1 => {
                 g.depth -= 1;
+                self.group = Some(g);
                 return Ok(());
             }
-            Some(_) => {}
-            None => return Ok(()),
-        }
-        let Some(g) = self.group.take() else {
-            return Ok(());
+            Some(g) if !g.frames.is_empty() => g,
+            _ => return Ok(()),
         };
-        if g.frames.is_empty() {
-            return Ok(());
-        }
         let wrote = if self.tail_broken {
             Err(io::Error::other(
                 "the spool segment after a failed write could not be replaced",
@@ -749,7 +753,7 @@ impl Spool {
                 Undo::Append(id, bytes) => {
                     self.count(id.seg, bytes, false);
                     // Its number stays taken (the payload may go from memory).
-                    self.marks_owed |= self.numbers.remove(id).is_some();
+                    self.marks_owed |= self.numbers.remove(id).1.is_some();
                     places.push(id);
                 }
                 Undo::Ack(id, bytes, number) => {
@@ -853,8 +857,7 @@ impl Spool {
     /// `bytes` is what [`append`](Self::append) or recovery reported for it.
     pub(crate) fn ack(&mut self, id: RecId, bytes: u64) -> io::Result<()> {
         let empty = self.count(id.seg, bytes, false);
-        let number = self.numbers.live.get(&id).cloned();
-        let mark = self.numbers.remove(id);
+        let (number, mark) = self.numbers.remove(id);
         if let Some(g) = &mut self.group {
             g.undo.push(Undo::Ack(id, bytes, number));
         }
@@ -862,13 +865,7 @@ impl Spool {
         // a sync, once this ack and whatever replaced the record are durable, and a crash
         // before then must not bring the record back. The record carried its call's highest
         // number: the mark carries it from now on.
-        let mut framed = Vec::with_capacity(64);
-        let mut p = Vec::with_capacity(64);
-        for payload in mark.iter().chain([&Payload::Ack(id)]) {
-            p.clear();
-            payload.encode(&mut p);
-            frame(&p, &mut framed);
-        }
+        let framed = frame_all(mark.iter().chain([&Payload::Ack(id)]));
         if let Err(e) = self.put(&framed) {
             self.marks_owed |= mark.is_some();
             return Err(e);
@@ -955,6 +952,33 @@ impl Drop for Spool {
 }
 
 #[cfg(test)]
+impl Meta {
+    /// A detail batch of one span of `call`, numbered `seq` (tests).
+    pub(crate) fn detail(call: &str, seq: u32) -> Meta {
+        Meta {
+            core: false,
+            is_final: false,
+            late: false,
+            seq,
+            spans: 1,
+            call_id: call.into(),
+        }
+    }
+}
+
+/// A copy of the spool directory `dir`, as a restart after a crash at this point would find
+/// it (tests).
+#[cfg(test)]
+pub(crate) fn copy_of(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().expect("temp dir");
+    for e in fs::read_dir(dir).expect("spool dir") {
+        let e = e.expect("dir entry");
+        fs::copy(e.path(), copy.path().join(e.file_name())).expect("copy a segment");
+    }
+    copy
+}
+
+#[cfg(test)]
 thread_local! {
     /// Set: every write of the spool on this thread fails half way (tests of the worker too).
     pub(crate) static FAIL_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -977,13 +1001,7 @@ fn fsync(f: &File, all: bool) -> io::Result<()> {
 fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(File, u64, bool)> {
     let path = seg_path(dir, id);
     let mut f = File::options().create(true).append(true).open(&path)?;
-    let mut p = Vec::new();
-    let marks = marks.iter().fold(Vec::new(), |mut out, m| {
-        p.clear();
-        m.encode(&mut p);
-        frame(&p, &mut out);
-        out
-    });
+    let marks = frame_all(marks);
     let mut head = marks.len() as u64;
     let mut durable = true;
     if !marks.is_empty()
@@ -1058,13 +1076,7 @@ mod tests {
     }
 
     fn segment(payloads: &[Payload]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for p in payloads {
-            let mut b = Vec::new();
-            p.encode(&mut b);
-            frame(&b, &mut out);
-        }
-        out
+        frame_all(payloads)
     }
 
     fn decoded(buf: &[u8]) -> Vec<Payload> {
@@ -1119,31 +1131,20 @@ mod tests {
         assert_eq!(valid[0], a.len());
     }
 
-    fn detail(call: &str, seq: u32) -> Meta {
-        Meta {
-            core: false,
-            is_final: false,
-            late: false,
-            seq,
-            spans: 1,
-            call_id: call.into(),
-        }
-    }
-
     /// A call's next batch number counts every number it wrote: acknowledged records and
     /// marks too. Calls with nothing pending, and summaries, are not carried.
     #[test]
     fn next_batch_numbers_count_acknowledged_records_and_marks() {
         let d = |meta: Meta| Payload::Data { meta, json: vec![] };
         let a = segment(&[
-            d(detail("a", 2)),
-            d(detail("a", 5)),
-            d(detail("b", 1)),
-            d(detail("e", 0)),
-            d(detail("e", 6)),
+            d(Meta::detail("a", 2)),
+            d(Meta::detail("a", 5)),
+            d(Meta::detail("b", 1)),
+            d(Meta::detail("e", 0)),
+            d(Meta::detail("e", 6)),
             d(Meta {
                 core: true,
-                ..detail("f", 9)
+                ..Meta::detail("f", 9)
             }),
         ]);
         let off: Vec<u64> = read_frames(&a).0.iter().map(|(o, _)| *o).collect();
@@ -1169,12 +1170,12 @@ mod tests {
     /// acknowledged record) and its batch 4 started segment 1 and was acknowledged.
     fn batch_4_acked_in_segment_1(dir: &Path) -> Spool {
         let (mut s, _) = Spool::open(dir, 1 << 30).unwrap();
-        s.append(&detail("c", 0), b"{}").unwrap();
+        s.append(&Meta::detail("c", 0), b"{}").unwrap();
         let (rf, bf) = s
             .append(&meta(1), &vec![b'x'; SEGMENT_BYTES as usize])
             .unwrap();
         s.ack(rf, bf).unwrap();
-        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
+        let (r4, b4) = s.append(&Meta::detail("c", 4), b"{}").unwrap();
         assert_eq!(r4.seg, 1);
         s.ack(r4, b4).unwrap();
         s
@@ -1196,7 +1197,7 @@ mod tests {
         for _restart in 0..2 {
             let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
             let left: Vec<Meta> = o.records.iter().map(|r| r.meta.clone()).collect();
-            assert_eq!(left, [detail("c", 0)]);
+            assert_eq!(left, [Meta::detail("c", 0)]);
             assert_eq!(s.numbers.pending(), [("c".into(), 5)]);
         }
     }
@@ -1437,7 +1438,7 @@ mod tests {
         s.sync().unwrap();
         // Segment 1 is full: the next record starts segment 2, whose marks fail to sync.
         fail_fsync(true);
-        let (r, _) = s.append(&detail("d", 0), b"{}").unwrap();
+        let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
         fail_fsync(false);
         assert_eq!(r.seg, 2);
         s.ack(rf, bf).unwrap();
@@ -1459,12 +1460,12 @@ mod tests {
     fn a_group_reaches_the_disk_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
-        let (r1, b1) = s.append(&detail("c", 0), b"{\"whole\":1}").unwrap();
+        let (r1, b1) = s.append(&Meta::detail("c", 0), b"{\"whole\":1}").unwrap();
         s.sync().unwrap();
         let before = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
         s.begin_group();
-        let (a, _) = s.append(&detail("c", 0), b"{\"half\":1}").unwrap();
-        let (b, bb) = s.append(&detail("c", 1), b"{\"half\":2}").unwrap();
+        let (a, _) = s.append(&Meta::detail("c", 0), b"{\"half\":1}").unwrap();
+        let (b, bb) = s.append(&Meta::detail("c", 1), b"{\"half\":2}").unwrap();
         s.ack(r1, b1).unwrap();
         assert_eq!(s.read(b).unwrap(), b"{\"half\":2}");
         s.end_group().unwrap();
@@ -1496,10 +1497,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![b'x'; SEGMENT_BYTES as usize];
         let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
-        let (r1, b1) = s.append(&detail("c", 0), &big).unwrap();
-        s.append(&detail("d", 0), b"{}").unwrap();
+        let (r1, b1) = s.append(&Meta::detail("c", 0), &big).unwrap();
+        s.append(&Meta::detail("d", 0), b"{}").unwrap();
         s.begin_group();
-        s.append(&detail("c", 0), b"{}").unwrap();
+        s.append(&Meta::detail("c", 0), b"{}").unwrap();
         s.ack(r1, b1).unwrap();
         s.sync().unwrap();
         assert!(seg_path(dir.path(), 0).exists());
@@ -1515,15 +1516,15 @@ mod tests {
     fn a_failed_group_gives_its_places_to_no_other_record() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
-        let (r1, b1) = s.append(&detail("c", 0), b"{}").unwrap();
+        let (r1, b1) = s.append(&Meta::detail("c", 0), b"{}").unwrap();
         s.begin_group();
-        let (a, _) = s.append(&detail("c", 1), b"{}").unwrap();
+        let (a, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
         s.ack(r1, b1).unwrap();
         super::FAIL_WRITE.with(|f| f.set(true));
         let failed = s.end_group().unwrap_err();
         super::FAIL_WRITE.with(|f| f.set(false));
         assert_eq!(failed.places, [a]);
-        let (r2, _) = s.append(&detail("d", 0), b"{}").unwrap();
+        let (r2, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
         assert_eq!(r2.seg, 1);
         // The record the group was to replace is pending again (its ack was in the group).
         s.sync().unwrap();
@@ -1542,11 +1543,11 @@ mod tests {
     fn acknowledging_a_calls_highest_batch_leaves_a_mark() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
-        let (r4, b4) = s.append(&detail("c", 4), b"{}").unwrap();
+        let (r4, b4) = s.append(&Meta::detail("c", 4), b"{}").unwrap();
         let (rf, bf) = s
             .append(&meta(3), &vec![b'x'; SEGMENT_BYTES as usize])
             .unwrap();
-        let (r0, _) = s.append(&detail("c", 0), b"{}").unwrap();
+        let (r0, _) = s.append(&Meta::detail("c", 0), b"{}").unwrap();
         assert_eq!((r4.seg, r0.seg), (0, 1));
         s.ack(rf, bf).unwrap();
         s.ack(r4, b4).unwrap();
@@ -1562,11 +1563,11 @@ mod tests {
     fn batch_6_in_segment_1(dir: &Path) -> (Spool, RecId, u64) {
         let big = vec![b'x'; SEGMENT_BYTES as usize];
         let (mut s, _) = Spool::open(dir, 1 << 30).unwrap();
-        s.append(&detail("c", 5), b"{}").unwrap();
+        s.append(&Meta::detail("c", 5), b"{}").unwrap();
         s.append(&meta(3), &big).unwrap();
-        let (r6, b6) = s.append(&detail("c", 6), b"{}").unwrap();
+        let (r6, b6) = s.append(&Meta::detail("c", 6), b"{}").unwrap();
         let (rf, bf) = s.append(&meta(3), &big).unwrap();
-        let (r, _) = s.append(&detail("d", 0), b"{}").unwrap();
+        let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
         assert_eq!((r6.seg, r.seg), (1, 2));
         s.ack(rf, bf).unwrap();
         s.sync().unwrap();
@@ -1578,11 +1579,7 @@ mod tests {
     #[test]
     fn a_mark_lost_to_a_failed_write_keeps_every_segment_until_the_next_head() {
         let next_of_c = |dir: &Path| {
-            let copy = tempfile::tempdir().unwrap();
-            for e in fs::read_dir(dir).unwrap() {
-                let e = e.unwrap();
-                fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
-            }
+            let copy = super::copy_of(dir);
             Spool::open(copy.path(), 1 << 30).unwrap().0.next_seq("c")
         };
         // The ack of batch 6, and its mark, fail to be written.
@@ -1595,7 +1592,7 @@ mod tests {
         assert!(seg_path(dir.path(), 1).exists());
         assert_eq!(next_of_c(dir.path()), Some(7));
         // The next record starts a segment whose head carries the number: then it may go.
-        let (r, _) = s.append(&detail("d", 1), b"{}").unwrap();
+        let (r, _) = s.append(&Meta::detail("d", 1), b"{}").unwrap();
         assert_eq!(r.seg, 3);
         s.sync().unwrap();
         assert!(!seg_path(dir.path(), 1).exists());
@@ -1604,12 +1601,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, r6, b6) = batch_6_in_segment_1(dir.path());
         super::FAIL_WRITE.with(|f| f.set(true));
-        assert!(s.append(&detail("c", 9), b"{}").is_err());
+        assert!(s.append(&Meta::detail("c", 9), b"{}").is_err());
         super::FAIL_WRITE.with(|f| f.set(false));
         s.ack(r6, b6).unwrap();
         s.sync().unwrap();
         assert!(seg_path(dir.path(), 1).exists());
-        s.append(&detail("d", 1), b"{}").unwrap();
+        s.append(&Meta::detail("d", 1), b"{}").unwrap();
         s.sync().unwrap();
         assert!(!seg_path(dir.path(), 1).exists());
         assert_eq!(next_of_c(dir.path()), Some(10));
@@ -1632,11 +1629,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
         for i in 0..100 {
-            s.append(&detail(&format!("c{i}"), 3), b"{}").unwrap();
+            s.append(&Meta::detail(&format!("c{i}"), 3), b"{}").unwrap();
         }
         // `x`'s batch 1 is pending, its batch 2 acknowledged: its number rides on a mark.
-        s.append(&detail("x", 1), b"{}").unwrap();
-        let (r, b) = s.append(&detail("x", 2), b"{}").unwrap();
+        s.append(&Meta::detail("x", 1), b"{}").unwrap();
+        let (r, b) = s.append(&Meta::detail("x", 2), b"{}").unwrap();
         s.ack(r, b).unwrap();
         // A summary (no batch number) fills segment 0; the next record starts segment 1.
         assert!(meta(3).core);
@@ -1644,7 +1641,7 @@ mod tests {
             .append(&meta(3), &vec![b'x'; SEGMENT_BYTES as usize])
             .unwrap();
         s.ack(rf, bf).unwrap();
-        let (r, _) = s.append(&detail("y", 0), b"{}").unwrap();
+        let (r, _) = s.append(&Meta::detail("y", 0), b"{}").unwrap();
         assert_eq!(r.seg, 1);
         let head = fs::read(seg_path(dir.path(), 1)).unwrap();
         let marks: Vec<Payload> = decoded(&head[..s.cur_head as usize]);

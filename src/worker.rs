@@ -844,18 +844,18 @@ impl Worker {
         if self.buffers.contains_key(key) {
             return;
         }
-        let ended = self.ended_next(key);
+        // The id ended, as this very call.
         let same_call = self.ended.get(key).and_then(|e| e.call) == Some(incarnation);
-        let late = (msg_late || (ended.is_some() && same_call)) && !self.pending.contains_key(key);
-        let ended = self.known_next(key);
+        let late = (msg_late || same_call) && !self.pending.contains_key(key);
+        let known = self.known_next(key);
         let next_seq = if late {
-            ended.unwrap_or_else(|| {
+            known.unwrap_or_else(|| {
                 self.late_seq = self.late_seq.saturating_add(1);
                 self.late_seq
             })
         } else {
             // A pending end of an id that ended before numbers on from there, as `finish` does.
-            ended.unwrap_or(0)
+            known.unwrap_or(0)
         };
         let b = self.new_buf(key, provisional, late, next_seq);
         self.buffers.insert(key.clone(), b);
@@ -1341,9 +1341,9 @@ impl Worker {
                 self.upload_times.get(),
             );
         if !behind {
-            if let Some((since, behind)) = self.plain_since.take() {
+            if let Some((since, found)) = self.plain_since.take() {
                 tracing::debug!(
-                    bodies = behind - behind / u64::from(PROBE_EVERY),
+                    bodies = found - found / u64::from(PROBE_EVERY),
                     seconds = since.elapsed().as_secs_f64(),
                     "detail bodies are compressed again (CALLSCOPE_COMPRESSION=auto)"
                 );
@@ -1351,9 +1351,9 @@ impl Worker {
             return false;
         }
         let n = match &mut self.plain_since {
-            Some((_, behind)) => {
-                *behind += 1;
-                *behind
+            Some((_, found)) => {
+                *found += 1;
+                *found
             }
             None => {
                 self.plain_since = Some((Instant::now(), 1));
@@ -2278,14 +2278,7 @@ mod tests {
         Job {
             id: u64::from(seq),
             call: Arc::from("c"),
-            meta: Meta {
-                core: false,
-                is_final: false,
-                late: false,
-                seq,
-                spans: 1,
-                call_id: "c".into(),
-            },
+            meta: Meta::detail("c", seq),
             json: Some(Bytes::from(json)),
             rec: None,
         }
@@ -2476,6 +2469,18 @@ mod tests {
         (jobs, seqs)
     }
 
+    /// What a restart on the spool in `dir` replays: `(batch_seq, final, spans)` in order.
+    fn spooled(dir: &std::path::Path) -> Vec<(u32, bool, u32)> {
+        let (_s, o) = crate::spool::Spool::open(dir, 1 << 30).unwrap();
+        let mut v: Vec<(u32, bool, u32)> = o
+            .records
+            .iter()
+            .map(|r| (r.meta.seq, r.meta.is_final, r.meta.spans))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// `c`'s batch 0 (spans 2 and 3) queued and its final (1, span 4) held.
     fn batch_and_final(w: &mut Worker, c: &Arc<str>) {
         feed(w, c, false, false, 2);
@@ -2567,14 +2572,7 @@ mod tests {
         let c: Arc<str> = "restarted-call".into();
         let open = |w: &Worker| crate::spool::Spool::open(dir.path(), w.cfg.spool_max_bytes);
         let filler = |w: &mut Worker, call: &str| {
-            let meta = Meta {
-                core: false,
-                is_final: false,
-                late: false,
-                seq: 0,
-                spans: 1,
-                call_id: call.into(),
-            };
+            let meta = Meta::detail(call, 0);
             let spool = w.spool.as_mut().unwrap();
             let (rec, bytes) = spool.append(&meta, &vec![b' '; 4 << 20]).unwrap();
             spool.ack(rec, bytes).unwrap();
@@ -2639,14 +2637,7 @@ mod tests {
         let state = |cut: usize| {
             let d = tempfile::tempdir().unwrap();
             std::fs::write(d.path().join(&name), &bytes[..cut]).unwrap();
-            let (_s, o) = crate::spool::Spool::open(d.path(), 1 << 30).unwrap();
-            let mut v: Vec<(u32, bool, u32)> = o
-                .records
-                .iter()
-                .map(|r| (r.meta.seq, r.meta.is_final, r.meta.spans))
-                .collect();
-            v.sort_unstable();
-            v
+            spooled(d.path())
         };
         let (old, new) = (state(before), state(after));
         assert_eq!(old, [(0, false, 2), (1, true, 1)]);
@@ -2677,11 +2668,7 @@ mod tests {
         let spool = w.spool.as_mut().unwrap();
         let summary = Meta {
             core: true,
-            is_final: false,
-            late: false,
-            seq: 0,
-            spans: 0,
-            call_id: "other-call".into(),
+            ..Meta::detail("other-call", 0)
         };
         let (rec, bytes) = spool.append(&summary, &vec![b' '; 4 << 20]).unwrap();
         spool.ack(rec, bytes).unwrap();
@@ -2697,19 +2684,8 @@ mod tests {
         w.spool.as_mut().unwrap().sync().unwrap();
         let seg0 = dir.path().join(format!("{:020}.seg", 0));
         assert!(seg0.exists(), "deleted on the word of acks never written");
-        let copy = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(dir.path()).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
-        }
-        let (_s, opened) = crate::spool::Spool::open(copy.path(), 1 << 30).unwrap();
-        let mut left: Vec<(u32, bool, u32)> = opened
-            .records
-            .iter()
-            .map(|r| (r.meta.seq, r.meta.is_final, r.meta.spans))
-            .collect();
-        left.sort_unstable();
-        assert_eq!(left, [(0, false, 2), (1, true, 1)]);
+        let copy = crate::spool::copy_of(dir.path());
+        assert_eq!(spooled(copy.path()), [(0, false, 2), (1, true, 1)]);
     }
 
     /// An idle end is taken by the worker's tick, which may run before the worker reads a join
