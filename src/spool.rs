@@ -61,6 +61,8 @@ const TAG_GROUP: u8 = 5;
 const GROUP_HEAD: u64 = HEADER as u64 + 1;
 const FLAG_FINAL: u8 = 1;
 const FLAG_LATE: u8 = 2;
+/// The body is gzip, ready to send (else JSON).
+const FLAG_GZIP: u8 = 4;
 
 /// Where a data record lives: its segment and its byte offset there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,12 +84,14 @@ pub(crate) struct Meta {
     /// Spans in the batch.
     pub spans: u32,
     pub call_id: String,
+    /// The body is gzip-compressed, as it goes on the wire (else it is JSON).
+    pub gzip: bool,
 }
 
 /// A record's payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Payload {
-    /// A body to deliver (uncompressed JSON).
+    /// A body to deliver (JSON, or gzip when `meta.gzip`).
     Data { meta: Meta, json: Vec<u8> },
     /// The data record at this place was acknowledged.
     Ack(RecId),
@@ -102,7 +106,8 @@ impl Payload {
             Payload::Data { meta, json } => {
                 out.push(if meta.core { TAG_CORE } else { TAG_DETAIL });
                 let flags = if meta.is_final { FLAG_FINAL } else { 0 }
-                    | if meta.late { FLAG_LATE } else { 0 };
+                    | if meta.late { FLAG_LATE } else { 0 }
+                    | if meta.gzip { FLAG_GZIP } else { 0 };
                 out.push(flags);
                 out.extend_from_slice(&meta.seq.to_le_bytes());
                 out.extend_from_slice(&meta.spans.to_le_bytes());
@@ -153,6 +158,7 @@ impl Payload {
                         seq,
                         spans,
                         call_id: id.to_owned(),
+                        gzip: flags & FLAG_GZIP != 0,
                     },
                     json,
                 })
@@ -962,6 +968,7 @@ impl Meta {
             seq,
             spans: 1,
             call_id: call.into(),
+            gzip: false,
         }
     }
 }
@@ -1065,6 +1072,7 @@ mod tests {
             seq: i,
             spans: i * 2,
             call_id: format!("call-{i}"),
+            gzip: i.is_multiple_of(4),
         }
     }
 

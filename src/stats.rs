@@ -148,6 +148,11 @@ counters! {
     spans_dropped_spool_full,
     /// Payloads written to the disk spool.
     spool_records_written,
+    /// Detail bodies among them written gzip-compressed, as they go on the wire (the others
+    /// went as JSON and are compressed when sent: summaries, and detail bodies made while
+    /// every deflate slot was busy, or while `CALLSCOPE_COMPRESSION=auto` found compression
+    /// behind).
+    spool_records_compressed,
     /// Payloads read back from the spool at start (left by an earlier run or a crash).
     spool_records_replayed,
     /// Spool segments whose tail was torn or corrupt (cut off; the records before it replayed).

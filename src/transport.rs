@@ -314,6 +314,15 @@ impl Transport {
     }
 }
 
+/// What [`gzip`] compressed (a spooled body a 413 split must cut). Errors on anything that is
+/// not one whole gzip member.
+pub(crate) fn gunzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4));
+    flate2::read::GzDecoder::new(body).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// `json` gzip-compressed at `level` (0-9).
 ///
 /// The deflate state is kept per thread and reset between bodies: a new one is ~300 KB zeroed on

@@ -6,7 +6,9 @@
 //! builds the core at call end, and delivers:
 //!
 //! - every payload becomes a [`Job`]; with a spool it is written there first (fsync batched:
-//!   one sync before each round of dispatch) and deleted when acknowledged;
+//!   one sync before each round of dispatch) and deleted when acknowledged. A detail body is
+//!   gzip-compressed on a deflate thread before it is written, while one is free ([`Worker::seal`]):
+//!   the disk then takes, and the spool's cap counts, the bytes that go on the wire;
 //! - summaries are dispatched at once on their own lane; detail jobs wait in a FIFO and run at
 //!   most `CALLSCOPE_MAX_CONCURRENT_DETAIL` at a time;
 //! - a call's `final` batch is held until its core was acknowledged and none of its other
@@ -33,7 +35,7 @@ use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
 use crate::spool::{Meta, RecId, Spool};
 use crate::stats::Counters;
-use crate::transport::{Delivery, Lane, Transport};
+use crate::transport::{Body, Delivery, Lane, Transport};
 
 /// Sequence numbers for late batches of calls the worker no longer remembers start here, far
 /// above any real batch count, so they never collide with a stored batch.
@@ -281,6 +283,9 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     // the worker's, at most one per concurrent upload.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let deflaters = (cores - 1).clamp(1, worker.cfg.max_concurrent_detail.max(1));
+    // Bodies waiting for a deflate thread cannot be let go to the spool: an eighth of the
+    // memory bound may wait so, enough to keep the threads busy through a burst.
+    worker.seal_bytes_max = worker.cfg.max_buffer_bytes / 8;
     let thread = std::thread::Builder::new()
         .name("callscope-worker".into())
         .spawn(move || {
@@ -337,17 +342,32 @@ struct Job {
     id: u64,
     call: Arc<str>,
     meta: Meta,
-    /// The body (uncompressed JSON); `None` when let go from memory (it is in the spool).
-    /// Shared, not copied, with the compression of an upload in progress.
-    json: Option<Bytes>,
+    /// The body: JSON, or gzip when `meta.gzip` (compressed before it was spooled); `None`
+    /// when let go from memory (it is in the spool). Shared, not copied, with the compression
+    /// of an upload in progress.
+    body: Option<Bytes>,
     /// Spool record and its size on disk.
     rec: Option<(RecId, u64)>,
+    /// For a body compressed before it was spooled: how long that took (its wait for a
+    /// deflate thread included) and its JSON's length, for [`UploadTimes`] once it is
+    /// acknowledged.
+    deflated: Option<(Duration, usize)>,
 }
 
 impl Job {
     fn mem(&self) -> usize {
-        self.json.as_ref().map_or(0, Bytes::len)
+        self.body.as_ref().map_or(0, Bytes::len)
     }
+}
+
+/// A detail job whose body is compressed on a deflate thread before it is spooled (see
+/// [`Worker::seal`]).
+#[derive(Debug)]
+struct Sealing {
+    /// Its body is still the JSON, shared with the task.
+    job: Job,
+    /// The gzip body and how long it took from the spawn.
+    task: tokio::task::JoinHandle<(Body, Duration)>,
 }
 
 /// A final batch waiting for its core and its call's other batches.
@@ -421,6 +441,14 @@ struct Worker {
     cores: VecDeque<Job>,
     /// Detail batches waiting for an upload slot, oldest first.
     queue: VecDeque<Job>,
+    /// Detail batches being compressed before they are spooled, oldest first (taken in this
+    /// order). Counted in `mem_bytes` and, unless final, in `open`.
+    sealing: VecDeque<Sealing>,
+    /// Bytes of the JSON bodies in `sealing`.
+    sealing_bytes: usize,
+    /// A body is sealed only while `sealing_bytes` is below this (0: none is, bodies are
+    /// spooled as JSON).
+    seal_bytes_max: usize,
     /// Final batches waiting for their core and their call's other batches.
     held: HashMap<Arc<str>, Held>,
     /// Non-final detail jobs alive per call (queued or running).
@@ -494,6 +522,10 @@ impl Worker {
             running_detail: 0,
             cores: VecDeque::new(),
             queue: VecDeque::new(),
+            sealing: VecDeque::new(),
+            // Set by `spawn`: sealing needs the worker's runtime.
+            sealing_bytes: 0,
+            seal_bytes_max: 0,
             held: HashMap::new(),
             open: HashMap::new(),
             core_outcome: HashMap::new(),
@@ -577,6 +609,11 @@ impl Worker {
                     match done {
                         Ok((id, result)) => self.on_done(id, result),
                         Err(e) => self.on_done(e.id(), Delivery::Failed),
+                    }
+                }
+                Some(done) = next_sealed(&mut self.sealing), if !self.sealing.is_empty() => {
+                    if let Some(s) = self.sealing.pop_front() {
+                        self.on_sealed(s.job, done.ok());
                     }
                 }
                 () = self.wake.notify.notified(), if asleep || nap.is_some() => {
@@ -919,9 +956,20 @@ impl Worker {
             seq,
             spans: list.len() as u32,
             call_id: key.to_string(),
+            gzip: false,
         };
         drop(list);
         let id = self.new_id();
+        if self.may_seal() {
+            return self.seal(Job {
+                id,
+                call: key.clone(),
+                meta,
+                body: Some(Bytes::from(json)),
+                rec: None,
+                deflated: None,
+            });
+        }
         let is_final = meta.is_final;
         let Some(job) = self.make_job(id, key.clone(), meta, json) else {
             if is_final {
@@ -929,6 +977,11 @@ impl Worker {
             }
             return;
         };
+        self.place(job);
+    }
+
+    /// Holds a final batch, queues any other.
+    fn place(&mut self, job: Job) {
         if job.meta.is_final {
             self.hold(job);
         } else {
@@ -936,20 +989,101 @@ impl Worker {
         }
     }
 
+    /// Whether a new detail body is compressed before it is spooled: there is a spool, bodies
+    /// are compressed, the bodies waiting for a deflate thread are fewer bytes than
+    /// `seal_bytes_max`, and `CALLSCOPE_COMPRESSION=auto` does not find
+    /// compression behind. Otherwise it is spooled as JSON at once (and compressed, or not,
+    /// when it is sent).
+    fn may_seal(&self) -> bool {
+        self.spool.is_some()
+            && self.sealing_bytes < self.seal_bytes_max
+            && self.transport.compresses()
+            && !(self.transport.adaptive()
+                && plain_when_behind(
+                    self.buffered_bytes + self.mem_bytes,
+                    self.cfg.max_buffer_bytes,
+                    self.upload_times.get(),
+                ))
+    }
+
+    /// Compresses a new detail job's body on a deflate thread; [`Worker::on_sealed`] spools
+    /// the gzip body and queues the job. The spool then holds ~4× less than the JSON, and
+    /// the body is not compressed again when sent. Until then the job is counted in memory
+    /// (its JSON cannot be let go to the spool yet: `seal_bytes_max` bounds these) and, unless it
+    /// is its call's final, among the call's open batches (its final waits for it).
+    fn seal(&mut self, job: Job) {
+        let json = job.body.clone().unwrap_or_default();
+        let t = self.transport.clone();
+        let queued = Instant::now();
+        let task = tokio::task::spawn_blocking(move || (t.encode(&json), queued.elapsed()));
+        self.mem_bytes += job.mem();
+        self.sealing_bytes += job.mem();
+        if !job.meta.is_final {
+            *self.open.entry(job.call.clone()).or_insert(0) += 1;
+        }
+        self.sealing.push_back(Sealing { job, task });
+    }
+
+    /// A body [`Worker::seal`] compressed (`None`: its task failed, only when the runtime
+    /// shuts down; then it is spooled as JSON): written to the spool, then held or queued.
+    fn on_sealed(&mut self, mut job: Job, sealed: Option<(Body, Duration)>) {
+        self.mem_bytes = self.mem_bytes.saturating_sub(job.mem());
+        self.sealing_bytes = self.sealing_bytes.saturating_sub(job.mem());
+        if let Some((body, took)) = sealed {
+            job.deflated = Some((took, job.mem()));
+            job.body = Some(body.bytes);
+            job.meta.gzip = body.gzip;
+        }
+        let kept = self.spool_job(&mut job).is_some();
+        if job.meta.gzip && job.rec.is_some() {
+            Counters::inc(&self.stats.spool_records_compressed);
+        }
+        match (kept, job.meta.is_final) {
+            (true, _) => {
+                // `enqueue` counts it open again.
+                if !job.meta.is_final {
+                    self.uncount_open(&job.call);
+                }
+                self.place(job);
+            }
+            (false, true) => {
+                self.core_outcome.remove(&job.call);
+            }
+            (false, false) => self.close_open(&job),
+        }
+    }
+
+    /// The call's final batch while it is being sealed, taken out of `sealing` (its body is
+    /// its JSON still; the task's result will find nothing to take).
+    fn unseal_final(&mut self, key: &Arc<str>) -> Option<Job> {
+        let at = self
+            .sealing
+            .iter()
+            .position(|s| s.job.meta.is_final && s.job.call == *key)?;
+        let s = self.sealing.remove(at)?;
+        s.task.abort();
+        self.sealing_bytes = self.sealing_bytes.saturating_sub(s.job.mem());
+        Some(s.job)
+    }
+
     fn new_id(&mut self) -> u64 {
         self.next_job += 1;
         self.next_job
     }
 
-    /// A job, written to the spool first when there is one. `None` if it had to be dropped
-    /// (spool full).
+    /// A job whose body is `json`, written to the spool first when there is one. `None` if it
+    /// had to be dropped (spool full).
     fn make_job(&mut self, id: u64, call: Arc<str>, meta: Meta, json: Vec<u8>) -> Option<Job> {
         let mut job = Job {
             id,
             call,
-            meta,
-            json: Some(Bytes::from(json)),
+            meta: Meta {
+                gzip: false,
+                ..meta
+            },
+            body: Some(Bytes::from(json)),
             rec: None,
+            deflated: None,
         };
         if self.spool.is_some() {
             self.spool_job(&mut job)?;
@@ -974,7 +1108,7 @@ impl Worker {
             }
         }
         let spool = self.spool.as_mut()?;
-        let json = job.json.as_deref().unwrap_or_default();
+        let json = job.body.as_deref().unwrap_or_default();
         match spool.append(&job.meta, json) {
             Ok(rec) => {
                 job.rec = Some(rec);
@@ -1066,7 +1200,7 @@ impl Worker {
     /// what the last fsync covered). `None` if the body could not be read back or the spool had
     /// no room (both counted).
     fn rewrite(&mut self, job: Job, f: impl FnOnce(&mut DetailDoc)) -> Option<Job> {
-        let Some(mut doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
+        let Some(mut doc) = self.json_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
             self.fail_detail(job, "its body could not be read back");
             return None;
         };
@@ -1085,8 +1219,25 @@ impl Worker {
         new
     }
 
+    /// The job's body as JSON (a gzip body is inflated).
+    fn json_of(&self, job: &Job) -> Option<Bytes> {
+        let body = self.body_of(job)?;
+        if !job.meta.gzip {
+            return Some(body);
+        }
+        match crate::transport::gunzip(&body) {
+            Ok(json) => Some(Bytes::from(json)),
+            Err(e) => {
+                Counters::inc(&self.stats.spool_errors);
+                tracing::error!(error = %e, "could not inflate a compressed spool body");
+                None
+            }
+        }
+    }
+
+    /// The job's body as it is kept: in memory, or read back from the spool.
     fn body_of(&self, job: &Job) -> Option<Bytes> {
-        if let Some(j) = &job.json {
+        if let Some(j) = &job.body {
             return Some(j.clone());
         }
         let (rec, _) = job.rec?;
@@ -1114,7 +1265,7 @@ impl Worker {
                     return;
                 }
                 if job.rec.is_some()
-                    && let Some(j) = job.json.take()
+                    && let Some(j) = job.body.take()
                 {
                     self.mem_bytes = self.mem_bytes.saturating_sub(j.len());
                     Counters::inc(&self.stats.spool_spills);
@@ -1125,7 +1276,7 @@ impl Worker {
                     return;
                 }
                 if h.job.rec.is_some()
-                    && let Some(j) = h.job.json.take()
+                    && let Some(j) = h.job.body.take()
                 {
                     self.mem_bytes = self.mem_bytes.saturating_sub(j.len());
                     Counters::inc(&self.stats.spool_spills);
@@ -1208,13 +1359,22 @@ impl Worker {
         if job.meta.core || job.meta.is_final {
             return;
         }
-        if let Some(n) = self.open.get_mut(&job.call) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.open.remove(&job.call);
-                self.try_release(&job.call.clone());
-            }
+        if self.uncount_open(&job.call) {
+            self.try_release(&job.call.clone());
         }
+    }
+
+    /// One open batch of `call` fewer; whether it was its last.
+    fn uncount_open(&mut self, call: &Arc<str>) -> bool {
+        let Some(n) = self.open.get_mut(call) else {
+            return false;
+        };
+        *n = n.saturating_sub(1);
+        let last = *n == 0;
+        if last {
+            self.open.remove(call);
+        }
+        last
     }
 
     fn fail_detail(&mut self, job: Job, why: &str) {
@@ -1245,11 +1405,11 @@ impl Worker {
             let Some(mut job) = self.queue.pop_front() else {
                 break;
             };
-            if job.json.is_none() {
+            if job.body.is_none() {
                 match self.body_of(&job) {
                     Some(j) => {
                         self.mem_bytes += j.len();
-                        job.json = Some(j);
+                        job.body = Some(j);
                     }
                     None => {
                         self.fail_detail(job, "its body could not be read back from the spool");
@@ -1269,9 +1429,28 @@ impl Worker {
             format!("{}:detail:{}", job.call, job.meta.seq)
         };
         let t = self.transport.clone();
-        let json = job.json.clone().unwrap_or_default();
+        let json = job.body.clone().unwrap_or_default();
         let detail = lane == Lane::Detail;
-        let (handle, wire) = if detail && self.transport.compresses() && !self.compressor_behind() {
+        let (handle, wire) = if job.meta.gzip {
+            // Compressed before it was spooled: it goes as it is, sharing the job's body.
+            let body = Body {
+                bytes: json,
+                gzip: true,
+            };
+            let times = self.upload_times.clone();
+            let deflated = job.deflated;
+            let handle = self.tasks.spawn(async move {
+                let wire = body.bytes.len();
+                let (r, http) = t.deliver_timed(lane, body, &idem).await;
+                if r == Delivery::Acked
+                    && let Some((deflate, raw)) = deflated
+                {
+                    times.record(deflate, http, raw, wire);
+                }
+                r
+            });
+            (handle, 0)
+        } else if detail && self.transport.compresses() && !self.compressor_behind() {
             // A detail body is compressed on the runtime's blocking thread while this thread
             // goes on building batches (deflate was two thirds of this thread's time). Until
             // the upload is done it counts as big as its JSON: the compressed size is not
@@ -1478,7 +1657,7 @@ impl Worker {
     }
 
     fn split_records(&mut self, job: Job) {
-        let Some(doc) = self.body_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
+        let Some(doc) = self.json_of(&job).and_then(|j| DetailDoc::parse(&j)) else {
             return self.fail_detail(job, "413 and its body could not be read back");
         };
         if doc.span_count() < 2 {
@@ -1524,7 +1703,11 @@ impl Worker {
         // find the final and a half under one number (the receiver would keep only one).
         let mut final_moved = None;
         let seq_b = if !job.meta.is_final
-            && let Some(Held { job: mut fin }) = self.held.remove(&key)
+            && let Some(mut fin) = self
+                .held
+                .remove(&key)
+                .map(|h| h.job)
+                .or_else(|| self.unseal_final(&key))
         {
             self.mem_bytes = self.mem_bytes.saturating_sub(fin.mem());
             let s = fin.meta.seq;
@@ -1689,6 +1872,7 @@ impl Worker {
                     seq: 0,
                     spans: 0,
                     call_id: call_id.to_string(),
+                    gzip: false,
                 };
                 let id = self.new_id();
                 if let Some(job) = self.make_job(id, call_id.clone(), meta, core.json) {
@@ -1890,8 +2074,9 @@ impl Worker {
                 id,
                 call: call.clone(),
                 meta: r.meta,
-                json: None,
+                body: None,
                 rec: Some((r.id, r.bytes)),
+                deflated: None,
             };
             if stale {
                 tracing::info!(%call, seq = job.meta.seq,
@@ -1917,8 +2102,8 @@ impl Worker {
         // Bodies are read back when their turn comes; only summaries are loaded now.
         let cores: Vec<Job> = self.cores.drain(..).collect();
         for mut job in cores {
-            job.json = self.body_of(&job);
-            if job.json.is_some() {
+            job.body = self.body_of(&job);
+            if job.body.is_some() {
                 self.cores.push_back(job);
             } else {
                 Counters::inc(&self.stats.summaries_failed);
@@ -1933,14 +2118,19 @@ impl Worker {
     /// The oldest job not yet settled.
     /// Jobs not yet settled (queued, held or running).
     fn outstanding(&self) -> usize {
-        self.queue.len() + self.cores.len() + self.held.len() + self.running.len()
+        self.queue.len()
+            + self.cores.len()
+            + self.held.len()
+            + self.running.len()
+            + self.sealing.len()
     }
 
     fn oldest_job(&self) -> Option<u64> {
         let q = self.queue.iter().chain(&self.cores).map(|j| j.id);
         let h = self.held.values().map(|h| h.job.id);
         let r = self.running.values().map(|r| r.job.id);
-        q.chain(h).chain(r).min()
+        let s = self.sealing.iter().map(|s| s.job.id);
+        q.chain(h).chain(r).chain(s).min()
     }
 
     fn check_waiters(&mut self) {
@@ -1986,6 +2176,12 @@ impl Worker {
     /// there for the next start (counted as left in the spool); without one, it is counted lost.
     fn abandon(&mut self) {
         self.tasks.abort_all();
+        // No new body waits for a deflate thread now; those compressing are spooled as JSON.
+        self.seal_bytes_max = 0;
+        while let Some(s) = self.sealing.pop_front() {
+            s.task.abort();
+            self.on_sealed(s.job, None);
+        }
         if self.spool.is_some() {
             // Batch what is still queued in memory so it reaches the disk too.
             while let Ok(d) = self.data_rx.try_recv() {
@@ -2076,6 +2272,14 @@ impl Worker {
         }
         self.exit = true;
     }
+}
+
+/// The oldest sealing body's result, once its task is done (taken in order: a final must not
+/// pass its call's other batches).
+async fn next_sealed(
+    sealing: &mut VecDeque<Sealing>,
+) -> Option<Result<(Body, Duration), tokio::task::JoinError>> {
+    Some((&mut sealing.front_mut()?.task).await)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -2279,8 +2483,9 @@ mod tests {
             id: u64::from(seq),
             call: Arc::from("c"),
             meta: Meta::detail("c", seq),
-            json: Some(Bytes::from(json)),
+            body: Some(Bytes::from(json)),
             rec: None,
+            deflated: None,
         }
     }
 
@@ -2537,13 +2742,9 @@ mod tests {
     #[test]
     fn a_superseded_final_is_not_replayed() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = |seq, is_final| crate::spool::Meta {
-            core: false,
+        let meta = |seq, is_final| Meta {
             is_final,
-            late: false,
-            seq,
-            spans: 1,
-            call_id: "c".into(),
+            ..Meta::detail("c", seq)
         };
         {
             let (mut s, _) = crate::spool::Spool::open(dir.path(), 1 << 20).unwrap();
@@ -2680,7 +2881,7 @@ mod tests {
         assert_eq!(w.stats.spool_errors.load(Ordering::Relaxed), 1);
         let (jobs, seqs) = queued_and_held(&w);
         assert_eq!(seqs, [(0, false), (1, false), (2, true)]);
-        assert!(jobs.iter().all(|j| j.rec.is_none() && j.json.is_some()));
+        assert!(jobs.iter().all(|j| j.rec.is_none() && j.body.is_some()));
         w.spool.as_mut().unwrap().sync().unwrap();
         let seg0 = dir.path().join(format!("{:020}.seg", 0));
         assert!(seg0.exists(), "deleted on the word of acks never written");
@@ -2966,5 +3167,186 @@ mod tests {
             w.buffered_bytes, open,
             "call a's open batch is under-counted"
         );
+    }
+
+    // ---- detail compressed before it is spooled -------------------------------------------
+
+    /// A worker sending to `url` (gzip) with a spool in `dir` that compresses bodies before
+    /// they are spooled while those compressing are fewer than `seal_bytes_max` bytes.
+    fn sealing_worker(
+        url: &str,
+        dir: &std::path::Path,
+        seal_bytes_max: usize,
+    ) -> (Worker, Arc<Counters>) {
+        let (mut w, stats) = worker_to(url, crate::config::Compression::Gzip);
+        w.spool = Some(crate::spool::Spool::open(dir, 1 << 30).unwrap().0);
+        w.seal_bytes_max = seal_bytes_max;
+        (w, stats)
+    }
+
+    /// Takes the oldest sealing body's result as the run loop does.
+    async fn seal_one(w: &mut Worker) {
+        let done = next_sealed(&mut w.sealing)
+            .await
+            .expect("a body is sealing");
+        let s = w.sealing.pop_front().unwrap();
+        w.on_sealed(s.job, done.ok());
+    }
+
+    /// With a spool, a detail body is gzip-compressed before it is written: the spool holds
+    /// the bytes that go on the wire, and they are sent as they are, not compressed again.
+    /// While it is compressed its JSON is counted in memory; once sent, nothing is.
+    #[tokio::test]
+    async fn a_spooled_detail_body_is_compressed_before_it_is_written_and_sent_as_written() {
+        let (url, seen) = recording_receiver(Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, stats) = sealing_worker(&url, dir.path(), 1 << 20);
+        let c: Arc<str> = "c".into();
+        feed(&mut w, &c, false, false, 2);
+        feed(&mut w, &c, false, false, 3);
+        w.flush_buffer(&c);
+        assert_eq!(w.sealing.len(), 1, "the batch is compressed first");
+        assert!(w.queue.is_empty());
+        let json_len = w.sealing[0].job.mem();
+        assert_eq!(w.mem_bytes, json_len);
+        seal_one(&mut w).await;
+        assert_eq!(stats.spool_records_compressed.load(Ordering::Relaxed), 1);
+        let job = w.queue.front().unwrap();
+        assert!(job.meta.gzip);
+        assert_eq!(w.mem_bytes, job.mem());
+        assert!(job.mem() < json_len);
+        let (rec, _) = job.rec.unwrap();
+        let on_disk = w.spool.as_ref().unwrap().read(rec).unwrap();
+        assert_eq!(on_disk[..2], [0x1f, 0x8b], "the spool holds the gzip body");
+        let spooled_json = String::from_utf8(crate::transport::gunzip(&on_disk).unwrap()).unwrap();
+        w.pump();
+        let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
+        assert_eq!(r, Delivery::Acked);
+        w.on_done(id, r);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].1, "gzip");
+        assert_eq!(seen[0].2, spooled_json, "sent as spooled, compressed once");
+        let body: serde_json::Value = serde_json::from_str(&seen[0].2).unwrap();
+        assert_eq!(
+            body["telemetry_data"]["session_traces"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            stats.bytes_uncompressed.load(Ordering::Relaxed),
+            json_len as u64
+        );
+        assert_eq!(w.mem_bytes, 0);
+        assert!(w.sealing.is_empty() && w.queue.is_empty() && w.running.is_empty());
+    }
+
+    /// A 413 split of a batch spooled compressed (its body let go from memory) cuts its JSON:
+    /// the halves and the renumbered final are whole JSON documents again.
+    #[tokio::test]
+    async fn a_split_of_a_compressed_spooled_batch_cuts_its_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let c: Arc<str> = "split-call".into();
+        batch_and_final(&mut w, &c);
+        seal_one(&mut w).await;
+        seal_one(&mut w).await;
+        assert!(w.held[&c].job.meta.gzip);
+        let mut whole = w.queue.pop_front().unwrap();
+        assert!(whole.meta.gzip);
+        w.mem_bytes -= whole.mem();
+        whole.body = None;
+        w.split(whole);
+        w.sync_spool();
+        assert_eq!(
+            spooled(dir.path()),
+            [(0, false, 1), (1, false, 1), (2, true, 1)]
+        );
+        let fin = &w.held[&c].job;
+        let body: serde_json::Value = serde_json::from_slice(&w.json_of(fin).unwrap()).unwrap();
+        assert_eq!(
+            (body["batch_seq"].as_u64(), body["total_batches"].as_u64()),
+            (Some(2), Some(3))
+        );
+        for (half, seq) in w.queue.iter().zip([0, 1]) {
+            let body: serde_json::Value =
+                serde_json::from_slice(&w.json_of(half).unwrap()).unwrap();
+            assert_eq!(body["batch_seq"], seq);
+            assert_eq!(
+                body["telemetry_data"]["session_traces"]
+                    .as_array()
+                    .unwrap()
+                    .len(),
+                1
+            );
+        }
+    }
+
+    /// A split while its call's final is still being compressed takes the final out: the
+    /// half takes its number and the final the next one, as for a held final.
+    #[tokio::test]
+    async fn a_split_renumbers_a_final_still_being_compressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let c: Arc<str> = "split-call".into();
+        batch_and_final(&mut w, &c);
+        seal_one(&mut w).await;
+        assert!(
+            w.sealing[0].job.meta.is_final,
+            "the final is still compressing"
+        );
+        let whole = w.queue.pop_front().unwrap();
+        w.split(whole);
+        assert!(w.sealing.is_empty());
+        assert_eq!(w.held[&c].job.meta.seq, 2);
+        w.sync_spool();
+        assert_eq!(
+            spooled(dir.path()),
+            [(0, false, 1), (1, false, 1), (2, true, 1)]
+        );
+    }
+
+    /// A batch being compressed is one of its call's open batches: the final, spooled at
+    /// once (the bodies compressing already take the bytes allowed), waits for it as for any pending batch.
+    #[tokio::test]
+    async fn a_final_waits_for_its_calls_batch_still_being_compressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1);
+        let c: Arc<str> = "c".into();
+        batch_and_final(&mut w, &c);
+        assert_eq!(w.sealing.len(), 1);
+        assert!(
+            !w.held[&c].job.meta.gzip,
+            "no room to wait for deflate: spooled as JSON"
+        );
+        w.try_release(&c);
+        assert!(w.held.contains_key(&c) && w.queue.is_empty());
+        seal_one(&mut w).await;
+        assert!(w.held.contains_key(&c), "the batch is queued, not settled");
+        let batch = w.queue.pop_front().unwrap();
+        w.mem_bytes -= batch.mem();
+        w.settle(&batch);
+        w.close_open(&batch);
+        assert!(!w.held.contains_key(&c), "released once its batch settled");
+        assert_eq!(w.queue.front().map(|j| j.meta.is_final), Some(true));
+    }
+
+    /// At the shutdown deadline, bodies still being compressed are spooled as JSON and
+    /// counted as left in the spool, not lost.
+    #[tokio::test]
+    async fn bodies_still_compressing_at_the_deadline_are_left_in_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let c: Arc<str> = "c".into();
+        feed(&mut w, &c, false, false, 2);
+        feed(&mut w, &c, false, false, 3);
+        w.flush_buffer(&c);
+        assert_eq!(w.sealing.len(), 1);
+        w.abandon();
+        assert_eq!(stats.spans_left_in_spool.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.spans_dropped_send_failed.load(Ordering::Relaxed), 0);
+        assert_eq!(spooled(dir.path()), [(0, false, 2)]);
     }
 }
