@@ -36,7 +36,10 @@
 //! to its valid prefix, and every record before it is replayed. The framing and recovery logic below
 //! (`frame`, `read_frames`, `Payload::decode`) is pure and tested without a disk.
 //!
-//! All spool I/O runs on the worker thread, never in `on_end`.
+//! All spool I/O runs on the worker thread, never in `on_end`, except the fsyncs that make
+//! records durable before they are sent: the worker hands those to a thread of its own
+//! ([`Spool::begin_sync`], [`SyncJob::run`], [`Spool::end_sync`]) and goes on writing; a
+//! record counts as synced once an fsync that began after it was written ended.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
@@ -458,7 +461,12 @@ pub(crate) struct Spool {
     live_bytes: u64,
     /// The batch numbers of the calls with detail here.
     numbers: Numbers,
-    dirty: bool,
+    /// Every record before this place (segment, offset) was covered by an fsync: a payload
+    /// is sent only once its record is ([`synced`](Self::synced)). A failed fsync counts too
+    /// (it is reported; its records are sent all the same, as they are kept in memory).
+    synced: (u64, u64),
+    /// Where the writes covered by the last fsync begun (maybe still running) end.
+    begun: (u64, u64),
     /// An fsync failed: a later one may report success for data that never reached the disk
     /// (Linux forgets a writeback error once reported), so no segment is deleted any more in
     /// this run (the next start replays what they held; the receiver drops duplicates).
@@ -472,6 +480,24 @@ pub(crate) struct Spool {
     /// no segment is deleted until a new segment's head carries it.
     marks_owed: bool,
     scratch: Vec<u8>,
+}
+
+/// An fsync begun by [`Spool::begin_sync`], to run on another thread.
+#[derive(Debug)]
+pub(crate) struct SyncJob {
+    /// The segment being appended to (a second handle on it).
+    file: File,
+    /// Where the writes it covers end.
+    upto: (u64, u64),
+    /// Segments with nothing pending when it began.
+    done: Vec<u64>,
+}
+
+impl SyncJob {
+    /// The fsync itself (blocking).
+    pub(crate) fn run(&self) -> io::Result<()> {
+        fsync(&self.file, false)
+    }
 }
 
 /// What opening the spool found.
@@ -583,7 +609,9 @@ impl Spool {
             cur_head,
             live_bytes,
             numbers,
-            dirty: false,
+            // Records of earlier runs were made durable as the segments were read.
+            synced: (cur_id, cur_head),
+            begun: (cur_id, cur_head),
             sync_failed: !marked,
             group: None,
             tail_broken: false,
@@ -816,45 +844,96 @@ impl Spool {
             return Err(e);
         }
         self.cur_len += framed.len() as u64;
-        self.dirty = true;
         Ok(())
     }
 
-    /// Whether records were written since the last sync.
+    /// Whether records were written that no finished sync covers.
     pub(crate) fn dirty(&self) -> bool {
-        self.dirty
+        self.synced < (self.cur_id, self.cur_len)
     }
 
     /// Makes every record written so far durable (one `fsync` for all of them).
     pub(crate) fn sync(&mut self) -> io::Result<()> {
-        if self.dirty {
+        // Also while a background sync runs: what it covers is not durable yet.
+        if self.dirty() {
+            let upto = (self.cur_id, self.cur_len);
+            self.synced = upto;
+            self.begun = self.begun.max(upto);
             if let Err(e) = fsync(&self.cur, false) {
                 self.sync_failed = true;
                 return Err(e);
             }
-            self.dirty = false;
         }
         self.collect();
         Ok(())
     }
 
-    /// Deletes the segments with nothing pending that are no longer appended to (none after a
-    /// failed fsync).
-    fn collect(&mut self) {
+    /// An fsync of what was written so far, to run on another thread while records go on
+    /// being written; `None` if nothing was written since the last one. Hand it back to
+    /// [`end_sync`](Self::end_sync) with what [`SyncJob::run`] returned.
+    pub(crate) fn begin_sync(&mut self) -> io::Result<Option<SyncJob>> {
+        let upto = (self.cur_id, self.cur_len);
+        if self.begun >= upto {
+            return Ok(None);
+        }
+        let file = self.cur.try_clone()?;
+        self.begun = upto;
+        Ok(Some(SyncJob {
+            file,
+            upto,
+            done: self.collectable(),
+        }))
+    }
+
+    /// Applies a [`SyncJob`] that ran: its records count as synced, and the segments that
+    /// had nothing pending when it began are deleted (their acks were written before it).
+    pub(crate) fn end_sync(&mut self, job: SyncJob, result: io::Result<()>) -> io::Result<()> {
+        self.synced = self.synced.max(job.upto);
+        if let Err(e) = result {
+            self.sync_failed = true;
+            return Err(e);
+        }
+        // Only what may still go: a failure or an owed mark since the job began keeps all.
+        if !(self.sync_failed || self.marks_owed || self.group.is_some()) {
+            self.delete(&job.done);
+        }
+        Ok(())
+    }
+
+    /// Whether a record was covered by an fsync (see `synced`).
+    pub(crate) fn synced(&self, id: RecId) -> bool {
+        (id.seg, id.off) < self.synced
+    }
+
+    /// The segments with nothing pending that are no longer appended to: deleted once the
+    /// acks written so far are durable (none after a failed fsync).
+    fn collectable(&self) -> Vec<u64> {
         // An open group's acks are not on disk yet.
         if self.sync_failed || self.marks_owed || self.group.is_some() {
-            return;
+            return Vec::new();
         }
         let cur = self.cur_id;
-        let done: Vec<u64> = self
-            .segs
+        self.segs
             .iter()
             .filter(|&(&id, s)| id != cur && s.live == 0)
             .map(|(&id, _)| id)
-            .collect();
-        for id in done {
-            self.segs.remove(&id);
-            remove_segment(&self.dir, id);
+            .collect()
+    }
+
+    /// Deletes the segments with nothing pending that are no longer appended to (none after a
+    /// failed fsync).
+    fn collect(&mut self) {
+        let done = self.collectable();
+        self.delete(&done);
+    }
+
+    /// Deletes these segments, if they still have nothing pending (never the current one).
+    fn delete(&mut self, ids: &[u64]) {
+        for &id in ids {
+            if id != self.cur_id && self.segs.get(&id).is_some_and(|s| s.live == 0) {
+                self.segs.remove(&id);
+                remove_segment(&self.dir, id);
+            }
         }
     }
 
@@ -942,6 +1021,8 @@ impl Spool {
         self.cur_head = head;
         self.tail_broken = false;
         self.segs.insert(self.cur_id, Segment::default());
+        self.synced = (id, head);
+        self.begun = (id, head);
         // The old segment, if nothing in it is pending, was made durable by the sync above.
         self.collect();
         Ok(())
@@ -1702,6 +1783,80 @@ mod tests {
             }
             let (recs, _, _) = recover(&[(0, seg.clone())]);
             prop_assert_eq!(recs.len(), got.len());
+        }
+    }
+
+    /// A sync begun in the background covers what was written before it began, and only
+    /// once it ended: a record written meanwhile waits for the next one.
+    #[test]
+    fn a_background_sync_covers_what_was_written_before_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert!(s.begin_sync().unwrap().is_none(), "nothing written");
+        let (r1, _) = s.append(&Meta::detail("c", 0), b"{}").unwrap();
+        assert!(!s.synced(r1));
+        let job = s.begin_sync().unwrap().expect("r1 to sync");
+        assert!(s.begin_sync().unwrap().is_none(), "r1 is being synced");
+        let (r2, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
+        assert!(!s.synced(r1), "synced before its fsync ended");
+        let result = job.run();
+        s.end_sync(job, result).unwrap();
+        assert!(s.synced(r1));
+        assert!(!s.synced(r2));
+        assert!(s.dirty());
+        let job = s.begin_sync().unwrap().expect("r2 to sync");
+        let result = job.run();
+        s.end_sync(job, result).unwrap();
+        assert!(s.synced(r2) && !s.dirty());
+    }
+
+    /// A sync here while a background one runs fsyncs again: what the running one covers is
+    /// not durable yet, and a rotation must not take it to be.
+    #[test]
+    fn a_sync_while_a_background_sync_runs_covers_its_records_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        let (r, _) = s.append(&Meta::detail("c", 0), b"{}").unwrap();
+        let job = s.begin_sync().unwrap().unwrap();
+        assert!(s.dirty());
+        fail_fsync(true);
+        let here = s.sync();
+        fail_fsync(false);
+        assert!(here.is_err(), "the sync here did not fsync");
+        assert!(s.synced(r));
+        let result = job.run();
+        s.end_sync(job, result).unwrap();
+    }
+
+    /// Segments with nothing pending when a background sync began are deleted when it ends
+    /// (it made their acks durable), not before; after a failed one, none is.
+    #[test]
+    fn a_background_sync_deletes_the_segments_its_acks_emptied_once_it_ended() {
+        for fails in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+            let big = vec![b'x'; SEGMENT_BYTES as usize];
+            let (r0, b0) = s.append(&Meta::detail("c", 0), &big).unwrap();
+            s.sync().unwrap();
+            let (r1, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
+            assert_eq!((r0.seg, r1.seg), (0, 1));
+            s.ack(r0, b0).unwrap();
+            let job = s.begin_sync().unwrap().unwrap();
+            assert!(
+                seg_path(dir.path(), 0).exists(),
+                "deleted before its ack is durable"
+            );
+            let result = if fails {
+                Err(io::Error::other("fsync failure injected by a test"))
+            } else {
+                job.run()
+            };
+            assert_eq!(s.end_sync(job, result).is_err(), fails);
+            assert_eq!(seg_path(dir.path(), 0).exists(), fails);
+            // A later fsync may report success for what the failed one lost.
+            s.sync().unwrap();
+            assert_eq!(seg_path(dir.path(), 0).exists(), fails);
+            assert!(s.synced(r1), "sent all the same after a failed fsync");
         }
     }
 }

@@ -5,8 +5,9 @@
 //! takes the chunks of quiet open calls each tick, serializes and batches detail per call,
 //! builds the core at call end, and delivers:
 //!
-//! - every payload becomes a [`Job`]; with a spool it is written there first (fsync batched:
-//!   one sync before each round of dispatch) and deleted when acknowledged. A detail body is
+//! - every payload becomes a [`Job`]; with a spool it is written there first and sent once an
+//!   fsync covers it (one fsync at a time on the `callscope-fsync` thread, each covering every
+//!   record written before it began), and deleted when acknowledged. A detail body is
 //!   gzip-compressed on a deflate thread before it is written, while one is free ([`Worker::seal`]):
 //!   the disk then takes, and the spool's cap counts, the bytes that go on the wire;
 //! - summaries are dispatched at once on their own lane; detail jobs wait in a FIFO and run at
@@ -24,7 +25,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{Id, JoinSet};
 
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
@@ -33,7 +34,7 @@ use crate::config::{Config, DetailMode};
 use crate::packed::{Budget, Chunk, SpanRef};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
-use crate::spool::{Meta, RecId, Spool};
+use crate::spool::{Meta, RecId, Spool, SyncJob};
 use crate::stats::Counters;
 use crate::transport::{Body, Delivery, Lane, Transport};
 
@@ -286,6 +287,14 @@ pub(crate) fn spawn(registry: Arc<Registry>, transport: Transport) -> std::io::R
     // Bodies waiting for a deflate thread cannot be let go to the spool: an eighth of the
     // memory bound may wait so, enough to keep the threads busy through a burst.
     worker.seal_bytes_max = worker.cfg.max_buffer_bytes / 8;
+    if worker.spool.is_some() {
+        match Syncer::spawn() {
+            Ok(s) => worker.syncer = Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the spool's fsync thread: the worker thread fsyncs itself (slower under load)");
+            }
+        }
+    }
     let thread = std::thread::Builder::new()
         .name("callscope-worker".into())
         .spawn(move || {
@@ -466,6 +475,10 @@ struct Worker {
     /// Bytes of detail bodies held in memory (queued, held, running; running counts its wire body too).
     mem_bytes: usize,
     spool: Option<Spool>,
+    /// The spool's fsync thread (set by `spawn`; without it the worker fsyncs itself).
+    syncer: Option<Syncer>,
+    /// The fsync running there, if any (one at a time).
+    syncing: Option<oneshot::Receiver<Synced>>,
     scratch: Vec<u8>,
     upload_times: Arc<UploadTimes>,
     /// Since when detail has been going plain, and how many detail bodies found compression
@@ -537,6 +550,8 @@ impl Worker {
             buffered_bytes: 0,
             mem_bytes: 0,
             spool,
+            syncer: None,
+            syncing: None,
             scratch: Vec::with_capacity(16 * 1024),
             upload_times: Arc::default(),
             plain_since: None,
@@ -610,6 +625,10 @@ impl Worker {
                         Ok((id, result)) => self.on_done(id, result),
                         Err(e) => self.on_done(e.id(), Delivery::Failed),
                     }
+                }
+                Some(done) = next_synced(&mut self.syncing), if self.syncing.is_some() => {
+                    self.syncing = None;
+                    self.on_synced(done.ok());
                 }
                 Some(done) = next_sealed(&mut self.sealing), if !self.sealing.is_empty() => {
                     if let Some(s) = self.sealing.pop_front() {
@@ -1344,6 +1363,55 @@ impl Worker {
         }
     }
 
+    /// Has what was spooled made durable before it is sent: by the fsync thread when there is
+    /// one (if no fsync runs there now, one starts, covering everything written so far), else
+    /// here, at once.
+    fn sync_before_send(&mut self) {
+        if self.syncing.is_some() {
+            return;
+        }
+        let (Some(syncer), Some(spool)) = (&self.syncer, self.spool.as_mut()) else {
+            return self.sync_spool();
+        };
+        match spool.begin_sync() {
+            Ok(None) => {}
+            Ok(Some(job)) => {
+                let (tx, rx) = oneshot::channel();
+                if syncer.tx.send((job, tx)).is_ok() {
+                    self.syncing = Some(rx);
+                } else {
+                    self.syncer_gone();
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not hand the spool's fsync to its thread; fsyncing here");
+                self.sync_spool();
+            }
+        }
+    }
+
+    /// An fsync of the fsync thread is done (`None`: the thread is gone).
+    fn on_synced(&mut self, done: Option<Synced>) {
+        let Some((job, result)) = done else {
+            return self.syncer_gone();
+        };
+        if let Some(spool) = self.spool.as_mut()
+            && let Err(e) = spool.end_sync(job, result)
+        {
+            Counters::inc(&self.stats.spool_errors);
+            tracing::error!(error = %e, "spool fsync failed");
+        }
+    }
+
+    /// The fsync thread stopped (it panicked): the worker fsyncs itself from now on.
+    #[cold]
+    fn syncer_gone(&mut self) {
+        tracing::error!("the spool's fsync thread stopped: the worker thread fsyncs itself");
+        self.syncer = None;
+        self.syncing = None;
+        self.sync_spool();
+    }
+
     /// The job is done with: its spool record goes.
     fn settle(&mut self, job: &Job) {
         if let (Some((rec, bytes)), Some(spool)) = (job.rec, self.spool.as_mut())
@@ -1397,12 +1465,12 @@ impl Worker {
         if !waiting {
             return;
         }
-        self.sync_spool();
-        while let Some(job) = self.cores.pop_front() {
+        self.sync_before_send();
+        while let Some(job) = self.cores.pop_front_if(|j| synced(self.spool.as_ref(), j)) {
             self.start(job, Lane::Core);
         }
         while self.running_detail < self.cfg.max_concurrent_detail {
-            let Some(mut job) = self.queue.pop_front() else {
+            let Some(mut job) = self.queue.pop_front_if(|j| synced(self.spool.as_ref(), j)) else {
                 break;
             };
             if job.body.is_none() {
@@ -2272,6 +2340,49 @@ impl Worker {
         }
         self.exit = true;
     }
+}
+
+/// Whether a job may be sent: its spool record (if it has one) was covered by an fsync.
+fn synced(spool: Option<&Spool>, job: &Job) -> bool {
+    match (spool, job.rec) {
+        (Some(spool), Some((rec, _))) => spool.synced(rec),
+        _ => true,
+    }
+}
+
+/// A spool fsync that ran on the [`Syncer`] thread, and how it went.
+type Synced = (SyncJob, std::io::Result<()>);
+
+/// A thread of its own for the spool's fsyncs. They take the disk's time (hundreds of them a
+/// second under load, each waiting on the device), during which the worker goes on batching,
+/// writing and sending what is already durable. One runs at a time and covers every record
+/// written before it began, so under load each covers more (group commit).
+#[derive(Debug)]
+struct Syncer {
+    tx: std::sync::mpsc::Sender<(SyncJob, oneshot::Sender<Synced>)>,
+}
+
+impl Syncer {
+    /// Starts the thread; it ends when the worker drops its `Syncer`.
+    fn spawn() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(SyncJob, oneshot::Sender<Synced>)>();
+        std::thread::Builder::new()
+            .name("callscope-fsync".into())
+            .spawn(move || {
+                for (job, back) in rx {
+                    let r = job.run();
+                    let _ = back.send((job, r));
+                }
+            })?;
+        Ok(Syncer { tx })
+    }
+}
+
+/// The running fsync's outcome, once it is done.
+async fn next_synced(
+    syncing: &mut Option<oneshot::Receiver<Synced>>,
+) -> Option<Result<Synced, oneshot::error::RecvError>> {
+    Some(syncing.as_mut()?.await)
 }
 
 /// The oldest sealing body's result, once its task is done (taken in order: a final must not
@@ -3348,5 +3459,32 @@ mod tests {
         assert_eq!(stats.spans_left_in_spool.load(Ordering::Relaxed), 2);
         assert_eq!(stats.spans_dropped_send_failed.load(Ordering::Relaxed), 0);
         assert_eq!(spooled(dir.path()), [(0, false, 2)]);
+    }
+
+    /// With the fsync thread, a payload goes only once an fsync covering its spool record
+    /// ended; the worker goes on meanwhile instead of waiting for the disk.
+    #[tokio::test]
+    async fn a_payload_is_sent_only_once_the_fsync_covering_its_record_ended() {
+        let (url, seen) = recording_receiver(Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker(&url, dir.path(), 0);
+        w.syncer = Some(Syncer::spawn().unwrap());
+        let c: Arc<str> = "c".into();
+        feed(&mut w, &c, false, false, 2);
+        w.flush_buffer(&c);
+        assert_eq!(w.queue.len(), 1);
+        w.pump();
+        assert!(w.syncing.is_some(), "the fsync runs on its thread");
+        assert!(w.running.is_empty(), "sent before its record was durable");
+        let done = next_synced(&mut w.syncing).await.unwrap();
+        w.syncing = None;
+        w.on_synced(done.ok());
+        assert!(!w.spool.as_ref().unwrap().dirty());
+        w.pump();
+        assert_eq!(w.running.len(), 1);
+        let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
+        assert_eq!(r, Delivery::Acked);
+        w.on_done(id, r);
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 }
