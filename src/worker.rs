@@ -634,6 +634,14 @@ impl Worker {
                     if let Some(s) = self.sealing.pop_front() {
                         self.on_sealed(s.job, done.ok());
                     }
+                    // And every body done behind it (one per loop turn held the deflate
+                    // thread's output back while the bodies waiting filled their bound).
+                    while self.sealing.front().is_some_and(|s| s.task.is_finished()) {
+                        if let Some(s) = self.sealing.pop_front() {
+                            let done = s.task.await;
+                            self.on_sealed(s.job, done.ok());
+                        }
+                    }
                 }
                 () = self.wake.notify.notified(), if asleep || nap.is_some() => {
                     if nap.is_some() {
