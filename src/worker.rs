@@ -795,7 +795,7 @@ impl Worker {
             self.flush_buffer(&k);
         }
         // Batched fsync: whatever was written since the last one (acks included).
-        self.sync_spool();
+        self.start_sync();
         if self.stop_at.is_some_and(|d| now >= d) {
             self.abandon();
         }
@@ -1371,10 +1371,11 @@ impl Worker {
         }
     }
 
-    /// Has what was spooled made durable before it is sent: by the fsync thread when there is
-    /// one (if no fsync runs there now, one starts, covering everything written so far), else
-    /// here, at once.
-    fn sync_before_send(&mut self) {
+    /// Starts making what was spooled durable (records before they are sent, acks before
+    /// their segments go): on the fsync thread when there is one (unless an fsync runs there
+    /// now: the next one starts when it ends), covering everything written so far; else here,
+    /// at once.
+    fn start_sync(&mut self) {
         if self.syncing.is_some() {
             return;
         }
@@ -1473,7 +1474,7 @@ impl Worker {
         if !waiting {
             return;
         }
-        self.sync_before_send();
+        self.start_sync();
         while let Some(job) = self.cores.pop_front_if(|j| synced(self.spool.as_ref(), j)) {
             self.start(job, Lane::Core);
         }
