@@ -681,10 +681,7 @@ impl Spool {
         }
         let id = put?;
         let bytes = framed.len() as u64;
-        let s = self.segs.entry(self.cur_id).or_default();
-        s.live += 1;
-        s.live_bytes += bytes;
-        self.live_bytes += bytes;
+        self.count(id.seg, bytes, true);
         if let Some(g) = &mut self.group {
             g.undo.push(Undo::Append(id, bytes));
         }
@@ -893,8 +890,8 @@ impl Spool {
             self.sync_failed = true;
             return Err(e);
         }
-        // Only what may still go: a failure or an owed mark since the job began keeps all.
-        if !(self.sync_failed || self.marks_owed || self.group.is_some()) {
+        // A failure or an owed mark since the job began keeps all.
+        if self.may_delete() {
             self.delete(&job.done);
         }
         Ok(())
@@ -908,8 +905,7 @@ impl Spool {
     /// The segments with nothing pending that are no longer appended to: deleted once the
     /// acks written so far are durable (none after a failed fsync).
     fn collectable(&self) -> Vec<u64> {
-        // An open group's acks are not on disk yet.
-        if self.sync_failed || self.marks_owed || self.group.is_some() {
+        if !self.may_delete() {
             return Vec::new();
         }
         let cur = self.cur_id;
@@ -918,6 +914,12 @@ impl Spool {
             .filter(|&(&id, s)| id != cur && s.live == 0)
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    /// Whether segments may be deleted at all: not after a failed fsync, not while a mark is
+    /// owed, not while a group is open (its acks are not on disk yet).
+    fn may_delete(&self) -> bool {
+        !(self.sync_failed || self.marks_owed || self.group.is_some())
     }
 
     /// Deletes the segments with nothing pending that are no longer appended to (none after a
@@ -1138,7 +1140,6 @@ mod tests {
     thread_local! {
         /// Set: every `fsync` of the spool on this thread fails.
         pub(super) static FAIL_FSYNC: Cell<bool> = const { Cell::new(false) };
-
     }
 
     fn fail_fsync(on: bool) {

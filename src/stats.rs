@@ -150,8 +150,8 @@ counters! {
     spool_records_written,
     /// Detail bodies among them written gzip-compressed, as they go on the wire (the others
     /// went as JSON and are compressed when sent: summaries, and detail bodies made while
-    /// every deflate slot was busy, or while `CALLSCOPE_COMPRESSION=auto` found compression
-    /// behind).
+    /// the bodies waiting for a deflate thread took 1/8 of `CALLSCOPE_MAX_BUFFER_BYTES`, or
+    /// while `CALLSCOPE_COMPRESSION=auto` found compression behind).
     spool_records_compressed,
     /// Payloads read back from the spool at start (left by an earlier run or a crash).
     spool_records_replayed,

@@ -8,8 +8,9 @@
 //! - every payload becomes a [`Job`]; with a spool it is written there first and sent once an
 //!   fsync covers it (one fsync at a time on the `callscope-fsync` thread, each covering every
 //!   record written before it began), and deleted when acknowledged. A detail body is
-//!   gzip-compressed on a deflate thread before it is written, while one is free ([`Worker::seal`]):
-//!   the disk then takes, and the spool's cap counts, the bytes that go on the wire;
+//!   gzip-compressed on a deflate thread before it is written unless too many bodies wait for
+//!   one already ([`Worker::seal`]): the disk then takes, and the spool's cap counts, the bytes
+//!   that go on the wire;
 //! - summaries are dispatched at once on their own lane; detail jobs wait in a FIFO and run at
 //!   most `CALLSCOPE_MAX_CONCURRENT_DETAIL` at a time;
 //! - a call's `final` batch is held until its core was acknowledged and none of its other
@@ -1025,12 +1026,18 @@ impl Worker {
         self.spool.is_some()
             && self.sealing_bytes < self.seal_bytes_max
             && self.transport.compresses()
-            && !(self.transport.adaptive()
-                && plain_when_behind(
-                    self.buffered_bytes + self.mem_bytes,
-                    self.cfg.max_buffer_bytes,
-                    self.upload_times.get(),
-                ))
+            && !self.behind()
+    }
+
+    /// Under `CALLSCOPE_COMPRESSION=auto`: whether compression is behind (see
+    /// [`plain_when_behind`]).
+    fn behind(&self) -> bool {
+        self.transport.adaptive()
+            && plain_when_behind(
+                self.buffered_bytes + self.mem_bytes,
+                self.cfg.max_buffer_bytes,
+                self.upload_times.get(),
+            )
     }
 
     /// Compresses a new detail job's body on a deflate thread; [`Worker::on_sealed`] spools
@@ -1040,9 +1047,7 @@ impl Worker {
     /// is its call's final, among the call's open batches (its final waits for it).
     fn seal(&mut self, job: Job) {
         let json = job.body.clone().unwrap_or_default();
-        let t = self.transport.clone();
-        let queued = Instant::now();
-        let task = tokio::task::spawn_blocking(move || (t.encode(&json), queued.elapsed()));
+        let task = deflate_off_thread(self.transport.clone(), json);
         self.mem_bytes += job.mem();
         self.sealing_bytes += job.mem();
         if !job.meta.is_final {
@@ -1061,23 +1066,23 @@ impl Worker {
             job.body = Some(body.bytes);
             job.meta.gzip = body.gzip;
         }
-        let kept = self.spool_job(&mut job).is_some();
+        if self.spool_job(&mut job).is_none() {
+            // Dropped (spool full; counted): nothing waits for it any more.
+            if job.meta.is_final {
+                self.core_outcome.remove(&job.call);
+            } else {
+                self.close_open(&job);
+            }
+            return;
+        }
         if job.meta.gzip && job.rec.is_some() {
             Counters::inc(&self.stats.spool_records_compressed);
         }
-        match (kept, job.meta.is_final) {
-            (true, _) => {
-                // `enqueue` counts it open again.
-                if !job.meta.is_final {
-                    self.uncount_open(&job.call);
-                }
-                self.place(job);
-            }
-            (false, true) => {
-                self.core_outcome.remove(&job.call);
-            }
-            (false, false) => self.close_open(&job),
+        if !job.meta.is_final {
+            // `enqueue` counts it open again.
+            self.uncount_open(&job.call);
         }
+        self.place(job);
     }
 
     /// The call's final batch while it is being sealed, taken out of `sealing` (its body is
@@ -1517,14 +1522,7 @@ impl Worker {
             let times = self.upload_times.clone();
             let deflated = job.deflated;
             let handle = self.tasks.spawn(async move {
-                let wire = body.bytes.len();
-                let (r, http) = t.deliver_timed(lane, body, &idem).await;
-                if r == Delivery::Acked
-                    && let Some((deflate, raw)) = deflated
-                {
-                    times.record(deflate, http, raw, wire);
-                }
-                r
+                deliver_compressed(&t, lane, body, &idem, &times, deflated).await
             });
             (handle, 0)
         } else if detail && self.transport.compresses() && !self.compressor_behind() {
@@ -1534,23 +1532,12 @@ impl Worker {
             // known yet, and memory must never be under-counted.
             let charged = json.len();
             let times = self.upload_times.clone();
+            let encoded = deflate_off_thread(t.clone(), json);
             let handle = self.tasks.spawn(async move {
-                let enc = t.clone();
-                let queued = Instant::now();
-                let encoded = tokio::task::spawn_blocking(move || {
-                    let body = enc.encode(&json);
-                    (body, queued.elapsed(), json.len())
-                });
                 match encoded.await {
-                    Ok((body, deflate, raw)) => {
-                        let wire = body.bytes.len();
-                        let (r, http) = t.deliver_timed(lane, body, &idem).await;
-                        // An acknowledged attempt's time only: retries' backoff and fast
-                        // rejections say nothing about what the bytes cost.
-                        if r == Delivery::Acked {
-                            times.record(deflate, http, raw, wire);
-                        }
-                        r
+                    Ok((body, deflate)) => {
+                        let deflated = Some((deflate, charged));
+                        deliver_compressed(&t, lane, body, &idem, &times, deflated).await
                     }
                     // Only a runtime shutting down gets here (deflating into a Vec cannot
                     // fail): the batch is counted as failed like any undelivered one.
@@ -1590,12 +1577,7 @@ impl Worker {
     /// measured: without it they froze when bodies went plain, and a receiver that became
     /// slow meanwhile got plain bodies for as long as memory stayed tight.
     fn compressor_behind(&mut self) -> bool {
-        let behind = self.transport.adaptive()
-            && plain_when_behind(
-                self.buffered_bytes + self.mem_bytes,
-                self.cfg.max_buffer_bytes,
-                self.upload_times.get(),
-            );
+        let behind = self.behind();
         if !behind {
             if let Some((since, found)) = self.plain_since.take() {
                 tracing::debug!(
@@ -2351,6 +2333,36 @@ impl Worker {
     }
 }
 
+/// `json` compressed on a deflate thread (the runtime's blocking pool), and how long that
+/// took from now, its wait for the thread included.
+fn deflate_off_thread(t: Arc<Transport>, json: Bytes) -> tokio::task::JoinHandle<(Body, Duration)> {
+    let queued = Instant::now();
+    tokio::task::spawn_blocking(move || (t.encode(&json), queued.elapsed()))
+}
+
+/// Delivers a compressed body; once it is acknowledged, [`UploadTimes`] learns what
+/// compressing it cost and saved (`deflated`: how long it took and the JSON's length; `None`
+/// for a body replayed from the spool, whose compression is not known).
+async fn deliver_compressed(
+    t: &Transport,
+    lane: Lane,
+    body: Body,
+    idem: &str,
+    times: &UploadTimes,
+    deflated: Option<(Duration, usize)>,
+) -> Delivery {
+    let wire = body.bytes.len();
+    let (r, http) = t.deliver_timed(lane, body, idem).await;
+    // An acknowledged attempt's time only: retries' backoff and fast rejections say nothing
+    // about what the bytes cost.
+    if r == Delivery::Acked
+        && let Some((deflate, raw)) = deflated
+    {
+        times.record(deflate, http, raw, wire);
+    }
+    r
+}
+
 /// Whether a job may be sent: its spool record (if it has one) was covered by an fsync.
 fn synced(spool: Option<&Spool>, job: &Job) -> bool {
     match (spool, job.rec) {
@@ -2556,13 +2568,7 @@ mod tests {
                     .map(|v| v.to_str().unwrap())
                     .collect();
                 let text = if encodings == ["gzip"] {
-                    let mut out = String::new();
-                    std::io::Read::read_to_string(
-                        &mut flate2::read::GzDecoder::new(&body[..]),
-                        &mut out,
-                    )
-                    .unwrap();
-                    out
+                    String::from_utf8(crate::transport::gunzip(&body).unwrap()).unwrap()
                 } else {
                     String::from_utf8_lossy(&body).into_owned()
                 };
