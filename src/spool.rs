@@ -649,6 +649,12 @@ impl Spool {
         self.live_bytes
     }
 
+    /// Lets no more records in than those pending now (the spool is full from here).
+    #[cfg(test)]
+    pub(crate) fn fill_up(&mut self) {
+        self.max_bytes = self.live_bytes;
+    }
+
     /// Whether a record of `json_len` bytes fits under `CALLSCOPE_SPOOL_MAX_BYTES`.
     pub(crate) fn fits(&self, json_len: usize) -> bool {
         self.live_bytes + (json_len + 64) as u64 <= self.max_bytes

@@ -1001,7 +1001,7 @@ impl Worker {
         let is_final = meta.is_final;
         let Some(job) = self.make_job(id, key.clone(), meta, json) else {
             if is_final {
-                self.core_outcome.remove(key);
+                self.forget_core(key, id);
             }
             return;
         };
@@ -1069,7 +1069,7 @@ impl Worker {
         if self.spool_job(&mut job).is_none() {
             // Dropped (spool full; counted): nothing waits for it any more.
             if job.meta.is_final {
-                self.core_outcome.remove(&job.call);
+                self.forget_core(&job.call, job.id);
             } else {
                 self.close_open(&job);
             }
@@ -1085,13 +1085,14 @@ impl Worker {
         self.place(job);
     }
 
-    /// The call's final batch while it is being sealed, taken out of `sealing` (its body is
-    /// its JSON still; the task's result will find nothing to take).
+    /// The call's final batch while it is being sealed (its newest, should the id have ended
+    /// twice), taken out of `sealing` (its body is its JSON still; the task's result will
+    /// find nothing to take).
     fn unseal_final(&mut self, key: &Arc<str>) -> Option<Job> {
         let at = self
             .sealing
             .iter()
-            .position(|s| s.job.meta.is_final && s.job.call == *key)?;
+            .rposition(|s| s.job.meta.is_final && s.job.call == *key)?;
         let s = self.sealing.remove(at)?;
         s.task.abort();
         self.sealing_bytes = self.sealing_bytes.saturating_sub(s.job.mem());
@@ -1170,8 +1171,13 @@ impl Worker {
 
     /// Holds a final batch until its core is acknowledged and its call has nothing else pending.
     fn hold(&mut self, job: Job) {
-        self.mem_bytes += job.mem();
         let key = job.call.clone();
+        if self.ended_again_since(&key, job.id) {
+            // An earlier end's final, done compressing after the call id ended again: it goes
+            // as is, and the hold and the core state stay the newer end's.
+            return self.enqueue(job, false);
+        }
+        self.mem_bytes += job.mem();
         if let Some(old) = self.held.insert(key.clone(), Held { job }) {
             // The same call id ended again before its first final went: send that one as is.
             self.mem_bytes = self.mem_bytes.saturating_sub(old.job.mem());
@@ -1179,6 +1185,26 @@ impl Worker {
         }
         self.try_release(&key);
         self.enforce_budget();
+    }
+
+    /// Whether `key` ended again after the end whose final batch is job `id`: the newer end
+    /// is pending, or its final is held or being compressed. The call's core state and hold
+    /// are then the newer end's.
+    fn ended_again_since(&self, key: &Arc<str>, id: u64) -> bool {
+        self.pending.contains_key(key)
+            || self.held.get(key).is_some_and(|h| h.job.id > id)
+            || self
+                .sealing
+                .iter()
+                .any(|s| s.job.meta.is_final && s.job.id > id && s.job.call == *key)
+    }
+
+    /// The final batch `id` of `key` was lost (counted): nothing waits for the call's core
+    /// any more, unless the call ended again since.
+    fn forget_core(&mut self, key: &Arc<str>, id: u64) {
+        if !self.ended_again_since(key, id) {
+            self.core_outcome.remove(key);
+        }
     }
 
     /// Moves a held final to the front of the queue once it may go; turns it into a plain
@@ -1772,10 +1798,10 @@ impl Worker {
             let s = fin.meta.seq;
             let next = self.next_seq(&key);
             fin.meta.seq = next;
+            let fin_id = fin.id;
             final_moved = self.rewrite(fin, |d| d.renumber(next));
             if final_moved.is_none() {
-                // Lost (counted): nothing waits for its core any more.
-                self.core_outcome.remove(&key);
+                self.forget_core(&key, fin_id);
             }
             s
         } else {
@@ -3457,6 +3483,54 @@ mod tests {
         w.close_open(&batch);
         assert!(!w.held.contains_key(&c), "released once its batch settled");
         assert_eq!(w.queue.front().map(|j| j.meta.is_final), Some(true));
+    }
+
+    /// Ends `c` once more: one span and a transcript as its final batch (compressed first
+    /// while `seal_bytes_max` allows), after a summary still in flight. The final's job id.
+    fn end_again(w: &mut Worker, c: &Arc<str>, span: u64) -> u64 {
+        w.core_outcome.insert(c.clone(), CoreState::InFlight);
+        feed(w, c, false, false, span);
+        let list = w.buffers.get_mut(c).unwrap().buf.take();
+        w.send_batch(c, list, Some(b"[]"));
+        w.next_job
+    }
+
+    /// A call id that ends again while its first final is still being compressed: that final,
+    /// once compressed, goes as is, and the second stays held for its own summary.
+    #[tokio::test]
+    async fn a_final_compressed_after_its_call_id_ended_again_leaves_the_newer_one_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let c: Arc<str> = "again".into();
+        let first = end_again(&mut w, &c, 2);
+        assert_eq!(w.sealing[0].job.id, first, "the first final is compressing");
+        w.seal_bytes_max = 0;
+        let second = end_again(&mut w, &c, 3);
+        assert_eq!(w.held[&c].job.id, second);
+        seal_one(&mut w).await;
+        assert_eq!(w.held[&c].job.id, second, "the newer final stays held");
+        let queued: Vec<u64> = w.queue.iter().map(|j| j.id).collect();
+        assert_eq!(queued, [first], "the first final goes as is");
+        assert_eq!(w.mem_bytes, w.held[&c].job.mem() + w.queue[0].mem());
+    }
+
+    /// The same, when the spool is full by the time the first final is compressed: it is
+    /// dropped (counted), and the second end's summary state stays, so its final still waits.
+    #[tokio::test]
+    async fn a_final_dropped_after_its_call_id_ended_again_keeps_the_newer_end_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let c: Arc<str> = "again".into();
+        end_again(&mut w, &c, 2);
+        w.seal_bytes_max = 0;
+        let second = end_again(&mut w, &c, 3);
+        w.spool.as_mut().unwrap().fill_up();
+        seal_one(&mut w).await;
+        assert_eq!(stats.spans_dropped_spool_full.load(Ordering::Relaxed), 1);
+        assert_eq!(w.core_outcome.get(&c), Some(&CoreState::InFlight));
+        w.try_release(&c);
+        assert_eq!(w.held[&c].job.id, second, "still held for its summary");
+        assert!(w.queue.is_empty());
     }
 
     /// At the shutdown deadline, bodies still being compressed are spooled as JSON and
