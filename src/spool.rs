@@ -37,9 +37,11 @@
 //! (`frame`, `read_frames`, `Payload::decode`) is pure and tested without a disk.
 //!
 //! All spool I/O runs on the worker thread, never in `on_end`, except the fsyncs that make
-//! records durable before they are sent: the worker hands those to a thread of its own
-//! ([`Spool::begin_sync`], [`SyncJob::run`], [`Spool::end_sync`]) and goes on writing; a
-//! record counts as synced once an fsync that began after it was written ended.
+//! records durable before they are sent and the removal of deleted segments' files: the
+//! worker hands those to a thread of its own ([`Spool::begin_sync`], [`SyncJob::run`],
+//! [`Spool::end_sync`]) and goes on writing; a record counts as synced once an fsync that
+//! began after it was written ended. A segment rotation does not fsync either: the next sync
+//! fsyncs the old segment's last writes, the new segment (its marks) and the directory.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
@@ -450,11 +452,18 @@ struct Segment {
 /// The open spool. Not thread-safe by design: only the worker owns it.
 #[derive(Debug)]
 pub(crate) struct Spool {
-    dir: PathBuf,
+    dir: Arc<Path>,
     max_bytes: u64,
     segs: BTreeMap<u64, Segment>,
     cur_id: u64,
-    cur: File,
+    /// The segment appended to (shared with the syncs that fsync it on another thread).
+    cur: Arc<File>,
+    /// Segments rotated away whose last writes no ended sync covered yet, oldest first: the
+    /// next syncs fsync them with the current one (a rotation does not wait for the disk).
+    closed: Vec<(u64, Arc<File>)>,
+    /// Segments found deletable whose files are not removed yet: the next sync removes them
+    /// (a background one off the worker thread).
+    unlink: Vec<u64>,
     cur_len: u64,
     /// Bytes of the mark records that open the current segment.
     cur_head: u64,
@@ -485,19 +494,45 @@ pub(crate) struct Spool {
 /// An fsync begun by [`Spool::begin_sync`], to run on another thread.
 #[derive(Debug)]
 pub(crate) struct SyncJob {
-    /// The segment being appended to (a second handle on it).
-    file: File,
+    dir: Arc<Path>,
+    /// The segments it fsyncs: those rotated away since the last sync began, then the one
+    /// appended to.
+    files: Vec<Arc<File>>,
+    /// A segment was created since the last sync began: the directory is fsynced too.
+    sync_dir: bool,
     /// Where the writes it covers end.
     upto: (u64, u64),
     /// Segments with nothing pending when it began.
     done: Vec<u64>,
+    /// Segments earlier syncs found deletable: their files are removed after the fsyncs.
+    unlink: Vec<u64>,
 }
 
 impl SyncJob {
-    /// The fsync itself (blocking).
+    /// The fsyncs, then the removal of the segments to delete (blocking).
     pub(crate) fn run(&self) -> io::Result<()> {
-        fsync(&self.file, false)
+        let synced = sync_files(&self.files, self.sync_dir.then_some(&*self.dir));
+        remove_segments(&self.dir, &self.unlink);
+        synced
     }
+}
+
+/// fsyncs each file (its data), and `dir` (a segment was created in it); stops at the first
+/// failure.
+fn sync_files<'a>(
+    files: impl IntoIterator<Item = &'a Arc<File>>,
+    dir: Option<&Path>,
+) -> io::Result<()> {
+    for f in files {
+        fsync(f, false)?;
+    }
+    // Make a new segment's name durable. Not checked: some platforms cannot fsync a directory.
+    if let Some(d) = dir
+        && let Ok(d) = File::open(d)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// What opening the spool found.
@@ -596,15 +631,23 @@ impl Spool {
             None => 0,
         };
         // The marks go first: the segments that held the numbers may be deleted below.
-        let (cur, cur_head, marked) = new_segment(dir, cur_id, &numbers.rotate())?;
+        let (cur, cur_head, mut marked) = new_segment(dir, cur_id, &numbers.rotate())?;
+        // Durable before the segments that held the numbers are deleted.
+        if let Err(e) = sync_files([&cur], Some(dir)) {
+            tracing::warn!(segment = cur_id, error = %e,
+                "could not fsync the batch numbers of pending calls in a new spool segment: no segment is deleted in this run (check the disk)");
+            marked = false;
+        }
         segs.insert(cur_id, Segment::default());
         opened.records = records;
         let mut spool = Spool {
-            dir: dir.to_owned(),
+            dir: Arc::from(dir),
             max_bytes,
             segs,
             cur_id,
             cur,
+            closed: Vec::new(),
+            unlink: Vec::new(),
             cur_len: cur_head,
             cur_head,
             live_bytes,
@@ -640,6 +683,7 @@ impl Spool {
             }
         }
         spool.collect();
+        spool.unlink_now();
         Ok((spool, opened))
     }
 
@@ -832,18 +876,18 @@ impl Spool {
         let fail = FAIL_WRITE.with(std::cell::Cell::get);
         #[cfg(not(test))]
         let fail = false;
+        let mut cur = &*self.cur;
         let wrote = if fail {
             // A write cut short: part of the frame reaches the file.
-            self.cur
-                .write_all(&framed[..framed.len() / 2])
+            cur.write_all(&framed[..framed.len() / 2])
                 .and(Err(io::Error::other("write failure injected by a test")))
         } else {
-            self.cur.write_all(framed)
+            cur.write_all(framed)
         };
         if let Err(e) = wrote {
             // Leave no half record behind us for the next append.
-            let _ = self.cur.set_len(self.cur_len);
-            let _ = self.cur.seek(SeekFrom::Start(self.cur_len));
+            let _ = cur.set_len(self.cur_len);
+            let _ = cur.seek(SeekFrom::Start(self.cur_len));
             return Err(e);
         }
         self.cur_len += framed.len() as u64;
@@ -855,43 +899,70 @@ impl Spool {
         self.synced < (self.cur_id, self.cur_len)
     }
 
-    /// Makes every record written so far durable (one `fsync` for all of them).
+    /// Makes every record written so far durable (one `fsync` per segment written since the
+    /// last sync), and deletes the segments that emptied, here and now.
     pub(crate) fn sync(&mut self) -> io::Result<()> {
         // Also while a background sync runs: what it covers is not durable yet.
+        let mut synced = Ok(());
         if self.dirty() {
             let upto = (self.cur_id, self.cur_len);
+            let new_segment = self.synced.0 < self.cur_id;
             self.synced = upto;
             self.begun = self.begun.max(upto);
-            if let Err(e) = fsync(&self.cur, false) {
-                self.sync_failed = true;
-                return Err(e);
-            }
+            let closed = std::mem::take(&mut self.closed);
+            synced = sync_files(
+                closed.iter().map(|(_, f)| f).chain([&self.cur]),
+                new_segment.then_some(&*self.dir),
+            );
+        }
+        if synced.is_err() {
+            self.sync_failed = true;
         }
         self.collect();
-        Ok(())
+        self.unlink_now();
+        synced
     }
 
     /// An fsync of what was written so far, to run on another thread while records go on
-    /// being written; `None` if nothing was written since the last one. Hand it back to
-    /// [`end_sync`](Self::end_sync) with what [`SyncJob::run`] returned.
+    /// being written (it also removes the files of segments found deletable); `None` if
+    /// there is nothing to do. Hand it back to [`end_sync`](Self::end_sync) with what
+    /// [`SyncJob::run`] returned.
     pub(crate) fn begin_sync(&mut self) -> io::Result<Option<SyncJob>> {
         let upto = (self.cur_id, self.cur_len);
-        if self.begun >= upto {
+        let from = self.begun;
+        if from >= upto && self.unlink.is_empty() {
             return Ok(None);
         }
-        let file = self.cur.try_clone()?;
-        self.begun = upto;
+        let mut files = Vec::new();
+        if from < upto {
+            // The segments written since `from`: the one it is in (if closed since), later
+            // closed ones, the current one.
+            files.extend(
+                self.closed
+                    .iter()
+                    .filter(|(id, _)| *id >= from.0)
+                    .map(|(_, f)| f.clone()),
+            );
+            files.push(self.cur.clone());
+        }
+        self.begun = upto.max(from);
         Ok(Some(SyncJob {
-            file,
+            dir: self.dir.clone(),
+            files,
+            sync_dir: from.0 < upto.0,
             upto,
             done: self.collectable(),
+            unlink: std::mem::take(&mut self.unlink),
         }))
     }
 
     /// Applies a [`SyncJob`] that ran: its records count as synced, and the segments that
-    /// had nothing pending when it began are deleted (their acks were written before it).
+    /// had nothing pending when it began are deleted (their acks were written before it; the
+    /// next sync removes their files).
     pub(crate) fn end_sync(&mut self, job: SyncJob, result: io::Result<()>) -> io::Result<()> {
         self.synced = self.synced.max(job.upto);
+        let covered = self.synced.0;
+        self.closed.retain(|(id, _)| *id >= covered);
         if let Err(e) = result {
             self.sync_failed = true;
             return Err(e);
@@ -935,14 +1006,20 @@ impl Spool {
         self.delete(&done);
     }
 
-    /// Deletes these segments, if they still have nothing pending (never the current one).
+    /// Deletes these segments, if they still have nothing pending (never the current one):
+    /// they are forgotten now, and their files removed by the next sync.
     fn delete(&mut self, ids: &[u64]) {
         for &id in ids {
             if id != self.cur_id && self.segs.get(&id).is_some_and(|s| s.live == 0) {
                 self.segs.remove(&id);
-                remove_segment(&self.dir, id);
+                self.unlink.push(id);
             }
         }
+    }
+
+    /// Removes the files of the deleted segments here.
+    fn unlink_now(&mut self) {
+        remove_segments(&self.dir, &std::mem::take(&mut self.unlink));
     }
 
     /// Marks a data record acknowledged; deletes its segment when nothing in it is left (at the
@@ -1012,27 +1089,26 @@ impl Spool {
         }
     }
 
-    /// Starts a new segment (the old one is deleted at once if nothing in it is pending).
+    /// Starts a new segment. It does not wait for the disk: the next sync fsyncs the old
+    /// segment's last writes, the new one's marks and the directory, and a segment emptied
+    /// is deleted only once a sync made its acks durable.
     fn rotate(&mut self) -> io::Result<()> {
-        self.sync()?;
-        // The new file first, with its marks durable: if it cannot be made, nothing changed
-        // (records keep going to the current segment, which must not look like an old one and
-        // be deleted).
+        // The new file first: if it cannot be made, nothing changed (records keep going to
+        // the current segment, which must not look like an old one and be deleted).
         let id = self.cur_id.checked_add(1).ok_or_else(ids_exhausted)?;
         let marks = self.numbers.rotate();
         let (f, head, marked) = new_segment(&self.dir, id, &marks)?;
         self.sync_failed |= !marked;
         self.marks_owed = false;
+        let old = std::mem::replace(&mut self.cur, f);
+        if self.synced < (self.cur_id, self.cur_len) {
+            self.closed.push((self.cur_id, old));
+        }
         self.cur_id = id;
-        self.cur = f;
         self.cur_len = head;
         self.cur_head = head;
         self.tail_broken = false;
         self.segs.insert(self.cur_id, Segment::default());
-        self.synced = (id, head);
-        self.begun = (id, head);
-        // The old segment, if nothing in it is pending, was made durable by the sync above.
-        self.collect();
         Ok(())
     }
 }
@@ -1087,25 +1163,27 @@ fn fsync(f: &File, all: bool) -> io::Result<()> {
     if tests::FAIL_FSYNC.with(std::cell::Cell::get) {
         return Err(io::Error::other("fsync failure injected by a test"));
     }
+    #[cfg(test)]
+    tests::FSYNCS.with(|n| n.set(n.get() + 1));
     if all { f.sync_all() } else { f.sync_data() }
 }
 
-/// Creates segment `id` with `marks` at its head. Returns the file, the marks' length, and
-/// whether they are durable: when a write or fsync of them failed, the caller must delete no
-/// segment in this run (the records that took those numbers are then their only durable
-/// trace).
-fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(File, u64, bool)> {
+/// Creates segment `id` with `marks` at its head (not fsynced: the caller's next sync makes
+/// them and the file's name durable). Returns the file, the marks' length, and whether they
+/// were written: when a write of them failed, the caller must delete no segment in this run
+/// (the records that took those numbers are then their only durable trace).
+fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(Arc<File>, u64, bool)> {
     let path = seg_path(dir, id);
     let mut f = File::options().create(true).append(true).open(&path)?;
     let marks = frame_all(marks);
     let mut head = marks.len() as u64;
-    let mut durable = true;
+    let mut written = true;
     if !marks.is_empty()
-        && let Err(e) = f.write_all(&marks).and_then(|()| fsync(&f, false))
+        && let Err(e) = f.write_all(&marks)
     {
         tracing::warn!(segment = id, error = %e,
             "could not write the batch numbers of pending calls to a new spool segment: no segment is deleted in this run (check the disk)");
-        durable = false;
+        written = false;
         // A torn head would hide every record appended after it.
         if let Err(e) = f.set_len(0) {
             drop(f);
@@ -1114,11 +1192,7 @@ fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(File, u64,
         }
         head = 0;
     }
-    // Make the new file's name durable too.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok((f, head, durable))
+    Ok((Arc::new(f), head, written))
 }
 
 fn ids_exhausted() -> io::Error {
@@ -1128,11 +1202,13 @@ fn ids_exhausted() -> io::Error {
     )
 }
 
-fn remove_segment(dir: &Path, id: u64) {
-    if let Err(e) = fs::remove_file(seg_path(dir, id))
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(segment = id, error = %e, "could not delete an acknowledged spool segment");
+fn remove_segments(dir: &Path, ids: &[u64]) {
+    for &id in ids {
+        if let Err(e) = fs::remove_file(seg_path(dir, id))
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(segment = id, error = %e, "could not delete an acknowledged spool segment");
+        }
     }
 }
 
@@ -1146,6 +1222,8 @@ mod tests {
     thread_local! {
         /// Set: every `fsync` of the spool on this thread fails.
         pub(super) static FAIL_FSYNC: Cell<bool> = const { Cell::new(false) };
+        /// The `fsync`s of segment files on this thread so far.
+        pub(super) static FSYNCS: Cell<u64> = const { Cell::new(0) };
     }
 
     fn fail_fsync(on: bool) {
@@ -1533,11 +1611,12 @@ mod tests {
         let (rf, bf) = s.append(&meta(2), &big).unwrap();
         s.sync().unwrap();
         // Segment 1 is full: the next record starts segment 2, whose marks fail to sync.
-        fail_fsync(true);
         let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
-        fail_fsync(false);
         assert_eq!(r.seg, 2);
         s.ack(rf, bf).unwrap();
+        fail_fsync(true);
+        assert!(s.sync().is_err());
+        fail_fsync(false);
         s.sync().unwrap();
         assert!(
             seg_path(dir.path(), 1).exists(),
@@ -1836,7 +1915,8 @@ mod tests {
     }
 
     /// Segments with nothing pending when a background sync began are deleted when it ends
-    /// (it made their acks durable), not before; after a failed one, none is.
+    /// (it made their acks durable), not before, and their files removed by the next sync,
+    /// on its thread; after a failed one, none is.
     #[test]
     fn a_background_sync_deletes_the_segments_its_acks_emptied_once_it_ended() {
         for fails in [false, true] {
@@ -1849,21 +1929,61 @@ mod tests {
             assert_eq!((r0.seg, r1.seg), (0, 1));
             s.ack(r0, b0).unwrap();
             let job = s.begin_sync().unwrap().unwrap();
-            assert!(
-                seg_path(dir.path(), 0).exists(),
-                "deleted before its ack is durable"
-            );
+            assert!(job.unlink.is_empty(), "deleted before its ack is durable");
             let result = if fails {
                 Err(io::Error::other("fsync failure injected by a test"))
             } else {
                 job.run()
             };
             assert_eq!(s.end_sync(job, result).is_err(), fails);
-            assert_eq!(seg_path(dir.path(), 0).exists(), fails);
+            let seg0 = seg_path(dir.path(), 0);
+            assert!(seg0.exists(), "its file goes with the next sync");
+            // Nothing was written since: the next sync only removes files.
+            let next = s.begin_sync().unwrap();
+            assert_eq!(next.is_some(), !fails);
+            if let Some(job) = next {
+                assert!(job.files.is_empty());
+                let result = job.run();
+                s.end_sync(job, result).unwrap();
+            }
+            assert_eq!(seg0.exists(), fails);
             // A later fsync may report success for what the failed one lost.
             s.sync().unwrap();
-            assert_eq!(seg_path(dir.path(), 0).exists(), fails);
+            assert_eq!(seg0.exists(), fails);
             assert!(s.synced(r1), "sent all the same after a failed fsync");
         }
+    }
+
+    /// A rotation does not fsync (on the worker thread, it would wait for the disk): the
+    /// next sync fsyncs the old segment's last records with the new segment's, and what a
+    /// background sync covers is synced only once it ended, in either segment.
+    #[test]
+    fn a_rotation_leaves_its_fsyncs_to_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 30).unwrap();
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let fsyncs = || FSYNCS.with(Cell::get);
+        let (r0, _) = s.append(&Meta::detail("c", 0), &big).unwrap();
+        let before = fsyncs();
+        let (r1, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
+        assert_eq!((r0.seg, r1.seg), (0, 1), "the second record rotated");
+        assert_eq!(fsyncs(), before, "the rotation fsynced");
+        assert!(!s.synced(r0) && !s.synced(r1));
+        let job = s.begin_sync().unwrap().unwrap();
+        assert!(job.sync_dir, "the new segment's name is made durable");
+        let result = job.run();
+        assert_eq!(fsyncs(), before + 2, "both segments fsynced");
+        assert!(!s.synced(r0), "synced before the fsync ended");
+        s.end_sync(job, result).unwrap();
+        assert!(s.synced(r0) && s.synced(r1) && !s.dirty());
+        assert!(s.closed.is_empty(), "the old segment's handle is let go");
+        // The next rotation, with the sync here: the same.
+        let (r2, _) = s.append(&Meta::detail("c", 2), &big).unwrap();
+        let (r3, _) = s.append(&Meta::detail("c", 3), b"{}").unwrap();
+        assert_eq!((r2.seg, r3.seg), (1, 2));
+        let before = fsyncs();
+        s.sync().unwrap();
+        assert_eq!(fsyncs(), before + 2);
+        assert!(s.synced(r3) && s.closed.is_empty());
     }
 }
