@@ -526,11 +526,21 @@ fn sync_files<'a>(
     for f in files {
         fsync(f, false)?;
     }
-    // Make a new segment's name durable. Not checked: some platforms cannot fsync a directory.
-    if let Some(d) = dir
-        && let Ok(d) = File::open(d)
-    {
-        let _ = d.sync_all();
+    // Make a new segment's name durable: until then a power loss can take the file, records
+    // and all.
+    if let Some(d) = dir {
+        match File::open(d).and_then(|d| d.sync_all()) {
+            Ok(()) => {}
+            // This platform cannot open or fsync a directory: nothing more can be done.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Unsupported
+                        | io::ErrorKind::InvalidInput
+                        | io::ErrorKind::PermissionDenied
+                ) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -1952,6 +1962,29 @@ mod tests {
             assert_eq!(seg0.exists(), fails);
             assert!(s.synced(r1), "sent all the same after a failed fsync");
         }
+    }
+
+    /// A new segment's name is made durable by the sync that covers its records: a directory
+    /// that cannot be fsynced (here: removed under the spool) fails the sync, and no segment
+    /// is deleted after it.
+    #[test]
+    fn a_sync_that_cannot_fsync_the_directory_of_a_new_segment_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (mut s, _) = Spool::open(&spool_dir, 1 << 30).unwrap();
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let (r0, b0) = s.append(&Meta::detail("c", 0), &big).unwrap();
+        s.sync().unwrap();
+        let (r1, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
+        assert_eq!(r1.seg, 1);
+        s.ack(r0, b0).unwrap();
+        fs::remove_dir_all(&spool_dir).unwrap();
+        let job = s.begin_sync().unwrap().unwrap();
+        let result = job.run();
+        assert!(result.is_err(), "the new segment's name is not durable");
+        assert!(s.end_sync(job, result).is_err());
+        assert!(s.synced(r1), "sent all the same, as after a failed fsync");
+        assert!(s.collectable().is_empty(), "nothing deleted after it");
     }
 
     /// A rotation does not fsync (on the worker thread, it would wait for the disk): the
