@@ -5,9 +5,10 @@
 //! takes the chunks of quiet open calls each tick, serializes and batches detail per call,
 //! builds the core at call end, and delivers:
 //!
-//! - every payload becomes a [`Job`]; with a spool it is written there first and sent once an
-//!   fsync covers it (one fsync at a time on the `callscope-fsync` thread, each covering every
-//!   record written before it began), and deleted when acknowledged. A detail body is
+//! - every payload becomes a [`Job`]; with a spool it is written there first, and deleted when
+//!   acknowledged. A detail batch is sent once an fsync covers its record (one fsync at a time
+//!   on the `callscope-fsync` thread, each covering every record written before it began); a
+//!   summary goes at once (see [`Worker::pump`]). A detail body is
 //!   gzip-compressed on a deflate thread before it is written unless too many bodies wait for
 //!   one already ([`Worker::seal`]): the disk then takes, and the spool's cap counts, the bytes
 //!   that go on the wire;
@@ -447,7 +448,7 @@ struct Worker {
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
     running_detail: usize,
-    /// Summaries not yet dispatched (waiting for the spool sync only).
+    /// Summaries not yet dispatched (only while the shutdown deadline has passed).
     cores: VecDeque<Job>,
     /// Detail batches waiting for an upload slot, oldest first.
     queue: VecDeque<Job>,
@@ -1506,7 +1507,12 @@ impl Worker {
             return;
         }
         self.start_sync();
-        while let Some(job) = self.cores.pop_front_if(|j| synced(self.spool.as_ref(), j)) {
+        // A summary goes before an fsync covers its record. That loses nothing a power loss
+        // would not: a record not yet fsynced is lost with the power whether it was sent or
+        // not, and one the receiver acknowledged is needed no more. And it carries no batch
+        // number that a restart could give out again. Detail waits: its record carries its
+        // call's batch number, which must be on disk before the receiver can have it.
+        while let Some(job) = self.cores.pop_front() {
             self.start(job, Lane::Core);
         }
         while self.running_detail < self.cfg.max_concurrent_detail {
@@ -3548,6 +3554,44 @@ mod tests {
         assert_eq!(stats.spans_left_in_spool.load(Ordering::Relaxed), 2);
         assert_eq!(stats.spans_dropped_send_failed.load(Ordering::Relaxed), 0);
         assert_eq!(spooled(dir.path()), [(0, false, 2)]);
+    }
+
+    /// A summary goes before the fsync covering its spool record ended (phase 1 does not
+    /// wait for the disk); a detail batch written before it still waits for that fsync.
+    #[tokio::test]
+    async fn a_summary_is_sent_without_waiting_for_the_fsync_of_its_record() {
+        let (url, seen) = recording_receiver(Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker(&url, dir.path(), 0);
+        w.syncer = Some(Syncer::spawn().unwrap());
+        let c: Arc<str> = "c".into();
+        feed(&mut w, &c, false, false, 2);
+        w.flush_buffer(&c);
+        let meta = Meta {
+            core: true,
+            is_final: false,
+            late: false,
+            seq: 0,
+            spans: 0,
+            call_id: c.to_string(),
+            gzip: false,
+        };
+        let id = w.new_id();
+        let core = w.make_job(id, c.clone(), meta, br#"{"core":1}"#.to_vec());
+        let core = core.expect("spooled");
+        let rec = core.rec.expect("written to the spool").0;
+        w.cores.push_back(core);
+        w.pump();
+        assert!(w.syncing.is_some(), "the fsync runs on its thread");
+        assert!(!w.spool.as_ref().unwrap().synced(rec));
+        assert_eq!(w.running.len(), 1, "the summary alone is sent");
+        assert_eq!(w.queue.len(), 1, "the detail batch waits for its fsync");
+        let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
+        assert_eq!(r, Delivery::Acked);
+        w.on_done(id, r);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, "c:core");
     }
 
     /// With the fsync thread, a payload goes only once an fsync covering its spool record
