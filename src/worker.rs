@@ -1956,19 +1956,7 @@ impl Worker {
                     Counters::inc(&self.stats.summaries_truncated);
                     tracing::warn!(%call_id, "call summary transcript shortened to fit CALLSCOPE_MAX_SUMMARY_BYTES");
                 }
-                let meta = Meta {
-                    core: true,
-                    is_final: false,
-                    late: false,
-                    seq: 0,
-                    spans: 0,
-                    call_id: call_id.to_string(),
-                    gzip: false,
-                };
-                let id = self.new_id();
-                if let Some(job) = self.make_job(id, call_id.clone(), meta, core.json) {
-                    self.cores.push_back(job);
-                }
+                self.queue_core(&call_id, core.json);
                 CoreState::InFlight
             }
             Err(err) => {
@@ -1992,6 +1980,23 @@ impl Worker {
         // the tick): their detail is this call's, in its final batch, not late detail after it.
         for from in folded {
             self.on_join(from, call_id.clone(), incarnation);
+        }
+    }
+
+    /// Spools a call's summary (`json`) and queues it to go at once.
+    fn queue_core(&mut self, call_id: &Arc<str>, json: Vec<u8>) {
+        let meta = Meta {
+            core: true,
+            is_final: false,
+            late: false,
+            seq: 0,
+            spans: 0,
+            call_id: call_id.to_string(),
+            gzip: false,
+        };
+        let id = self.new_id();
+        if let Some(job) = self.make_job(id, call_id.clone(), meta, json) {
+            self.cores.push_back(job);
         }
     }
 
@@ -3556,48 +3561,11 @@ mod tests {
         assert_eq!(spooled(dir.path()), [(0, false, 2)]);
     }
 
-    /// A summary goes before the fsync covering its spool record ended (phase 1 does not
-    /// wait for the disk); a detail batch written before it still waits for that fsync.
+    /// With the fsync thread, a detail batch goes only once an fsync covering its spool
+    /// record ended; the worker goes on meanwhile instead of waiting for the disk. A summary
+    /// goes at once (phase 1 does not wait for the disk).
     #[tokio::test]
-    async fn a_summary_is_sent_without_waiting_for_the_fsync_of_its_record() {
-        let (url, seen) = recording_receiver(Duration::ZERO).await;
-        let dir = tempfile::tempdir().unwrap();
-        let (mut w, _stats) = sealing_worker(&url, dir.path(), 0);
-        w.syncer = Some(Syncer::spawn().unwrap());
-        let c: Arc<str> = "c".into();
-        feed(&mut w, &c, false, false, 2);
-        w.flush_buffer(&c);
-        let meta = Meta {
-            core: true,
-            is_final: false,
-            late: false,
-            seq: 0,
-            spans: 0,
-            call_id: c.to_string(),
-            gzip: false,
-        };
-        let id = w.new_id();
-        let core = w.make_job(id, c.clone(), meta, br#"{"core":1}"#.to_vec());
-        let core = core.expect("spooled");
-        let rec = core.rec.expect("written to the spool").0;
-        w.cores.push_back(core);
-        w.pump();
-        assert!(w.syncing.is_some(), "the fsync runs on its thread");
-        assert!(!w.spool.as_ref().unwrap().synced(rec));
-        assert_eq!(w.running.len(), 1, "the summary alone is sent");
-        assert_eq!(w.queue.len(), 1, "the detail batch waits for its fsync");
-        let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
-        assert_eq!(r, Delivery::Acked);
-        w.on_done(id, r);
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 1);
-        assert_eq!(seen[0].0, "c:core");
-    }
-
-    /// With the fsync thread, a payload goes only once an fsync covering its spool record
-    /// ended; the worker goes on meanwhile instead of waiting for the disk.
-    #[tokio::test]
-    async fn a_payload_is_sent_only_once_the_fsync_covering_its_record_ended() {
+    async fn a_detail_batch_waits_for_the_fsync_of_its_record_a_summary_does_not() {
         let (url, seen) = recording_receiver(Duration::ZERO).await;
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _stats) = sealing_worker(&url, dir.path(), 0);
@@ -3606,18 +3574,27 @@ mod tests {
         feed(&mut w, &c, false, false, 2);
         w.flush_buffer(&c);
         assert_eq!(w.queue.len(), 1);
+        let detail = w.queue[0].rec.expect("written to the spool").0;
+        w.queue_core(&c, br#"{"core":1}"#.to_vec());
+        let rec = w.cores[0].rec.expect("written to the spool").0;
         w.pump();
         assert!(w.syncing.is_some(), "the fsync runs on its thread");
-        assert!(w.running.is_empty(), "sent before its record was durable");
+        assert!(!w.spool.as_ref().unwrap().synced(rec));
+        assert_eq!(w.running.len(), 1, "the summary alone is sent");
+        assert_eq!(w.queue.len(), 1, "sent before its record was durable");
+        let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
+        assert_eq!(r, Delivery::Acked);
+        w.on_done(id, r);
         let done = next_synced(&mut w.syncing).await.unwrap();
         w.syncing = None;
         w.on_synced(done.ok());
-        assert!(!w.spool.as_ref().unwrap().dirty());
+        assert!(w.spool.as_ref().unwrap().synced(detail));
         w.pump();
         assert_eq!(w.running.len(), 1);
         let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();
         assert_eq!(r, Delivery::Acked);
         w.on_done(id, r);
-        assert_eq!(seen.lock().unwrap().len(), 1);
+        let keys: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(keys, ["c:core", "c:detail:0"]);
     }
 }
