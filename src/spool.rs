@@ -11,9 +11,10 @@
 //! duplicate the receiver drops by its idempotency key (keeping every ack-carrying segment
 //! instead would let one long-pending record pin all later segments on disk). At start,
 //! segments with nothing pending are deleted too, after every leftover segment was fsynced (a
-//! crashed run's acks may have been in the page cache only). After a failed fsync nothing is
-//! deleted until the process restarts: the files may then outgrow `CALLSCOPE_SPOOL_MAX_BYTES`,
-//! which counts pending records only.
+//! crashed run's acks may have been in the page cache only). After a failed fsync nothing more
+//! is found deletable until the process restarts (the files of segments an earlier, successful
+//! sync found deletable are still removed): the files may then outgrow
+//! `CALLSCOPE_SPOOL_MAX_BYTES`, which counts pending records only.
 //!
 //! A detail batch's number must never be used twice for its call, but the record that took
 //! it may be acknowledged and its segment deleted while other batches of the call are still
@@ -517,32 +518,40 @@ impl SyncJob {
     }
 }
 
-/// fsyncs each file (its data), and `dir` (a segment was created in it); stops at the first
-/// failure.
+/// fsyncs each file (its data), and `dir` (a segment was created in it). Every one is tried
+/// whatever the others gave (the records of each count as synced afterwards); the first
+/// failure is returned.
 fn sync_files<'a>(
     files: impl IntoIterator<Item = &'a Arc<File>>,
     dir: Option<&Path>,
 ) -> io::Result<()> {
+    let mut first = Ok(());
     for f in files {
-        fsync(f, false)?;
+        let r = fsync(f, false);
+        if first.is_ok() {
+            first = r;
+        }
     }
     // Make a new segment's name durable: until then a power loss can take the file, records
     // and all.
     if let Some(d) = dir {
         match File::open(d).and_then(|d| d.sync_all()) {
             Ok(()) => {}
-            // This platform cannot open or fsync a directory: nothing more can be done.
+            // The file system cannot fsync a directory, or (Windows) a directory cannot be
+            // opened as a file: nothing more can be done.
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::Unsupported
-                        | io::ErrorKind::InvalidInput
-                        | io::ErrorKind::PermissionDenied
-                ) => {}
-            Err(e) => return Err(e),
+                    io::ErrorKind::Unsupported | io::ErrorKind::InvalidInput
+                ) || (cfg!(windows) && e.kind() == io::ErrorKind::PermissionDenied) => {}
+            Err(e) => {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
         }
     }
-    Ok(())
+    first
 }
 
 /// What opening the spool found.
@@ -609,7 +618,13 @@ impl Spool {
         for &id in &ids {
             let path = seg_path(dir, id);
             let mut buf = Vec::new();
-            File::open(&path)?.read_to_end(&mut buf)?;
+            match File::open(&path) {
+                Ok(mut f) => f.read_to_end(&mut buf)?,
+                // Removed since it was listed: an earlier spool's fsync thread in this process
+                // deleting an acknowledged segment, as it may finish after that spool closed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let ok = recovery.scan(id, &buf);
             if ok < buf.len() {
                 opened.corrupt_tails += 1;
@@ -1170,11 +1185,11 @@ thread_local! {
 /// here fails one on request).
 fn fsync(f: &File, all: bool) -> io::Result<()> {
     #[cfg(test)]
+    tests::FSYNCS.with(|n| n.set(n.get() + 1));
+    #[cfg(test)]
     if tests::FAIL_FSYNC.with(std::cell::Cell::get) {
         return Err(io::Error::other("fsync failure injected by a test"));
     }
-    #[cfg(test)]
-    tests::FSYNCS.with(|n| n.set(n.get() + 1));
     if all { f.sync_all() } else { f.sync_data() }
 }
 
@@ -1188,8 +1203,17 @@ fn new_segment(dir: &Path, id: u64, marks: &[Payload]) -> io::Result<(Arc<File>,
     let marks = frame_all(marks);
     let mut head = marks.len() as u64;
     let mut written = true;
+    #[cfg(test)]
+    let fail = tests::FAIL_MARKS.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    let fail = false;
+    let wrote = if fail {
+        Err(io::Error::other("marks write failure injected by a test"))
+    } else {
+        f.write_all(&marks)
+    };
     if !marks.is_empty()
-        && let Err(e) = f.write_all(&marks)
+        && let Err(e) = wrote
     {
         tracing::warn!(segment = id, error = %e,
             "could not write the batch numbers of pending calls to a new spool segment: no segment is deleted in this run (check the disk)");
@@ -1232,7 +1256,9 @@ mod tests {
     thread_local! {
         /// Set: every `fsync` of the spool on this thread fails.
         pub(super) static FAIL_FSYNC: Cell<bool> = const { Cell::new(false) };
-        /// The `fsync`s of segment files on this thread so far.
+        /// Set: writing the marks at a new segment's head fails on this thread.
+        pub(super) static FAIL_MARKS: Cell<bool> = const { Cell::new(false) };
+        /// The `fsync`s of segment files tried on this thread so far.
         pub(super) static FSYNCS: Cell<u64> = const { Cell::new(0) };
     }
 
@@ -1638,6 +1664,35 @@ mod tests {
         assert_eq!(o.records.len(), 2);
     }
 
+    /// The same when the marks could not even be written at the new segment's head: the
+    /// segment starts without them, and nothing is deleted for the rest of the run.
+    #[test]
+    fn marks_that_failed_to_be_written_keep_every_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; SEGMENT_BYTES as usize];
+        let mut s = batch_4_acked_in_segment_1(dir.path());
+        let (rf, bf) = s.append(&meta(2), &big).unwrap();
+        s.sync().unwrap();
+        FAIL_MARKS.with(|f| f.set(true));
+        let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
+        FAIL_MARKS.with(|f| f.set(false));
+        assert_eq!(
+            (r.seg, r.off),
+            (2, 0),
+            "the new segment starts without its marks"
+        );
+        s.ack(rf, bf).unwrap();
+        s.sync().unwrap();
+        assert!(
+            seg_path(dir.path(), 1).exists(),
+            "deleted while the only durable trace of batch 4"
+        );
+        drop(s);
+        let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.numbers.pending(), [("c".into(), 5), ("d".into(), 1)]);
+        assert_eq!(o.records.len(), 2);
+    }
+
     /// Records written as a group keep their own places: read back before and after the group
     /// is written, acknowledged one by one, replayed after a restart; a group cut short
     /// brings back none of its records and none of its acks.
@@ -1984,7 +2039,10 @@ mod tests {
         assert!(result.is_err(), "the new segment's name is not durable");
         assert!(s.end_sync(job, result).is_err());
         assert!(s.synced(r1), "sent all the same, as after a failed fsync");
-        assert!(s.collectable().is_empty(), "nothing deleted after it");
+        assert!(
+            s.segs.contains_key(&0) && s.unlink.is_empty(),
+            "segment 0 deleted after it"
+        );
     }
 
     /// A rotation does not fsync (on the worker thread, it would wait for the disk): the
@@ -2010,13 +2068,17 @@ mod tests {
         s.end_sync(job, result).unwrap();
         assert!(s.synced(r0) && s.synced(r1) && !s.dirty());
         assert!(s.closed.is_empty(), "the old segment's handle is let go");
-        // The next rotation, with the sync here: the same.
+        // The next rotation, with the sync here: the same, and a failed fsync of the old
+        // segment does not leave the new one unsynced.
         let (r2, _) = s.append(&Meta::detail("c", 2), &big).unwrap();
         let (r3, _) = s.append(&Meta::detail("c", 3), b"{}").unwrap();
         assert_eq!((r2.seg, r3.seg), (1, 2));
         let before = fsyncs();
-        s.sync().unwrap();
-        assert_eq!(fsyncs(), before + 2);
+        fail_fsync(true);
+        let here = s.sync();
+        fail_fsync(false);
+        assert!(here.is_err());
+        assert_eq!(fsyncs(), before + 2, "both segments tried");
         assert!(s.synced(r3) && s.closed.is_empty());
     }
 }

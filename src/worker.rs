@@ -1173,7 +1173,7 @@ impl Worker {
     /// Holds a final batch until its core is acknowledged and its call has nothing else pending.
     fn hold(&mut self, job: Job) {
         let key = job.call.clone();
-        if self.ended_again_since(&key, job.id) {
+        if self.newer_final(&key, job.id) {
             // An earlier end's final, done compressing after the call id ended again: it goes
             // as is, and the hold and the core state stay the newer end's.
             return self.enqueue(job, false);
@@ -1189,11 +1189,16 @@ impl Worker {
     }
 
     /// Whether `key` ended again after the end whose final batch is job `id`: the newer end
-    /// is pending, or its final is held or being compressed. The call's core state and hold
-    /// are then the newer end's.
+    /// is pending, or [`newer_final`](Self::newer_final). The call's core state is then the
+    /// newer end's.
     fn ended_again_since(&self, key: &Arc<str>, id: u64) -> bool {
-        self.pending.contains_key(key)
-            || self.held.get(key).is_some_and(|h| h.job.id > id)
+        self.pending.contains_key(key) || self.newer_final(key, id)
+    }
+
+    /// Whether a final batch of `key` newer than job `id` is held or being compressed: the
+    /// hold is then that one's.
+    fn newer_final(&self, key: &Arc<str>, id: u64) -> bool {
+        self.held.get(key).is_some_and(|h| h.job.id > id)
             || self
                 .sealing
                 .iter()
@@ -1418,10 +1423,14 @@ impl Worker {
             Ok(None) => {}
             Ok(Some(job)) => {
                 let (tx, rx) = oneshot::channel();
-                if syncer.tx.send((job, tx)).is_ok() {
-                    self.syncing = Some(rx);
-                } else {
-                    self.syncer_gone();
+                match syncer.tx.send((job, tx)) {
+                    Ok(()) => self.syncing = Some(rx),
+                    Err(std::sync::mpsc::SendError((job, _))) => {
+                        // Run here what the thread cannot: its fsyncs and its removals.
+                        let result = job.run();
+                        self.on_synced(Some((job, result)));
+                        self.syncer_gone();
+                    }
                 }
             }
             Err(e) => {
@@ -3596,5 +3605,44 @@ mod tests {
         w.on_done(id, r);
         let keys: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
         assert_eq!(keys, ["c:core", "c:detail:0"]);
+    }
+
+    /// A sync the fsync thread can no longer take (it is gone) runs on the worker: its
+    /// fsyncs, and its removal of the segments an earlier sync found deletable, are not lost.
+    #[tokio::test]
+    async fn a_sync_the_fsync_thread_cannot_take_runs_on_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 0);
+        // Segment 0 filled, rotated away and acknowledged; a background sync found it
+        // deletable, so the next sync removes its file.
+        let spool = w.spool.as_mut().unwrap();
+        let big = vec![b'x'; 4 << 20];
+        let (r0, b0) = spool
+            .append(&crate::spool::Meta::detail("old", 0), &big)
+            .unwrap();
+        let (r1, _) = spool
+            .append(&crate::spool::Meta::detail("old", 1), b"{}")
+            .unwrap();
+        assert_eq!((r0.seg, r1.seg), (0, 1));
+        spool.ack(r0, b0).unwrap();
+        let job = spool.begin_sync().unwrap().unwrap();
+        let result = job.run();
+        spool.end_sync(job, result).unwrap();
+        let seg0 = dir.path().join(format!("{:020}.seg", 0));
+        assert!(seg0.exists());
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(rx);
+        w.syncer = Some(Syncer { tx });
+        let c: Arc<str> = "c".into();
+        feed(&mut w, &c, false, false, 2);
+        w.flush_buffer(&c);
+        let rec = w.queue[0].rec.unwrap().0;
+        w.start_sync();
+        assert!(w.syncer.is_none() && w.syncing.is_none());
+        assert!(w.spool.as_ref().unwrap().synced(rec));
+        assert!(
+            !seg0.exists(),
+            "the removal went with the sync the thread could not take"
+        );
     }
 }
