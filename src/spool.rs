@@ -615,6 +615,7 @@ impl Spool {
         // One segment in memory at a time.
         let mut recovery = Recovery::default();
         let mut opened = Opened::default();
+        let mut present = Vec::with_capacity(ids.len());
         for &id in &ids {
             let path = seg_path(dir, id);
             let mut buf = Vec::new();
@@ -625,6 +626,7 @@ impl Spool {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
+            present.push(id);
             let ok = recovery.scan(id, &buf);
             if ok < buf.len() {
                 opened.corrupt_tails += 1;
@@ -641,6 +643,13 @@ impl Spool {
                     .set_len(ok as u64)?;
             }
         }
+        // Past every id listed, removed or not: a file an earlier spool's thread is still to
+        // remove must not be taken for the new one.
+        let cur_id = match ids.last() {
+            Some(l) => l.checked_add(1).ok_or_else(ids_exhausted)?,
+            None => 0,
+        };
+        let ids = present;
         let (records, mut numbers) = recovery.finish();
         let mut segs: BTreeMap<u64, Segment> =
             ids.iter().map(|&id| (id, Segment::default())).collect();
@@ -651,10 +660,6 @@ impl Spool {
             s.live_bytes += r.bytes;
             live_bytes += r.bytes;
         }
-        let cur_id = match ids.last() {
-            Some(l) => l.checked_add(1).ok_or_else(ids_exhausted)?,
-            None => 0,
-        };
         // The marks go first: the segments that held the numbers may be deleted below.
         let (cur, cur_head, mut marked) = new_segment(dir, cur_id, &numbers.rotate())?;
         // Durable before the segments that held the numbers are deleted.
@@ -2017,6 +2022,26 @@ mod tests {
             assert_eq!(seg0.exists(), fails);
             assert!(s.synced(r1), "sent all the same after a failed fsync");
         }
+    }
+
+    /// A segment listed but gone when it is opened (an earlier spool's fsync thread in the
+    /// same process removing it; here a dangling link) is skipped: the spool opens, numbers
+    /// its new segment past it, and still deletes what is acknowledged.
+    #[cfg(unix)]
+    #[test]
+    fn a_segment_removed_while_the_spool_opens_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&meta(1), b"{}").unwrap();
+        drop(s);
+        std::os::unix::fs::symlink(dir.path().join("gone"), seg_path(dir.path(), 5)).unwrap();
+        let (mut s, o) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(o.records.len(), 1);
+        let (r, _) = s.append(&meta(2), b"{}").unwrap();
+        assert_eq!(r.seg, 6, "numbered past the segment that went");
+        s.ack(o.records[0].id, o.records[0].bytes).unwrap();
+        s.sync().unwrap();
+        assert!(!seg_path(dir.path(), 0).exists(), "deletes as usual");
     }
 
     /// A new segment's name is made durable by the sync that covers its records: a directory
