@@ -1641,61 +1641,44 @@ mod tests {
         assert!(!seg0.exists());
     }
 
-    /// A new segment whose marks could not be made durable deletes no segment for the rest
-    /// of the run: the one holding a pending call's highest, acknowledged batch stays, and the
-    /// next start still finds the number.
+    /// A new segment whose marks could not be made durable (their fsync failed) or not even
+    /// written at its head deletes no segment for the rest of the run: the one holding a
+    /// pending call's highest, acknowledged batch stays, and the next start still finds the
+    /// number.
     #[test]
-    fn marks_that_failed_to_sync_keep_every_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let big = vec![b'x'; SEGMENT_BYTES as usize];
-        let mut s = batch_4_acked_in_segment_1(dir.path());
-        let (rf, bf) = s.append(&meta(2), &big).unwrap();
-        s.sync().unwrap();
-        // Segment 1 is full: the next record starts segment 2, whose marks fail to sync.
-        let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
-        assert_eq!(r.seg, 2);
-        s.ack(rf, bf).unwrap();
-        fail_fsync(true);
-        assert!(s.sync().is_err());
-        fail_fsync(false);
-        s.sync().unwrap();
-        assert!(
-            seg_path(dir.path(), 1).exists(),
-            "deleted while the only durable trace of batch 4"
-        );
-        drop(s);
-        let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(s.numbers.pending(), [("c".into(), 5), ("d".into(), 1)]);
-        assert_eq!(o.records.len(), 2);
-    }
-
-    /// The same when the marks could not even be written at the new segment's head: the
-    /// segment starts without them, and nothing is deleted for the rest of the run.
-    #[test]
-    fn marks_that_failed_to_be_written_keep_every_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let big = vec![b'x'; SEGMENT_BYTES as usize];
-        let mut s = batch_4_acked_in_segment_1(dir.path());
-        let (rf, bf) = s.append(&meta(2), &big).unwrap();
-        s.sync().unwrap();
-        FAIL_MARKS.with(|f| f.set(true));
-        let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
-        FAIL_MARKS.with(|f| f.set(false));
-        assert_eq!(
-            (r.seg, r.off),
-            (2, 0),
-            "the new segment starts without its marks"
-        );
-        s.ack(rf, bf).unwrap();
-        s.sync().unwrap();
-        assert!(
-            seg_path(dir.path(), 1).exists(),
-            "deleted while the only durable trace of batch 4"
-        );
-        drop(s);
-        let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(s.numbers.pending(), [("c".into(), 5), ("d".into(), 1)]);
-        assert_eq!(o.records.len(), 2);
+    fn marks_that_failed_to_reach_the_disk_keep_every_segment() {
+        for write_fails in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let big = vec![b'x'; SEGMENT_BYTES as usize];
+            let mut s = batch_4_acked_in_segment_1(dir.path());
+            let (rf, bf) = s.append(&meta(2), &big).unwrap();
+            s.sync().unwrap();
+            // Segment 1 is full: the next record starts segment 2, with marks.
+            FAIL_MARKS.with(|f| f.set(write_fails));
+            let (r, _) = s.append(&Meta::detail("d", 0), b"{}").unwrap();
+            FAIL_MARKS.with(|f| f.set(false));
+            assert_eq!(r.seg, 2);
+            assert_eq!(
+                r.off == 0,
+                write_fails,
+                "the segment starts without its marks"
+            );
+            s.ack(rf, bf).unwrap();
+            if !write_fails {
+                fail_fsync(true);
+                assert!(s.sync().is_err());
+                fail_fsync(false);
+            }
+            s.sync().unwrap();
+            assert!(
+                seg_path(dir.path(), 1).exists(),
+                "deleted while the only durable trace of batch 4"
+            );
+            drop(s);
+            let (s, o) = Spool::open(dir.path(), 1 << 30).unwrap();
+            assert_eq!(s.numbers.pending(), [("c".into(), 5), ("d".into(), 1)]);
+            assert_eq!(o.records.len(), 2);
+        }
     }
 
     /// Records written as a group keep their own places: read back before and after the group
