@@ -448,7 +448,8 @@ struct Worker {
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
     running_detail: usize,
-    /// Summaries not yet dispatched (only while the shutdown deadline has passed).
+    /// Summaries not yet dispatched: they go at the next `pump` (and stay once the shutdown
+    /// deadline has passed).
     cores: VecDeque<Job>,
     /// Detail batches waiting for an upload slot, oldest first.
     queue: VecDeque<Job>,
