@@ -637,10 +637,12 @@ impl Spool {
                     cut_bytes = buf.len() - ok,
                     "spool segment has a torn or corrupt tail: cut off, the records before it are replayed"
                 );
-                File::options()
-                    .write(true)
-                    .open(&path)?
-                    .set_len(ok as u64)?;
+                match File::options().write(true).open(&path) {
+                    Ok(f) => f.set_len(ok as u64)?,
+                    // Removed since it was read (as above): it held nothing pending.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         // Past every id listed, removed or not: a file an earlier spool's thread is still to
@@ -700,15 +702,20 @@ impl Spool {
         {
             for id in &ids {
                 let path = seg_path(dir, *id);
-                if let Err(e) = File::options()
+                match File::options()
                     .write(true)
                     .open(&path)
                     .and_then(|f| fsync(&f, true))
                 {
-                    tracing::warn!(segment = %path.display(), error = %e,
+                    Ok(()) => {}
+                    // Removed since it was read (as above): it held nothing pending.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(segment = %path.display(), error = %e,
                         "could not fsync a spool segment left by an earlier run: no segment is deleted in this run (check the disk); acknowledged records may be sent again after a restart");
-                    spool.sync_failed = true;
-                    break;
+                        spool.sync_failed = true;
+                        break;
+                    }
                 }
             }
         }

@@ -1174,9 +1174,10 @@ impl Worker {
     /// Holds a final batch until its core is acknowledged and its call has nothing else pending.
     fn hold(&mut self, job: Job) {
         let key = job.call.clone();
-        if self.newer_final(&key, job.id) {
+        if self.ended_again_since(&key, job.id) {
             // An earlier end's final, done compressing after the call id ended again: it goes
-            // as is, and the hold and the core state stay the newer end's.
+            // as is (the hold and the core state are the newer end's; waiting on them, it
+            // could be made plain by the newer end's failed summary).
             return self.enqueue(job, false);
         }
         self.mem_bytes += job.mem();
@@ -1190,16 +1191,11 @@ impl Worker {
     }
 
     /// Whether `key` ended again after the end whose final batch is job `id`: the newer end
-    /// is pending, or [`newer_final`](Self::newer_final). The call's core state is then the
-    /// newer end's.
+    /// is pending, or its final is held or being compressed. The call's core state and hold
+    /// are then the newer end's.
     fn ended_again_since(&self, key: &Arc<str>, id: u64) -> bool {
-        self.pending.contains_key(key) || self.newer_final(key, id)
-    }
-
-    /// Whether a final batch of `key` newer than job `id` is held or being compressed: the
-    /// hold is then that one's.
-    fn newer_final(&self, key: &Arc<str>, id: u64) -> bool {
-        self.held.get(key).is_some_and(|h| h.job.id > id)
+        self.pending.contains_key(key)
+            || self.held.get(key).is_some_and(|h| h.job.id > id)
             || self
                 .sealing
                 .iter()
@@ -1398,10 +1394,10 @@ impl Worker {
         }
     }
 
-    /// One fsync for everything written to the spool since the last one.
+    /// One fsync for everything written to the spool since the last one (if anything was),
+    /// and the removal of the segments found deletable.
     fn sync_spool(&mut self) {
         if let Some(spool) = self.spool.as_mut()
-            && spool.dirty()
             && let Err(e) = spool.sync()
         {
             Counters::inc(&self.stats.spool_errors);
@@ -3533,6 +3529,28 @@ mod tests {
         let queued: Vec<u64> = w.queue.iter().map(|j| j.id).collect();
         assert_eq!(queued, [first], "the first final goes as is");
         assert_eq!(w.mem_bytes, w.held[&c].job.mem() + w.queue[0].mem());
+    }
+
+    /// The same while the call id's second end still waits for its spans: the first final
+    /// goes as is. Held, it would wait on the second end's summary, and be made a plain
+    /// batch should that summary fail.
+    #[tokio::test]
+    async fn a_final_compressed_while_its_call_ids_next_end_is_pending_goes_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let c: Arc<str> = "again".into();
+        let first = end_again(&mut w, &c, 2);
+        let state = CallState::new(c.clone(), false, 0, 1 << 16);
+        let reason = crate::registry::EndReason::RootSpanEnded;
+        w.on_end(Ended { state, reason }, w.received + 1);
+        assert!(
+            w.pending.contains_key(&c),
+            "the second end waits for a chunk"
+        );
+        seal_one(&mut w).await;
+        assert!(w.held.is_empty(), "held under the second end's summary");
+        let queued: Vec<(u64, bool)> = w.queue.iter().map(|j| (j.id, j.meta.is_final)).collect();
+        assert_eq!(queued, [(first, true)]);
     }
 
     /// The same, when the spool is full by the time the first final is compressed: it is
