@@ -527,10 +527,7 @@ fn sync_files<'a>(
 ) -> io::Result<()> {
     let mut first = Ok(());
     for f in files {
-        let r = fsync(f, false);
-        if first.is_ok() {
-            first = r;
-        }
+        first = first.and(fsync(f, false));
     }
     // Make a new segment's name durable: until then a power loss can take the file, records
     // and all.
@@ -544,11 +541,7 @@ fn sync_files<'a>(
                     e.kind(),
                     io::ErrorKind::Unsupported | io::ErrorKind::InvalidInput
                 ) || (cfg!(windows) && e.kind() == io::ErrorKind::PermissionDenied) => {}
-            Err(e) => {
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
+            Err(e) => first = first.and(Err(e)),
         }
     }
     first
@@ -964,11 +957,11 @@ impl Spool {
     /// being written (it also removes the files of segments found deletable); `None` if
     /// there is nothing to do. Hand it back to [`end_sync`](Self::end_sync) with what
     /// [`SyncJob::run`] returned.
-    pub(crate) fn begin_sync(&mut self) -> io::Result<Option<SyncJob>> {
+    pub(crate) fn begin_sync(&mut self) -> Option<SyncJob> {
         let upto = (self.cur_id, self.cur_len);
         let from = self.begun;
         if from >= upto && self.unlink.is_empty() {
-            return Ok(None);
+            return None;
         }
         let mut files = Vec::new();
         if from < upto {
@@ -983,14 +976,14 @@ impl Spool {
             files.push(self.cur.clone());
         }
         self.begun = upto.max(from);
-        Ok(Some(SyncJob {
+        Some(SyncJob {
             dir: self.dir.clone(),
             files,
             sync_dir: from.0 < upto.0,
             upto,
             done: self.collectable(),
             unlink: std::mem::take(&mut self.unlink),
-        }))
+        })
     }
 
     /// Applies a [`SyncJob`] that ran: its records count as synced, and the segments that
@@ -1938,11 +1931,11 @@ mod tests {
     fn a_background_sync_covers_what_was_written_before_it_began() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert!(s.begin_sync().unwrap().is_none(), "nothing written");
+        assert!(s.begin_sync().is_none(), "nothing written");
         let (r1, _) = s.append(&Meta::detail("c", 0), b"{}").unwrap();
         assert!(!s.synced(r1));
-        let job = s.begin_sync().unwrap().expect("r1 to sync");
-        assert!(s.begin_sync().unwrap().is_none(), "r1 is being synced");
+        let job = s.begin_sync().expect("r1 to sync");
+        assert!(s.begin_sync().is_none(), "r1 is being synced");
         let (r2, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
         assert!(!s.synced(r1), "synced before its fsync ended");
         let result = job.run();
@@ -1950,7 +1943,7 @@ mod tests {
         assert!(s.synced(r1));
         assert!(!s.synced(r2));
         assert!(s.dirty());
-        let job = s.begin_sync().unwrap().expect("r2 to sync");
+        let job = s.begin_sync().expect("r2 to sync");
         let result = job.run();
         s.end_sync(job, result).unwrap();
         assert!(s.synced(r2) && !s.dirty());
@@ -1963,7 +1956,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
         let (r, _) = s.append(&Meta::detail("c", 0), b"{}").unwrap();
-        let job = s.begin_sync().unwrap().unwrap();
+        let job = s.begin_sync().unwrap();
         assert!(s.dirty());
         fail_fsync(true);
         let here = s.sync();
@@ -1988,7 +1981,7 @@ mod tests {
             let (r1, _) = s.append(&Meta::detail("c", 1), b"{}").unwrap();
             assert_eq!((r0.seg, r1.seg), (0, 1));
             s.ack(r0, b0).unwrap();
-            let job = s.begin_sync().unwrap().unwrap();
+            let job = s.begin_sync().unwrap();
             assert!(job.unlink.is_empty(), "deleted before its ack is durable");
             let result = if fails {
                 Err(io::Error::other("fsync failure injected by a test"))
@@ -1999,7 +1992,7 @@ mod tests {
             let seg0 = seg_path(dir.path(), 0);
             assert!(seg0.exists(), "its file goes with the next sync");
             // Nothing was written since: the next sync only removes files.
-            let next = s.begin_sync().unwrap();
+            let next = s.begin_sync();
             assert_eq!(next.is_some(), !fails);
             if let Some(job) = next {
                 assert!(job.files.is_empty());
@@ -2049,7 +2042,7 @@ mod tests {
         assert_eq!(r1.seg, 1);
         s.ack(r0, b0).unwrap();
         fs::remove_dir_all(&spool_dir).unwrap();
-        let job = s.begin_sync().unwrap().unwrap();
+        let job = s.begin_sync().unwrap();
         let result = job.run();
         assert!(result.is_err(), "the new segment's name is not durable");
         assert!(s.end_sync(job, result).is_err());
@@ -2075,7 +2068,7 @@ mod tests {
         assert_eq!((r0.seg, r1.seg), (0, 1), "the second record rotated");
         assert_eq!(fsyncs(), before, "the rotation fsynced");
         assert!(!s.synced(r0) && !s.synced(r1));
-        let job = s.begin_sync().unwrap().unwrap();
+        let job = s.begin_sync().unwrap();
         assert!(job.sync_dir, "the new segment's name is made durable");
         let result = job.run();
         assert_eq!(fsyncs(), before + 2, "both segments fsynced");

@@ -1416,23 +1416,17 @@ impl Worker {
         let (Some(syncer), Some(spool)) = (&self.syncer, self.spool.as_mut()) else {
             return self.sync_spool();
         };
-        match spool.begin_sync() {
-            Ok(None) => {}
-            Ok(Some(job)) => {
-                let (tx, rx) = oneshot::channel();
-                match syncer.tx.send((job, tx)) {
-                    Ok(()) => self.syncing = Some(rx),
-                    Err(std::sync::mpsc::SendError((job, _))) => {
-                        // Run here what the thread cannot: its fsyncs and its removals.
-                        let result = job.run();
-                        self.on_synced(Some((job, result)));
-                        self.syncer_gone();
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "could not hand the spool's fsync to its thread; fsyncing here");
-                self.sync_spool();
+        let Some(job) = spool.begin_sync() else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        match syncer.tx.send((job, tx)) {
+            Ok(()) => self.syncing = Some(rx),
+            Err(std::sync::mpsc::SendError((job, _))) => {
+                // Run here what the thread cannot: its fsyncs and its removals.
+                let result = job.run();
+                self.on_synced(Some((job, result)));
+                self.syncer_gone();
             }
         }
     }
@@ -3644,7 +3638,7 @@ mod tests {
             .unwrap();
         assert_eq!((r0.seg, r1.seg), (0, 1));
         spool.ack(r0, b0).unwrap();
-        let job = spool.begin_sync().unwrap().unwrap();
+        let job = spool.begin_sync().unwrap();
         let result = job.run();
         spool.end_sync(job, result).unwrap();
         let seg0 = dir.path().join(format!("{:020}.seg", 0));
