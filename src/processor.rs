@@ -295,6 +295,9 @@ impl SpanProcessor for CallSpanProcessor {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         let started = Instant::now();
+        // Before the ends below: the stop request must not wait behind call ends the worker
+        // holds back while too many payloads are outstanding.
+        a.worker.stopping.store(true, Ordering::Release);
         for e in a.reg.end_all(EndReason::Shutdown) {
             a.send_end(e);
         }

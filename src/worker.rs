@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -258,6 +258,9 @@ pub(crate) struct Handle {
     pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
+    /// Set by `shutdown` before it asks the worker to stop: the worker then takes control
+    /// messages past its backlog limit, so the request is not stuck behind call ends.
+    pub stopping: Arc<AtomicBool>,
     /// Spans queued (`CALLSCOPE_QUEUE_SIZE`); the bytes of packed spans are bounded by the
     /// registry's budget (`Registry::pack`).
     pub queue_spans: Arc<Budget>,
@@ -426,8 +429,10 @@ struct Worker {
     enqueued: Arc<AtomicU64>,
     ends_queued: Arc<AtomicUsize>,
     queue_spans: Arc<Budget>,
-    /// Outstanding payloads above which control messages wait (see the run loop).
+    /// Outstanding payloads above which control messages wait (see [`Worker::takes_control`]).
     backlog_limit: usize,
+    /// The processor is shutting down (see [`Handle::stopping`]).
+    stopping: Arc<AtomicBool>,
     buffers: HashMap<Arc<str>, Buf>,
     /// Provisional calls folded into a call: its id and registry number.
     redirects: HashMap<Arc<str>, Redirect>,
@@ -503,6 +508,7 @@ impl Worker {
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let enqueued = Arc::new(AtomicU64::new(0));
         let ends_queued = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
         let queue_spans = Arc::new(Budget::new(cfg.queue_size));
         let backlog_limit = cfg.max_open_calls.max(1024);
         let ended_seqs_kept = registry.ended_cap().saturating_mul(2).max(ENDED_SEQS_KEPT);
@@ -524,6 +530,7 @@ impl Worker {
             ends_queued: ends_queued.clone(),
             queue_spans: queue_spans.clone(),
             backlog_limit,
+            stopping: stopping.clone(),
             buffers: HashMap::new(),
             redirects: HashMap::new(),
             pending: HashMap::new(),
@@ -566,6 +573,7 @@ impl Worker {
             control: ctrl_tx,
             enqueued,
             ends_queued,
+            stopping,
             queue_spans,
             thread: std::sync::Mutex::new(None),
         };
@@ -607,9 +615,7 @@ impl Worker {
             let nap_end = nap.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
-                // With too many payloads outstanding, stop taking call ends: the backlog then
-                // stays in the channel, where the processor bounds it (counted drops).
-                c = self.ctrl_rx.recv(), if self.ctrl_open && self.outstanding() < self.backlog_limit => {
+                c = self.ctrl_rx.recv(), if self.ctrl_open && self.takes_control() => {
                     // Ends and flushes refer to spans queued before them: no napping now.
                     nap = None;
                     match c {
@@ -678,8 +684,7 @@ impl Worker {
         while n < DRAIN_MAX {
             if n >= next_control {
                 next_control = n + CONTROL_EVERY;
-                // Same backlog rule as the run loop: no call ends while too much is outstanding.
-                while self.outstanding() < self.backlog_limit
+                while self.takes_control()
                     && let Ok(c) = self.ctrl_rx.try_recv()
                 {
                     self.on_control(c);
@@ -2211,7 +2216,6 @@ impl Worker {
         }
     }
 
-    /// The oldest job not yet settled.
     /// Jobs not yet settled (queued, held or running).
     fn outstanding(&self) -> usize {
         self.queue.len()
@@ -2221,6 +2225,19 @@ impl Worker {
             + self.sealing.len()
     }
 
+    /// Whether control messages are taken now. With too many payloads outstanding (a flood of
+    /// call ends against a slow or down receiver) call ends wait in the channel, where the
+    /// processor bounds them (counted drops). Not once the processor is shutting down or gone:
+    /// its stop request (or the closed channel) is behind those ends, and only once it is taken
+    /// does the worker keep its deadline and count what it could not deliver. Taking the ends
+    /// then holds at most the processor's bound of them as summaries.
+    fn takes_control(&self) -> bool {
+        self.outstanding() < self.backlog_limit
+            || self.stopping.load(Ordering::Acquire)
+            || self.ctrl_rx.is_closed()
+    }
+
+    /// The oldest job not yet settled.
     fn oldest_job(&self) -> Option<u64> {
         let q = self.queue.iter().chain(&self.cores).map(|j| j.id);
         let h = self.held.values().map(|h| h.job.id);

@@ -7,9 +7,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use callscope::{CallSpanProcessor, CallSpanProcessorBuilder, StatsHandle};
+use callscope::{CallSpanProcessor, CallSpanProcessorBuilder, DetailMode, StatsHandle};
 use opentelemetry::trace::{Span, TraceContextExt, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::Value;
 use support::voice::{self, CallShape, Truth};
@@ -700,7 +701,6 @@ fn force_flush_delivers_spans_of_open_calls() {
 /// the summary still counts every span.
 #[test]
 fn critical_detail_sends_tools_errors_and_slow_spans_and_counts_the_rest() {
-    use callscope::DetailMode;
     use opentelemetry::trace::Status;
     let rx = Receiver::start();
     let (provider, stats) = setup(&rx, |b| {
@@ -890,31 +890,16 @@ fn a_provisional_call_naming_an_ended_call_reuses_no_batch_number() {
     );
 }
 
-/// A processor dropped without `shutdown` (never registered with a provider, or leaked out of
-/// one) has its worker deliver what it can "briefly": 5 s, then what is undelivered is counted.
-/// The closed control channel must not win every turn of the worker's loop (the tick that
-/// enforces the deadline is then never taken: it spins, retrying, far past the 5 s).
-#[test]
-fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
+/// A call's root span, ended, as the SDK hands it to a processor: trace `trace`, `call_id` set.
+fn root_span(trace: u128, call_id: &str) -> opentelemetry_sdk::trace::SpanData {
     use opentelemetry::trace::{
         SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
     };
-    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks, SpanProcessor};
-    // The receiver never takes anything: the summary is retried until the worker gives up.
-    let rx = Receiver::scripted(|_, _, _| Reply::status(503));
-    support::init_logs();
-    let p = CallSpanProcessor::builder()
-        .without_env()
-        .endpoint(rx.url())
-        .agent_id("test-agent")
-        .retry_max_elapsed(Duration::from_secs(300))
-        .build()
-        .unwrap();
-    let stats = p.stats_handle();
+    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     let t0 = t0(1);
-    p.on_end(SpanData {
+    SpanData {
         span_context: SpanContext::new(
-            TraceId::from(0xd0u128),
+            TraceId::from(trace),
             SpanId::from(1),
             TraceFlags::SAMPLED,
             false,
@@ -926,13 +911,34 @@ fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
         name: "agent_session".into(),
         start_time: t0,
         end_time: t0 + Duration::from_secs(1),
-        attributes: vec![KeyValue::new("call_id", "dropped-1")],
+        attributes: vec![KeyValue::new("call_id", call_id.to_owned())],
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
         links: SpanLinks::default(),
         status: Status::Unset,
         instrumentation_scope: Default::default(),
-    });
+    }
+}
+
+/// A processor dropped without `shutdown` (never registered with a provider, or leaked out of
+/// one) has its worker deliver what it can "briefly": 5 s, then what is undelivered is counted.
+/// The closed control channel must not win every turn of the worker's loop (the tick that
+/// enforces the deadline is then never taken: it spins, retrying, far past the 5 s).
+#[test]
+fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
+    use opentelemetry_sdk::trace::SpanProcessor;
+    // The receiver never takes anything: the summary is retried until the worker gives up.
+    let rx = Receiver::scripted(|_, _, _| Reply::status(503));
+    support::init_logs();
+    let p = CallSpanProcessor::builder()
+        .without_env()
+        .endpoint(rx.url())
+        .agent_id("test-agent")
+        .retry_max_elapsed(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let stats = p.stats_handle();
+    p.on_end(root_span(0xd0, "dropped-1"));
     assert!(
         rx.wait_for(WAIT, |r| !r.is_empty()),
         "the summary was never tried"
@@ -946,4 +952,77 @@ fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
         "20 s after the drop the undelivered summary is still not given up: {:?}",
         stats.snapshot()
     );
+}
+
+/// Call ends past the worker's backlog: summaries outstanding up to its limit (1,024 at least),
+/// as many ends again waiting in the control channel, the rest dropped at the processor.
+const FLOOD_CALLS: u64 = 2_200;
+
+/// A processor whose receiver is down (connections refused: every summary is retried, for up
+/// to 300 s), with [`FLOOD_CALLS`] calls ended on it. `max_open_calls` is below the 1,024 the
+/// backlog limits start from, and only summaries are sent.
+fn flooded() -> (CallSpanProcessor, StatsHandle) {
+    use opentelemetry_sdk::trace::SpanProcessor;
+    support::init_logs();
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = CallSpanProcessor::builder()
+        .without_env()
+        .endpoint(format!("http://{down}/v1/calls"))
+        .agent_id("test-agent")
+        .retry_max_elapsed(Duration::from_secs(300))
+        .max_open_calls(100)
+        .detail(DetailMode::None)
+        .build()
+        .unwrap();
+    let stats = p.stats_handle();
+    for i in 0..FLOOD_CALLS {
+        p.on_end(root_span(0x1000 + u128::from(i), &format!("flood-{i}")));
+    }
+    (p, stats)
+}
+
+/// A shutdown during a flood of call ends against a down receiver: its stop request comes
+/// behind ends the worker holds back. It must still reach the worker, which then counts every
+/// summary it could not deliver before it answers (before, the shutdown timed out waiting and
+/// the summaries outstanding or held back were never counted).
+#[test]
+fn a_shutdown_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
+    use opentelemetry_sdk::trace::SpanProcessor;
+    let (p, stats) = flooded();
+    let result = p.shutdown_with_timeout(Duration::from_secs(3));
+    let s = stats.snapshot();
+    // Nothing was delivered in time: the shutdown says so.
+    assert!(
+        matches!(result, Err(OTelSdkError::Timeout(_))),
+        "{result:?}"
+    );
+    assert_eq!(s.summaries_sent, 0);
+    assert!(
+        s.summaries_dropped_backlog > 0,
+        "no backlog was reached: {s:?}"
+    );
+    assert_eq!(s.summaries_failed, FLOOD_CALLS, "{s:?}");
+}
+
+/// The same flood with the processor dropped without a shutdown: its closed channel is behind
+/// the held-back ends too, and the worker's grace period (5 s) must still end with every
+/// undelivered summary counted.
+#[test]
+fn a_processor_dropped_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
+    let (p, stats) = flooded();
+    drop(p);
+    // No signal exists for a dropped processor's last count: look every 50 ms, for at most 20 s.
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while stats.snapshot().summaries_failed < FLOOD_CALLS && std::time::Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = stats.snapshot();
+    assert!(
+        s.summaries_dropped_backlog > 0,
+        "no backlog was reached: {s:?}"
+    );
+    assert_eq!(s.summaries_failed, FLOOD_CALLS, "{s:?}");
 }
