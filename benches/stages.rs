@@ -162,7 +162,7 @@ fn stages(c: &mut Criterion) {
     );
     // The transport's level is `hooks::GZIP_LEVEL`; each level's ratio is printed here and its
     // speed is a criterion line of its own (same run), for the trade in BENCHMARKS.md.
-    for level in [1u32, 2, 3, 6] {
+    for level in [1u32, 2, 3, 4, 5, 6] {
         let out = hooks::gzip(&json, level);
         eprintln!(
             "gzip level {level}{}: {:.3} of raw",

@@ -160,8 +160,9 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 
 /// `CALLSCOPE_GZIP_LEVEL`: gzip level of request bodies, 0 (store) to 9 (smallest).
 pub const ENV_GZIP_LEVEL: &str = "CALLSCOPE_GZIP_LEVEL";
-/// Default of `CALLSCOPE_GZIP_LEVEL`: 1, the fastest (about 1/4 of the JSON on voice-agent
-/// spans); 3 gives about 1/5 for three times the compression CPU (see BENCHMARKS.md).
+/// Default of `CALLSCOPE_GZIP_LEVEL`: 1, the fastest (about 0.32 of the JSON on voice-agent
+/// spans with the default zlib-rs backend); 5 gives about 1/5 for 4.7 times the compression
+/// CPU (see BENCHMARKS.md).
 pub const DEFAULT_GZIP_LEVEL: u32 = 1;
 
 /// Longest accepted value of any `*_MS` variable (and of any duration set in code): 365 days.
