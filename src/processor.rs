@@ -20,8 +20,6 @@ use crate::stats::{Counters, Stats};
 use crate::transport::{Sink, Transport};
 use crate::worker::{self, Control, DetailMsg};
 
-/// Smallest bound on ended calls waiting for the worker.
-const MIN_ENDS_BACKLOG: usize = 1024;
 /// Shortest wait of `force_flush` for the worker (it waits `3 × CALLSCOPE_TIMEOUT_MS` or this).
 const MIN_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
@@ -187,19 +185,20 @@ impl Active {
     }
 
     fn send_ends(&self, ends: Routed) {
+        let limit = self.reg.config.max_open_calls.max(worker::MIN_BACKLOG);
         for e in ends.ended {
-            self.send_end(e);
+            self.send_end(e, limit);
         }
     }
 
-    /// Hands an ended call to the worker. Never blocks: past `CALLSCOPE_MAX_OPEN_CALLS` ended
-    /// calls waiting for the worker (call ends arriving faster than summaries are built), the
-    /// summary is dropped and counted, so memory stays bounded whatever the input.
-    fn send_end(&self, e: Ended) {
+    /// Hands an ended call to the worker. Never blocks: past `limit` ended calls waiting for
+    /// the worker (call ends arriving faster than summaries are built; `CALLSCOPE_MAX_OPEN_CALLS`,
+    /// at least [`worker::MIN_BACKLOG`]), the summary is dropped and counted, so memory stays
+    /// bounded whatever the input.
+    fn send_end(&self, e: Ended, limit: usize) {
         let stats = &self.reg.stats;
         // The call's last packed spans travel with its end and are lost with it.
         let leftover = e.state.chunk.as_ref().map_or(0, |c| c.spans() as u64);
-        let limit = self.reg.config.max_open_calls.max(MIN_ENDS_BACKLOG);
         if self.worker.ends_queued.fetch_add(1, Ordering::AcqRel) >= limit {
             self.worker.ends_queued.fetch_sub(1, Ordering::AcqRel);
             Counters::inc(&stats.summaries_failed);
@@ -297,9 +296,11 @@ impl SpanProcessor for CallSpanProcessor {
         let started = Instant::now();
         // Before the ends below: the stop request must not wait behind call ends the worker
         // holds back while too many payloads are outstanding.
-        a.worker.stopping.store(true, Ordering::Release);
+        a.worker.stopping.set();
+        // Not held to the bound on queued ends: these are at most the open calls (a bound of
+        // their own), and the worker now takes every end queued.
         for e in a.reg.end_all(EndReason::Shutdown) {
-            a.send_end(e);
+            a.send_end(e, usize::MAX);
         }
         // The worker stops a little before the caller's deadline so it can count what is lost.
         let deadline = started + timeout.mul_f64(0.9);

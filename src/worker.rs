@@ -75,6 +75,29 @@ const NAPPING: u8 = 2;
 /// per sleep), or every `wake_every`-th chunk while it naps. The worker checks the queue after
 /// saying so (`enqueued` against what it received), so a chunk is never left behind: either the
 /// worker sees it, or the producer sees the worker asleep and wakes it.
+/// Payloads outstanding (and call ends queued to the worker) at which a flood of call ends is
+/// held back, whatever `CALLSCOPE_MAX_OPEN_CALLS` says below it.
+pub(crate) const MIN_BACKLOG: usize = 1024;
+
+/// The processor's shutdown has begun: set once, and the worker woken to see it.
+#[derive(Debug, Default)]
+pub(crate) struct Stopping {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stopping {
+    /// Says so, and wakes the worker (a stored permit if it is not waiting yet).
+    pub(crate) fn set(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Wake {
     state: AtomicU8,
@@ -260,7 +283,7 @@ pub(crate) struct Handle {
     pub ends_queued: Arc<AtomicUsize>,
     /// Set by `shutdown` before it asks the worker to stop: the worker then takes control
     /// messages past its backlog limit, so the request is not stuck behind call ends.
-    pub stopping: Arc<AtomicBool>,
+    pub stopping: Arc<Stopping>,
     /// Spans queued (`CALLSCOPE_QUEUE_SIZE`); the bytes of packed spans are bounded by the
     /// registry's budget (`Registry::pack`).
     pub queue_spans: Arc<Budget>,
@@ -432,7 +455,9 @@ struct Worker {
     /// Outstanding payloads above which control messages wait (see [`Worker::takes_control`]).
     backlog_limit: usize,
     /// The processor is shutting down (see [`Handle::stopping`]).
-    stopping: Arc<AtomicBool>,
+    stopping: Arc<Stopping>,
+    /// The worker was woken by `stopping` (its wake-up is taken once).
+    stop_noticed: bool,
     buffers: HashMap<Arc<str>, Buf>,
     /// Provisional calls folded into a call: its id and registry number.
     redirects: HashMap<Arc<str>, Redirect>,
@@ -508,9 +533,9 @@ impl Worker {
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let enqueued = Arc::new(AtomicU64::new(0));
         let ends_queued = Arc::new(AtomicUsize::new(0));
-        let stopping = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::new(Stopping::default());
         let queue_spans = Arc::new(Budget::new(cfg.queue_size));
-        let backlog_limit = cfg.max_open_calls.max(1024);
+        let backlog_limit = cfg.max_open_calls.max(MIN_BACKLOG);
         let ended_seqs_kept = registry.ended_cap().saturating_mul(2).max(ENDED_SEQS_KEPT);
         let worker = Worker {
             stats: registry.stats.clone(),
@@ -531,6 +556,7 @@ impl Worker {
             queue_spans: queue_spans.clone(),
             backlog_limit,
             stopping: stopping.clone(),
+            stop_noticed: false,
             buffers: HashMap::new(),
             redirects: HashMap::new(),
             pending: HashMap::new(),
@@ -613,8 +639,19 @@ impl Worker {
                 }
             }
             let nap_end = nap.unwrap_or_else(tokio::time::Instant::now);
+            let stop_at = self.stop_at.map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
+                // A stop's deadline is kept to the moment: what is not delivered by then is
+                // counted before the caller's own deadline (a tick later could be after it).
+                () = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() => {
+                    self.abandon();
+                }
+                // Shutdown begun: look again now, when control messages are taken past the
+                // backlog limit (see `takes_control`).
+                () = self.stopping.notify.notified(), if !self.stop_noticed => {
+                    self.stop_noticed = true;
+                }
                 c = self.ctrl_rx.recv(), if self.ctrl_open && self.takes_control() => {
                     // Ends and flushes refer to spans queued before them: no napping now.
                     nap = None;
@@ -2233,7 +2270,7 @@ impl Worker {
     /// then holds at most the processor's bound of them as summaries.
     fn takes_control(&self) -> bool {
         self.outstanding() < self.backlog_limit
-            || self.stopping.load(Ordering::Acquire)
+            || self.stopping.is_set()
             || self.ctrl_rx.is_closed()
     }
 

@@ -13,6 +13,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::Value;
+use support::fault::{Fault, FaultProxy};
 use support::voice::{self, CallShape, Truth};
 use support::{Receiver, Recorded, Reply, detail_span_ids};
 
@@ -958,19 +959,17 @@ fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
 /// as many ends again waiting in the control channel, the rest dropped at the processor.
 const FLOOD_CALLS: u64 = 2_200;
 
-/// A processor whose receiver is down (connections refused: every summary is retried, for up
-/// to 300 s), with [`FLOOD_CALLS`] calls ended on it. `max_open_calls` is below the 1,024 the
-/// backlog limits start from, and only summaries are sent.
-fn flooded() -> (CallSpanProcessor, StatsHandle) {
+/// A processor whose receiver is down (every connection dropped at once: each summary is
+/// retried, for up to 300 s), with [`FLOOD_CALLS`] calls ended on it; and that receiver.
+/// `max_open_calls` is below the 1,024 the backlog limits start from; only summaries are sent.
+fn flooded() -> (CallSpanProcessor, StatsHandle, FaultProxy) {
     use opentelemetry_sdk::trace::SpanProcessor;
     support::init_logs();
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let down = FaultProxy::start(None, |_| Fault::Pass);
+    down.set_down(true);
     let p = CallSpanProcessor::builder()
         .without_env()
-        .endpoint(format!("http://{down}/v1/calls"))
+        .endpoint(down.url())
         .agent_id("test-agent")
         .retry_max_elapsed(Duration::from_secs(300))
         .max_open_calls(100)
@@ -981,7 +980,7 @@ fn flooded() -> (CallSpanProcessor, StatsHandle) {
     for i in 0..FLOOD_CALLS {
         p.on_end(root_span(0x1000 + u128::from(i), &format!("flood-{i}")));
     }
-    (p, stats)
+    (p, stats, down)
 }
 
 /// A shutdown during a flood of call ends against a down receiver: its stop request comes
@@ -991,7 +990,7 @@ fn flooded() -> (CallSpanProcessor, StatsHandle) {
 #[test]
 fn a_shutdown_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
     use opentelemetry_sdk::trace::SpanProcessor;
-    let (p, stats) = flooded();
+    let (p, stats, _down) = flooded();
     let result = p.shutdown_with_timeout(Duration::from_secs(3));
     let s = stats.snapshot();
     // Nothing was delivered in time: the shutdown says so.
@@ -1012,13 +1011,12 @@ fn a_shutdown_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
 /// undelivered summary counted.
 #[test]
 fn a_processor_dropped_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
-    let (p, stats) = flooded();
+    let (p, stats, down) = flooded();
     drop(p);
-    // No signal exists for a dropped processor's last count: look every 50 ms, for at most 20 s.
-    let give_up = std::time::Instant::now() + Duration::from_secs(20);
-    while stats.snapshot().summaries_failed < FLOOD_CALLS && std::time::Instant::now() < give_up {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Looked at on each refused connection (the retries), and at least every 200 ms.
+    down.wait_for(Duration::from_secs(20), |_, _| {
+        stats.snapshot().summaries_failed >= FLOOD_CALLS
+    });
     let s = stats.snapshot();
     assert!(
         s.summaries_dropped_backlog > 0,
