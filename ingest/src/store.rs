@@ -364,34 +364,9 @@ impl Store {
                 None
             };
             let span_call = owner.as_deref().unwrap_or(&batch.call_id);
-            let mut inserted: u64 = 0;
-            for chunk in spans.chunks(SPAN_INSERT_CHUNK) {
-                let mut qb = QueryBuilder::new(
-                    "INSERT INTO session_traces (call_id, trace_id, span_id, parent_span_id, \
-                     name, operation, kind, start_time, end_time, duration_ms, status_code, \
-                     status_message, attributes, events, links, batch_seq) ",
-                );
-                qb.push_values(chunk, |mut row, span: &&SpanRow| {
-                    row.push_bind(span_call)
-                        .push_bind(&span.trace_id)
-                        .push_bind(&span.span_id)
-                        .push_bind(&span.parent_span_id)
-                        .push_bind(&span.name)
-                        .push_bind(&span.operation)
-                        .push_bind(&span.kind)
-                        .push_bind(&span.start_time)
-                        .push_bind(&span.end_time)
-                        .push_bind(span.duration_ms)
-                        .push_bind(&span.status_code)
-                        .push_bind(&span.status_message)
-                        .push_bind(json_or_null(&span.attributes))
-                        .push_bind(json_or_null(&span.events))
-                        .push_bind(json_or_null(&span.links))
-                        .push_bind(batch.batch_seq);
-                });
-                qb.push(" ON CONFLICT (call_id, span_id) DO NOTHING");
-                inserted += qb.build().execute(&mut *tx).await?.rows_affected();
-            }
+            let inserted = (*tx)
+                .insert_spans(span_call, &spans, batch.batch_seq)
+                .await?;
             sqlx::query(ENSURE_CALL)
                 .bind(&batch.call_id)
                 .bind(&batch.agent_id)
@@ -505,6 +480,119 @@ where
     .execute(&mut **tx)
     .await?;
     Ok(done.rows() > 0)
+}
+
+/// Columns of `session_traces` a batch's spans fill, in the order both inserts bind them (a
+/// macro, so that `concat!` builds each statement as a constant).
+macro_rules! span_columns {
+    () => {
+        "call_id, trace_id, span_id, parent_span_id, name, operation, kind, start_time, \
+         end_time, duration_ms, status_code, status_message, attributes, events, links, batch_seq"
+    };
+}
+
+/// PostgreSQL's span insert: one array per column, unnested in the spans' order.
+const INSERT_SPANS_PG: &str = concat!(
+    "INSERT INTO session_traces (",
+    span_columns!(),
+    ") SELECT $1, t.trace_id, t.span_id, t.parent_span_id, t.name, t.operation, t.kind, \
+     t.start_time, t.end_time, t.duration_ms, t.status_code, t.status_message, t.attributes, \
+     t.events, t.links, $2 \
+     FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
+     $9::text[], $10::text[], $11::float8[], $12::text[], $13::text[], $14::jsonb[], \
+     $15::jsonb[], $16::jsonb[]) WITH ORDINALITY AS t(trace_id, span_id, parent_span_id, name, \
+     operation, kind, start_time, end_time, duration_ms, status_code, status_message, \
+     attributes, events, links, n) \
+     ORDER BY t.n ON CONFLICT (call_id, span_id) DO NOTHING"
+);
+
+/// Stores a detail batch's spans (sorted by span id) under `call_id`, skipping span ids the call
+/// already has; returns how many rows were inserted. The one query not written once for both
+/// backends: PostgreSQL takes the whole batch as one array per column.
+trait InsertSpans {
+    async fn insert_spans(
+        &mut self,
+        call_id: &str,
+        spans: &[&SpanRow],
+        batch_seq: i64,
+    ) -> Result<u64, sqlx::Error>;
+}
+
+impl InsertSpans for sqlx::SqliteConnection {
+    /// Multi-row `VALUES` lists of [`SPAN_INSERT_CHUNK`] rows.
+    async fn insert_spans(
+        &mut self,
+        call_id: &str,
+        spans: &[&SpanRow],
+        batch_seq: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let mut inserted = 0;
+        for chunk in spans.chunks(SPAN_INSERT_CHUNK) {
+            let mut qb = QueryBuilder::new(concat!(
+                "INSERT INTO session_traces (",
+                span_columns!(),
+                ") "
+            ));
+            qb.push_values(chunk, |mut row, span: &&SpanRow| {
+                row.push_bind(call_id)
+                    .push_bind(&span.trace_id)
+                    .push_bind(&span.span_id)
+                    .push_bind(&span.parent_span_id)
+                    .push_bind(&span.name)
+                    .push_bind(&span.operation)
+                    .push_bind(&span.kind)
+                    .push_bind(&span.start_time)
+                    .push_bind(&span.end_time)
+                    .push_bind(span.duration_ms)
+                    .push_bind(&span.status_code)
+                    .push_bind(&span.status_message)
+                    .push_bind(json_or_null(&span.attributes))
+                    .push_bind(json_or_null(&span.events))
+                    .push_bind(json_or_null(&span.links))
+                    .push_bind(batch_seq);
+            });
+            qb.push(" ON CONFLICT (call_id, span_id) DO NOTHING");
+            inserted += qb.build().execute(&mut *self).await?.rows_affected();
+        }
+        Ok(inserted)
+    }
+}
+
+impl InsertSpans for sqlx::PgConnection {
+    /// One statement per batch: a column array each, unnested in the spans' order (`WITH
+    /// ORDINALITY`, so that concurrent batches still take their index locks in span-id order).
+    /// One prepared statement serves every batch size, where `VALUES` lists of 16 parameters
+    /// a row need one per size and bind each parameter on its own.
+    async fn insert_spans(
+        &mut self,
+        call_id: &str,
+        spans: &[&SpanRow],
+        batch_seq: i64,
+    ) -> Result<u64, sqlx::Error> {
+        fn col<'s, T>(spans: &[&'s SpanRow], f: impl Fn(&'s SpanRow) -> T) -> Vec<T> {
+            spans.iter().map(|s| f(s)).collect()
+        }
+        let done = sqlx::query(INSERT_SPANS_PG)
+            .bind(call_id)
+            .bind(batch_seq)
+            .bind(col(spans, |s| s.trace_id.as_str()))
+            .bind(col(spans, |s| s.span_id.as_str()))
+            .bind(col(spans, |s| s.parent_span_id.as_deref()))
+            .bind(col(spans, |s| s.name.as_str()))
+            .bind(col(spans, |s| s.operation.as_deref()))
+            .bind(col(spans, |s| s.kind.as_deref()))
+            .bind(col(spans, |s| s.start_time.as_deref()))
+            .bind(col(spans, |s| s.end_time.as_deref()))
+            .bind(col(spans, |s| s.duration_ms))
+            .bind(col(spans, |s| s.status_code.as_deref()))
+            .bind(col(spans, |s| s.status_message.as_deref()))
+            .bind(col(spans, |s| json_or_null(&s.attributes)))
+            .bind(col(spans, |s| json_or_null(&s.events)))
+            .bind(col(spans, |s| json_or_null(&s.links)))
+            .execute(&mut *self)
+            .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 /// `rows_affected` of either backend's query result, for code generic over the backend.

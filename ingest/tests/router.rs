@@ -6,7 +6,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use callscope_ingest::{AppState, IngestConfig, Store, app};
-use common::{KEY, backends, core, detail, gzip, key_for};
+use common::{KEY, backends, core, detail, gzip, key_for, span};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -127,6 +127,28 @@ async fn core_then_detail_completes_the_call() {
         assert_eq!(first["links"], json!([]));
         assert_eq!(first["duration_ms"], 245.1);
         assert_eq!(first["parent_span_id"], Value::Null);
+        // Every column as sent (each backend has its own span insert).
+        let sent = span(0);
+        for k in [
+            "trace_id",
+            "span_id",
+            "parent_span_id",
+            "name",
+            "operation",
+            "kind",
+            "start_time",
+            "end_time",
+            "duration_ms",
+            "status",
+            "attributes",
+            "events",
+            "links",
+        ] {
+            assert_eq!(first[k], sent[k], "[{}] {k}", db.name);
+        }
+        assert_eq!(first["call_id"], "c1");
+        assert_eq!(first["batch_seq"], 0);
+        assert_eq!(spans[4]["batch_seq"], 1, "[{}] {}", db.name, spans[4]);
     }
 }
 
