@@ -644,7 +644,7 @@ impl Worker {
                 biased;
                 // A stop's deadline is kept to the moment: what is not delivered by then is
                 // counted before the caller's own deadline (a tick later could be after it).
-                () = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() => {
+                () = tokio::time::sleep_until(stop_at.unwrap_or(nap_end)), if stop_at.is_some() => {
                     self.abandon();
                 }
                 // Shutdown begun: look again now, when control messages are taken past the
