@@ -79,6 +79,11 @@ const NAPPING: u8 = 2;
 /// held back, whatever `CALLSCOPE_MAX_OPEN_CALLS` says below it.
 pub(crate) const MIN_BACKLOG: usize = 1024;
 
+/// Summary uploads in flight at most. A flood of call ends against a slow receiver would
+/// otherwise hold a connection per summary (as many as [`MIN_BACKLOG`] and more); the rest
+/// wait their turn in order. Above the 100 calls ending at once of the load tool's latency run.
+const MAX_CONCURRENT_SUMMARIES: usize = 128;
+
 /// The processor's shutdown has begun: set once, and the worker woken to see it.
 #[derive(Debug, Default)]
 pub(crate) struct Stopping {
@@ -1543,7 +1548,8 @@ impl Worker {
         if self.stop_at.is_some_and(|d| Instant::now() >= d) {
             return;
         }
-        let waiting = !self.cores.is_empty()
+        let waiting = (!self.cores.is_empty()
+            && self.summaries_running() < MAX_CONCURRENT_SUMMARIES)
             || (!self.queue.is_empty() && self.running_detail < self.cfg.max_concurrent_detail);
         if !waiting {
             return;
@@ -1554,7 +1560,9 @@ impl Worker {
         // not, and one the receiver acknowledged is needed no more. And it carries no batch
         // number that a restart could give out again. Detail waits: its record carries its
         // call's batch number, which must be on disk before the receiver can have it.
-        while let Some(job) = self.cores.pop_front() {
+        while self.summaries_running() < MAX_CONCURRENT_SUMMARIES
+            && let Some(job) = self.cores.pop_front()
+        {
             self.start(job, Lane::Core);
         }
         while self.running_detail < self.cfg.max_concurrent_detail {
@@ -1576,6 +1584,11 @@ impl Worker {
             self.running_detail += 1;
             self.start(job, Lane::Detail);
         }
+    }
+
+    /// Summary uploads in flight (every running job that is not detail).
+    fn summaries_running(&self) -> usize {
+        self.running.len().saturating_sub(self.running_detail)
     }
 
     fn start(&mut self, job: Job, lane: Lane) {

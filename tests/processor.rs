@@ -955,6 +955,60 @@ fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
     );
 }
 
+/// Call ends against a slow receiver (each answer after 300 ms): at most 128 summary uploads
+/// are in flight at once (a connection each), the rest wait their turn, and every summary is
+/// delivered. Without the cap all 400 went at once.
+#[test]
+fn summary_uploads_in_flight_are_capped_and_every_summary_is_delivered() {
+    use opentelemetry_sdk::trace::SpanProcessor;
+    use std::time::Instant;
+    const CALLS: u64 = 400;
+    let rx = Receiver::scripted(|_, _, _| Reply::ok().delayed(Duration::from_millis(300)));
+    support::init_logs();
+    let p = CallSpanProcessor::builder()
+        .without_env()
+        .endpoint(rx.url())
+        .agent_id("test-agent")
+        .detail(DetailMode::None)
+        .build()
+        .unwrap();
+    let stats = p.stats_handle();
+    for i in 0..CALLS {
+        p.on_end(root_span(0x5000 + u128::from(i), &format!("slow-{i}")));
+    }
+    assert!(
+        rx.wait_for(WAIT, |r| r.len() as u64 >= CALLS),
+        "{} of {CALLS} summaries arrived",
+        rx.requests().len()
+    );
+    // The most requests the receiver held at once: arrivals and answers in time order (at the
+    // same instant an answer goes first). A request arrives only after the sender sent it, and
+    // its answer comes before the sender's slot frees: this is at most what the sender held.
+    let mut events: Vec<(Instant, i32)> = rx
+        .requests()
+        .iter()
+        .flat_map(|r| [(r.arrived, 1), (r.answered, -1)])
+        .collect();
+    events.sort();
+    let peak = events
+        .iter()
+        .scan(0, |held, (_, d)| {
+            *held += d;
+            Some(*held)
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(peak <= 128, "{peak} summary uploads in flight at once");
+    assert!(
+        peak >= 64,
+        "only {peak} at once: the uploads did not overlap"
+    );
+    p.shutdown().unwrap();
+    let s = stats.snapshot();
+    assert_eq!(s.summaries_sent, CALLS, "{s:?}");
+    assert_eq!(s.summaries_failed, 0);
+}
+
 /// Call ends past the worker's backlog: summaries outstanding up to its limit (1,024 at least),
 /// as many ends again waiting in the control channel, the rest dropped at the processor.
 const FLOOD_CALLS: u64 = 2_200;
