@@ -955,6 +955,31 @@ fn a_processor_dropped_without_shutdown_gives_up_after_its_grace_period() {
     );
 }
 
+/// A summary-only processor sending to `url` (set up further by `tweak`), not registered in a
+/// provider, with `calls` calls (one root span each) ended on it.
+fn calls_ended(
+    url: &str,
+    calls: u64,
+    tweak: impl FnOnce(CallSpanProcessorBuilder) -> CallSpanProcessorBuilder,
+) -> (CallSpanProcessor, StatsHandle) {
+    use opentelemetry_sdk::trace::SpanProcessor;
+    support::init_logs();
+    let p = tweak(
+        CallSpanProcessor::builder()
+            .without_env()
+            .endpoint(url)
+            .agent_id("test-agent")
+            .detail(DetailMode::None),
+    )
+    .build()
+    .unwrap();
+    let stats = p.stats_handle();
+    for i in 0..calls {
+        p.on_end(root_span(0x1000 + u128::from(i), &format!("call-{i}")));
+    }
+    (p, stats)
+}
+
 /// Call ends against a slow receiver (each answer after 300 ms): at most 128 summary uploads
 /// are in flight at once (a connection each), the rest wait their turn, and every summary is
 /// delivered. Without the cap all 400 went at once.
@@ -964,18 +989,7 @@ fn summary_uploads_in_flight_are_capped_and_every_summary_is_delivered() {
     use std::time::Instant;
     const CALLS: u64 = 400;
     let rx = Receiver::scripted(|_, _, _| Reply::ok().delayed(Duration::from_millis(300)));
-    support::init_logs();
-    let p = CallSpanProcessor::builder()
-        .without_env()
-        .endpoint(rx.url())
-        .agent_id("test-agent")
-        .detail(DetailMode::None)
-        .build()
-        .unwrap();
-    let stats = p.stats_handle();
-    for i in 0..CALLS {
-        p.on_end(root_span(0x5000 + u128::from(i), &format!("slow-{i}")));
-    }
+    let (p, stats) = calls_ended(&rx.url(), CALLS, |b| b);
     assert!(
         rx.wait_for(WAIT, |r| r.len() as u64 >= CALLS),
         "{} of {CALLS} summaries arrived",
@@ -1017,23 +1031,12 @@ const FLOOD_CALLS: u64 = 2_200;
 /// retried, for up to 300 s), with [`FLOOD_CALLS`] calls ended on it; and that receiver.
 /// `max_open_calls` is below the 1,024 the backlog limits start from; only summaries are sent.
 fn flooded() -> (CallSpanProcessor, StatsHandle, FaultProxy) {
-    use opentelemetry_sdk::trace::SpanProcessor;
-    support::init_logs();
     let down = FaultProxy::start(None, |_| Fault::Pass);
     down.set_down(true);
-    let p = CallSpanProcessor::builder()
-        .without_env()
-        .endpoint(down.url())
-        .agent_id("test-agent")
-        .retry_max_elapsed(Duration::from_secs(300))
-        .max_open_calls(100)
-        .detail(DetailMode::None)
-        .build()
-        .unwrap();
-    let stats = p.stats_handle();
-    for i in 0..FLOOD_CALLS {
-        p.on_end(root_span(0x1000 + u128::from(i), &format!("flood-{i}")));
-    }
+    let (p, stats) = calls_ended(&down.url(), FLOOD_CALLS, |b| {
+        b.retry_max_elapsed(Duration::from_secs(300))
+            .max_open_calls(100)
+    });
     (p, stats, down)
 }
 
