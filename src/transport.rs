@@ -64,8 +64,11 @@ pub(crate) struct Transport {
     client: Client,
     /// Summaries: a pool of their own, so they never queue behind a large detail upload.
     core_client: Client,
-    /// Summaries currently waiting to be retried (detail holds back while it is not zero).
+    /// Summaries currently waiting to be retried, plus one while summaries wait for an upload
+    /// slot (`summaries_queued`): detail holds back while it is not zero.
     cores_retrying: tokio::sync::watch::Sender<usize>,
+    /// Summaries wait for an upload slot (the worker's cap on those in flight).
+    summaries_queued: std::sync::atomic::AtomicBool,
     core_url: Url,
     detail_url: Url,
     headers: HeaderMap,
@@ -126,6 +129,7 @@ impl Transport {
             client: build()?,
             core_client: build()?,
             cores_retrying: tokio::sync::watch::Sender::new(0),
+            summaries_queued: std::sync::atomic::AtomicBool::new(false),
             core_url: cfg.endpoint.clone(),
             detail_url: cfg.detailed_endpoint.clone(),
             headers,
@@ -189,12 +193,24 @@ impl Transport {
         }
     }
 
+    /// Says whether summaries wait for an upload slot; while they do, detail holds back as it
+    /// does while a summary waits for a retry (cheap when nothing changes: one atomic swap).
+    pub(crate) fn summaries_queued(&self, queued: bool) {
+        use std::sync::atomic::Ordering;
+        if self.summaries_queued.swap(queued, Ordering::Relaxed) != queued {
+            self.cores_retrying.send_modify(|n| {
+                *n = if queued { *n + 1 } else { n.saturating_sub(1) };
+            });
+        }
+    }
+
     /// POSTs `body` (already encoded, with `Content-Encoding: gzip` if it is compressed) until
     /// acknowledged, rejected, or the retry budget is spent.
     ///
     /// Summaries have their own client (own connection pool) and priority: while any summary is
-    /// waiting to be retried, detail uploads hold back before each attempt, so on recovery the
-    /// summaries reach the receiver first.
+    /// waiting to be retried, or waiting for an upload slot ([`Transport::summaries_queued`]),
+    /// detail uploads hold back before each attempt, so on recovery the summaries reach the
+    /// receiver first.
     pub(crate) async fn deliver(&self, lane: Lane, body: Body, idempotency_key: &str) -> Delivery {
         self.deliver_timed(lane, body, idempotency_key).await.0
     }
@@ -595,6 +611,46 @@ mod tests {
             assert_eq!((d, attempts), (want, 1));
             assert_eq!(t0.elapsed(), Duration::ZERO);
         }
+    }
+
+    /// While summaries wait for an upload slot, a detail upload makes no attempt; once they
+    /// are gone it goes.
+    #[tokio::test]
+    async fn detail_waits_while_summaries_wait_for_a_slot() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            async { axum::http::StatusCode::OK }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let cfg = Config::builder()
+            .without_env()
+            .endpoint(&url)
+            .build()
+            .unwrap();
+        let t = Arc::new(Transport::new(&cfg, Arc::new(Counters::default())).unwrap());
+        t.summaries_queued(true);
+        t.summaries_queued(true); // said twice, held once
+        let t2 = t.clone();
+        let mut detail = tokio::spawn(async move {
+            t2.deliver(Lane::Detail, t2.encode(b"{}"), "c:detail:0")
+                .await
+        });
+        // Bounded look for what must not happen: an attempt while summaries wait.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut detail)
+                .await
+                .is_err()
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        t.summaries_queued(false);
+        assert_eq!(detail.await.unwrap(), Delivery::Acked);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(*t.cores_retrying.borrow(), 0);
     }
 
     /// `deliver_timed` reports the acknowledged attempt's time, not the failed attempt's and

@@ -8,11 +8,13 @@
 //! - every payload becomes a [`Job`]; with a spool it is written there first, and deleted when
 //!   acknowledged. A detail batch is sent once an fsync covers its record (one fsync at a time
 //!   on the `callscope-fsync` thread, each covering every record written before it began); a
-//!   summary goes at once (see [`Worker::pump`]). A detail body is
+//!   summary goes at once, as far as the cap on summaries in flight allows (see
+//!   [`Worker::pump`]). A detail body is
 //!   gzip-compressed on a deflate thread before it is written unless too many bodies wait for
 //!   one already ([`Worker::seal`]): the disk then takes, and the spool's cap counts, the bytes
 //!   that go on the wire;
-//! - summaries are dispatched at once on their own lane; detail jobs wait in a FIFO and run at
+//! - summaries are dispatched at once on their own lane, at most [`MAX_CONCURRENT_SUMMARIES`]
+//!   in flight (detail holds back while more wait); detail jobs wait in a FIFO and run at
 //!   most `CALLSCOPE_MAX_CONCURRENT_DETAIL` at a time;
 //! - a call's `final` batch is held until its core was acknowledged and none of its other
 //!   batches is still pending, so `total_batches` (set when it is dispatched) counts every batch,
@@ -71,10 +73,6 @@ const RUNNING: u8 = 0;
 const SLEEPING: u8 = 1;
 const NAPPING: u8 = 2;
 
-/// How the processor wakes the worker for detail: only when the worker said it is asleep (once
-/// per sleep), or every `wake_every`-th chunk while it naps. The worker checks the queue after
-/// saying so (`enqueued` against what it received), so a chunk is never left behind: either the
-/// worker sees it, or the producer sees the worker asleep and wakes it.
 /// Payloads outstanding (and call ends queued to the worker) at which a flood of call ends is
 /// held back, whatever `CALLSCOPE_MAX_OPEN_CALLS` says below it.
 pub(crate) const MIN_BACKLOG: usize = 1024;
@@ -103,6 +101,10 @@ impl Stopping {
     }
 }
 
+/// How the processor wakes the worker for detail: only when the worker said it is asleep (once
+/// per sleep), or every `wake_every`-th chunk while it naps. The worker checks the queue after
+/// saying so (`enqueued` against what it received), so a chunk is never left behind: either the
+/// worker sees it, or the producer sees the worker asleep and wakes it.
 #[derive(Debug)]
 pub(crate) struct Wake {
     state: AtomicU8,
@@ -483,8 +485,9 @@ struct Worker {
     tasks: JoinSet<Delivery>,
     running: HashMap<Id, Running>,
     running_detail: usize,
-    /// Summaries not yet dispatched: they go at the next `pump` (and stay once the shutdown
-    /// deadline has passed).
+    /// Summaries not yet dispatched: they go at the next `pump` while fewer than
+    /// [`MAX_CONCURRENT_SUMMARIES`] are in flight (and stay once the shutdown deadline has
+    /// passed).
     cores: VecDeque<Job>,
     /// Detail batches waiting for an upload slot, oldest first.
     queue: VecDeque<Job>,
@@ -652,11 +655,6 @@ impl Worker {
                 () = tokio::time::sleep_until(stop_at.unwrap_or(nap_end)), if stop_at.is_some() => {
                     self.abandon();
                 }
-                // Shutdown begun: look again now, when control messages are taken past the
-                // backlog limit (see `takes_control`).
-                () = self.stopping.notify.notified(), if !self.stop_noticed => {
-                    self.stop_noticed = true;
-                }
                 c = self.ctrl_rx.recv(), if self.ctrl_open && self.takes_control() => {
                     // Ends and flushes refer to spans queued before them: no napping now.
                     nap = None;
@@ -707,6 +705,12 @@ impl Worker {
                 () = tokio::time::sleep_until(nap_end), if nap.is_some() => nap = None,
                 _ = tick.tick() => self.on_tick(),
                 () = std::future::ready(()), if more => {}
+                // Shutdown begun: an idle worker looks again now, when control messages are
+                // taken past the backlog limit (see `takes_control`; a busy one reads the flag
+                // there on every turn, so this branch comes last).
+                () = self.stopping.notify.notified(), if !self.stop_noticed => {
+                    self.stop_noticed = true;
+                }
             }
             // Written only when it changes: callers read this line on every span.
             if nap.is_none() && self.wake.state.load(Ordering::Relaxed) != RUNNING {
@@ -1544,7 +1548,15 @@ impl Worker {
 
     /// Makes spooled records durable, then starts summaries and as many detail uploads as
     /// `CALLSCOPE_MAX_CONCURRENT_DETAIL` allows.
+    /// Starts what may start ([`Worker::pump_jobs`]), then tells the transport whether
+    /// summaries still wait for an upload slot: detail holds back while they do, so that every
+    /// summary still goes before any detail when more than [`MAX_CONCURRENT_SUMMARIES`] wait.
     fn pump(&mut self) {
+        self.pump_jobs();
+        self.transport.summaries_queued(!self.cores.is_empty());
+    }
+
+    fn pump_jobs(&mut self) {
         if self.stop_at.is_some_and(|d| Instant::now() >= d) {
             return;
         }
@@ -1581,7 +1593,6 @@ impl Worker {
                     }
                 }
             }
-            self.running_detail += 1;
             self.start(job, Lane::Detail);
         }
     }
@@ -1592,6 +1603,9 @@ impl Worker {
     }
 
     fn start(&mut self, job: Job, lane: Lane) {
+        if lane == Lane::Detail {
+            self.running_detail += 1;
+        }
         let idem = if job.meta.core {
             format!("{}:core", job.call)
         } else {
@@ -2724,7 +2738,6 @@ mod tests {
     async fn upload_one(w: &mut Worker, job: Job) -> usize {
         let before = w.mem_bytes;
         w.mem_bytes += job.mem();
-        w.running_detail += 1;
         w.start(job, Lane::Detail);
         let running = w.mem_bytes - before;
         let (id, r) = w.tasks.join_next_with_id().await.unwrap().unwrap();

@@ -174,17 +174,25 @@ fn a_response_slower_than_the_timeout_is_retried_and_stored_once() {
 
 #[test]
 fn down_then_up_delivers_summaries_before_detail() {
+    // More calls than summary uploads run at once (128): the rest wait for a slot, and detail
+    // must wait for them too.
+    const CALLS: usize = 200;
     let ingest = Ingest::start();
     let proxy = FaultProxy::start(Some(&ingest.url), |_| Fault::Pass);
     proxy.set_down(true);
     let (provider, stats) = start(&proxy.url(), |b| b);
-    for c in 0..5 {
+    for c in 0..CALLS {
         emit_call(&provider, &format!("call-{c}"), 40, 500);
     }
-    // Let the outage be seen (every summary has failed at least once), then come back.
-    assert!(proxy.wait_for(WAIT, |_, refused| refused >= 5));
+    // Let the outage be seen (as many summary attempts refused as there are calls), then
+    // come back.
+    assert!(proxy.wait_for(WAIT, |_, refused| refused >= CALLS));
     proxy.set_down(false);
-    assert!(proxy.wait_for(WAIT, |_, _| delivered(&stats, 5, 200)));
+    assert!(proxy.wait_for(WAIT, |_, _| delivered(
+        &stats,
+        CALLS as u64,
+        CALLS as u64 * 40
+    )));
     let seen = proxy.seen();
     let last_core = seen
         .iter()
@@ -202,7 +210,7 @@ fn down_then_up_delivers_summaries_before_detail() {
         last_core <= first_detail,
         "a detail batch went before every summary was in"
     );
-    assert_stored(&ingest, 5, 40);
+    assert_stored(&ingest, CALLS, 40);
     provider.shutdown().unwrap();
 }
 

@@ -980,7 +980,7 @@ fn calls_ended(
     (p, stats)
 }
 
-/// Call ends against a slow receiver (each answer after 300 ms): at most 128 summary uploads
+/// Call ends against a slow receiver (each answer after 1 s): at most 128 summary uploads
 /// are in flight at once (a connection each), the rest wait their turn, and every summary is
 /// delivered. Without the cap all 400 went at once.
 #[test]
@@ -988,7 +988,7 @@ fn summary_uploads_in_flight_are_capped_and_every_summary_is_delivered() {
     use opentelemetry_sdk::trace::SpanProcessor;
     use std::time::Instant;
     const CALLS: u64 = 400;
-    let rx = Receiver::scripted(|_, _, _| Reply::ok().delayed(Duration::from_millis(300)));
+    let rx = Receiver::scripted(|_, _, _| Reply::ok().delayed(Duration::from_secs(1)));
     let (p, stats) = calls_ended(&rx.url(), CALLS, |b| b);
     assert!(
         rx.wait_for(WAIT, |r| r.len() as u64 >= CALLS),
@@ -1043,11 +1043,31 @@ fn flooded() -> (CallSpanProcessor, StatsHandle, FaultProxy) {
 /// A shutdown during a flood of call ends against a down receiver: its stop request comes
 /// behind ends the worker holds back. It must still reach the worker, which then counts every
 /// summary it could not deliver before it answers (before, the shutdown timed out waiting and
-/// the summaries outstanding or held back were never counted).
+/// the summaries outstanding or held back were never counted). The calls still open, which the
+/// shutdown ends itself, are not dropped at the full bound on queued ends.
 #[test]
 fn a_shutdown_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
     use opentelemetry_sdk::trace::SpanProcessor;
+    const OPEN: u64 = 50;
     let (p, stats, _down) = flooded();
+    for i in 0..OPEN {
+        // A child span naming its call: the call stays open until the shutdown ends it.
+        let mut child = root_span(0, "");
+        child.span_context = SpanContext::new(
+            TraceId::from(0x9000 + u128::from(i)),
+            SpanId::from(2),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        );
+        child.parent_span_id = SpanId::from(1);
+        child.name = "llm_request".into();
+        child.attributes = vec![KeyValue::new("call_id", format!("open-{i}"))];
+        p.on_end(child);
+    }
+    assert_eq!(stats.snapshot().calls_open, OPEN);
+    let dropped_before = stats.snapshot().summaries_dropped_backlog;
     let result = p.shutdown_with_timeout(Duration::from_secs(3));
     let s = stats.snapshot();
     // Nothing was delivered in time: the shutdown says so.
@@ -1056,11 +1076,9 @@ fn a_shutdown_behind_a_backlog_of_call_ends_counts_every_undelivered_summary() {
         "{result:?}"
     );
     assert_eq!(s.summaries_sent, 0);
-    assert!(
-        s.summaries_dropped_backlog > 0,
-        "no backlog was reached: {s:?}"
-    );
-    assert_eq!(s.summaries_failed, FLOOD_CALLS, "{s:?}");
+    assert!(dropped_before > 0, "no backlog was reached: {s:?}");
+    assert_eq!(s.summaries_dropped_backlog, dropped_before, "{s:?}");
+    assert_eq!(s.summaries_failed, FLOOD_CALLS + OPEN, "{s:?}");
 }
 
 /// The same flood with the processor dropped without a shutdown: its closed channel is behind
