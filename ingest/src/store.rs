@@ -364,9 +364,14 @@ impl Store {
                 None
             };
             let span_call = owner.as_deref().unwrap_or(&batch.call_id);
-            let inserted = (*tx)
-                .insert_spans(span_call, &spans, batch.batch_seq)
-                .await?;
+            // A final without spans (its transcript only) needs no insert.
+            let inserted = if spans.is_empty() {
+                0
+            } else {
+                (*tx)
+                    .insert_spans(span_call, &spans, batch.batch_seq)
+                    .await?
+            };
             sqlx::query(ENSURE_CALL)
                 .bind(&batch.call_id)
                 .bind(&batch.agent_id)

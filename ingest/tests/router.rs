@@ -127,28 +127,43 @@ async fn core_then_detail_completes_the_call() {
         assert_eq!(first["links"], json!([]));
         assert_eq!(first["duration_ms"], 245.1);
         assert_eq!(first["parent_span_id"], Value::Null);
-        // Every column as sent (each backend has its own span insert).
-        let sent = span(0);
-        for k in [
-            "trace_id",
-            "span_id",
-            "parent_span_id",
-            "name",
-            "operation",
-            "kind",
-            "start_time",
-            "end_time",
-            "duration_ms",
-            "status",
-            "attributes",
-            "events",
-            "links",
-        ] {
-            assert_eq!(first[k], sent[k], "[{}] {k}", db.name);
+        // Every column of every span as sent (each backend has its own span insert).
+        for (i, stored) in spans.iter().enumerate() {
+            let sent = span(i as u32);
+            for k in [
+                "trace_id",
+                "span_id",
+                "parent_span_id",
+                "name",
+                "operation",
+                "kind",
+                "start_time",
+                "end_time",
+                "duration_ms",
+                "status",
+                "attributes",
+                "events",
+                "links",
+            ] {
+                assert_eq!(stored[k], sent[k], "[{}] {k} of span {i}", db.name);
+            }
+            assert_eq!(stored["call_id"], "c1");
+            assert_eq!(
+                stored["batch_seq"],
+                u64::from(i >= 3),
+                "[{}] span {i}",
+                db.name
+            );
         }
-        assert_eq!(first["call_id"], "c1");
-        assert_eq!(first["batch_seq"], 0);
-        assert_eq!(spans[4]["batch_seq"], 1, "[{}] {}", db.name, spans[4]);
+
+        // A final batch without spans (a transcript-only final) completes its call.
+        h.post(&core("c2", "agent-1")).await;
+        let (status, body) = h.post(&detail("c2", 0, 0..0, Some(1))).await;
+        assert_eq!(status, StatusCode::OK, "[{}] {body}", db.name);
+        assert_eq!(body["spans_stored"], 0);
+        let call = h.call("c2").await;
+        assert_eq!(call["complete"], true, "[{}] {call}", db.name);
+        assert_eq!(call["spans_stored"], 0);
     }
 }
 

@@ -105,11 +105,13 @@ pub fn core(call_id: &str, agent_id: &str) -> Value {
     })
 }
 
-/// One span of a detail batch; `n` makes the span id.
+/// One span of a detail batch; `n` makes the span id. Odd spans are children of the span
+/// before them, even ones have no parent.
 pub fn span(n: u32) -> Value {
+    let parent = (n % 2 == 1).then(|| format!("{:016x}", n - 1));
     json!({
         "trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": format!("{n:016x}"),
-        "parent_span_id": null, "name": "llm_request", "operation": "llm", "kind": "internal",
+        "parent_span_id": parent, "name": "llm_request", "operation": "llm", "kind": "internal",
         "start_time": "2026-11-24T10:00:01Z", "end_time": "2026-11-24T10:00:02Z",
         "duration_ms": 245.1, "status": {"code": "ok", "message": ""},
         "attributes": {"gen_ai.request.model": "m", "n": n},
