@@ -652,7 +652,12 @@ impl Worker {
                 biased;
                 // A stop's deadline is kept to the moment: what is not delivered by then is
                 // counted before the caller's own deadline (a tick later could be after it).
-                () = tokio::time::sleep_until(stop_at.unwrap_or(nap_end)), if stop_at.is_some() => {
+                // The timer is made only when polled, not on every loop turn without a stop.
+                () = async {
+                    if let Some(d) = stop_at {
+                        tokio::time::sleep_until(d).await;
+                    }
+                }, if stop_at.is_some() => {
                     self.abandon();
                 }
                 c = self.ctrl_rx.recv(), if self.ctrl_open && self.takes_control() => {
