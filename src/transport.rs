@@ -613,6 +613,19 @@ mod tests {
         }
     }
 
+    /// A transport sending to `app`, served on 127.0.0.1 for the rest of the test.
+    async fn transport_to(app: axum::Router) -> Transport {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let cfg = Config::builder()
+            .without_env()
+            .endpoint(&url)
+            .build()
+            .unwrap();
+        Transport::new(&cfg, Arc::new(Counters::default())).unwrap()
+    }
+
     /// While summaries wait for an upload slot, a detail upload makes no attempt; once they
     /// are gone it goes.
     #[tokio::test]
@@ -624,15 +637,7 @@ mod tests {
             h.fetch_add(1, Ordering::SeqCst);
             async { axum::http::StatusCode::OK }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let cfg = Config::builder()
-            .without_env()
-            .endpoint(&url)
-            .build()
-            .unwrap();
-        let t = Arc::new(Transport::new(&cfg, Arc::new(Counters::default())).unwrap());
+        let t = Arc::new(transport_to(app).await);
         t.summaries_queued(true);
         t.summaries_queued(true); // said twice, held once
         let t2 = t.clone();
@@ -672,15 +677,7 @@ mod tests {
                 }
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let cfg = Config::builder()
-            .without_env()
-            .endpoint(&url)
-            .build()
-            .unwrap();
-        let t = Transport::new(&cfg, Arc::new(Counters::default())).unwrap();
+        let t = transport_to(app).await;
         let started = std::time::Instant::now();
         let (d, took) = t
             .deliver_timed(Lane::Detail, t.encode(b"{}"), "c:detail:0")
