@@ -185,16 +185,14 @@ impl Active {
     }
 
     fn send_ends(&self, ends: Routed) {
-        let limit = self.reg.config.max_open_calls.max(worker::MIN_BACKLOG);
         for e in ends.ended {
-            self.send_end(e, limit);
+            self.send_end(e, self.worker.ends_limit);
         }
     }
 
     /// Hands an ended call to the worker. Never blocks: past `limit` ended calls waiting for
-    /// the worker (call ends arriving faster than summaries are built; `CALLSCOPE_MAX_OPEN_CALLS`,
-    /// at least [`worker::MIN_BACKLOG`]), the summary is dropped and counted, so memory stays
-    /// bounded whatever the input.
+    /// the worker (call ends arriving faster than summaries are built; `Handle::ends_limit`),
+    /// the summary is dropped and counted, so memory stays bounded whatever the input.
     fn send_end(&self, e: Ended, limit: usize) {
         let stats = &self.reg.stats;
         // The call's last packed spans travel with its end and are lost with it.

@@ -75,7 +75,7 @@ const NAPPING: u8 = 2;
 
 /// Payloads outstanding (and call ends queued to the worker) at which a flood of call ends is
 /// held back, whatever `CALLSCOPE_MAX_OPEN_CALLS` says below it.
-pub(crate) const MIN_BACKLOG: usize = 1024;
+const MIN_BACKLOG: usize = 1024;
 
 /// Summary uploads in flight at most. A flood of call ends against a slow receiver would
 /// otherwise hold a connection per summary (as many as [`MIN_BACKLOG`] and more); the rest
@@ -288,6 +288,9 @@ pub(crate) struct Handle {
     pub enqueued: Arc<AtomicU64>,
     /// Call ends sent and not yet taken by the worker (bounds the control channel's backlog).
     pub ends_queued: Arc<AtomicUsize>,
+    /// Call ends queued to the worker at most (past it a summary is dropped and counted):
+    /// `CALLSCOPE_MAX_OPEN_CALLS`, at least [`MIN_BACKLOG`]; the worker's backlog limit too.
+    pub ends_limit: usize,
     /// Set by `shutdown` before it asks the worker to stop: the worker then takes control
     /// messages past its backlog limit, so the request is not stuck behind call ends.
     pub stopping: Arc<Stopping>,
@@ -463,8 +466,6 @@ struct Worker {
     backlog_limit: usize,
     /// The processor is shutting down (see [`Handle::stopping`]).
     stopping: Arc<Stopping>,
-    /// The worker was woken by `stopping` (its wake-up is taken once).
-    stop_noticed: bool,
     buffers: HashMap<Arc<str>, Buf>,
     /// Provisional calls folded into a call: its id and registry number.
     redirects: HashMap<Arc<str>, Redirect>,
@@ -564,7 +565,6 @@ impl Worker {
             queue_spans: queue_spans.clone(),
             backlog_limit,
             stopping: stopping.clone(),
-            stop_noticed: false,
             buffers: HashMap::new(),
             redirects: HashMap::new(),
             pending: HashMap::new(),
@@ -607,6 +607,7 @@ impl Worker {
             control: ctrl_tx,
             enqueued,
             ends_queued,
+            ends_limit: backlog_limit,
             stopping,
             queue_spans,
             thread: std::sync::Mutex::new(None),
@@ -713,9 +714,7 @@ impl Worker {
                 // Shutdown begun: an idle worker looks again now, when control messages are
                 // taken past the backlog limit (see `takes_control`; a busy one reads the flag
                 // there on every turn, so this branch comes last).
-                () = self.stopping.notify.notified(), if !self.stop_noticed => {
-                    self.stop_noticed = true;
-                }
+                () = self.stopping.notify.notified(), if !self.stopping.is_set() => {}
             }
             // Written only when it changes: callers read this line on every span.
             if nap.is_none() && self.wake.state.load(Ordering::Relaxed) != RUNNING {
@@ -855,9 +854,6 @@ impl Worker {
         }
         // Batched fsync: whatever was written since the last one (acks included).
         self.start_sync();
-        if self.stop_at.is_some_and(|d| now >= d) {
-            self.abandon();
-        }
     }
 
     // ---- detail ------------------------------------------------------------------------
@@ -1551,8 +1547,6 @@ impl Worker {
         self.close_open(&job);
     }
 
-    /// Makes spooled records durable, then starts summaries and as many detail uploads as
-    /// `CALLSCOPE_MAX_CONCURRENT_DETAIL` allows.
     /// Starts what may start ([`Worker::pump_jobs`]), then tells the transport whether
     /// summaries still wait for an upload slot: detail holds back while they do, so that every
     /// summary still goes before any detail when more than [`MAX_CONCURRENT_SUMMARIES`] wait.
@@ -1561,6 +1555,8 @@ impl Worker {
         self.transport.summaries_queued(!self.cores.is_empty());
     }
 
+    /// Starts the fsync of spooled records, summaries up to [`MAX_CONCURRENT_SUMMARIES`] in
+    /// flight, and as many detail uploads (fsynced) as `CALLSCOPE_MAX_CONCURRENT_DETAIL` allows.
     fn pump_jobs(&mut self) {
         if self.stop_at.is_some_and(|d| Instant::now() >= d) {
             return;
@@ -2057,7 +2053,7 @@ impl Worker {
         }
     }
 
-    /// Spools a call's summary (`json`) and queues it to go at once.
+    /// Spools a call's summary (`json`) and queues it to go at the next `pump`.
     fn queue_core(&mut self, call_id: &Arc<str>, json: Vec<u8>) {
         let meta = Meta {
             core: true,
