@@ -15,17 +15,16 @@
     missing_docs
 )]
 
+#[path = "support/observed_ingest.rs"]
+mod observed_ingest;
 #[path = "support/voice.rs"]
 mod voice;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use callscope::CallSpanProcessor;
-use callscope_ingest::{AppState, IngestConfig, Store, app};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use opentelemetry::trace::TracerProvider;
@@ -64,90 +63,6 @@ struct Args {
     api_key: Option<String>,
 }
 
-/// What the embedded server saw per call: core ack time, request sizes.
-#[derive(Default, Debug, Clone)]
-struct Seen {
-    core_acked: Option<Instant>,
-    core_bytes: u64,
-    requests: u64,
-    wire_bytes: u64,
-    largest: u64,
-}
-
-type SeenMap = Arc<Mutex<HashMap<String, Seen>>>;
-
-/// Wraps the real ingest router: notes, per call (from the Idempotency-Key), when the core was
-/// answered and how large each request was on the wire.
-async fn observe(
-    seen: SeenMap,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let key = req
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let len = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let resp = next.run(req).await;
-    if let Some(key) = key {
-        let (call, is_core) = match key.strip_suffix(":core") {
-            Some(c) => (c.to_owned(), true),
-            None => (key.split(":detail:").next().unwrap_or("").to_owned(), false),
-        };
-        let mut m = seen.lock().unwrap();
-        let s = m.entry(call).or_default();
-        s.requests += 1;
-        s.wire_bytes += len;
-        s.largest = s.largest.max(len);
-        if is_core && resp.status().is_success() {
-            s.core_acked = Some(Instant::now());
-            s.core_bytes = len;
-        }
-    }
-    resp
-}
-
-struct Server {
-    endpoint: String,
-    store: Store,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start_server(database_url: &str, key: &str, seen: SeenMap) -> Server {
-    let mut config = IngestConfig::new(database_url);
-    config.api_keys = vec![key.to_owned()];
-    let store = Store::connect(database_url).await.unwrap_or_else(|e| {
-        eprintln!("error: cannot open {database_url}: {e}");
-        std::process::exit(2)
-    });
-    let router = app(AppState::new(store.clone(), &config)).layer(axum::middleware::from_fn(
-        move |req, next| observe(seen.clone(), req, next),
-    ));
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    Server {
-        endpoint: format!("http://{addr}/v1/calls"),
-        store,
-        stop,
-    }
-}
-
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -168,7 +83,6 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .unwrap();
-    let seen: SeenMap = Arc::default();
     let key = format!("demo-{:016x}", fastrand::u64(..));
 
     let (endpoint, api_key, server) = match &args.endpoint {
@@ -180,7 +94,13 @@ fn main() -> ExitCode {
                 format!("sqlite://{}", path.display())
             });
             println!("ingest server: database {url}");
-            let s = rt.block_on(start_server(&url, &key, seen.clone()));
+            let s = match rt.block_on(observed_ingest::start(&url, Some(&key))) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot start the ingest server on {url}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             println!("ingest server: {}", s.endpoint);
             (s.endpoint.clone(), Some(key.clone()), Some(s))
         }
@@ -273,7 +193,10 @@ fn main() -> ExitCode {
     // The per-call table.
     let mut ends = ends.lock().unwrap().clone();
     ends.sort();
-    let seen = seen.lock().unwrap().clone();
+    let seen = server
+        .as_ref()
+        .map(|srv| srv.seen.lock().unwrap().clone())
+        .unwrap_or_default();
     let mut ok = s.spans_dropped() == 0 && s.summaries_failed == 0;
     let mut latencies = Vec::new();
     println!();
@@ -359,7 +282,7 @@ fn main() -> ExitCode {
             "database: {calls} calls, {stored} spans stored for {emitted} emitted, {dups} duplicates"
         );
         ok &= stored == emitted && dups == 0 && calls == u64::from(args.calls);
-        let _ = srv.stop.send(());
+        srv.stop();
     }
     drop(stats);
     println!(

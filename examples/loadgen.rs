@@ -25,6 +25,8 @@
 
 #[path = "support/null_sink.rs"]
 mod null_sink;
+#[path = "support/observed_ingest.rs"]
+mod observed_ingest;
 #[path = "support/voice.rs"]
 mod voice;
 
@@ -637,10 +639,7 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
         .enable_all()
         .build()
         .unwrap();
-    let mut cfg = callscope_ingest::IngestConfig::new(db_url);
-    cfg.addr = "127.0.0.1:0".parse().unwrap();
-    cfg.no_auth = true;
-    let server = match rt.block_on(callscope_ingest::serve(cfg)) {
+    let server = match rt.block_on(observed_ingest::start(db_url, None)) {
         Ok(s) => s,
         Err(e) => return json!({"skipped": format!("ingest server did not start: {e}")}),
     };
@@ -658,7 +657,7 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
     let cores = if a.quick { 200 } else { 2_000 };
     let p = pipeline(
         Pipe::Callscope,
-        Some(server.endpoint()),
+        Some(server.endpoint.clone()),
         DetailMode::None,
         Tuning::of(a),
     );
@@ -672,7 +671,7 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
     let calls = if a.quick { 4 } else { 40 };
     let p = pipeline(
         Pipe::Callscope,
-        Some(server.endpoint()),
+        Some(server.endpoint.clone()),
         DetailMode::All,
         Tuning::of(a),
     );
@@ -690,11 +689,43 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
     );
     let span_secs = t.elapsed().as_secs_f64();
     let r = p.finish(spans);
+    // C: phase-1 latency into this receiver (root end -> core stored and acknowledged) while
+    // the other calls' detail is being stored: staggered calls of 10 KB spans.
+    let w = if a.quick {
+        Interleaved::new(10, 100, 10_000, 10, 2_000.0)
+    } else {
+        Interleaved::new(100, 150, 10_000, 2, 3_000.0)
+    };
+    let p = pipeline(
+        Pipe::Callscope,
+        Some(server.endpoint.clone()),
+        DetailMode::All,
+        Tuning::of(a),
+    );
+    let (streamed, ended) = emit_interleaved(&p.tracer(), &w, deadline);
+    let acked = || {
+        ended
+            .iter()
+            .filter_map(|(id, _)| server.core_acked(id))
+            .count()
+    };
+    wait_for(&|| acked() as u64, ended.len() as u64);
+    let phase1: Vec<f64> = ended
+        .iter()
+        .filter_map(|(id, t)| {
+            let at = server.core_acked(id)?;
+            Some(at.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    let streaming = p.finish(streamed);
     let dups = rt.block_on(store.duplicate_span_rows()).unwrap_or(0);
-    let _ = rt.block_on(server.shutdown());
+    server.stop();
     json!({"backend": if db_url.starts_with("postgres") {"postgres"} else {"sqlite"},
            "core_logs": stored_calls, "core_logs_per_s": (stored_calls as f64 / core_secs).round(),
            "spans_stored": stored, "spans_stored_per_s": (stored as f64 / span_secs).round(),
+           "phase1_while_streaming": {"calls": w.calls, "spans_per_call": w.spans_per_call,
+               "span_bytes": w.span_bytes, "phase1": percentiles(phase1),
+               "drops": streaming["drops"]},
            "duplicate_span_rows": dups, "sender": r})
 }
 
@@ -970,7 +1001,20 @@ fn main() {
         );
         if s == Scenario::Ingest {
             let r = spawn_child("ingest:callscope", &a);
-            println!("\n== ingest ==\n{r}");
+            println!("\n== ingest ==");
+            for b in r.as_array().into_iter().flatten() {
+                let p1 = &b["phase1_while_streaming"]["phase1"];
+                let ms = |k: &str| p1[k].as_f64().map_or("-".into(), |v| format!("{v:.1}"));
+                println!(
+                    "{}: core logs/s {}  spans stored/s {}  phase-1 while streaming (root end -> core stored and acked) p50 {} ms p99 {} ms",
+                    b["backend"],
+                    b["core_logs_per_s"],
+                    b["spans_stored_per_s"],
+                    ms("p50_ms"),
+                    ms("p99_ms")
+                );
+            }
+            println!("{r}");
             continue;
         }
         let cs = spawn_child(&format!("{name}:callscope"), &a);
