@@ -6,6 +6,7 @@
 //! concurrent duplicates (on one server or many sharing a PostgreSQL) store nothing twice.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,6 +15,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::types::Json;
 use sqlx::{FromRow, QueryBuilder};
+use tokio::sync::{Mutex, MutexGuard};
 
 use crate::error::IngestError;
 use crate::payload::{CoreCall, DetailBatch, SpanRow};
@@ -33,12 +35,60 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    /// SQLite's writers, in line ([`WriteGate`]); `None` for PostgreSQL, whose row locks let
+    /// writers of different calls run at once.
+    gate: Option<Arc<WriteGate>>,
+}
+
+/// Which write wants SQLite's one write lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// A core summary: the call log a dashboard waits for.
+    Core,
+    /// A detail batch: spans, in volume.
+    Detail,
 }
 
 #[derive(Clone, Debug)]
 enum Backend {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+}
+
+/// SQLite lets one connection write at a time. Left to SQLite, a writer that finds the lock
+/// taken sleeps in its busy handler (steps of 1, 2, 5 … up to 100 ms) and is not woken when
+/// the lock frees: with detail batches streaming, a core summary waited up to ~250 ms in the
+/// demo although each batch writes in a few ms. Here writers wait in line in the process
+/// instead, woken the moment the write before them commits, and a core summary waits for at
+/// most one detail batch: batches line up for the write lock one at a time.
+///
+/// Two steps, so that waiting writers still overlap what does not write: a detail batch
+/// lines up ([`line_up`](Self::line_up)) before it takes a pooled connection (waiting batches
+/// never hold the connections a core needs), then every writer begins its transaction and
+/// takes [`write`](Self::write) for the rest of it.
+#[derive(Debug, Default)]
+struct WriteGate {
+    /// Held from before a write's first statement until its commit; handed over in arrival
+    /// order.
+    write: Mutex<()>,
+    /// Held by a detail batch from before it takes a connection until its commit, so at most
+    /// one batch is ever in line for `write` ahead of a core summary.
+    batches: Mutex<()>,
+}
+
+impl WriteGate {
+    /// A detail batch's place in the batches' line (nothing to wait for a core).
+    async fn line_up(&self, kind: Write) -> Option<MutexGuard<'_, ()>> {
+        match kind {
+            Write::Core => None,
+            Write::Detail => Some(self.batches.lock().await),
+        }
+    }
+
+    /// The write lock.
+    async fn write(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().await
+    }
 }
 
 /// Runs `$body` with `$pool` bound to whichever pool the store holds; the body is compiled once
@@ -80,6 +130,7 @@ impl Store {
     /// [`IngestError::UnsupportedDatabaseUrl`], [`IngestError::Connect`] or
     /// [`IngestError::Migrate`].
     pub async fn connect(url: &str) -> Result<Self, IngestError> {
+        let mut gate = None;
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -110,11 +161,28 @@ impl Store {
                 .await
                 .map_err(connect_error)?;
             SQLITE_MIGRATIONS.run(&pool).await?;
+            gate = Some(Arc::default());
             Backend::Sqlite(pool)
         } else {
             return Err(IngestError::UnsupportedDatabaseUrl(redact(url)));
         };
-        Ok(Self { backend })
+        Ok(Self { backend, gate })
+    }
+
+    /// SQLite: [`WriteGate::line_up`], before taking a connection. PostgreSQL: nothing.
+    async fn line_up(&self, kind: Write) -> Option<MutexGuard<'_, ()>> {
+        match &self.gate {
+            Some(g) => g.line_up(kind).await,
+            None => None,
+        }
+    }
+
+    /// SQLite: [`WriteGate::write`], once the transaction has begun. PostgreSQL: nothing.
+    async fn write_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        match &self.gate {
+            Some(g) => Some(g.write().await),
+            None => None,
+        }
     }
 
     /// `"sqlite"` or `"postgres"`.
@@ -232,6 +300,7 @@ impl Store {
         let traces = joinable_traces(&core.extra, &core.call_id);
         let stored = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
+            let _write = self.write_lock().await;
             if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
                 tx.rollback().await?;
                 return Ok(false);
@@ -334,8 +403,10 @@ impl Store {
         // index locks in the same order and cannot deadlock each other in PostgreSQL.
         let mut spans: Vec<&SpanRow> = batch.spans.iter().collect();
         spans.sort_unstable_by(|a, b| a.span_id.cmp(&b.span_id));
+        let _line = self.line_up(Write::Detail).await;
         let outcome = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
+            let _write = self.write_lock().await;
             if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
                 tx.rollback().await?;
                 return Ok(DUPLICATE);
@@ -806,11 +877,62 @@ fn joinable_traces(extra: &Value, call_id: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use std::future::Future;
+    use std::pin::{Pin, pin};
+    use std::task::Poll;
+
+    use tokio::sync::MutexGuard;
+
+    use super::{Write, WriteGate, redact};
 
     #[test]
     fn redact_hides_credentials() {
         assert_eq!(redact("mysql://u:secret@h/db"), "mysql://…@h/db");
         assert_eq!(redact("nonsense"), "nonsense");
+    }
+
+    /// Polls `f` once; `Pending` keeps its place in whatever line it waits in.
+    async fn poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
+        let mut f = Some(f);
+        std::future::poll_fn(|cx| Poll::Ready(f.take().map(|f| f.poll(cx))))
+            .await
+            .unwrap()
+    }
+
+    /// Both steps of a write's turn, as the store takes them.
+    async fn turn(
+        gate: &WriteGate,
+        kind: Write,
+    ) -> (MutexGuard<'_, ()>, Option<MutexGuard<'_, ()>>) {
+        let line = gate.line_up(kind).await;
+        (gate.write().await, line)
+    }
+
+    #[tokio::test]
+    async fn a_core_summary_waits_for_at_most_the_detail_batch_writing_now() {
+        let gate = WriteGate::default();
+        let writing = turn(&gate, Write::Detail).await;
+        // Two more batches and then a core arrive while the first batch writes.
+        let mut second = pin!(turn(&gate, Write::Detail));
+        let mut third = pin!(turn(&gate, Write::Detail));
+        let mut core = pin!(turn(&gate, Write::Core));
+        assert!(poll_once(second.as_mut()).await.is_pending());
+        assert!(poll_once(third.as_mut()).await.is_pending());
+        assert!(poll_once(core.as_mut()).await.is_pending());
+        drop(writing);
+        // The core writes next, although both batches came before it.
+        let Poll::Ready(core_turn) = poll_once(core.as_mut()).await else {
+            panic!("the core summary did not get the write lock after the batch writing before it");
+        };
+        assert!(poll_once(second.as_mut()).await.is_pending());
+        assert!(poll_once(third.as_mut()).await.is_pending());
+        drop(core_turn);
+        // Then the batches, in the order they came.
+        let Poll::Ready(second_turn) = poll_once(second.as_mut()).await else {
+            panic!("the second batch did not write after the core");
+        };
+        assert!(poll_once(third.as_mut()).await.is_pending());
+        drop(second_turn);
+        assert!(poll_once(third.as_mut()).await.is_ready());
     }
 }
