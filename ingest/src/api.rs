@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Instrument;
 
 use crate::body::{self, BodyError};
 use crate::config::IngestConfig;
@@ -326,8 +327,26 @@ async fn post_call(
     .await
     .map_err(|e| ApiError::Store(IngestError::Task(e)))??;
 
-    let store = state.store();
-    let reply = match incoming {
+    // The write runs in a task of its own, so a sender hanging up does not cut a transaction
+    // short: SQLite would then roll it back only after the next writer was let in (which
+    // would find the lock taken and sleep in SQLite's busy handler). A retry of a write that
+    // completed after the hang-up is answered as a duplicate.
+    let store = state.store().clone();
+    // In the request's tracing span, so its logs keep the request id.
+    let write = async move { store_incoming(&store, incoming, key).await };
+    let reply = tokio::spawn(write.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| ApiError::Store(IngestError::Task(e)))??;
+    Ok(Json(reply).into_response())
+}
+
+/// Stores a parsed request; the reply's JSON.
+async fn store_incoming(
+    store: &Store,
+    incoming: Incoming,
+    key: Option<String>,
+) -> Result<Value, ApiError> {
+    Ok(match incoming {
         Incoming::Core(core) => {
             let stored = store.insert_core(&core, key.as_deref(), now_us()).await?;
             tracing::info!(call_id = %core.call_id, duplicate = !stored, "core stored");
@@ -350,8 +369,7 @@ async fn post_call(
                 "spans_stored": outcome.spans_inserted,
             })
         }
-    };
-    Ok(Json(reply).into_response())
+    })
 }
 
 /// Query string of `GET /v1/calls` (all optional; validated by hand for field-naming errors).
