@@ -725,8 +725,9 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
            "core_logs": stored_calls, "core_logs_per_s": (stored_calls as f64 / core_secs).round(),
            "spans_stored": stored, "spans_stored_per_s": (stored as f64 / span_secs).round(),
            "phase1_while_streaming": {"calls": w.calls, "spans_per_call": w.spans_per_call,
-               "span_bytes": w.span_bytes, "phase1": percentiles(phase1),
-               "drops": streaming["drops"]},
+               "span_bytes": w.span_bytes, "ended": ended.len(), "cores_acked": phase1.len(),
+               "phase1": percentiles(phase1), "drops": streaming["drops"],
+               "past_deadline": Instant::now() > deadline},
            "duplicate_span_rows": dups, "sender": r})
 }
 
@@ -1004,15 +1005,31 @@ fn main() {
             let r = spawn_child("ingest:callscope", &a);
             println!("\n== ingest ==");
             for b in r.as_array().into_iter().flatten() {
-                let p1 = &b["phase1_while_streaming"]["phase1"];
-                let ms = |k: &str| p1[k].as_f64().map_or("-".into(), |v| format!("{v:.1}"));
+                let backend = b["backend"].as_str().unwrap_or("?");
+                if let Some(why) = b["skipped"].as_str() {
+                    println!("{backend}: skipped ({why})");
+                    continue;
+                }
+                let c = &b["phase1_while_streaming"];
+                let ms = |k: &str| {
+                    c["phase1"][k]
+                        .as_f64()
+                        .map_or("-".into(), |v| format!("{v:.1}"))
+                };
                 println!(
-                    "{}: core logs/s {}  spans stored/s {}  phase-1 while streaming (root end -> core stored and acked) p50 {} ms p99 {} ms",
-                    b["backend"],
+                    "{backend}: core logs/s {}  spans stored/s {}  phase-1 while streaming (root end -> core stored and acked) p50 {} ms p99 {} ms, {} of {} cores acked, {} spans dropped{}",
                     b["core_logs_per_s"],
                     b["spans_stored_per_s"],
                     ms("p50_ms"),
-                    ms("p99_ms")
+                    ms("p99_ms"),
+                    c["cores_acked"],
+                    c["ended"],
+                    c["drops"],
+                    if c["past_deadline"] == true {
+                        "  (CUT SHORT by --max-seconds: figures are incomplete)"
+                    } else {
+                        ""
+                    }
                 );
             }
             println!("{r}");
