@@ -1,7 +1,8 @@
 //! `callscope-ingest` in-process on 127.0.0.1:0, behind an observer that notes, per call (from
 //! the Idempotency-Key), when its core was answered and how large each request was on the wire.
-//! For the demo and the load tool (included with `#[path]`): phase-1 latency as the sender sees
-//! it, root span end → core stored and acknowledged by the real receiver.
+//! For the demo and the load tool (included with `#[path]`): phase-1 latency into the real
+//! receiver, up to the moment its handler has stored the core (before the response is written,
+//! so a little less than the sender sees).
 #![allow(dead_code)]
 
 use std::collections::HashMap;

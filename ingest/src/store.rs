@@ -48,7 +48,7 @@ enum Backend {
 
 /// SQLite lets one connection write at a time. Left to SQLite, a writer that finds the lock
 /// taken sleeps in its busy handler (steps of 1, 2, 5 … up to 100 ms) and is not woken when
-/// the lock frees: with detail batches streaming, a core summary's phase-1 p99 was 60–242 ms
+/// the lock frees: with detail batches streaming, a core summary's phase-1 p99 was 60–246 ms
 /// in the demo although each batch writes in a few ms. Here writers wait in line in the
 /// process instead, woken the moment the write before them commits, and at most one detail
 /// batch is ever in line ahead of a core summary (cores ahead of it still go first).
