@@ -908,13 +908,29 @@ mod tests {
             }
             got
         };
-        for cut in [whole + 1, whole + 40, chunk.len() - 1] {
+        // Every cut inside the second span: the head, a key, a value, between key and value.
+        for cut in whole + 1..chunk.len() {
             assert_eq!(read(&chunk[..cut]), [true, false], "cut at {cut}");
         }
         // Text that is not UTF-8 is an error too (the span's name starts after the head).
         let mut broken = chunk.clone();
         broken[51 + 4 + "timed out".len() + 4] = 0xff;
         assert_eq!(read(&broken), [false]);
+        // A key and value checked as one text must also split at a char boundary: "k" and
+        // "x" made into 0xC3 and 0xA9 are "é" together, but neither is text on its own.
+        let mut one = span(1);
+        one.attributes = vec![KeyValue::new("k", "x")];
+        let mut split = Vec::new();
+        pack(&mut split, &one, Operation::Llm, dur(&one), usize::MAX);
+        assert_eq!(read(&split), [true]);
+        let attr = [1, 0, 0, 0, V_STR, 1, 0, 0, 0, b'k', b'x'];
+        let at = split
+            .windows(attr.len())
+            .position(|w| w == attr)
+            .expect("the attribute as put_attr writes it");
+        split[at + 9] = 0xC3;
+        split[at + 10] = 0xA9;
+        assert_eq!(read(&split), [false]);
         // A nonsense count does not reserve memory for it.
         let mut bad = vec![Operation::Llm.index() as u8];
         bad.extend_from_slice(&[0; 16 + 8 + 8 + 1 + 16]);

@@ -332,12 +332,17 @@ async fn post_call(
     // would find the lock taken and sleep in SQLite's busy handler). A retry of a write that
     // completed after the hang-up is answered as a duplicate.
     let store = state.store().clone();
-    // In the request's tracing span, so its logs keep the request id.
-    let write = async move { store_incoming(&store, incoming, key).await };
-    let reply = tokio::spawn(write.instrument(tracing::Span::current()))
+    // In the request's tracing span, so its logs keep the request id; a failure is answered
+    // (and logged) in the task, also when nobody is left to read the answer.
+    let write = async move {
+        match store_incoming(&store, incoming, key).await {
+            Ok(reply) => Json(reply).into_response(),
+            Err(e) => e.into_response(),
+        }
+    };
+    tokio::spawn(write.instrument(tracing::Span::current()))
         .await
-        .map_err(|e| ApiError::Store(IngestError::Task(e)))??;
-    Ok(Json(reply).into_response())
+        .map_err(|e| ApiError::Store(IngestError::Task(e)))
 }
 
 /// Stores a parsed request; the reply's JSON.

@@ -167,7 +167,9 @@ impl Store {
                 .busy_timeout(SQLITE_BUSY_TIMEOUT);
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
-                .acquire_timeout(Duration::from_secs(30))
+                // No longer than a sender waits for its answer (10 s by default): a write whose
+                // sender hung up does not hold its place much past that.
+                .acquire_timeout(SQLITE_BUSY_TIMEOUT)
                 .connect_with(options)
                 .await
                 .map_err(connect_error)?;
