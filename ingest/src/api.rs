@@ -504,6 +504,45 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"ab"));
     }
 
+    #[tokio::test]
+    async fn a_write_goes_on_when_its_sender_hangs_up() {
+        use std::time::{Duration, Instant};
+        use tower::ServiceExt;
+
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("hang-up.db").display());
+        let store = Store::connect(&url).await.expect("SQLite store");
+        let mut config = IngestConfig::new(&url);
+        config.no_auth = true;
+        let router = app(AppState::new(store.clone(), &config));
+        let core = json!({
+            "schema_version": 1, "call_id": "hang-up-1", "agent_id": "agent-1",
+            "call_started_at": "2026-11-24T10:00:00Z", "call_ended_at": "2026-11-24T10:05:00Z",
+            "duration_seconds": 300.0, "end_reason": "root_span_ended", "transcript_json": [],
+            "summary_metrics": {}, "telemetry_summary": {}, "truncated": false
+        });
+        let req = Request::post("/v1/calls")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(core.to_string()))
+            .expect("request");
+
+        // Another write holds the lock; the sender gives up while its write waits for it.
+        let held = store.hold_write_lock().await;
+        let answer = tokio::time::timeout(Duration::from_secs(2), router.oneshot(req)).await;
+        assert!(answer.is_err(), "answered while the write lock was held");
+        drop(held);
+
+        // The write, in a task of its own, stores the core all the same.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.get_call("hang-up-1").await.expect("read").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the core of a sender that hung up was never stored"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[test]
     fn page_limits_are_bounded() {
         assert_eq!(page_limit(None, (50, 500)).ok(), Some(50));

@@ -200,6 +200,17 @@ impl Store {
         }
     }
 
+    /// Holds SQLite's write lock, as a write in progress would (tests of the API's writes).
+    #[cfg(test)]
+    pub(crate) async fn hold_write_lock(&self) -> MutexGuard<'_, ()> {
+        self.gate
+            .as_ref()
+            .expect("a SQLite store has a write line")
+            .write
+            .lock()
+            .await
+    }
+
     /// `"sqlite"` or `"postgres"`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
