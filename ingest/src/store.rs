@@ -102,6 +102,38 @@ impl WriteGate {
     }
 }
 
+/// How a write transaction's body ends.
+enum Finish<T> {
+    Commit(T),
+    /// Nothing to store (a duplicate): undo what the body did.
+    RollBack(T),
+}
+
+/// Commits or rolls back `tx` as its body asked, and rolls it back after an error too, before
+/// the caller lets go of SQLite's write line: a transaction only dropped would roll back after
+/// the next writer was let in (sqlx queues the rollback), and that writer would find the lock
+/// taken and sleep in SQLite's busy handler.
+async fn finish<DB: sqlx::Database, T>(
+    tx: sqlx::Transaction<'_, DB>,
+    ended: Result<Finish<T>, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    match ended {
+        Ok(Finish::Commit(v)) => {
+            tx.commit().await?;
+            Ok(v)
+        }
+        Ok(Finish::RollBack(v)) => {
+            tx.rollback().await?;
+            Ok(v)
+        }
+        Err(e) => {
+            // The body's error is the one to report; a failed rollback ends with the connection.
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
 /// Runs `$body` with `$pool` bound to whichever pool the store holds; the body is compiled once
 /// per backend, so one SQL text serves both.
 macro_rules! on_pool {
@@ -326,57 +358,61 @@ impl Store {
         let traces = joinable_traces(&core.extra, &core.call_id);
         let stored = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let _write = self.write_lock().await?;
-            if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-            let done = sqlx::query(UPSERT)
-                .bind(&core.call_id)
-                .bind(&core.agent_id)
-                .bind(&core.call_started_at)
-                .bind(&core.call_ended_at)
-                .bind(core.duration_seconds)
-                .bind(&core.end_reason)
-                .bind(Json(&core.transcript_json))
-                .bind(Json(&core.summary_metrics))
-                .bind(Json(&core.telemetry_summary))
-                .bind(core.truncated)
-                .bind(Json(&core.extra))
-                .bind(now_us)
-                .execute(&mut *tx)
-                .await?;
-            if done.rows_affected() == 0 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-            // Spans stored under one of the call's trace ids (sent before the sender knew the
-            // call id) join the call now; later ones are redirected by insert_detail.
-            for trace in &traces {
-                sqlx::query(CLAIM_TRACE)
-                    .bind(trace)
+            let write = self.write_lock().await?;
+            let ended = async {
+                if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
+                    return Ok(Finish::RollBack(false));
+                }
+                let done = sqlx::query(UPSERT)
                     .bind(&core.call_id)
+                    .bind(&core.agent_id)
+                    .bind(&core.call_started_at)
+                    .bind(&core.call_ended_at)
+                    .bind(core.duration_seconds)
+                    .bind(&core.end_reason)
+                    .bind(Json(&core.transcript_json))
+                    .bind(Json(&core.summary_metrics))
+                    .bind(Json(&core.telemetry_summary))
+                    .bind(core.truncated)
+                    .bind(Json(&core.extra))
+                    .bind(now_us)
                     .execute(&mut *tx)
                     .await?;
-                let moved = sqlx::query(MOVE_SPANS)
-                    .bind(&core.call_id)
-                    .bind(trace)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if moved > 0 {
-                    let moved = i64::try_from(moved).unwrap_or(i64::MAX);
-                    for (call, delta) in [(core.call_id.as_str(), moved), (trace.as_str(), -moved)] {
-                        sqlx::query(ADD_SPANS)
-                            .bind(call)
-                            .bind(delta)
-                            .execute(&mut *tx)
-                            .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(Finish::RollBack(false));
+                }
+                // Spans stored under one of the call's trace ids (sent before the sender knew
+                // the call id) join the call now; later ones are redirected by insert_detail.
+                for trace in &traces {
+                    sqlx::query(CLAIM_TRACE)
+                        .bind(trace)
+                        .bind(&core.call_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    let moved = sqlx::query(MOVE_SPANS)
+                        .bind(&core.call_id)
+                        .bind(trace)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if moved > 0 {
+                        let moved = i64::try_from(moved).unwrap_or(i64::MAX);
+                        let deltas = [(core.call_id.as_str(), moved), (trace.as_str(), -moved)];
+                        for (call, delta) in deltas {
+                            sqlx::query(ADD_SPANS)
+                                .bind(call)
+                                .bind(delta)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
                     }
                 }
+                Ok::<_, sqlx::Error>(Finish::Commit(true))
             }
-            tx.commit().await?;
-            Ok::<bool, sqlx::Error>(true)
+            .await;
+            let result = finish(tx, ended).await;
+            drop(write);
+            result
         })?;
         Ok(stored)
     }
@@ -432,76 +468,79 @@ impl Store {
         let _line = self.batch_line().await?;
         let outcome = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let _write = self.write_lock().await?;
-            if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
-                tx.rollback().await?;
-                return Ok(DUPLICATE);
-            }
-            let claimed = sqlx::query(CLAIM_BATCH)
-                .bind(&batch.call_id)
-                .bind(batch.batch_seq)
-                .bind(batch.is_final)
-                .bind(batch.late)
-                .bind(batch.total_batches)
-                .bind(span_count)
-                .bind(now_us)
-                .execute(&mut *tx)
-                .await?;
-            if claimed.rows_affected() == 0 {
-                tx.rollback().await?;
-                return Ok(DUPLICATE);
-            }
-            // A batch sent under a trace id whose call is known: its spans belong to that call.
-            let owner: Option<String> = if is_trace_id(&batch.call_id) {
-                sqlx::query_scalar(OWNER_OF_TRACE)
+            let write = self.write_lock().await?;
+            let ended = async {
+                if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
+                    return Ok(Finish::RollBack(DUPLICATE));
+                }
+                let claimed = sqlx::query(CLAIM_BATCH)
                     .bind(&batch.call_id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-            } else {
-                None
-            };
-            let span_call = owner.as_deref().unwrap_or(&batch.call_id);
-            // A final without spans (its transcript only) needs no insert.
-            let inserted = if spans.is_empty() {
-                0
-            } else {
-                (*tx)
-                    .insert_spans(span_call, &spans, batch.batch_seq)
-                    .await?
-            };
-            sqlx::query(ENSURE_CALL)
-                .bind(&batch.call_id)
-                .bind(&batch.agent_id)
-                .bind(now_us)
-                .execute(&mut *tx)
-                .await?;
-            let inserted_i64 = i64::try_from(inserted).unwrap_or(i64::MAX);
-            if owner.is_some() && inserted > 0 {
-                sqlx::query(ADD_SPANS)
-                    .bind(span_call)
-                    .bind(inserted_i64)
+                    .bind(batch.batch_seq)
+                    .bind(batch.is_final)
+                    .bind(batch.late)
+                    .bind(batch.total_batches)
+                    .bind(span_count)
+                    .bind(now_us)
                     .execute(&mut *tx)
                     .await?;
+                if claimed.rows_affected() == 0 {
+                    return Ok(Finish::RollBack(DUPLICATE));
+                }
+                // A batch sent under a trace id whose call is known: its spans belong to that call.
+                let owner: Option<String> = if is_trace_id(&batch.call_id) {
+                    sqlx::query_scalar(OWNER_OF_TRACE)
+                        .bind(&batch.call_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                } else {
+                    None
+                };
+                let span_call = owner.as_deref().unwrap_or(&batch.call_id);
+                // A final without spans (its transcript only) needs no insert.
+                let inserted = if spans.is_empty() {
+                    0
+                } else {
+                    (*tx)
+                        .insert_spans(span_call, &spans, batch.batch_seq)
+                        .await?
+                };
+                sqlx::query(ENSURE_CALL)
+                    .bind(&batch.call_id)
+                    .bind(&batch.agent_id)
+                    .bind(now_us)
+                    .execute(&mut *tx)
+                    .await?;
+                let inserted_i64 = i64::try_from(inserted).unwrap_or(i64::MAX);
+                if owner.is_some() && inserted > 0 {
+                    sqlx::query(ADD_SPANS)
+                        .bind(span_call)
+                        .bind(inserted_i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(PROGRESS)
+                    .bind(&batch.call_id)
+                    .bind(batch.late)
+                    .bind(batch.total_batches)
+                    .bind(batch.batch_seq)
+                    .bind(if owner.is_some() { 0 } else { inserted_i64 })
+                    .bind(batch.transcript_with_metrics.as_ref().map(Json))
+                    .bind(&batch.agent_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(COMPLETE)
+                    .bind(&batch.call_id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok::<_, sqlx::Error>(Finish::Commit(DetailOutcome {
+                    duplicate: false,
+                    spans_inserted: inserted,
+                }))
             }
-            sqlx::query(PROGRESS)
-                .bind(&batch.call_id)
-                .bind(batch.late)
-                .bind(batch.total_batches)
-                .bind(batch.batch_seq)
-                .bind(if owner.is_some() { 0 } else { inserted_i64 })
-                .bind(batch.transcript_with_metrics.as_ref().map(Json))
-                .bind(&batch.agent_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(COMPLETE)
-                .bind(&batch.call_id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok::<DetailOutcome, sqlx::Error>(DetailOutcome {
-                duplicate: false,
-                spans_inserted: inserted,
-            })
+            .await;
+            let result = finish(tx, ended).await;
+            drop(write);
+            result
         })?;
         Ok(outcome)
     }
