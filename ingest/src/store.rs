@@ -35,14 +35,13 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
-    /// SQLite's writers, in line ([`WriteGate`]); `None` for PostgreSQL, whose row locks let
-    /// writers of different calls run at once.
-    gate: Option<Arc<WriteGate>>,
 }
 
 #[derive(Clone, Debug)]
 enum Backend {
-    Sqlite(SqlitePool),
+    /// With its writers' line ([`WriteGate`]), shared by the store's clones.
+    Sqlite(SqlitePool, Arc<WriteGate>),
+    /// No line: row locks let writers of different calls run at once.
     Postgres(PgPool),
 }
 
@@ -139,7 +138,7 @@ async fn finish<DB: sqlx::Database, T>(
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.backend {
-            Backend::Sqlite($pool) => $body,
+            Backend::Sqlite($pool, _) => $body,
             Backend::Postgres($pool) => $body,
         }
     };
@@ -173,7 +172,6 @@ impl Store {
     /// [`IngestError::UnsupportedDatabaseUrl`], [`IngestError::Connect`] or
     /// [`IngestError::Migrate`].
     pub async fn connect(url: &str) -> Result<Self, IngestError> {
-        let mut gate = None;
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -206,47 +204,44 @@ impl Store {
                 .await
                 .map_err(connect_error)?;
             SQLITE_MIGRATIONS.run(&pool).await?;
-            gate = Some(Arc::new(WriteGate::new(SQLITE_BUSY_TIMEOUT)));
-            Backend::Sqlite(pool)
+            Backend::Sqlite(pool, Arc::new(WriteGate::new(SQLITE_BUSY_TIMEOUT)))
         } else {
             return Err(IngestError::UnsupportedDatabaseUrl(redact(url)));
         };
-        Ok(Self { backend, gate })
+        Ok(Self { backend })
     }
 
     /// SQLite: [`WriteGate::batch_line`], before a detail batch takes a connection.
     /// PostgreSQL: nothing to wait for.
     async fn batch_line(&self) -> Result<Option<MutexGuard<'_, ()>>, sqlx::Error> {
-        match &self.gate {
-            Some(g) => g.batch_line().await.map(Some),
-            None => Ok(None),
+        match &self.backend {
+            Backend::Sqlite(_, g) => g.batch_line().await.map(Some),
+            Backend::Postgres(_) => Ok(None),
         }
     }
 
     /// SQLite: [`WriteGate::write`], once the transaction has begun. PostgreSQL: nothing to
     /// wait for.
     async fn write_lock(&self) -> Result<Option<MutexGuard<'_, ()>>, sqlx::Error> {
-        match &self.gate {
-            Some(g) => g.write().await.map(Some),
-            None => Ok(None),
+        match &self.backend {
+            Backend::Sqlite(_, g) => g.write().await.map(Some),
+            Backend::Postgres(_) => Ok(None),
         }
     }
 
     /// Holds SQLite's write lock, as a write in progress would (tests of the API's writes).
     #[cfg(test)]
     pub(crate) async fn hold_write_lock(&self) -> MutexGuard<'_, ()> {
-        self.gate
-            .as_ref()
-            .expect("a SQLite store has a write line")
-            .write
-            .lock()
-            .await
+        let Backend::Sqlite(_, g) = &self.backend else {
+            panic!("only a SQLite store has a write line")
+        };
+        g.write.lock().await
     }
 
     /// `"sqlite"` or `"postgres"`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite(..) => "sqlite",
             Backend::Postgres(_) => "postgres",
         }
     }
@@ -951,7 +946,7 @@ mod tests {
     use serde_json::json;
     use tokio::sync::MutexGuard;
 
-    use super::{SQLITE_BUSY_TIMEOUT, Store, WriteGate, redact};
+    use super::{Backend, SQLITE_BUSY_TIMEOUT, Store, WriteGate, redact};
     use crate::error::IngestError;
     use crate::payload::{CoreCall, DetailBatch, Incoming, parse};
 
@@ -1053,7 +1048,10 @@ mod tests {
         let mut store = Store::connect(&url).await.expect("SQLite store");
         // A short wait, so the refusals below come quickly; the store's is SQLite's busy timeout.
         let gate = Arc::new(WriteGate::new(Duration::from_millis(100)));
-        store.gate = Some(gate.clone());
+        let Backend::Sqlite(_, line) = &mut store.backend else {
+            panic!("not SQLite")
+        };
+        *line = gate.clone();
         let (core, batch) = (core_call("call-1"), detail_batch("call-1"));
 
         // While another write holds the write lock, both kinds wait, then answer busy.
