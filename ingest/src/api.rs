@@ -515,12 +515,7 @@ mod tests {
         let mut config = IngestConfig::new(&url);
         config.no_auth = true;
         let router = app(AppState::new(store.clone(), &config));
-        let core = json!({
-            "schema_version": 1, "call_id": "hang-up-1", "agent_id": "agent-1",
-            "call_started_at": "2026-11-24T10:00:00Z", "call_ended_at": "2026-11-24T10:05:00Z",
-            "duration_seconds": 300.0, "end_reason": "root_span_ended", "transcript_json": [],
-            "summary_metrics": {}, "telemetry_summary": {}, "truncated": false
-        });
+        let core = crate::payload::tests::core_body("hang-up-1");
         let req = Request::post("/v1/calls")
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(core.to_string()))

@@ -376,9 +376,23 @@ fn typed(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A valid core body of call `call_id` (for the crate's other unit tests too).
+    pub(crate) fn core_body(call_id: &str) -> Value {
+        let mut v = core();
+        v["call_id"] = json!(call_id);
+        v
+    }
+
+    /// A valid detail body of call `call_id`: its final batch, one span.
+    pub(crate) fn detail_body(call_id: &str) -> Value {
+        let mut v = detail();
+        v["call_id"] = json!(call_id);
+        v
+    }
 
     fn core() -> Value {
         json!({

@@ -943,11 +943,11 @@ mod tests {
     use std::task::Poll;
     use std::time::Duration;
 
-    use serde_json::json;
     use tokio::sync::MutexGuard;
 
     use super::{Backend, SQLITE_BUSY_TIMEOUT, Store, WriteGate, redact};
     use crate::error::IngestError;
+    use crate::payload::tests::{core_body, detail_body};
     use crate::payload::{CoreCall, DetailBatch, Incoming, parse};
 
     #[test]
@@ -1006,32 +1006,14 @@ mod tests {
     }
 
     fn core_call(call_id: &str) -> CoreCall {
-        let body = json!({
-            "schema_version": 1, "call_id": call_id, "agent_id": "agent-1",
-            "call_started_at": "2026-11-24T10:00:00Z", "call_ended_at": "2026-11-24T10:05:00Z",
-            "duration_seconds": 300.0, "end_reason": "root_span_ended", "transcript_json": [],
-            "summary_metrics": {}, "telemetry_summary": {}, "truncated": false
-        });
-        match parse(body.to_string().as_bytes()) {
+        match parse(core_body(call_id).to_string().as_bytes()) {
             Ok(Incoming::Core(c)) => c,
             other => panic!("not a core: {other:?}"),
         }
     }
 
     fn detail_batch(call_id: &str) -> DetailBatch {
-        let span = json!({
-            "trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "00000000000000a1",
-            "name": "llm_request", "operation": "llm", "kind": "internal",
-            "start_time": "2026-11-24T10:00:01Z", "end_time": "2026-11-24T10:00:02Z",
-            "duration_ms": 1000.0, "status": {"code": "ok", "message": ""},
-            "attributes": {}, "events": [], "links": []
-        });
-        let body = json!({
-            "schema_version": 1, "call_id": call_id, "agent_id": "agent-1",
-            "update_type": "detailed_telemetry", "batch_seq": 0, "final": false,
-            "telemetry_data": {"session_traces": [span]}
-        });
-        match parse(body.to_string().as_bytes()) {
+        match parse(detail_body(call_id).to_string().as_bytes()) {
             Ok(Incoming::Detail(d)) => d,
             other => panic!("not a detail batch: {other:?}"),
         }
