@@ -1,6 +1,7 @@
 //! The HTTP API: router, handlers, authentication and error responses.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -13,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Instrument;
@@ -48,6 +50,64 @@ struct Inner {
     no_auth: bool,
     max_body_bytes: usize,
     max_decompressed_bytes: usize,
+    admission: Admission,
+}
+
+/// Places for `POST /v1/calls` requests in flight, from reading the body to the end of the
+/// write; a quarter of them only core call logs may take.
+#[derive(Debug)]
+struct Admission {
+    places: Arc<Semaphore>,
+    max: usize,
+    /// Places a detail batch (or a request not saying it is a core) must leave free.
+    core_reserve: u32,
+    /// Requests refused because no place was free.
+    refused: AtomicU64,
+}
+
+impl Admission {
+    fn new(max: usize) -> Self {
+        // `serve` refuses a value out of range; a router built directly gets the nearest one.
+        let max = max.clamp(1, crate::config::MAX_MAX_IN_FLIGHT);
+        Self {
+            places: Arc::new(Semaphore::new(max)),
+            max,
+            core_reserve: u32::try_from(max / 4).unwrap_or(u32::MAX),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// A place for a request, if one is free to it: a core may take the last ones, anything
+    /// else must leave [`core_reserve`](Self::core_reserve) free.
+    fn admit(&self, core: bool) -> Result<OwnedSemaphorePermit, ApiError> {
+        let taken = if core {
+            self.places.clone().try_acquire_owned()
+        } else {
+            // Taking the reserve too, and giving it back at once, checks that it is free
+            // without a window in which another request could take it.
+            self.places
+                .clone()
+                .try_acquire_many_owned(self.core_reserve + 1)
+                .map(|mut p| {
+                    drop(p.split(self.core_reserve as usize));
+                    p
+                })
+        };
+        taken.map_err(|_| {
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                max_in_flight = self.max,
+                core = core,
+                refused,
+                "request refused: the server is handling as many requests as it takes"
+            );
+            ApiError::Overloaded { max: self.max }
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.max - self.places.available_permits()
+    }
 }
 
 impl AppState {
@@ -63,6 +123,7 @@ impl AppState {
                 no_auth: config.no_auth,
                 max_body_bytes: config.max_body_bytes,
                 max_decompressed_bytes: config.max_decompressed_bytes,
+                admission: Admission::new(config.max_in_flight),
             }),
         }
     }
@@ -117,6 +178,10 @@ enum ApiError {
     Unauthorized,
     NotFound(String),
     Store(IngestError),
+    /// No place for the request ([`IngestConfig::max_in_flight`]).
+    Overloaded {
+        max: usize,
+    },
 }
 
 impl From<BadRequest> for ApiError {
@@ -169,8 +234,20 @@ impl IntoResponse for ApiError {
             }
             Self::NotFound(what) => error_body(StatusCode::NOT_FOUND, what, Some("call_id")),
             Self::Store(e) => store_error_response(e),
+            Self::Overloaded { max } => busy(format!(
+                "the server is handling {max} requests already (CALLSCOPE_INGEST_MAX_IN_FLIGHT, \
+                 a quarter kept for core call logs); retry after the Retry-After delay"
+            )),
         }
     }
+}
+
+/// 503 with `Retry-After: 1` and `message`: the sender waits and retries.
+fn busy(message: String) -> Response {
+    let mut r = error_body(StatusCode::SERVICE_UNAVAILABLE, message, None);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// Busy database → 503 with Retry-After (the sender waits and retries); a value the database
@@ -180,23 +257,16 @@ fn store_error_response(e: IngestError) -> Response {
         IngestError::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
         _ => None,
     };
-    let busy = matches!(
+    let is_busy = matches!(
         &e,
         IngestError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
     ) || matches!(
         code.as_deref(),
         Some("5" | "6" | "261" | "262" | "517" | "773" | "40001" | "40P01" | "53300")
     );
-    if busy {
+    if is_busy {
         tracing::warn!(error = %e, "database busy");
-        let mut r = error_body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the database is busy; retry after the Retry-After delay".to_owned(),
-            None,
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        return busy("the database is busy; retry after the Retry-After delay".to_owned());
     }
     if code.as_deref().is_some_and(|c| c.starts_with("22")) {
         return error_body(
@@ -261,7 +331,14 @@ async fn require_api_key(
 async fn healthz(State(state): State<AppState>) -> Response {
     match state.store().ping().await {
         Ok(()) => {
-            Json(json!({"ok": true, "database": state.store().backend_name()})).into_response()
+            let a = &state.inner.admission;
+            Json(json!({
+                "ok": true,
+                "database": state.store().backend_name(),
+                "requests_in_flight": a.in_flight(),
+                "requests_refused_busy": a.refused.load(Ordering::Relaxed),
+            }))
+            .into_response()
         }
         Err(e) => {
             tracing::error!(error = %e, "health check failed");
@@ -314,15 +391,20 @@ async fn post_call(
         return Err(too_large.into());
     }
     let key = idempotency_key(&headers)?;
+    // Before the body is read: a refused request costs no memory. The place is held until
+    // the write is over, also when the sender hangs up before.
+    let core = key.as_deref().is_some_and(|k| k.ends_with(":core"));
+    let place = state.inner.admission.admit(core)?;
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("(not ASCII)").to_owned());
     let raw = body::read_limited(body, max_body).await?;
     let max_decompressed = state.inner.max_decompressed_bytes;
     // Decompression and parsing of up to tens of MB are CPU work: keep them off the reactor.
-    let incoming = tokio::task::spawn_blocking(move || {
+    let (incoming, place) = tokio::task::spawn_blocking(move || {
         let bytes = body::decode(raw, encoding.as_deref(), max_decompressed)?;
-        payload::parse(&bytes).map_err(ApiError::from)
+        let incoming = payload::parse(&bytes).map_err(ApiError::from)?;
+        Ok::<_, ApiError>((incoming, place))
     })
     .await
     .map_err(|e| ApiError::Store(IngestError::Task(e)))??;
@@ -335,10 +417,12 @@ async fn post_call(
     // In the request's tracing span, so its logs keep the request id; a failure is answered
     // (and logged) in the task, also when nobody is left to read the answer.
     let write = async move {
-        match store_incoming(&store, incoming, key).await {
+        let answer = match store_incoming(&store, incoming, key).await {
             Ok(reply) => Json(reply).into_response(),
             Err(e) => e.into_response(),
-        }
+        };
+        drop(place);
+        answer
     };
     tokio::spawn(write.instrument(tracing::Span::current()))
         .await
@@ -514,7 +598,8 @@ mod tests {
         let store = Store::connect(&url).await.expect("SQLite store");
         let mut config = IngestConfig::new(&url);
         config.no_auth = true;
-        let router = app(AppState::new(store.clone(), &config));
+        let state = AppState::new(store.clone(), &config);
+        let router = app(state.clone());
         let core = crate::payload::tests::core_body("hang-up-1");
         let req = Request::post("/v1/calls")
             .header(header::CONTENT_TYPE, "application/json")
@@ -525,6 +610,9 @@ mod tests {
         let held = store.hold_write_lock().await;
         let answer = tokio::time::timeout(Duration::from_secs(2), router.oneshot(req)).await;
         assert!(answer.is_err(), "answered while the write lock was held");
+        // The write keeps its place while it waits: writes of senders that hung up are
+        // bounded by CALLSCOPE_INGEST_MAX_IN_FLIGHT.
+        assert_eq!(state.inner.admission.in_flight(), 1);
         drop(held);
 
         // The write, in a task of its own, stores the core all the same.
@@ -535,6 +623,11 @@ mod tests {
                 "the core of a sender that hung up was never stored"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ... and gives it back once the write is over.
+        while state.inner.admission.in_flight() > 0 {
+            assert!(Instant::now() < deadline, "the write kept its place");
+            tokio::task::yield_now().await;
         }
     }
 

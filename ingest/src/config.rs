@@ -22,6 +22,13 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 6_000_000;
 pub const ENV_MAX_DECOMPRESSED_BYTES: &str = "CALLSCOPE_INGEST_MAX_DECOMPRESSED_BYTES";
 /// Default largest body after decompression: 64 MiB.
 pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 64 * 1024 * 1024;
+/// Environment variable for the `POST /v1/calls` requests handled at once.
+pub const ENV_MAX_IN_FLIGHT: &str = "CALLSCOPE_INGEST_MAX_IN_FLIGHT";
+/// Default of [`ENV_MAX_IN_FLIGHT`]: 128 requests (as many summaries as one callscope
+/// processor sends at once), a quarter of them kept for core call logs.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
+/// Largest accepted [`ENV_MAX_IN_FLIGHT`].
+pub const MAX_MAX_IN_FLIGHT: usize = 65_536;
 
 /// Everything the server needs to run.
 ///
@@ -46,6 +53,17 @@ pub struct IngestConfig {
     /// Largest body after gzip decompression; larger bodies (e.g. gzip bombs) get 413.
     /// Env [`ENV_MAX_DECOMPRESSED_BYTES`], default [`DEFAULT_MAX_DECOMPRESSED_BYTES`].
     pub max_decompressed_bytes: usize,
+    /// `POST /v1/calls` requests handled at once, from reading the body to the end of its
+    /// write (a write goes on, and counts, after its sender hung up). A request past it gets
+    /// 503 with `Retry-After` at once, before its body is read. A quarter of the places (rounded
+    /// down) are kept for core call logs (`Idempotency-Key: <call_id>:core`): a detail batch
+    /// is refused when it would leave fewer free, so phase 1 is not queued behind detail.
+    /// So the server holds at most this many request bodies at once, each up to
+    /// [`max_body_bytes`](Self::max_body_bytes) on the wire and
+    /// [`max_decompressed_bytes`](Self::max_decompressed_bytes) decoded, plus its parsed form.
+    /// From 1 to [`MAX_MAX_IN_FLIGHT`]. Env [`ENV_MAX_IN_FLIGHT`], default
+    /// [`DEFAULT_MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
 }
 
 impl IngestConfig {
@@ -60,6 +78,7 @@ impl IngestConfig {
             no_auth: false,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 
@@ -91,6 +110,10 @@ impl IngestConfig {
             Some(v) => parse_bytes(ENV_MAX_DECOMPRESSED_BYTES, &v)?,
             None => DEFAULT_MAX_DECOMPRESSED_BYTES,
         };
+        let max_in_flight = match lookup(ENV_MAX_IN_FLIGHT) {
+            Some(v) => parse_in_flight(ENV_MAX_IN_FLIGHT, &v)?,
+            None => DEFAULT_MAX_IN_FLIGHT,
+        };
         Ok(Self {
             addr,
             database_url,
@@ -98,7 +121,16 @@ impl IngestConfig {
             no_auth: false,
             max_body_bytes,
             max_decompressed_bytes,
+            max_in_flight,
         })
+    }
+
+    /// Checks what the environment's parsing checks, for a configuration built in code.
+    ///
+    /// # Errors
+    /// [`IngestError::Config`] naming the setting out of range.
+    pub(crate) fn validate(&self) -> Result<(), IngestError> {
+        parse_in_flight(ENV_MAX_IN_FLIGHT, &self.max_in_flight.to_string()).map(drop)
     }
 }
 
@@ -122,12 +154,32 @@ pub(crate) fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, I
 
 /// Parses a positive byte count, naming `var` in the error.
 pub(crate) fn parse_bytes(var: &'static str, value: &str) -> Result<usize, IngestError> {
+    parse_count(
+        var,
+        value,
+        usize::MAX,
+        "a positive number of bytes such as 6000000",
+    )
+}
+
+/// Parses a number of requests in flight, naming `var` in the error.
+pub(crate) fn parse_in_flight(var: &'static str, value: &str) -> Result<usize, IngestError> {
+    parse_count(var, value, MAX_MAX_IN_FLIGHT, "an integer from 1 to 65536")
+}
+
+/// Parses an integer from 1 to `max` (`_` separators allowed), naming `var` in the error.
+fn parse_count(
+    var: &'static str,
+    value: &str,
+    max: usize,
+    expected: &'static str,
+) -> Result<usize, IngestError> {
     match value.trim().replace('_', "").parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(IngestError::Config {
             var,
             value: value.to_owned(),
-            expected: "a positive number of bytes such as 6000000",
+            expected,
         }),
     }
 }
@@ -145,6 +197,8 @@ mod tests {
         assert!(!c.no_auth);
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.max_decompressed_bytes, DEFAULT_MAX_DECOMPRESSED_BYTES);
+        assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert!(c.validate().is_ok());
     }
 
     #[test]
@@ -157,6 +211,7 @@ mod tests {
                     ENV_API_KEYS => " a, b ,,c",
                     ENV_MAX_BODY_BYTES => "1_000",
                     ENV_MAX_DECOMPRESSED_BYTES => "2000",
+                    ENV_MAX_IN_FLIGHT => "8",
                     _ => return None,
                 }
                 .to_owned(),
@@ -168,6 +223,7 @@ mod tests {
         assert_eq!(c.api_keys, vec!["a", "b", "c"]);
         assert_eq!(c.max_body_bytes, 1000);
         assert_eq!(c.max_decompressed_bytes, 2000);
+        assert_eq!(c.max_in_flight, 8);
     }
 
     #[test]
@@ -180,6 +236,24 @@ mod tests {
         let err = IngestConfig::from_lookup(|name| (name == ENV_ADDR).then(|| "nope".to_owned()))
             .expect_err("must fail");
         assert!(err.to_string().contains(ENV_ADDR), "{err}");
+        for bad in ["0", "65537", "-1", "many"] {
+            let err = IngestConfig::from_lookup(|name| {
+                (name == ENV_MAX_IN_FLIGHT).then(|| bad.to_owned())
+            })
+            .expect_err("must fail");
+            assert!(err.to_string().contains(ENV_MAX_IN_FLIGHT), "{bad}: {err}");
+        }
+        assert!(
+            IngestConfig::from_lookup(|name| {
+                (name == ENV_MAX_IN_FLIGHT).then(|| "65536".to_owned())
+            })
+            .is_ok()
+        );
+        // Set in code instead: `serve` checks the same range.
+        let mut c = IngestConfig::new("sqlite://x.db");
+        c.max_in_flight = 0;
+        let err = c.validate().expect_err("0 places");
+        assert!(err.to_string().contains(ENV_MAX_IN_FLIGHT), "{err}");
     }
 
     #[test]

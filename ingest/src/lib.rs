@@ -34,8 +34,8 @@ mod store;
 pub use api::{AppState, app};
 pub use config::{
     DEFAULT_ADDR, DEFAULT_DATABASE_URL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DECOMPRESSED_BYTES,
-    ENV_ADDR, ENV_API_KEYS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES, ENV_MAX_DECOMPRESSED_BYTES,
-    IngestConfig, parse_api_keys,
+    DEFAULT_MAX_IN_FLIGHT, ENV_ADDR, ENV_API_KEYS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES,
+    ENV_MAX_DECOMPRESSED_BYTES, ENV_MAX_IN_FLIGHT, IngestConfig, MAX_MAX_IN_FLIGHT, parse_api_keys,
 };
 pub use error::IngestError;
 pub use server::{RunningServer, serve};

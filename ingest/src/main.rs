@@ -7,10 +7,11 @@ use std::process::ExitCode;
 
 use callscope_ingest::{
     DEFAULT_ADDR, DEFAULT_DATABASE_URL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DECOMPRESSED_BYTES,
-    ENV_ADDR, ENV_API_KEYS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES, ENV_MAX_DECOMPRESSED_BYTES,
-    IngestConfig, serve,
+    DEFAULT_MAX_IN_FLIGHT, ENV_ADDR, ENV_API_KEYS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES,
+    ENV_MAX_DECOMPRESSED_BYTES, ENV_MAX_IN_FLIGHT, IngestConfig, MAX_MAX_IN_FLIGHT, serve,
 };
 use clap::Parser;
+use clap::builder::TypedValueParser;
 use tracing_subscriber::EnvFilter;
 
 /// Receiver for callscope call logs and span batches (wire contract v1).
@@ -46,6 +47,16 @@ struct Cli {
     /// Largest body after gzip decompression in bytes; larger bodies get 413.
     #[arg(long, env = ENV_MAX_DECOMPRESSED_BYTES, default_value_t = DEFAULT_MAX_DECOMPRESSED_BYTES)]
     max_decompressed_bytes: usize,
+
+    /// POST requests handled at once (reading, decoding, storing); past it, 503 with
+    /// Retry-After at once. A quarter is kept for core call logs.
+    #[arg(
+        long,
+        env = ENV_MAX_IN_FLIGHT,
+        default_value_t = DEFAULT_MAX_IN_FLIGHT,
+        value_parser = clap::value_parser!(u32).range(1..=MAX_MAX_IN_FLIGHT as i64).map(|n| n as usize),
+    )]
+    max_in_flight: usize,
 }
 
 impl Cli {
@@ -61,6 +72,7 @@ impl Cli {
         config.no_auth = self.no_auth;
         config.max_body_bytes = self.max_body_bytes;
         config.max_decompressed_bytes = self.max_decompressed_bytes;
+        config.max_in_flight = self.max_in_flight;
         config
     }
 }

@@ -26,12 +26,13 @@ pub struct RunningServer {
 /// serves the [`app`] in a background task; returns as soon as the server accepts connections.
 ///
 /// # Errors
-/// [`IngestError::NoApiKeys`] when no key is configured and `no_auth` is false; connection,
-/// migration or bind errors.
+/// [`IngestError::NoApiKeys`] when no key is configured and `no_auth` is false;
+/// [`IngestError::Config`] for a setting out of range; connection, migration or bind errors.
 pub async fn serve(config: IngestConfig) -> Result<RunningServer, IngestError> {
     if config.api_keys.is_empty() && !config.no_auth {
         return Err(IngestError::NoApiKeys);
     }
+    config.validate()?;
     let store = Store::connect(&config.database_url).await?;
     let listener = TcpListener::bind(config.addr)
         .await

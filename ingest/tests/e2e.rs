@@ -221,3 +221,110 @@ async fn limits_hold_over_tcp() {
         server.shutdown().await.expect("clean shutdown");
     }
 }
+
+/// Starts a POST whose body never finishes (1,000 bytes declared, one sent): the server
+/// holds a place for it until the connection closes.
+async fn stalled_post(server: &RunningServer, idempotency_key: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(server.local_addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/calls HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {KEY}\r\n\
+         content-type: application/json\r\nidempotency-key: {idempotency_key}\r\n\
+         content-length: 1000\r\n\r\n{{",
+        server.local_addr
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    s
+}
+
+/// `GET /healthz`, waiting (each try a round trip to the server, at most 10 s) until it
+/// reports `in_flight` requests in flight.
+async fn health_once_in_flight(
+    client: &reqwest::Client,
+    server: &RunningServer,
+    in_flight: u64,
+) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let health: Value = client
+            .get(format!("http://{}/healthz", server.local_addr))
+            .send()
+            .await
+            .expect("healthz")
+            .json()
+            .await
+            .expect("JSON");
+        if health["requests_in_flight"] == json!(in_flight) {
+            return health;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {in_flight} requests in flight, healthz says {health}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for_cores() {
+    let db = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", db.path().join("places.db").display());
+    // Four places, one of them kept for core call logs.
+    let server = start(&url, |c| c.max_in_flight = 4).await;
+    let client = reqwest::Client::new();
+
+    // Three detail batches whose bodies never finish take three places.
+    let mut stalled = Vec::new();
+    for seq in 0..3 {
+        stalled.push(stalled_post(&server, &format!("slow:detail:{seq}")).await);
+    }
+    health_once_in_flight(&client, &server, 3).await;
+
+    // A fourth batch would take the cores' place: refused at once, with Retry-After.
+    let batch = detail("p1", 0, 0..3, Some(1));
+    let resp = client
+        .post(server.endpoint())
+        .bearer_auth(KEY)
+        .header("idempotency-key", key_for(&batch))
+        .json(&batch)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let reply: Value = resp.json().await.expect("JSON error");
+    let message = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("CALLSCOPE_INGEST_MAX_IN_FLIGHT"),
+        "the answer names the setting: {reply}"
+    );
+
+    // A core call log still gets in.
+    let (status, reply) = post(&client, &server, &core("p1", "agent")).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    health_once_in_flight(&client, &server, 3).await;
+
+    // With every place taken, a core is refused too.
+    stalled.push(stalled_post(&server, "slow-core:core").await);
+    health_once_in_flight(&client, &server, 4).await;
+    let (status, reply) = post(&client, &server, &core("p2", "agent")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+
+    // Senders hanging up give their places back; the refused batch now goes through.
+    stalled.truncate(1);
+    health_once_in_flight(&client, &server, 1).await;
+    let (status, reply) = post(&client, &server, &batch).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let (status, reply) = post(&client, &server, &core("p2", "agent")).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+
+    let health = health_once_in_flight(&client, &server, 1).await;
+    assert_eq!(health["requests_refused_busy"], json!(2), "{health}");
+    assert_eq!(server.store.total_span_count().await.expect("count"), 3);
+    drop(stalled);
+    server.shutdown().await.expect("clean shutdown");
+}
