@@ -35,6 +35,7 @@ use tokio::task::{Id, JoinSet};
 use crate::batch::{CallBuffer, DetailDoc, SpanList};
 use crate::call::Turns;
 use crate::config::{Config, DetailMode};
+use crate::fasthash::FastState;
 use crate::packed::{Budget, Chunk, SpanRef};
 use crate::payload::{self, DetailMeta};
 use crate::registry::{Ended, Registry};
@@ -81,6 +82,10 @@ const MIN_BACKLOG: usize = 1024;
 /// otherwise hold a connection per summary (as many as [`MIN_BACKLOG`] and more); the rest
 /// wait their turn in order. Above the 100 calls ending at once of the load tool's latency run.
 const MAX_CONCURRENT_SUMMARIES: usize = 128;
+
+/// A map keyed by call id, with the registry's hasher: the call's batch is looked up for
+/// every span, and std's SipHash of the id cost more than the lookup.
+type ByCall<V> = HashMap<Arc<str>, V, FastState>;
 
 /// The processor's shutdown has begun: set once, and the worker woken to see it.
 #[derive(Debug, Default)]
@@ -466,13 +471,13 @@ struct Worker {
     backlog_limit: usize,
     /// The processor is shutting down (see [`Handle::stopping`]).
     stopping: Arc<Stopping>,
-    buffers: HashMap<Arc<str>, Buf>,
+    buffers: ByCall<Buf>,
     /// Provisional calls folded into a call: its id and registry number.
-    redirects: HashMap<Arc<str>, Redirect>,
-    pending: HashMap<Arc<str>, PendingEnd>,
+    redirects: ByCall<Redirect>,
+    pending: ByCall<PendingEnd>,
     /// `pending` by mark, smallest first (entries of calls finished otherwise are skipped).
     by_mark: BTreeSet<(u64, Arc<str>)>,
-    ended: HashMap<Arc<str>, EndedId>,
+    ended: ByCall<EndedId>,
     /// Ids of `ended` by their last end, oldest first, with the `EndedId::generation` of that
     /// end (entries of an id that ended again since are stale and skipped).
     ended_order: VecDeque<(Arc<str>, u64)>,
@@ -501,11 +506,11 @@ struct Worker {
     /// spooled as JSON).
     seal_bytes_max: usize,
     /// Final batches waiting for their core and their call's other batches.
-    held: HashMap<Arc<str>, Held>,
+    held: ByCall<Held>,
     /// Non-final detail jobs alive per call (queued or running).
-    open: HashMap<Arc<str>, usize>,
+    open: ByCall<usize>,
     /// Outcome of each call's core, while its final may still need it.
-    core_outcome: HashMap<Arc<str>, CoreState>,
+    core_outcome: ByCall<CoreState>,
     /// The tick asks for a waiter check whatever the number of outstanding jobs.
     waiter_scan_due: bool,
     next_job: u64,
@@ -565,11 +570,11 @@ impl Worker {
             queue_spans: queue_spans.clone(),
             backlog_limit,
             stopping: stopping.clone(),
-            buffers: HashMap::new(),
-            redirects: HashMap::new(),
-            pending: HashMap::new(),
+            buffers: ByCall::default(),
+            redirects: ByCall::default(),
+            pending: ByCall::default(),
             by_mark: BTreeSet::new(),
-            ended: HashMap::new(),
+            ended: ByCall::default(),
             ended_order: VecDeque::new(),
             ended_gen: 0,
             ended_seqs_kept,
@@ -583,9 +588,9 @@ impl Worker {
             // Set by `spawn`: sealing needs the worker's runtime.
             sealing_bytes: 0,
             seal_bytes_max: 0,
-            held: HashMap::new(),
-            open: HashMap::new(),
-            core_outcome: HashMap::new(),
+            held: ByCall::default(),
+            open: ByCall::default(),
+            core_outcome: ByCall::default(),
             waiter_scan_due: false,
             next_job: 0,
             waiters: Vec::new(),
@@ -898,20 +903,28 @@ impl Worker {
     }
 
     fn on_span(&mut self, call_id: &Arc<str>, origin: Origin, span: &SpanRef<'_, '_>) {
-        let key = match self.redirects.get(call_id) {
-            Some(r) => {
-                // A provisional call's span redirected to the call it joined is that call's.
-                let (to, call) = (r.to.clone(), r.call);
+        // Most spans: no fold, and their call's batch is open (one lookup).
+        let redirect = if self.redirects.is_empty() {
+            None
+        } else {
+            self.redirects.get(call_id).map(|r| (r.to.clone(), r.call))
+        };
+        let key = match redirect {
+            // A provisional call's span redirected to the call it joined is that call's.
+            Some((to, call)) => {
                 self.open_buf(&to, origin.late, false, call);
                 to
             }
             None => {
-                let provisional = origin.provisional;
-                self.open_buf(call_id, origin.late, provisional, origin.incarnation);
+                if !self.buffers.contains_key(call_id) {
+                    let provisional = origin.provisional;
+                    self.open_buf(call_id, origin.late, provisional, origin.incarnation);
+                }
                 call_id.clone()
             }
         };
-        let Some(b) = self.buffers.get(&key) else {
+        let open_batches = self.buffers.len().max(1);
+        let Some(b) = self.buffers.get_mut(&key) else {
             return;
         };
         // Every span found late here, not only the one that opened the late batch (the
@@ -923,8 +936,7 @@ impl Worker {
         // CALLSCOPE_MAX_BUFFER_BYTES, so many concurrent calls stream smaller batches instead of
         // filling the memory bound with half-built ones (and forcing drops of queued ones).
         let budget = self.cfg.max_request_bytes.saturating_sub(b.overhead);
-        let share =
-            (self.cfg.max_buffer_bytes / 4 / self.buffers.len().max(1)).max(MIN_OPEN_BATCH_BYTES);
+        let share = (self.cfg.max_buffer_bytes / 4 / open_batches).max(MIN_OPEN_BATCH_BYTES);
         let open_cap = budget.min(share);
         self.scratch.clear();
         let cut = payload::write_span(&mut self.scratch, span, budget);
@@ -934,11 +946,7 @@ impl Worker {
                 "span larger than CALLSCOPE_MAX_REQUEST_BYTES: its largest attribute values were shortened");
         }
         self.buffered_bytes += self.scratch.len() + 1;
-        let now = Instant::now();
-        let full = match self.buffers.get_mut(&key) {
-            Some(b) => b.buf.push(&self.scratch, open_cap, now),
-            None => None,
-        };
+        let full = b.buf.push(&self.scratch, open_cap, Instant::now());
         if let Some(list) = full {
             self.send_batch(&key, list, None);
         }
@@ -2183,7 +2191,7 @@ impl Worker {
                 generation,
             });
         self.ended_order.push_back((key, generation));
-        let current = |calls: &HashMap<Arc<str>, EndedId>, k: &Arc<str>, g: u64| {
+        let current = |calls: &ByCall<EndedId>, k: &Arc<str>, g: u64| {
             calls.get(k).is_some_and(|e| e.generation == g)
         };
         while self.ended.len() > self.ended_seqs_kept {
