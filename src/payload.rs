@@ -33,23 +33,30 @@ fn needs_escape(b: &[u8]) -> bool {
     // A byte of `x` is zero iff its high bit is set here (exact for "any byte", which is all
     // that is asked: a borrow only reaches bytes above one that is really zero).
     let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-    let mut words = b.chunks_exact(8);
-    for w in &mut words {
+    // Below 0x20: the top three bits are zero. Then the two characters by equality.
+    let special = |x: u64| {
+        zero(x & (0xE0 * ONES))
+            | zero(x ^ (u64::from(b'"') * ONES))
+            | zero(x ^ (u64::from(b'\\') * ONES))
+            != 0
+    };
+    let word = |w: &[u8]| {
         let mut a = [0u8; 8];
         a.copy_from_slice(w);
-        let x = u64::from_le_bytes(a);
-        // Below 0x20: the top three bits are zero. Then the two characters by equality.
-        let control = zero(x & (0xE0 * ONES));
-        let quote = zero(x ^ (u64::from(b'"') * ONES));
-        let backslash = zero(x ^ (u64::from(b'\\') * ONES));
-        if control | quote | backslash != 0 {
-            return true;
-        }
+        u64::from_le_bytes(a)
+    };
+    if b.len() < 8 {
+        // Most keys and names: one word, padded with spaces (which need no escaping).
+        let mut a = [b' '; 8];
+        a[..b.len()].copy_from_slice(b);
+        return special(u64::from_le_bytes(a));
     }
-    words
-        .remainder()
-        .iter()
-        .any(|&c| c < 0x20 || c == b'"' || c == b'\\')
+    let mut words = b.chunks_exact(8);
+    if words.by_ref().any(|w| special(word(w))) {
+        return true;
+    }
+    // The last bytes, as the word that ends the string (it overlaps the one before).
+    !words.remainder().is_empty() && special(word(&b[b.len() - 8..]))
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
