@@ -56,12 +56,26 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// Writes `n` as `N` decimal digits (zero-padded) into `out`.
+/// "00" to "99", two bytes each.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Writes `n` as `N` decimal digits (zero-padded) into `out`, two at a time (half the
+/// divisions of one at a time: the worker writes two timestamps per span).
 #[inline]
 fn digits<const N: usize>(out: &mut [u8], mut n: u32) {
-    for b in out[..N].iter_mut().rev() {
-        *b = b'0' + (n % 10) as u8;
-        n /= 10;
+    let mut end = N;
+    while end >= 2 {
+        let p = (n % 100) as usize * 2;
+        out[end - 2..end].copy_from_slice(&PAIRS[p..p + 2]);
+        n /= 100;
+        end -= 2;
+    }
+    if end == 1 {
+        out[0] = b'0' + (n % 10) as u8;
     }
 }
 
