@@ -720,6 +720,7 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
         .collect();
     let streaming = p.finish(streamed);
     let dups = rt.block_on(store.duplicate_span_rows()).unwrap_or(0);
+    let busy = server.busy_answers();
     server.stop();
     json!({"backend": if db_url.starts_with("postgres") {"postgres"} else {"sqlite"},
            "core_logs": stored_calls, "core_logs_per_s": (stored_calls as f64 / core_secs).round(),
@@ -728,7 +729,7 @@ fn ingest_on(db_url: &str, a: &Args, deadline: Instant) -> Json {
                "span_bytes": w.span_bytes, "ended": ended.len(), "cores_acked": phase1.len(),
                "phase1": percentiles(phase1), "drops": streaming["drops"],
                "past_deadline": Instant::now() > deadline},
-           "duplicate_span_rows": dups, "sender": r})
+           "duplicate_span_rows": dups, "busy_answers": busy, "sender": r})
 }
 
 fn ingest(a: &Args, deadline: Instant) -> Json {
@@ -1017,7 +1018,7 @@ fn main() {
                         .map_or("-".into(), |v| format!("{v:.1}"))
                 };
                 println!(
-                    "{backend}: core logs/s {}  spans stored/s {}  phase-1 while streaming (root end -> core stored and acked) p50 {} ms p99 {} ms, {} of {} cores acked, {} spans dropped{}",
+                    "{backend}: core logs/s {}  spans stored/s {}  phase-1 while streaming (root end -> core stored and acked) p50 {} ms p99 {} ms, {} of {} cores acked, {} spans dropped, {} requests answered busy (503){}",
                     b["core_logs_per_s"],
                     b["spans_stored_per_s"],
                     ms("p50_ms"),
@@ -1025,6 +1026,7 @@ fn main() {
                     c["cores_acked"],
                     c["ended"],
                     c["drops"],
+                    b["busy_answers"],
                     if c["past_deadline"] == true {
                         "  (CUT SHORT by --max-seconds: figures are incomplete)"
                     } else {

@@ -25,6 +25,8 @@ pub struct Seen {
     pub wire_bytes: u64,
     /// The largest of them.
     pub largest: u64,
+    /// Requests answered 503 (busy database, or no place free: `CALLSCOPE_INGEST_MAX_IN_FLIGHT`).
+    pub busy: u64,
 }
 
 pub type SeenMap = Arc<Mutex<HashMap<String, Seen>>>;
@@ -55,6 +57,7 @@ async fn observe(
         s.requests += 1;
         s.wire_bytes += len;
         s.largest = s.largest.max(len);
+        s.busy += u64::from(resp.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE);
         if is_core && resp.status().is_success() {
             s.core_acked = Some(Instant::now());
             s.core_bytes = len;
@@ -76,6 +79,11 @@ impl Server {
     /// When the core of `call_id` was acknowledged, if it was.
     pub fn core_acked(&self, call_id: &str) -> Option<Instant> {
         self.seen.lock().unwrap().get(call_id)?.core_acked
+    }
+
+    /// Requests answered 503 so far, over all calls.
+    pub fn busy_answers(&self) -> u64 {
+        self.seen.lock().unwrap().values().map(|s| s.busy).sum()
     }
 
     /// Stops accepting requests (the store stays readable).
