@@ -7,7 +7,7 @@
 //! |-----------------------------------------------------|---------------------------------------|
 //! | 2xx                                                 | `Done`                                |
 //! | 413                                                 | `Split`                               |
-//! | 429, 503 with a valid `Retry-After`                 | retry after it (capped at 5 min)      |
+//! | 429, 503 with a valid `Retry-After`                 | retry after it (capped at 5 min), plus a random part of up to half of it (0.25–5 s) |
 //! | connect error, timeout, other transport error, 408, 429, 5xx | retry after jittered backoff |
 //! | any other status (1xx, 3xx, other 4xx, >= 600)      | `GiveUp(Rejected(code))`              |
 //!
@@ -22,6 +22,10 @@ pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest `Retry-After` honoured; longer ones are shortened to this.
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// Shortest and longest random part added to a `Retry-After` delay (half the delay, within
+/// these): senders refused in one burst must not all come back in the same instant.
+const RETRY_AFTER_SPREAD: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_secs(5));
 
 /// What one delivery attempt ended with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,9 +133,13 @@ pub(crate) fn decide(
         Outcome::Status { code, retry_after } => match code {
             200..=299 => return Decision::Done,
             413 => return Decision::Split,
-            429 | 503 => retry_after
-                .and_then(|value| parse_retry_after(value, now))
-                .unwrap_or_else(|| backoff.delay(attempt, rand01)),
+            429 | 503 => match retry_after.and_then(|value| parse_retry_after(value, now)) {
+                Some(after) => {
+                    let spread = (after / 2).clamp(RETRY_AFTER_SPREAD.0, RETRY_AFTER_SPREAD.1);
+                    after + spread.mul_f64(rand01.clamp(0.0, 1.0))
+                }
+                None => backoff.delay(attempt, rand01),
+            },
             408 | 500..=599 => backoff.delay(attempt, rand01),
             _ => return Decision::GiveUp(GiveUpReason::Rejected(code)),
         },
@@ -307,10 +315,15 @@ mod tests {
                 code,
                 retry_after: Some("120"),
             };
-            // The server's delay, not the backoff's (which would be <= 500 ms here).
+            // The server's delay, not the backoff's (which would be <= 500 ms here), plus a
+            // random part of up to half of it, within 0.25-5 s.
+            assert_eq!(
+                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 0.0),
+                Decision::RetryAfter(Duration::from_secs(120))
+            );
             assert_eq!(
                 decide(&outcome, 0, Duration::ZERO, &backoff, now(), 1.0),
-                Decision::RetryAfter(Duration::from_secs(120))
+                Decision::RetryAfter(Duration::from_secs(125))
             );
             // Also when it is shorter than the backoff would be.
             let outcome = Outcome::Status {
@@ -318,8 +331,20 @@ mod tests {
                 retry_after: Some("1"),
             };
             assert_eq!(
-                decide(&outcome, 10, Duration::ZERO, &backoff, now(), 1.0),
+                decide(&outcome, 10, Duration::ZERO, &backoff, now(), 0.0),
                 Decision::RetryAfter(Duration::from_secs(1))
+            );
+            assert_eq!(
+                decide(&outcome, 10, Duration::ZERO, &backoff, now(), 1.0),
+                Decision::RetryAfter(Duration::from_millis(1_500))
+            );
+            let outcome = Outcome::Status {
+                code,
+                retry_after: Some("0"),
+            };
+            assert_eq!(
+                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 0.5),
+                Decision::RetryAfter(Duration::from_millis(125))
             );
             // As a date.
             let outcome = Outcome::Status {
@@ -327,7 +352,7 @@ mod tests {
                 retry_after: Some("Wed, 21 Oct 2015 07:29:00 GMT"),
             };
             assert_eq!(
-                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 1.0),
+                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 0.0),
                 Decision::RetryAfter(Duration::from_secs(60))
             );
             // Garbage: fall back to the backoff.

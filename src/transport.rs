@@ -570,8 +570,9 @@ mod tests {
         .await;
         assert_eq!(d, Decision::Done);
         assert_eq!(attempts, 5);
-        // Full jitter at its top: 0.5 s, then Retry-After 7 s, then 2 s, 4 s.
-        let want = [500, 7000, 2000, 4000].map(Duration::from_millis);
+        // Full jitter at its top: 0.5 s, then Retry-After 7 s and its random part at the top
+        // (half of it, 3.5 s), then 2 s, 4 s.
+        let want = [500, 10_500, 2000, 4000].map(Duration::from_millis);
         assert_eq!(waits, want);
         assert_eq!(t0.elapsed(), want.iter().sum::<Duration>());
     }
