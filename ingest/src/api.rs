@@ -50,17 +50,18 @@ struct Inner {
     no_auth: bool,
     max_body_bytes: usize,
     max_decompressed_bytes: usize,
+    body_timeout: std::time::Duration,
     admission: Admission,
 }
 
 /// Places for `POST /v1/calls` requests in flight, from reading the body to the end of the
-/// write; a quarter of them only core call logs may take.
+/// write: a general pool, and a reserve only core call logs may take once the general pool is
+/// full.
 #[derive(Debug)]
 struct Admission {
-    places: Arc<Semaphore>,
+    general: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
     max: usize,
-    /// Places a detail batch (or a request not saying it is a core) must leave free.
-    core_reserve: u32,
     /// Requests refused because no place was free.
     refused: AtomicU64,
 }
@@ -69,35 +70,29 @@ impl Admission {
     fn new(max: usize) -> Self {
         // `serve` refuses a value out of range; a router built directly gets the nearest one.
         let max = max.clamp(1, crate::config::MAX_MAX_IN_FLIGHT);
+        // A quarter, and at least one place when there are two.
+        let reserved = if max >= 2 { (max / 4).max(1) } else { 0 };
         Self {
-            places: Arc::new(Semaphore::new(max)),
+            general: Arc::new(Semaphore::new(max - reserved)),
+            reserve: Arc::new(Semaphore::new(reserved)),
             max,
-            core_reserve: u32::try_from(max / 4).unwrap_or(u32::MAX),
             refused: AtomicU64::new(0),
         }
     }
 
-    /// A place for a request, if one is free to it: a core may take the last ones, anything
-    /// else must leave [`core_reserve`](Self::core_reserve) free.
+    /// A place for a request, if one is free to it: any request takes one from the general
+    /// pool, a core also from the reserve.
     fn admit(&self, core: bool) -> Result<OwnedSemaphorePermit, ApiError> {
-        let taken = if core {
-            self.places.clone().try_acquire_owned()
-        } else {
-            // Taking the reserve too, and giving it back at once, checks that it is free
-            // without a window in which another request could take it.
-            self.places
-                .clone()
-                .try_acquire_many_owned(self.core_reserve + 1)
-                .map(|mut p| {
-                    drop(p.split(self.core_reserve as usize));
-                    p
-                })
+        let general = self.general.clone().try_acquire_owned();
+        let taken = match general {
+            Err(_) if core => self.reserve.clone().try_acquire_owned(),
+            taken => taken,
         };
         taken.map_err(|_| {
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
                 max_in_flight = self.max,
-                core = core,
+                core,
                 refused,
                 "request refused: the server is handling as many requests as it takes"
             );
@@ -106,7 +101,7 @@ impl Admission {
     }
 
     fn in_flight(&self) -> usize {
-        self.max - self.places.available_permits()
+        self.max - self.general.available_permits() - self.reserve.available_permits()
     }
 }
 
@@ -123,6 +118,7 @@ impl AppState {
                 no_auth: config.no_auth,
                 max_body_bytes: config.max_body_bytes,
                 max_decompressed_bytes: config.max_decompressed_bytes,
+                body_timeout: config.body_timeout,
                 admission: Admission::new(config.max_in_flight),
             }),
         }
@@ -217,6 +213,7 @@ impl IntoResponse for ApiError {
                     BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                     BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
+                    BodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
                 };
                 error_body(status, e.to_string(), Some("body"))
             }
@@ -236,7 +233,7 @@ impl IntoResponse for ApiError {
             Self::Store(e) => store_error_response(e),
             Self::Overloaded { max } => busy(format!(
                 "the server is handling {max} requests already (CALLSCOPE_INGEST_MAX_IN_FLIGHT, \
-                 a quarter kept for core call logs); retry after the Retry-After delay"
+                 a quarter of them kept for core call logs); retry after the Retry-After delay"
             )),
         }
     }
@@ -398,7 +395,7 @@ async fn post_call(
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("(not ASCII)").to_owned());
-    let raw = body::read_limited(body, max_body).await?;
+    let raw = body::read_limited(body, max_body, state.inner.body_timeout).await?;
     let max_decompressed = state.inner.max_decompressed_bytes;
     // Decompression and parsing of up to tens of MB are CPU work: keep them off the reactor.
     let (incoming, place) = tokio::task::spawn_blocking(move || {
@@ -628,6 +625,35 @@ mod tests {
         while state.inner.admission.in_flight() > 0 {
             assert!(Instant::now() < deadline, "the write kept its place");
             tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn a_quarter_of_the_places_wait_for_cores() {
+        for max in 1..=9 {
+            let a = Admission::new(max);
+            let reserved = if max >= 2 { (max / 4).max(1) } else { 0 };
+            let mut held = Vec::new();
+            // Detail (and anything not keyed as a core) fills the places but the reserve.
+            while let Ok(p) = a.admit(false) {
+                held.push(p);
+                assert!(held.len() <= max, "max {max}: more places than there are");
+            }
+            assert_eq!(held.len(), max - reserved, "max {max}");
+            assert_eq!(a.in_flight(), max - reserved, "max {max}");
+            // Cores take the rest, then they too are refused.
+            while let Ok(p) = a.admit(true) {
+                held.push(p);
+                assert!(held.len() <= max, "max {max}: more places than there are");
+            }
+            assert_eq!(held.len(), max, "max {max}");
+            assert_eq!(a.in_flight(), max, "max {max}");
+            assert_eq!(a.refused.load(Ordering::Relaxed), 2, "max {max}");
+            // A place given back by a core goes to whoever asks first; one given back by
+            // detail lets detail in again.
+            held.clear();
+            assert_eq!(a.in_flight(), 0, "max {max}");
+            assert!(a.admit(false).is_ok(), "max {max}");
         }
     }
 

@@ -25,16 +25,31 @@ pub(crate) enum BodyError {
     /// The connection failed while reading.
     #[error("could not read the request body: {0}")]
     Read(String),
+    /// No byte of the body arrived for this long.
+    #[error(
+        "no byte of the request body arrived for {0:?} (CALLSCOPE_INGEST_BODY_TIMEOUT_MS); \
+         send the request again"
+    )]
+    Stalled(std::time::Duration),
 }
 
-/// Reads `body` into memory, failing as soon as it exceeds `limit` bytes.
-pub(crate) async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
+/// Reads `body` into memory, failing as soon as it exceeds `limit` bytes or no byte of it
+/// arrives for `idle` (a stalled sender must not hold its place in the server forever).
+pub(crate) async fn read_limited(
+    mut body: Body,
+    limit: usize,
+    idle: std::time::Duration,
+) -> Result<Bytes, BodyError> {
     let too_large = BodyError::TooLarge {
         limit,
         stage: "on the wire",
     };
     let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
+            return Err(BodyError::Stalled(idle));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| read_error(&e, limit))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
@@ -107,6 +122,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
     fn gzip(data: &[u8]) -> Bytes {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(data).expect("write");
@@ -161,11 +178,11 @@ mod tests {
 
     #[tokio::test]
     async fn read_limited_stops_at_the_limit() {
-        let ok = read_limited(Body::from(vec![0u8; 10]), 10)
+        let ok = read_limited(Body::from(vec![0u8; 10]), 10, IDLE)
             .await
             .expect("fits");
         assert_eq!(ok.len(), 10);
-        let err = read_limited(Body::from(vec![0u8; 11]), 10)
+        let err = read_limited(Body::from(vec![0u8; 11]), 10, IDLE)
             .await
             .expect_err("too large");
         assert!(matches!(err, BodyError::TooLarge { limit: 10, .. }));

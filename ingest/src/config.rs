@@ -1,6 +1,7 @@
 //! Server configuration: every environment variable next to its default.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::error::IngestError;
 
@@ -29,6 +30,12 @@ pub const ENV_MAX_IN_FLIGHT: &str = "CALLSCOPE_INGEST_MAX_IN_FLIGHT";
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 /// Largest accepted [`ENV_MAX_IN_FLIGHT`].
 pub const MAX_MAX_IN_FLIGHT: usize = 65_536;
+/// Environment variable for how long a request body may send nothing, in milliseconds.
+pub const ENV_BODY_TIMEOUT_MS: &str = "CALLSCOPE_INGEST_BODY_TIMEOUT_MS";
+/// Default of [`ENV_BODY_TIMEOUT_MS`]: 30 s without a byte of the body.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest accepted [`ENV_BODY_TIMEOUT_MS`]: one hour.
+pub const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Everything the server needs to run.
 ///
@@ -55,15 +62,21 @@ pub struct IngestConfig {
     pub max_decompressed_bytes: usize,
     /// `POST /v1/calls` requests handled at once, from reading the body to the end of its
     /// write (a write goes on, and counts, after its sender hung up). A request past it gets
-    /// 503 with `Retry-After` at once, before its body is read. A quarter of the places (rounded
-    /// down) are kept for core call logs (`Idempotency-Key: <call_id>:core`): a detail batch
-    /// is refused when it would leave fewer free, so phase 1 is not queued behind detail.
+    /// 503 with `Retry-After` at once, before its body is read. A quarter of the places (at least
+    /// one, given two or more) are kept for core call logs (`Idempotency-Key: <call_id>:core`):
+    /// a detail batch is refused when only those are free, so phase 1 does not wait behind
+    /// detail.
     /// So the server holds at most this many request bodies at once, each up to
     /// [`max_body_bytes`](Self::max_body_bytes) on the wire and
     /// [`max_decompressed_bytes`](Self::max_decompressed_bytes) decoded, plus its parsed form.
     /// From 1 to [`MAX_MAX_IN_FLIGHT`]. Env [`ENV_MAX_IN_FLIGHT`], default
     /// [`DEFAULT_MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
+    /// How long a request body may send nothing before the request is answered 408 and its
+    /// place freed (a sender that stalls or vanishes mid-upload must not hold a place, or
+    /// keep a graceful shutdown waiting, for ever). From 1 ms to [`MAX_BODY_TIMEOUT`].
+    /// Env [`ENV_BODY_TIMEOUT_MS`], default [`DEFAULT_BODY_TIMEOUT`].
+    pub body_timeout: Duration,
 }
 
 impl IngestConfig {
@@ -79,6 +92,7 @@ impl IngestConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 
@@ -114,6 +128,10 @@ impl IngestConfig {
             Some(v) => parse_in_flight(ENV_MAX_IN_FLIGHT, &v)?,
             None => DEFAULT_MAX_IN_FLIGHT,
         };
+        let body_timeout = match lookup(ENV_BODY_TIMEOUT_MS) {
+            Some(v) => parse_body_timeout(ENV_BODY_TIMEOUT_MS, &v)?,
+            None => DEFAULT_BODY_TIMEOUT,
+        };
         Ok(Self {
             addr,
             database_url,
@@ -122,6 +140,7 @@ impl IngestConfig {
             max_body_bytes,
             max_decompressed_bytes,
             max_in_flight,
+            body_timeout,
         })
     }
 
@@ -130,7 +149,12 @@ impl IngestConfig {
     /// # Errors
     /// [`IngestError::Config`] naming the setting out of range.
     pub(crate) fn validate(&self) -> Result<(), IngestError> {
-        parse_in_flight(ENV_MAX_IN_FLIGHT, &self.max_in_flight.to_string()).map(drop)
+        parse_in_flight(ENV_MAX_IN_FLIGHT, &self.max_in_flight.to_string())?;
+        parse_body_timeout(
+            ENV_BODY_TIMEOUT_MS,
+            &self.body_timeout.as_millis().to_string(),
+        )?;
+        Ok(())
     }
 }
 
@@ -167,6 +191,13 @@ pub(crate) fn parse_in_flight(var: &'static str, value: &str) -> Result<usize, I
     parse_count(var, value, MAX_MAX_IN_FLIGHT, "an integer from 1 to 65536")
 }
 
+/// Parses a body timeout in milliseconds, naming `var` in the error.
+pub(crate) fn parse_body_timeout(var: &'static str, value: &str) -> Result<Duration, IngestError> {
+    let max = usize::try_from(MAX_BODY_TIMEOUT.as_millis()).unwrap_or(usize::MAX);
+    let ms = parse_count(var, value, max, "milliseconds from 1 to 3600000")?;
+    Ok(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
+
 /// Parses an integer from 1 to `max` (`_` separators allowed), naming `var` in the error.
 fn parse_count(
     var: &'static str,
@@ -198,6 +229,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.max_decompressed_bytes, DEFAULT_MAX_DECOMPRESSED_BYTES);
         assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(c.body_timeout, DEFAULT_BODY_TIMEOUT);
         assert!(c.validate().is_ok());
     }
 
@@ -212,6 +244,7 @@ mod tests {
                     ENV_MAX_BODY_BYTES => "1_000",
                     ENV_MAX_DECOMPRESSED_BYTES => "2000",
                     ENV_MAX_IN_FLIGHT => "8",
+                    ENV_BODY_TIMEOUT_MS => "250",
                     _ => return None,
                 }
                 .to_owned(),
@@ -224,6 +257,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1000);
         assert_eq!(c.max_decompressed_bytes, 2000);
         assert_eq!(c.max_in_flight, 8);
+        assert_eq!(c.body_timeout, Duration::from_millis(250));
     }
 
     #[test]
@@ -249,11 +283,25 @@ mod tests {
             })
             .is_ok()
         );
-        // Set in code instead: `serve` checks the same range.
+        for bad in ["0", "3600001", "1.5s"] {
+            let err = IngestConfig::from_lookup(|name| {
+                (name == ENV_BODY_TIMEOUT_MS).then(|| bad.to_owned())
+            })
+            .expect_err("must fail");
+            assert!(
+                err.to_string().contains(ENV_BODY_TIMEOUT_MS),
+                "{bad}: {err}"
+            );
+        }
+        // Set in code instead: `serve` checks the same ranges.
         let mut c = IngestConfig::new("sqlite://x.db");
         c.max_in_flight = 0;
         let err = c.validate().expect_err("0 places");
         assert!(err.to_string().contains(ENV_MAX_IN_FLIGHT), "{err}");
+        let mut c = IngestConfig::new("sqlite://x.db");
+        c.body_timeout = Duration::ZERO;
+        let err = c.validate().expect_err("no time for a body");
+        assert!(err.to_string().contains(ENV_BODY_TIMEOUT_MS), "{err}");
     }
 
     #[test]

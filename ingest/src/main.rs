@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use callscope_ingest::{
-    DEFAULT_ADDR, DEFAULT_DATABASE_URL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DECOMPRESSED_BYTES,
-    DEFAULT_MAX_IN_FLIGHT, ENV_ADDR, ENV_API_KEYS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES,
-    ENV_MAX_DECOMPRESSED_BYTES, ENV_MAX_IN_FLIGHT, IngestConfig, MAX_MAX_IN_FLIGHT, serve,
+    DEFAULT_ADDR, DEFAULT_BODY_TIMEOUT, DEFAULT_DATABASE_URL, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_DECOMPRESSED_BYTES, DEFAULT_MAX_IN_FLIGHT, ENV_ADDR, ENV_API_KEYS,
+    ENV_BODY_TIMEOUT_MS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES, ENV_MAX_DECOMPRESSED_BYTES,
+    ENV_MAX_IN_FLIGHT, IngestConfig, MAX_BODY_TIMEOUT, MAX_MAX_IN_FLIGHT, serve,
 };
 use clap::Parser;
 use clap::builder::TypedValueParser;
@@ -57,6 +58,15 @@ struct Cli {
         value_parser = clap::value_parser!(u32).range(1..=MAX_MAX_IN_FLIGHT as i64).map(|n| n as usize),
     )]
     max_in_flight: usize,
+
+    /// Milliseconds a request body may send nothing before the request is answered 408.
+    #[arg(
+        long,
+        env = ENV_BODY_TIMEOUT_MS,
+        default_value_t = DEFAULT_BODY_TIMEOUT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BODY_TIMEOUT.as_millis() as u64),
+    )]
+    body_timeout_ms: u64,
 }
 
 impl Cli {
@@ -73,6 +83,7 @@ impl Cli {
         config.max_body_bytes = self.max_body_bytes;
         config.max_decompressed_bytes = self.max_decompressed_bytes;
         config.max_in_flight = self.max_in_flight;
+        config.body_timeout = std::time::Duration::from_millis(self.body_timeout_ms);
         config
     }
 }

@@ -281,16 +281,21 @@ async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for
     }
     health_once_in_flight(&client, &server, 3).await;
 
-    // A fourth batch would take the cores' place: refused at once, with Retry-After.
+    // A fourth batch would take the cores' place: refused at once (not queued until a place
+    // frees, which would be never here), with Retry-After.
     let batch = detail("p1", 0, 0..3, Some(1));
-    let resp = client
-        .post(server.endpoint())
-        .bearer_auth(KEY)
-        .header("idempotency-key", key_for(&batch))
-        .json(&batch)
-        .send()
-        .await
-        .expect("request sent");
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client
+            .post(server.endpoint())
+            .bearer_auth(KEY)
+            .header("idempotency-key", key_for(&batch))
+            .json(&batch)
+            .send(),
+    )
+    .await
+    .expect("answered at once")
+    .expect("request sent");
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         resp.headers().get("retry-after").map(|v| v.as_bytes()),
@@ -326,5 +331,41 @@ async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for
     assert_eq!(health["requests_refused_busy"], json!(2), "{health}");
     assert_eq!(server.store.total_span_count().await.expect("count"), 3);
     drop(stalled);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_body_that_stops_coming_is_answered_408_and_frees_its_place() {
+    use tokio::io::AsyncReadExt;
+    let db = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", db.path().join("stalled.db").display());
+    let server = start(&url, |c| {
+        c.max_in_flight = 2;
+        c.body_timeout = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let client = reqwest::Client::new();
+
+    let mut stalled = stalled_post(&server, "stalled:detail:0").await;
+    let mut answer = String::new();
+    // The server answers and closes the connection; 10 s bounds the wait if it never does.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stalled.read_to_string(&mut answer),
+    )
+    .await
+    .expect("answered before the test's own deadline")
+    .expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("CALLSCOPE_INGEST_BODY_TIMEOUT_MS"),
+        "the answer names the setting: {answer}"
+    );
+    let health = health_once_in_flight(&client, &server, 0).await;
+    assert_eq!(health["requests_refused_busy"], json!(0), "{health}");
+
+    // The place is free again: a whole batch goes through.
+    let (status, reply) = post(&client, &server, &detail("s1", 0, 0..2, Some(1))).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
     server.shutdown().await.expect("clean shutdown");
 }
