@@ -903,7 +903,8 @@ impl Worker {
     }
 
     fn on_span(&mut self, call_id: &Arc<str>, origin: Origin, span: &SpanRef<'_, '_>) {
-        // Most spans: no fold, and their call's batch is open (one lookup).
+        // Most spans: no fold, and their call's batch is open (two lookups of one fast hash
+        // each; the borrow checker will not let one `get_mut` fall back to opening it).
         let redirect = if self.redirects.is_empty() {
             None
         } else {
