@@ -311,57 +311,28 @@ mod tests {
     fn retry_after_is_honoured_for_429_and_503_only() {
         let backoff = Backoff::new(BUDGET);
         for code in [429, 503] {
-            let outcome = Outcome::Status {
-                code,
-                retry_after: Some("120"),
+            // What follows attempt `attempt` answered with `Retry-After: value`, for `rand01`.
+            let after = |value: &str, attempt: u32, rand01: f64| {
+                let outcome = Outcome::Status {
+                    code,
+                    retry_after: Some(value),
+                };
+                decide(&outcome, attempt, Duration::ZERO, &backoff, now(), rand01)
             };
+            let wait = |ms: u64| Decision::RetryAfter(Duration::from_millis(ms));
             // The server's delay, not the backoff's (which would be <= 500 ms here), plus a
             // random part of up to half of it, within 0.25-5 s.
-            assert_eq!(
-                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 0.0),
-                Decision::RetryAfter(Duration::from_secs(120))
-            );
-            assert_eq!(
-                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 1.0),
-                Decision::RetryAfter(Duration::from_secs(125))
-            );
+            assert_eq!(after("120", 0, 0.0), wait(120_000));
+            assert_eq!(after("120", 0, 1.0), wait(125_000));
             // Also when it is shorter than the backoff would be.
-            let outcome = Outcome::Status {
-                code,
-                retry_after: Some("1"),
-            };
-            assert_eq!(
-                decide(&outcome, 10, Duration::ZERO, &backoff, now(), 0.0),
-                Decision::RetryAfter(Duration::from_secs(1))
-            );
-            assert_eq!(
-                decide(&outcome, 10, Duration::ZERO, &backoff, now(), 1.0),
-                Decision::RetryAfter(Duration::from_millis(1_500))
-            );
-            let outcome = Outcome::Status {
-                code,
-                retry_after: Some("0"),
-            };
-            assert_eq!(
-                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 0.5),
-                Decision::RetryAfter(Duration::from_millis(125))
-            );
+            assert_eq!(after("1", 10, 0.0), wait(1_000));
+            assert_eq!(after("1", 10, 1.0), wait(1_500));
+            assert_eq!(after("0", 0, 0.5), wait(125));
             // As a date.
-            let outcome = Outcome::Status {
-                code,
-                retry_after: Some("Wed, 21 Oct 2015 07:29:00 GMT"),
-            };
-            assert_eq!(
-                decide(&outcome, 0, Duration::ZERO, &backoff, now(), 0.0),
-                Decision::RetryAfter(Duration::from_secs(60))
-            );
+            assert_eq!(after("Wed, 21 Oct 2015 07:29:00 GMT", 0, 0.0), wait(60_000));
             // Garbage: fall back to the backoff.
-            let outcome = Outcome::Status {
-                code,
-                retry_after: Some("soon"),
-            };
             assert_eq!(
-                decide(&outcome, 3, Duration::ZERO, &backoff, now(), 0.5),
+                after("soon", 3, 0.5),
                 Decision::RetryAfter(backoff.delay(3, 0.5))
             );
         }

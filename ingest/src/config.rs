@@ -116,22 +116,30 @@ impl IngestConfig {
         let api_keys = lookup(ENV_API_KEYS)
             .map(|v| parse_api_keys(&v))
             .unwrap_or_default();
-        let max_body_bytes = match lookup(ENV_MAX_BODY_BYTES) {
-            Some(v) => parse_bytes(ENV_MAX_BODY_BYTES, &v)?,
-            None => DEFAULT_MAX_BODY_BYTES,
-        };
-        let max_decompressed_bytes = match lookup(ENV_MAX_DECOMPRESSED_BYTES) {
-            Some(v) => parse_bytes(ENV_MAX_DECOMPRESSED_BYTES, &v)?,
-            None => DEFAULT_MAX_DECOMPRESSED_BYTES,
-        };
-        let max_in_flight = match lookup(ENV_MAX_IN_FLIGHT) {
-            Some(v) => parse_in_flight(ENV_MAX_IN_FLIGHT, &v)?,
-            None => DEFAULT_MAX_IN_FLIGHT,
-        };
-        let body_timeout = match lookup(ENV_BODY_TIMEOUT_MS) {
-            Some(v) => parse_body_timeout(ENV_BODY_TIMEOUT_MS, &v)?,
-            None => DEFAULT_BODY_TIMEOUT,
-        };
+        let max_body_bytes = setting(
+            &lookup,
+            ENV_MAX_BODY_BYTES,
+            parse_bytes,
+            DEFAULT_MAX_BODY_BYTES,
+        )?;
+        let max_decompressed_bytes = setting(
+            &lookup,
+            ENV_MAX_DECOMPRESSED_BYTES,
+            parse_bytes,
+            DEFAULT_MAX_DECOMPRESSED_BYTES,
+        )?;
+        let max_in_flight = setting(
+            &lookup,
+            ENV_MAX_IN_FLIGHT,
+            parse_in_flight,
+            DEFAULT_MAX_IN_FLIGHT,
+        )?;
+        let body_timeout = setting(
+            &lookup,
+            ENV_BODY_TIMEOUT_MS,
+            parse_body_timeout,
+            DEFAULT_BODY_TIMEOUT,
+        )?;
         Ok(Self {
             addr,
             database_url,
@@ -156,6 +164,16 @@ impl IngestConfig {
         )?;
         Ok(())
     }
+}
+
+/// Variable `var` read through `lookup` and parsed by `parse`, or `default` when it is unset.
+fn setting<T>(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    parse: impl Fn(&'static str, &str) -> Result<T, IngestError>,
+    default: T,
+) -> Result<T, IngestError> {
+    lookup(var).map_or(Ok(default), |v| parse(var, &v))
 }
 
 /// Splits a comma list of API keys, trimming blanks and dropping empty entries.
