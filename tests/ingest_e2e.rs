@@ -131,3 +131,87 @@ fn lambda_sized_limit_is_honoured_end_to_end() {
         }
     }
 }
+
+/// A receiver at its cap on requests in flight (`CALLSCOPE_INGEST_MAX_IN_FLIGHT`: two places,
+/// one kept for core logs) against a processor sending four detail batches at once: the
+/// batches past the cap are refused (503 + Retry-After, or the connection closed under an
+/// unread body) and retried, and in the end every span is stored exactly once.
+#[test]
+fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_stored() {
+    support::init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("sqlite://{}", tmp.path().join("cap.db").display());
+    let mut cfg = IngestConfig::new(url);
+    cfg.api_keys = vec!["e2e-key".into()];
+    cfg.max_in_flight = 2;
+    let server = rt.block_on(serve(cfg)).unwrap();
+    let processor = CallSpanProcessor::builder()
+        .without_env()
+        .endpoint(server.endpoint())
+        .api_key("e2e-key")
+        .max_request_bytes(64 * 1024)
+        .max_concurrent_detail(4)
+        .build()
+        .unwrap();
+    let stats = processor.stats_handle();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .build();
+    let tracer = provider.tracer("e2e");
+    let shape = CallShape {
+        turns: 10,
+        span_bytes: 2_000,
+        ..CallShape::default()
+    };
+    let mut emitted = Vec::new();
+    for i in 0..3u64 {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 1000);
+        emitted.push(voice::livekit_call(
+            &tracer,
+            &format!("cap-{i}"),
+            &shape,
+            t0,
+            i,
+        ));
+    }
+    provider.force_flush().unwrap();
+    let s = stats.snapshot();
+    assert_eq!(s.summaries_sent, 3, "{s:?}");
+    assert_eq!(s.spans_dropped(), 0, "{s:?}");
+    assert_eq!(s.detail_batches_failed, 0, "{s:?}");
+    assert!(
+        s.detail_batches_sent >= 8,
+        "enough batches to meet the cap: {s:?}"
+    );
+    let health: serde_json::Value = rt.block_on(async {
+        let body = reqwest::get(format!("http://{}/healthz", server.local_addr))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    });
+    let refused = health["requests_refused_busy"].as_u64().unwrap();
+    assert!(refused > 0, "the cap was never reached: {health}");
+    assert!(
+        s.requests_retried >= refused,
+        "every refusal retried: {refused} refused, {s:?}"
+    );
+    let store = server.store.clone();
+    rt.block_on(async {
+        for t in &emitted {
+            assert_eq!(store.span_count(&t.call_id).await.unwrap(), t.total_spans);
+            let call = store.get_call(&t.call_id).await.unwrap().unwrap();
+            assert_eq!(call["complete"], true, "{call}");
+        }
+        assert_eq!(store.duplicate_span_rows().await.unwrap(), 0);
+    });
+    provider.shutdown().unwrap();
+    rt.block_on(server.shutdown()).unwrap();
+}
