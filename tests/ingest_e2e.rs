@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use callscope::{CallSpanProcessor, Compression};
+use callscope::{CallSpanProcessor, CallSpanProcessorBuilder, Compression, StatsHandle};
 use callscope_ingest::{IngestConfig, serve};
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -57,17 +57,34 @@ async fn drop_schema(schema: &str) {
         .unwrap();
 }
 
+/// A tracer provider whose processor sends to `endpoint` with the e2e key, configured further
+/// by `tune`; and the processor's stats.
+fn provider_to(
+    endpoint: String,
+    tune: impl FnOnce(CallSpanProcessorBuilder) -> CallSpanProcessorBuilder,
+) -> (SdkTracerProvider, StatsHandle) {
+    let processor = tune(
+        CallSpanProcessor::builder()
+            .without_env()
+            .endpoint(endpoint)
+            .api_key("e2e-key"),
+    )
+    .build()
+    .unwrap();
+    let stats = processor.stats_handle();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .build();
+    (provider, stats)
+}
+
 /// Three calls of 500 spans × 10 KB (5 MB each, uncompressed on the wire) under the ingest
 /// server's 6 MB body limit: every span stored exactly once, every call complete.
 #[test]
 fn lambda_sized_limit_is_honoured_end_to_end() {
     support::init_logs();
     let tmp = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::fault::runtime();
     for (url, schema) in databases(&tmp, "limit") {
         if let Some(s) = &schema {
             rt.block_on(create_schema(s));
@@ -76,18 +93,10 @@ fn lambda_sized_limit_is_honoured_end_to_end() {
         cfg.api_keys = vec!["e2e-key".into()];
         cfg.max_body_bytes = 6_000_000;
         let server = rt.block_on(serve(cfg)).unwrap();
-        let processor = CallSpanProcessor::builder()
-            .without_env()
-            .endpoint(server.endpoint())
-            .api_key("e2e-key")
-            .compression(Compression::None)
-            .max_request_bytes(6_000_000)
-            .build()
-            .unwrap();
-        let stats = processor.stats_handle();
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .build();
+        let (provider, stats) = provider_to(server.endpoint(), |b| {
+            b.compression(Compression::None)
+                .max_request_bytes(6_000_000)
+        });
         let tracer = provider.tracer("e2e");
         let shape = CallShape {
             turns: 50,
@@ -140,28 +149,15 @@ fn lambda_sized_limit_is_honoured_end_to_end() {
 fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_stored() {
     support::init_logs();
     let tmp = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::fault::runtime();
     let url = format!("sqlite://{}", tmp.path().join("cap.db").display());
     let mut cfg = IngestConfig::new(url);
     cfg.api_keys = vec!["e2e-key".into()];
     cfg.max_in_flight = 2;
     let server = rt.block_on(serve(cfg)).unwrap();
-    let processor = CallSpanProcessor::builder()
-        .without_env()
-        .endpoint(server.endpoint())
-        .api_key("e2e-key")
-        .max_request_bytes(64 * 1024)
-        .max_concurrent_detail(4)
-        .build()
-        .unwrap();
-    let stats = processor.stats_handle();
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .build();
+    let (provider, stats) = provider_to(server.endpoint(), |b| {
+        b.max_request_bytes(64 * 1024).max_concurrent_detail(4)
+    });
     let tracer = provider.tracer("e2e");
     let shape = CallShape {
         turns: 10,

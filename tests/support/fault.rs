@@ -79,7 +79,8 @@ impl Drop for Ingest {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// A two-thread runtime for the servers of a test.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
