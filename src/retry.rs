@@ -101,18 +101,23 @@ impl Backoff {
     /// Never more than the max (30 s).
     pub(crate) fn delay(&self, attempt: u32, rand01: f64) -> Duration {
         let cap = self.cap(attempt);
-        let r = if rand01 >= 1.0 {
-            1.0
-        } else if rand01 > 0.0 {
-            rand01
-        } else {
-            0.0 // negative or NaN
-        };
+        let r = unit(rand01);
         // `r` is in [0, 1], so the product is at most `cap` but for float rounding, which
         // `min` (and the fallback, for a cap near `Duration::MAX`) absorb: never a panic.
         Duration::try_from_secs_f64(cap.as_secs_f64() * r)
             .unwrap_or(cap)
             .min(cap)
+    }
+}
+
+/// `r` within `[0, 1]` (a negative number or NaN as 0).
+fn unit(r: f64) -> f64 {
+    if r >= 1.0 {
+        1.0
+    } else if r > 0.0 {
+        r
+    } else {
+        0.0
     }
 }
 
@@ -136,7 +141,9 @@ pub(crate) fn decide(
             429 | 503 => match retry_after.and_then(|value| parse_retry_after(value, now)) {
                 Some(after) => {
                     let spread = (after / 2).clamp(RETRY_AFTER_SPREAD.0, RETRY_AFTER_SPREAD.1);
-                    after + spread.mul_f64(rand01.clamp(0.0, 1.0))
+                    // The random part never turns a wait that fits the budget into giving up.
+                    let room = backoff.max_elapsed.saturating_sub(elapsed).max(after);
+                    (after + spread.mul_f64(unit(rand01))).min(room)
                 }
                 None => backoff.delay(attempt, rand01),
             },
@@ -599,7 +606,7 @@ mod tests {
             match decide(&outcome, attempt, elapsed, &backoff, now(), r) {
                 Decision::RetryAfter(delay) => {
                     prop_assert!(elapsed + delay <= Duration::from_millis(budget_ms));
-                    prop_assert!(delay <= MAX_RETRY_AFTER);
+                    prop_assert!(delay <= MAX_RETRY_AFTER + RETRY_AFTER_SPREAD.1);
                 }
                 Decision::Done => prop_assert!((200..300).contains(&code)),
                 Decision::Split => prop_assert_eq!(code, 413),
@@ -610,6 +617,37 @@ mod tests {
                 Decision::GiveUp(GiveUpReason::RetryBudgetExhausted) => {
                     prop_assert!(matches!(code, 408 | 429 | 500..=599));
                 }
+            }
+        }
+
+        /// A Retry-After is waited at least, at most its random part longer, and only past
+        /// the budget given up: the random part never makes a wait that fits give up.
+        #[test]
+        fn a_retry_after_that_fits_the_budget_is_waited(
+            code in proptest::sample::select(vec![429u16, 503]),
+            after_s in 0u64..400,
+            elapsed_ms in 0u64..1_000_000,
+            // The budget ends near where the wait would: within the random part's reach.
+            slack_ms in -6_000i64..6_000,
+            r in any::<f64>(),
+        ) {
+            let capped_ms = after_s.min(MAX_RETRY_AFTER.as_secs()) * 1000;
+            let budget_ms = (elapsed_ms + capped_ms).saturating_add_signed(slack_ms);
+            let backoff = Backoff::new(Duration::from_millis(budget_ms));
+            let elapsed = Duration::from_millis(elapsed_ms);
+            let value = after_s.to_string();
+            let outcome = Outcome::Status { code, retry_after: Some(&value) };
+            let after = Duration::from_secs(after_s).min(MAX_RETRY_AFTER);
+            let fits = elapsed + after <= Duration::from_millis(budget_ms);
+            match decide(&outcome, 0, elapsed, &backoff, now(), r) {
+                Decision::RetryAfter(delay) => {
+                    prop_assert!(fits);
+                    prop_assert!(delay >= after);
+                    prop_assert!(delay <= after + (after / 2).clamp(RETRY_AFTER_SPREAD.0, RETRY_AFTER_SPREAD.1));
+                    prop_assert!(elapsed + delay <= Duration::from_millis(budget_ms));
+                }
+                Decision::GiveUp(GiveUpReason::RetryBudgetExhausted) => prop_assert!(!fits),
+                other => prop_assert!(false, "{other:?}"),
             }
         }
 
