@@ -141,10 +141,43 @@ fn lambda_sized_limit_is_honoured_end_to_end() {
     }
 }
 
+/// `GET /healthz` of the server at `addr`.
+fn health(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> serde_json::Value {
+    rt.block_on(async {
+        let body = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    })
+}
+
+/// Waits (each try a round trip to the server, at most 30 s) until `/healthz` says `ok`.
+fn health_until(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = health(rt, addr);
+        if ok(&h) {
+            return h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "healthz never said so: {h}"
+        );
+    }
+}
+
 /// A receiver at its cap on requests in flight (`CALLSCOPE_INGEST_MAX_IN_FLIGHT`: two places,
-/// one kept for core logs) against a processor sending four detail batches at once: the
-/// batches past the cap are refused (503 + Retry-After, or the connection closed under an
-/// unread body) and retried, and in the end every span is stored exactly once.
+/// one kept for core logs), its general place held by a post whose body never comes: the
+/// processor's detail batches are refused (503 + Retry-After, or the connection closed under
+/// an unread body) while its core logs go through, and once the place frees every refused
+/// batch is retried and every span stored exactly once.
 #[test]
 fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_stored() {
     support::init_logs();
@@ -155,6 +188,16 @@ fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_s
     cfg.api_keys = vec!["e2e-key".into()];
     cfg.max_in_flight = 2;
     let server = rt.block_on(serve(cfg)).unwrap();
+    let addr = server.local_addr;
+    // The general place, held until a refusal is seen, whatever the timing of the uploads.
+    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(
+        &mut stalled,
+        b"POST /v1/calls HTTP/1.1\r\nhost: x\r\nx-api-key: e2e-key\r\n\
+          idempotency-key: held:detail:0\r\ncontent-length: 1000\r\n\r\n{",
+    )
+    .unwrap();
+    health_until(&rt, addr, |h| h["requests_in_flight"] == 1);
     let (provider, stats) = provider_to(server.endpoint(), |b| {
         b.max_request_bytes(64 * 1024).max_concurrent_detail(4)
     });
@@ -175,6 +218,8 @@ fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_s
             i,
         ));
     }
+    let health = health_until(&rt, addr, |h| h["requests_refused_busy"].as_u64() > Some(0));
+    drop(stalled);
     provider.force_flush().unwrap();
     let s = stats.snapshot();
     assert_eq!(s.summaries_sent, 3, "{s:?}");
@@ -184,17 +229,10 @@ fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_s
         s.detail_batches_sent >= 8,
         "enough batches to meet the cap: {s:?}"
     );
-    let health: serde_json::Value = rt.block_on(async {
-        let body = reqwest::get(format!("http://{}/healthz", server.local_addr))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        serde_json::from_slice(&body).unwrap()
-    });
-    let refused = health["requests_refused_busy"].as_u64().unwrap();
-    assert!(refused > 0, "the cap was never reached: {health}");
+    let refused = health_until(&rt, addr, |_| true)["requests_refused_busy"]
+        .as_u64()
+        .unwrap();
+    assert!(refused > 0, "{health}");
     assert!(
         s.requests_retried >= refused,
         "every refusal retried: {refused} refused, {s:?}"

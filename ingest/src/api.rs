@@ -232,8 +232,9 @@ impl IntoResponse for ApiError {
             Self::NotFound(what) => error_body(StatusCode::NOT_FOUND, what, Some("call_id")),
             Self::Store(e) => store_error_response(e),
             Self::Overloaded { max } => busy(format!(
-                "the server is handling {max} requests already (CALLSCOPE_INGEST_MAX_IN_FLIGHT, \
-                 a quarter of them kept for core call logs); retry after the Retry-After delay"
+                "the server is handling as many requests as it takes ({max} places, \
+                 CALLSCOPE_INGEST_MAX_IN_FLIGHT, a quarter of them kept for core call logs); \
+                 retry after the Retry-After delay"
             )),
         }
     }
@@ -649,8 +650,7 @@ mod tests {
             assert_eq!(held.len(), max, "max {max}");
             assert_eq!(a.in_flight(), max, "max {max}");
             assert_eq!(a.refused.load(Ordering::Relaxed), 2, "max {max}");
-            // A place given back by a core goes to whoever asks first; one given back by
-            // detail lets detail in again.
+            // Once the places are given back, detail gets in again.
             held.clear();
             assert_eq!(a.in_flight(), 0, "max {max}");
             assert!(a.admit(false).is_ok(), "max {max}");

@@ -25,8 +25,10 @@ pub const ENV_MAX_DECOMPRESSED_BYTES: &str = "CALLSCOPE_INGEST_MAX_DECOMPRESSED_
 pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 64 * 1024 * 1024;
 /// Environment variable for the `POST /v1/calls` requests handled at once.
 pub const ENV_MAX_IN_FLIGHT: &str = "CALLSCOPE_INGEST_MAX_IN_FLIGHT";
-/// Default of [`ENV_MAX_IN_FLIGHT`]: 128 requests (as many summaries as one callscope
-/// processor sends at once), a quarter of them kept for core call logs.
+/// Default of [`ENV_MAX_IN_FLIGHT`]: 128 requests, a quarter of them kept for core call logs.
+/// One callscope processor at its busiest has up to 128 summaries and
+/// `CALLSCOPE_MAX_CONCURRENT_DETAIL` (default 2) detail uploads in flight: a receiver for many
+/// processors raises it, as far as its memory allows (see [`IngestConfig::max_in_flight`]).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 /// Largest accepted [`ENV_MAX_IN_FLIGHT`].
 pub const MAX_MAX_IN_FLIGHT: usize = 65_536;

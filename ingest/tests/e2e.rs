@@ -271,7 +271,12 @@ async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for
     let db = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", db.path().join("places.db").display());
     // Four places, one of them kept for core call logs.
-    let server = start(&url, |c| c.max_in_flight = 4).await;
+    let server = start(&url, |c| {
+        c.max_in_flight = 4;
+        // The stalled posts below hold their places for the whole test.
+        c.body_timeout = callscope_ingest::MAX_BODY_TIMEOUT;
+    })
+    .await;
     let client = reqwest::Client::new();
 
     // Three detail batches whose bodies never finish take three places.
