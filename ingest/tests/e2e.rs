@@ -222,6 +222,17 @@ async fn limits_hold_over_tcp() {
     }
 }
 
+/// A server on a fresh SQLite file (kept while the returned directory lives).
+async fn start_on_sqlite(
+    name: &str,
+    tweak: impl FnOnce(&mut IngestConfig),
+) -> (tempfile::TempDir, RunningServer) {
+    let db = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", db.path().join(name).display());
+    let server = start(&url, tweak).await;
+    (db, server)
+}
+
 /// Starts a POST whose body never finishes (1,000 bytes declared, one sent): the server
 /// holds a place for it until the connection closes.
 async fn stalled_post(server: &RunningServer, idempotency_key: &str) -> tokio::net::TcpStream {
@@ -268,10 +279,8 @@ async fn health_once_in_flight(
 
 #[tokio::test]
 async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for_cores() {
-    let db = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", db.path().join("places.db").display());
     // Four places, one of them kept for core call logs.
-    let server = start(&url, |c| {
+    let (_db, server) = start_on_sqlite("places.db", |c| {
         c.max_in_flight = 4;
         // The stalled posts below hold their places for the whole test.
         c.body_timeout = callscope_ingest::MAX_BODY_TIMEOUT;
@@ -342,9 +351,7 @@ async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for
 #[tokio::test]
 async fn a_body_that_stops_coming_is_answered_408_and_frees_its_place() {
     use tokio::io::AsyncReadExt;
-    let db = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", db.path().join("stalled.db").display());
-    let server = start(&url, |c| {
+    let (_db, server) = start_on_sqlite("stalled.db", |c| {
         c.max_in_flight = 2;
         c.body_timeout = std::time::Duration::from_millis(200);
     })
