@@ -144,6 +144,29 @@ macro_rules! on_pool {
     };
 }
 
+/// Runs `$body` as a write transaction `$tx` on the store's pool: it begins, takes SQLite's
+/// write lock, claims the idempotency key first (a key seen before rolls back with
+/// `$duplicate`), and ends with [`finish`] before the lock is let go. `$body` evaluates to a
+/// `Result<Finish<T>, sqlx::Error>`; `?` in it ends the transaction with that error.
+macro_rules! write_tx {
+    ($store:expr, $tx:ident, claim($key:expr, $call:expr, $now:expr) else $duplicate:expr, $body:block) => {
+        on_pool!($store, pool => {
+            let mut $tx = pool.begin().await?;
+            let write = $store.write_lock().await?;
+            let ended = async {
+                if !claim_key(&mut $tx, $key, $call, $now).await? {
+                    return Ok(Finish::RollBack($duplicate));
+                }
+                $body
+            }
+            .await;
+            let result = finish($tx, ended).await;
+            drop(write);
+            result
+        })
+    };
+}
+
 /// Result of storing a detail batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DetailOutcome {
@@ -351,63 +374,52 @@ impl Store {
              extra = excluded.extra, core_received_us = excluded.core_received_us \
              WHERE call_logs.has_core = FALSE";
         let traces = joinable_traces(&core.extra, &core.call_id);
-        let stored = on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
-            let write = self.write_lock().await?;
-            let ended = async {
-                if !claim_key(&mut tx, idempotency_key, &core.call_id, now_us).await? {
-                    return Ok(Finish::RollBack(false));
-                }
-                let done = sqlx::query(UPSERT)
+        let stored = write_tx!(self, tx, claim(idempotency_key, &core.call_id, now_us) else false, {
+            let done = sqlx::query(UPSERT)
+                .bind(&core.call_id)
+                .bind(&core.agent_id)
+                .bind(&core.call_started_at)
+                .bind(&core.call_ended_at)
+                .bind(core.duration_seconds)
+                .bind(&core.end_reason)
+                .bind(Json(&core.transcript_json))
+                .bind(Json(&core.summary_metrics))
+                .bind(Json(&core.telemetry_summary))
+                .bind(core.truncated)
+                .bind(Json(&core.extra))
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Ok(Finish::RollBack(false));
+            }
+            // Spans stored under one of the call's trace ids (sent before the sender knew
+            // the call id) join the call now; later ones are redirected by insert_detail.
+            for trace in &traces {
+                sqlx::query(CLAIM_TRACE)
+                    .bind(trace)
                     .bind(&core.call_id)
-                    .bind(&core.agent_id)
-                    .bind(&core.call_started_at)
-                    .bind(&core.call_ended_at)
-                    .bind(core.duration_seconds)
-                    .bind(&core.end_reason)
-                    .bind(Json(&core.transcript_json))
-                    .bind(Json(&core.summary_metrics))
-                    .bind(Json(&core.telemetry_summary))
-                    .bind(core.truncated)
-                    .bind(Json(&core.extra))
-                    .bind(now_us)
                     .execute(&mut *tx)
                     .await?;
-                if done.rows_affected() == 0 {
-                    return Ok(Finish::RollBack(false));
-                }
-                // Spans stored under one of the call's trace ids (sent before the sender knew
-                // the call id) join the call now; later ones are redirected by insert_detail.
-                for trace in &traces {
-                    sqlx::query(CLAIM_TRACE)
-                        .bind(trace)
-                        .bind(&core.call_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    let moved = sqlx::query(MOVE_SPANS)
-                        .bind(&core.call_id)
-                        .bind(trace)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if moved > 0 {
-                        let moved = i64::try_from(moved).unwrap_or(i64::MAX);
-                        let deltas = [(core.call_id.as_str(), moved), (trace.as_str(), -moved)];
-                        for (call, delta) in deltas {
-                            sqlx::query(ADD_SPANS)
-                                .bind(call)
-                                .bind(delta)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
+                let moved = sqlx::query(MOVE_SPANS)
+                    .bind(&core.call_id)
+                    .bind(trace)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if moved > 0 {
+                    let moved = i64::try_from(moved).unwrap_or(i64::MAX);
+                    let deltas = [(core.call_id.as_str(), moved), (trace.as_str(), -moved)];
+                    for (call, delta) in deltas {
+                        sqlx::query(ADD_SPANS)
+                            .bind(call)
+                            .bind(delta)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                 }
-                Ok::<_, sqlx::Error>(Finish::Commit(true))
             }
-            .await;
-            let result = finish(tx, ended).await;
-            drop(write);
-            result
+            Ok::<_, sqlx::Error>(Finish::Commit(true))
         })?;
         Ok(stored)
     }
@@ -461,81 +473,70 @@ impl Store {
         let mut spans: Vec<&SpanRow> = batch.spans.iter().collect();
         spans.sort_unstable_by(|a, b| a.span_id.cmp(&b.span_id));
         let _line = self.batch_line().await?;
-        let outcome = on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
-            let write = self.write_lock().await?;
-            let ended = async {
-                if !claim_key(&mut tx, idempotency_key, &batch.call_id, now_us).await? {
-                    return Ok(Finish::RollBack(DUPLICATE));
-                }
-                let claimed = sqlx::query(CLAIM_BATCH)
-                    .bind(&batch.call_id)
-                    .bind(batch.batch_seq)
-                    .bind(batch.is_final)
-                    .bind(batch.late)
-                    .bind(batch.total_batches)
-                    .bind(span_count)
-                    .bind(now_us)
-                    .execute(&mut *tx)
-                    .await?;
-                if claimed.rows_affected() == 0 {
-                    return Ok(Finish::RollBack(DUPLICATE));
-                }
-                // A batch sent under a trace id whose call is known: its spans belong to that call.
-                let owner: Option<String> = if is_trace_id(&batch.call_id) {
-                    sqlx::query_scalar(OWNER_OF_TRACE)
-                        .bind(&batch.call_id)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                } else {
-                    None
-                };
-                let span_call = owner.as_deref().unwrap_or(&batch.call_id);
-                // A final without spans (its transcript only) needs no insert.
-                let inserted = if spans.is_empty() {
-                    0
-                } else {
-                    (*tx)
-                        .insert_spans(span_call, &spans, batch.batch_seq)
-                        .await?
-                };
-                sqlx::query(ENSURE_CALL)
-                    .bind(&batch.call_id)
-                    .bind(&batch.agent_id)
-                    .bind(now_us)
-                    .execute(&mut *tx)
-                    .await?;
-                let inserted_i64 = i64::try_from(inserted).unwrap_or(i64::MAX);
-                if owner.is_some() && inserted > 0 {
-                    sqlx::query(ADD_SPANS)
-                        .bind(span_call)
-                        .bind(inserted_i64)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                sqlx::query(PROGRESS)
-                    .bind(&batch.call_id)
-                    .bind(batch.late)
-                    .bind(batch.total_batches)
-                    .bind(batch.batch_seq)
-                    .bind(if owner.is_some() { 0 } else { inserted_i64 })
-                    .bind(batch.transcript_with_metrics.as_ref().map(Json))
-                    .bind(&batch.agent_id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(COMPLETE)
-                    .bind(&batch.call_id)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok::<_, sqlx::Error>(Finish::Commit(DetailOutcome {
-                    duplicate: false,
-                    spans_inserted: inserted,
-                }))
+        let outcome = write_tx!(self, tx, claim(idempotency_key, &batch.call_id, now_us) else DUPLICATE, {
+            let claimed = sqlx::query(CLAIM_BATCH)
+                .bind(&batch.call_id)
+                .bind(batch.batch_seq)
+                .bind(batch.is_final)
+                .bind(batch.late)
+                .bind(batch.total_batches)
+                .bind(span_count)
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            if claimed.rows_affected() == 0 {
+                return Ok(Finish::RollBack(DUPLICATE));
             }
-            .await;
-            let result = finish(tx, ended).await;
-            drop(write);
-            result
+            // A batch sent under a trace id whose call is known: its spans belong to that call.
+            let owner: Option<String> = if is_trace_id(&batch.call_id) {
+                sqlx::query_scalar(OWNER_OF_TRACE)
+                    .bind(&batch.call_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            } else {
+                None
+            };
+            let span_call = owner.as_deref().unwrap_or(&batch.call_id);
+            // A final without spans (its transcript only) needs no insert.
+            let inserted = if spans.is_empty() {
+                0
+            } else {
+                (*tx)
+                    .insert_spans(span_call, &spans, batch.batch_seq)
+                    .await?
+            };
+            sqlx::query(ENSURE_CALL)
+                .bind(&batch.call_id)
+                .bind(&batch.agent_id)
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            let inserted_i64 = i64::try_from(inserted).unwrap_or(i64::MAX);
+            if owner.is_some() && inserted > 0 {
+                sqlx::query(ADD_SPANS)
+                    .bind(span_call)
+                    .bind(inserted_i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(PROGRESS)
+                .bind(&batch.call_id)
+                .bind(batch.late)
+                .bind(batch.total_batches)
+                .bind(batch.batch_seq)
+                .bind(if owner.is_some() { 0 } else { inserted_i64 })
+                .bind(batch.transcript_with_metrics.as_ref().map(Json))
+                .bind(&batch.agent_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(COMPLETE)
+                .bind(&batch.call_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok::<_, sqlx::Error>(Finish::Commit(DetailOutcome {
+                duplicate: false,
+                spans_inserted: inserted,
+            }))
         })?;
         Ok(outcome)
     }
