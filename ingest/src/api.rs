@@ -19,7 +19,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Instrument;
 
-use crate::body::{self, BodyError};
+use crate::body::{self, BodyBudget, BodyError};
 use crate::config::IngestConfig;
 use crate::error::IngestError;
 use crate::payload::{self, BadRequest, Incoming};
@@ -52,6 +52,7 @@ struct Inner {
     max_decompressed_bytes: usize,
     body_timeout: std::time::Duration,
     admission: Admission,
+    bodies: Arc<BodyBudget>,
 }
 
 /// Places for `POST /v1/calls` requests in flight, from reading the body to the end of the
@@ -120,6 +121,7 @@ impl AppState {
                 max_decompressed_bytes: config.max_decompressed_bytes,
                 body_timeout: config.body_timeout,
                 admission: Admission::new(config.max_in_flight),
+                bodies: BodyBudget::new(config.max_buffered_bytes.max(1)),
             }),
         }
     }
@@ -214,6 +216,7 @@ impl IntoResponse for ApiError {
                     BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
                     BodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+                    BodyError::Busy { .. } => return busy(e.to_string()),
                 };
                 error_body(status, e.to_string(), Some("body"))
             }
@@ -330,11 +333,14 @@ async fn healthz(State(state): State<AppState>) -> Response {
     match state.store().ping().await {
         Ok(()) => {
             let a = &state.inner.admission;
+            let b = &state.inner.bodies;
             Json(json!({
                 "ok": true,
                 "database": state.store().backend_name(),
                 "requests_in_flight": a.in_flight(),
                 "requests_refused_busy": a.refused.load(Ordering::Relaxed),
+                "body_bytes_held": b.used(),
+                "requests_refused_bytes": b.refused(),
             }))
             .into_response()
         }
@@ -393,16 +399,22 @@ async fn post_call(
     // the write is over, also when the sender hangs up before.
     let core = key.as_deref().is_some_and(|k| k.ends_with(":core"));
     let place = state.inner.admission.admit(core)?;
+    // The body's bytes, from its declared length on; they go back with the place.
+    let mut held = state.inner.bodies.hold(core);
+    if let Some(n) = declared {
+        held.grow(usize::try_from(n).unwrap_or(usize::MAX))?;
+    }
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("(not ASCII)").to_owned());
-    let raw = body::read_limited(body, max_body, state.inner.body_timeout).await?;
+    let raw = body::read_limited(body, max_body, state.inner.body_timeout, &mut held).await?;
     let max_decompressed = state.inner.max_decompressed_bytes;
     // Decompression and parsing of up to tens of MB are CPU work: keep them off the reactor.
-    let (incoming, place) = tokio::task::spawn_blocking(move || {
-        let bytes = body::decode(raw, encoding.as_deref(), max_decompressed)?;
+    let (incoming, holds) = tokio::task::spawn_blocking(move || {
+        let bytes = body::decode(raw, encoding.as_deref(), max_decompressed, &mut held)?;
         let incoming = payload::parse(&bytes).map_err(ApiError::from)?;
-        Ok::<_, ApiError>((incoming, place))
+        // The decoded length stands for the parsed form until the write is over.
+        Ok::<_, ApiError>((incoming, (place, held)))
     })
     .await
     .map_err(|e| ApiError::Store(IngestError::Task(e)))??;
@@ -419,7 +431,7 @@ async fn post_call(
             Ok(reply) => Json(reply).into_response(),
             Err(e) => e.into_response(),
         };
-        drop(place);
+        drop(holds);
         answer
     };
     tokio::spawn(write.instrument(tracing::Span::current()))

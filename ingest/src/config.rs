@@ -32,6 +32,10 @@ pub const ENV_MAX_IN_FLIGHT: &str = "CALLSCOPE_INGEST_MAX_IN_FLIGHT";
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 /// Largest accepted [`ENV_MAX_IN_FLIGHT`].
 pub const MAX_MAX_IN_FLIGHT: usize = 65_536;
+/// Environment variable for the bytes of request bodies held at once.
+pub const ENV_MAX_BUFFERED_BYTES: &str = "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES";
+/// Default of [`ENV_MAX_BUFFERED_BYTES`]: 1 GiB, a quarter of it kept for core call logs.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 1024 * 1024 * 1024;
 /// Environment variable for how long a request body may send nothing, in milliseconds.
 pub const ENV_BODY_TIMEOUT_MS: &str = "CALLSCOPE_INGEST_BODY_TIMEOUT_MS";
 /// Default of [`ENV_BODY_TIMEOUT_MS`]: 30 s without a byte of the body.
@@ -72,8 +76,18 @@ pub struct IngestConfig {
     /// [`max_body_bytes`](Self::max_body_bytes) on the wire and
     /// [`max_decompressed_bytes`](Self::max_decompressed_bytes) decoded, plus its parsed form.
     /// From 1 to [`MAX_MAX_IN_FLIGHT`]. Env [`ENV_MAX_IN_FLIGHT`], default
-    /// [`DEFAULT_MAX_IN_FLIGHT`].
+    /// [`DEFAULT_MAX_IN_FLIGHT`]. [`max_buffered_bytes`](Self::max_buffered_bytes) bounds the
+    /// bytes those bodies hold.
     pub max_in_flight: usize,
+    /// Bytes of `POST /v1/calls` bodies the server holds at once: each request counts its body
+    /// on the wire while it is read (its `Content-Length` as soon as its head arrives) and its
+    /// decompressed body while it is decoded, then the decompressed size until its write is
+    /// over (standing for its parsed form). A request that would go past it gets 503 with
+    /// `Retry-After`; detail batches may fill three quarters of it, core call logs all of it.
+    /// A request alone in the server always passes, so a body larger than this still gets
+    /// in when nothing else is held. Env [`ENV_MAX_BUFFERED_BYTES`], default
+    /// [`DEFAULT_MAX_BUFFERED_BYTES`].
+    pub max_buffered_bytes: usize,
     /// How long a request body may send nothing before the request is answered 408 and its
     /// place freed (a sender that stalls or vanishes mid-upload must not hold a place, or
     /// keep a graceful shutdown waiting, for ever). From 1 ms to [`MAX_BODY_TIMEOUT`].
@@ -94,6 +108,7 @@ impl IngestConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
@@ -136,6 +151,12 @@ impl IngestConfig {
             parse_in_flight,
             DEFAULT_MAX_IN_FLIGHT,
         )?;
+        let max_buffered_bytes = setting(
+            &lookup,
+            ENV_MAX_BUFFERED_BYTES,
+            parse_bytes,
+            DEFAULT_MAX_BUFFERED_BYTES,
+        )?;
         let body_timeout = setting(
             &lookup,
             ENV_BODY_TIMEOUT_MS,
@@ -150,6 +171,7 @@ impl IngestConfig {
             max_body_bytes,
             max_decompressed_bytes,
             max_in_flight,
+            max_buffered_bytes,
             body_timeout,
         })
     }
@@ -160,6 +182,7 @@ impl IngestConfig {
     /// [`IngestError::Config`] naming the setting out of range.
     pub(crate) fn validate(&self) -> Result<(), IngestError> {
         parse_in_flight(ENV_MAX_IN_FLIGHT, &self.max_in_flight.to_string())?;
+        parse_bytes(ENV_MAX_BUFFERED_BYTES, &self.max_buffered_bytes.to_string())?;
         parse_body_timeout(
             ENV_BODY_TIMEOUT_MS,
             &self.body_timeout.as_millis().to_string(),
@@ -249,6 +272,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.max_decompressed_bytes, DEFAULT_MAX_DECOMPRESSED_BYTES);
         assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(c.max_buffered_bytes, DEFAULT_MAX_BUFFERED_BYTES);
         assert_eq!(c.body_timeout, DEFAULT_BODY_TIMEOUT);
         assert!(c.validate().is_ok());
     }
@@ -264,6 +288,7 @@ mod tests {
                     ENV_MAX_BODY_BYTES => "1_000",
                     ENV_MAX_DECOMPRESSED_BYTES => "2000",
                     ENV_MAX_IN_FLIGHT => "8",
+                    ENV_MAX_BUFFERED_BYTES => "3_000",
                     ENV_BODY_TIMEOUT_MS => "250",
                     _ => return None,
                 }
@@ -277,6 +302,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1000);
         assert_eq!(c.max_decompressed_bytes, 2000);
         assert_eq!(c.max_in_flight, 8);
+        assert_eq!(c.max_buffered_bytes, 3000);
         assert_eq!(c.body_timeout, Duration::from_millis(250));
     }
 
@@ -322,6 +348,10 @@ mod tests {
         c.body_timeout = Duration::ZERO;
         let err = c.validate().expect_err("no time for a body");
         assert!(err.to_string().contains(ENV_BODY_TIMEOUT_MS), "{err}");
+        let mut c = IngestConfig::new("sqlite://x.db");
+        c.max_buffered_bytes = 0;
+        let err = c.validate().expect_err("no byte for a body");
+        assert!(err.to_string().contains(ENV_MAX_BUFFERED_BYTES), "{err}");
     }
 
     #[test]

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 
 use callscope_ingest::{
     DEFAULT_ADDR, DEFAULT_BODY_TIMEOUT, DEFAULT_DATABASE_URL, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_DECOMPRESSED_BYTES, DEFAULT_MAX_IN_FLIGHT, ENV_ADDR, ENV_API_KEYS,
-    ENV_BODY_TIMEOUT_MS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES, ENV_MAX_DECOMPRESSED_BYTES,
-    ENV_MAX_IN_FLIGHT, IngestConfig, MAX_BODY_TIMEOUT, MAX_MAX_IN_FLIGHT, serve,
+    DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_DECOMPRESSED_BYTES, DEFAULT_MAX_IN_FLIGHT, ENV_ADDR,
+    ENV_API_KEYS, ENV_BODY_TIMEOUT_MS, ENV_DATABASE_URL, ENV_MAX_BODY_BYTES,
+    ENV_MAX_BUFFERED_BYTES, ENV_MAX_DECOMPRESSED_BYTES, ENV_MAX_IN_FLIGHT, IngestConfig,
+    MAX_BODY_TIMEOUT, MAX_MAX_IN_FLIGHT, serve,
 };
 use clap::Parser;
 use clap::builder::TypedValueParser;
@@ -59,6 +60,11 @@ struct Cli {
     )]
     max_in_flight: usize,
 
+    /// Bytes of request bodies held at once (on the wire and decompressed); past it, 503 with
+    /// Retry-After. Detail batches may fill three quarters, core call logs all of it.
+    #[arg(long, env = ENV_MAX_BUFFERED_BYTES, default_value_t = DEFAULT_MAX_BUFFERED_BYTES)]
+    max_buffered_bytes: usize,
+
     /// Milliseconds a request body may send nothing before the request is answered 408.
     #[arg(
         long,
@@ -83,6 +89,7 @@ impl Cli {
         config.max_body_bytes = self.max_body_bytes;
         config.max_decompressed_bytes = self.max_decompressed_bytes;
         config.max_in_flight = self.max_in_flight;
+        config.max_buffered_bytes = self.max_buffered_bytes;
         config.body_timeout = std::time::Duration::from_millis(self.body_timeout_ms);
         config
     }

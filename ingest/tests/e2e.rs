@@ -236,6 +236,15 @@ async fn start_on_sqlite(
 /// Starts a POST whose body never finishes (1,000 bytes declared, one sent): the server
 /// holds a place for it until the connection closes.
 async fn stalled_post(server: &RunningServer, idempotency_key: &str) -> tokio::net::TcpStream {
+    stalled_post_of(server, idempotency_key, 1000).await
+}
+
+/// [`stalled_post`] declaring `length` bytes.
+async fn stalled_post_of(
+    server: &RunningServer,
+    idempotency_key: &str,
+    length: usize,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(server.local_addr)
         .await
@@ -243,7 +252,7 @@ async fn stalled_post(server: &RunningServer, idempotency_key: &str) -> tokio::n
     let head = format!(
         "POST /v1/calls HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {KEY}\r\n\
          content-type: application/json\r\nidempotency-key: {idempotency_key}\r\n\
-         content-length: 1000\r\n\r\n{{",
+         content-length: {length}\r\n\r\n{{",
         server.local_addr
     );
     s.write_all(head.as_bytes()).await.expect("write head");
@@ -257,6 +266,17 @@ async fn health_once_in_flight(
     server: &RunningServer,
     in_flight: u64,
 ) -> Value {
+    health_once(client, server, "requests_in_flight", in_flight).await
+}
+
+/// `GET /healthz`, waiting (each try a round trip to the server, at most 10 s) until its
+/// `field` reads `value`.
+async fn health_once(
+    client: &reqwest::Client,
+    server: &RunningServer,
+    field: &str,
+    value: u64,
+) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let health: Value = client
@@ -267,12 +287,12 @@ async fn health_once_in_flight(
             .json()
             .await
             .expect("JSON");
-        if health["requests_in_flight"] == json!(in_flight) {
+        if health[field] == json!(value) {
             return health;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "expected {in_flight} requests in flight, healthz says {health}"
+            "expected {field} = {value}, healthz says {health}"
         );
     }
 }
@@ -379,5 +399,71 @@ async fn a_body_that_stops_coming_is_answered_408_and_frees_its_place() {
     // The place is free again: a whole batch goes through.
     let (status, reply) = post(&client, &server, &detail("s1", 0, 0..2, Some(1))).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn past_its_byte_budget_the_server_answers_busy_and_keeps_a_quarter_for_cores() {
+    let batch = detail("b1", 0, 0..3, Some(1));
+    let call_log = core("b1", "agent");
+    let d = serde_json::to_vec(&batch).expect("JSON").len();
+    let c = serde_json::to_vec(&call_log).expect("JSON").len();
+    // Detail may fill three quarters of 4d, 3d. A post declaring 3d + 1 - c leaves no room
+    // for the batch; the core takes the server to 3d + 1, into the quarter kept for cores.
+    assert!(
+        c < d,
+        "a core log is smaller than the batch ({c} vs {d} bytes)"
+    );
+    let declared = 3 * d + 1 - c;
+    let (_db, server) = start_on_sqlite("bytes.db", |cfg| {
+        cfg.max_buffered_bytes = 4 * d;
+        // The stalled post holds its bytes for the whole test.
+        cfg.body_timeout = callscope_ingest::MAX_BODY_TIMEOUT;
+    })
+    .await;
+    let client = reqwest::Client::new();
+
+    // A body declared but not sent holds its declared length from its head on.
+    let stalled = stalled_post_of(&server, "big:detail:0", declared).await;
+    health_once(&client, &server, "body_bytes_held", declared as u64).await;
+
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client
+            .post(server.endpoint())
+            .bearer_auth(KEY)
+            .header("idempotency-key", key_for(&batch))
+            .json(&batch)
+            .send(),
+    )
+    .await
+    .expect("answered at once")
+    .expect("request sent");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let reply: Value = resp.json().await.expect("JSON error");
+    let message = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("CALLSCOPE_INGEST_MAX_BUFFERED_BYTES"),
+        "the answer names the setting: {reply}"
+    );
+
+    // The core call log gets in, and gives its bytes back once stored.
+    let (status, reply) = post(&client, &server, &call_log).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let health = health_once(&client, &server, "body_bytes_held", declared as u64).await;
+    assert_eq!(health["requests_refused_bytes"], json!(1), "{health}");
+    assert_eq!(health["requests_refused_busy"], json!(0), "{health}");
+
+    // The sender hanging up gives its bytes back; the refused batch now goes through.
+    drop(stalled);
+    health_once(&client, &server, "body_bytes_held", 0).await;
+    let (status, reply) = post(&client, &server, &batch).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(server.store.total_span_count().await.expect("count"), 3);
+    health_once(&client, &server, "body_bytes_held", 0).await;
     server.shutdown().await.expect("clean shutdown");
 }
