@@ -25,7 +25,8 @@ pub struct Seen {
     pub wire_bytes: u64,
     /// The largest of them.
     pub largest: u64,
-    /// Requests answered 503 (busy database, or no place free: `CALLSCOPE_INGEST_MAX_IN_FLIGHT`).
+    /// Requests answered 503 (busy database, no place free: `CALLSCOPE_INGEST_MAX_IN_FLIGHT`,
+    /// or no room for the body: `CALLSCOPE_INGEST_MAX_BUFFERED_BYTES`).
     pub busy: u64,
 }
 

@@ -399,22 +399,26 @@ async fn post_call(
     // the write is over, also when the sender hangs up before.
     let core = key.as_deref().is_some_and(|k| k.ends_with(":core"));
     let place = state.inner.admission.admit(core)?;
-    // The body's bytes, from its declared length on; they go back with the place.
-    let mut held = state.inner.bodies.hold(core);
-    if let Some(n) = declared {
-        held.grow(usize::try_from(n).unwrap_or(usize::MAX))?;
-    }
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("(not ASCII)").to_owned());
-    let raw = body::read_limited(body, max_body, state.inner.body_timeout, &mut held).await?;
+    // The body's bytes, from its declared length (and what it is expected to decode to) on;
+    // they go back with the place.
     let max_decompressed = state.inner.max_decompressed_bytes;
+    let mut held = state.inner.bodies.hold(core);
+    if let Some(n) = declared {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let decoded = body::expected_decoded(n, encoding.as_deref(), max_decompressed);
+        held.grow(n.saturating_add(decoded))?;
+    }
+    let raw = body::read_limited(body, max_body, state.inner.body_timeout, &mut held).await?;
     // Decompression and parsing of up to tens of MB are CPU work: keep them off the reactor.
     let (incoming, holds) = tokio::task::spawn_blocking(move || {
         let bytes = body::decode(raw, encoding.as_deref(), max_decompressed, &mut held)?;
         let incoming = payload::parse(&bytes).map_err(ApiError::from)?;
         // The decoded length stands for the parsed form until the write is over.
-        Ok::<_, ApiError>((incoming, (place, held)))
+        // The bytes go back before the place (the tuple drops in order).
+        Ok::<_, ApiError>((incoming, (held, place)))
     })
     .await
     .map_err(|e| ApiError::Store(IngestError::Task(e)))??;

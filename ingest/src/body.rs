@@ -110,11 +110,15 @@ impl Held {
     /// this request's limit. A request holding everything taken (alone in the server) always
     /// gets them, so one body larger than the budget still passes an idle server.
     pub(crate) fn grow(&mut self, n: usize) -> Result<(), BodyError> {
+        if n == 0 {
+            return Ok(());
+        }
         let used = &self.budget.used;
         let mut now = used.load(Ordering::Acquire);
         loop {
             let others = now.saturating_sub(self.bytes);
-            if others > 0 && now.saturating_add(n) > self.limit {
+            let after = now.checked_add(n);
+            if after.is_none() || (others > 0 && after > Some(self.limit)) {
                 let refused = self.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
                     max_buffered_bytes = self.budget.cap,
@@ -127,17 +131,12 @@ impl Held {
                     cap: self.budget.cap,
                 });
             }
-            match used.compare_exchange_weak(
-                now,
-                now.saturating_add(n),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match used.compare_exchange_weak(now, now + n, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(seen) => now = seen,
             }
         }
-        self.bytes = self.bytes.saturating_add(n);
+        self.bytes += n;
         Ok(())
     }
 
@@ -173,7 +172,9 @@ pub(crate) async fn read_limited(
         limit,
         stage: "on the wire",
     };
-    let mut buf = Vec::with_capacity(held.bytes().min(limit));
+    // The declared length, up to a bound: what is allocated before the bytes come is not
+    // left to the sender.
+    let mut buf = Vec::with_capacity(held.bytes().min(limit).min(MAX_PREALLOCATED));
     loop {
         let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
             return Err(BodyError::Stalled(idle));
@@ -209,15 +210,41 @@ fn read_error(e: &axum::Error, limit: usize) -> BodyError {
     BodyError::Read(e.to_string())
 }
 
-/// Bytes of decompressed body taken from the budget at a time.
+/// Most bytes of decompressed body taken from the budget at a time.
 const DECODE_STEP: usize = 1024 * 1024;
+/// Fewest bytes of decompressed body taken at a time (the steps grow with the body).
+const MIN_DECODE_STEP: usize = 64 * 1024;
+/// Most bytes allocated for a body before they arrive (its declared length, up to this).
+const MAX_PREALLOCATED: usize = 8 * 1024 * 1024;
+/// Decompressed bytes per wire byte a gzip body is expected to hold (callscope's JSON
+/// deflates to about 0.2–0.32 of its size): [`expected_decoded`] reserves that much before
+/// the body is read.
+const GZIP_EXPANSION: usize = 4;
+
+/// Bytes a body declared at `wire` bytes is expected to hold decoded under `content_encoding`,
+/// beyond its wire bytes (up to `max_decompressed`): taken from the budget before the body is
+/// read, so that a post the budget cannot hold is refused before its upload.
+pub(crate) fn expected_decoded(
+    wire: usize,
+    content_encoding: Option<&str>,
+    max_decompressed: usize,
+) -> usize {
+    match content_encoding
+        .map(|e| e.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("gzip" | "x-gzip") => wire.saturating_mul(GZIP_EXPANSION).min(max_decompressed),
+        _ => 0,
+    }
+}
 
 /// Undoes `Content-Encoding` (gzip or none), producing at most `max_decompressed` bytes;
 /// `held` then holds the decoded body's length (the wire bytes are given back).
 ///
 /// Decompression streams into a buffer capped at `max_decompressed + 1` bytes, so a gzip bomb
-/// costs at most that much memory before it is rejected; `held` takes each step of it before
-/// it is decompressed, on top of the wire bytes it holds.
+/// costs at most that much memory before it is rejected; `held` holds the wire bytes and
+/// the decoded ones, each step of them taken before it is decompressed (beyond what `held`
+/// took already, see [`expected_decoded`]).
 pub(crate) fn decode(
     bytes: Bytes,
     content_encoding: Option<&str>,
@@ -238,11 +265,18 @@ pub(crate) fn decode(
         }
         Some("gzip" | "x-gzip") => {
             let cap = max_decompressed.saturating_add(1);
+            let wire = bytes.len();
             let mut decoder = flate2::read::MultiGzDecoder::new(bytes.as_ref());
             let mut out = Vec::new();
             while out.len() < cap {
-                let step = DECODE_STEP.min(cap - out.len());
-                held.grow(step)?;
+                let step = out
+                    .len()
+                    .clamp(MIN_DECODE_STEP, DECODE_STEP)
+                    .min(cap - out.len());
+                let need = wire + out.len() + step;
+                if need > held.bytes() {
+                    held.set(need)?;
+                }
                 out.reserve_exact(step);
                 let n = (&mut decoder)
                     .take(step as u64)
@@ -403,6 +437,44 @@ mod tests {
     }
 
     #[test]
+    fn a_small_gzip_body_takes_small_steps() {
+        // 200 KiB of room: a fixed 1 MiB step would be refused.
+        let budget = BodyBudget::new(4 * DECODE_STEP);
+        let mut other = budget.hold(true);
+        other
+            .grow(3 * DECODE_STEP - 200 * 1024)
+            .expect("another request's bytes");
+        let data = vec![b'q'; 10_000];
+        let body = gzip(&data);
+        let mut held = budget.hold(false);
+        held.grow(body.len()).expect("the wire bytes");
+        let out = decode(body, Some("gzip"), 64 * DECODE_STEP, &mut held).expect("fits");
+        assert_eq!(out.as_ref(), &data[..]);
+        assert_eq!(held.bytes(), data.len());
+    }
+
+    #[test]
+    fn gzip_bodies_are_expected_to_decode_to_four_times_their_size() {
+        assert_eq!(expected_decoded(1000, Some(" GZIP"), 1 << 20), 4000);
+        assert_eq!(expected_decoded(1000, Some("x-gzip"), 3000), 3000);
+        assert_eq!(expected_decoded(usize::MAX, Some("gzip"), 5), 5);
+        assert_eq!(expected_decoded(1000, None, 1 << 20), 0);
+        assert_eq!(expected_decoded(1000, Some("identity"), 1 << 20), 0);
+    }
+
+    #[test]
+    fn nothing_and_too_much_are_answered_without_harm() {
+        let budget = BodyBudget::new(10);
+        let mut full = budget.hold(true);
+        full.grow(10).expect("alone");
+        let mut empty = budget.hold(false);
+        empty.grow(0).expect("nothing always fits");
+        assert!(full.grow(usize::MAX).is_err(), "past usize::MAX");
+        assert_eq!(budget.used(), 10);
+        assert_eq!(budget.refused(), 1);
+    }
+
+    #[test]
     fn decoding_past_the_budget_is_refused_before_the_step_is_decompressed() {
         let budget = BodyBudget::new(4 * DECODE_STEP);
         let mut other = budget.hold(true);
@@ -418,7 +490,8 @@ mod tests {
                 cap: 4 * DECODE_STEP
             }
         );
-        // The first step fitted in the 3 MiB detail may fill; the second did not.
+        // Steps of 64, 64, 128, 256 and 512 KiB fitted in the 3 MiB detail may fill (1 MiB
+        // decoded); the next, 1 MiB more, did not.
         assert_eq!(held.bytes(), wire + DECODE_STEP);
         drop(held);
         assert_eq!(budget.used(), DECODE_STEP);

@@ -79,14 +79,16 @@ pub struct IngestConfig {
     /// [`DEFAULT_MAX_IN_FLIGHT`]. [`max_buffered_bytes`](Self::max_buffered_bytes) bounds the
     /// bytes those bodies hold.
     pub max_in_flight: usize,
-    /// Bytes of `POST /v1/calls` bodies the server holds at once: each request counts its body
-    /// on the wire while it is read (its `Content-Length` as soon as its head arrives) and its
-    /// decompressed body while it is decoded, then the decompressed size until its write is
-    /// over (standing for its parsed form). A request that would go past it gets 503 with
-    /// `Retry-After`; detail batches may fill three quarters of it, core call logs all of it.
-    /// A request alone in the server always passes, so a body larger than this still gets
-    /// in when nothing else is held. Env [`ENV_MAX_BUFFERED_BYTES`], default
-    /// [`DEFAULT_MAX_BUFFERED_BYTES`].
+    /// Bytes of `POST /v1/calls` bodies the server holds at once. Each request counts, as soon
+    /// as its head arrives, its `Content-Length` and, for a gzip body, four times that (what
+    /// it is expected to decode to, up to [`max_decompressed_bytes`](Self::max_decompressed_bytes));
+    /// then any bytes past those as they arrive or are decoded; then its decoded size until its
+    /// write is over (standing for its parsed form, which is larger). A request that would go
+    /// past it gets 503 with `Retry-After`, before its body is read unless it has no
+    /// `Content-Length` or decodes to more than expected. Detail batches may fill three
+    /// quarters of it, core call logs all of it. A request alone in the server always passes,
+    /// so a body larger than this still gets in when nothing else is held. Env
+    /// [`ENV_MAX_BUFFERED_BYTES`], default [`DEFAULT_MAX_BUFFERED_BYTES`].
     pub max_buffered_bytes: usize,
     /// How long a request body may send nothing before the request is answered 408 and its
     /// place freed (a sender that stalls or vanishes mid-upload must not hold a place, or

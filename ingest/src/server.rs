@@ -33,6 +33,17 @@ pub async fn serve(config: IngestConfig) -> Result<RunningServer, IngestError> {
         return Err(IngestError::NoApiKeys);
     }
     config.validate()?;
+    let largest_post = config
+        .max_body_bytes
+        .saturating_add(config.max_decompressed_bytes);
+    if config.max_buffered_bytes < largest_post {
+        tracing::warn!(
+            max_buffered_bytes = config.max_buffered_bytes,
+            largest_post,
+            "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES is below one post of the largest size \
+             (max body + max decompressed): such a post gets in only when nothing else is held"
+        );
+    }
     let store = Store::connect(&config.database_url).await?;
     let listener = TcpListener::bind(config.addr)
         .await
