@@ -297,6 +297,39 @@ async fn health_once(
     }
 }
 
+/// Posts `body` and checks that it is refused at once (not queued until room frees, which
+/// would be never while the test holds it): 503 with `Retry-After: 1`, naming `setting`.
+async fn assert_refused_at_once(
+    client: &reqwest::Client,
+    server: &RunningServer,
+    body: &Value,
+    setting: &str,
+) {
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client
+            .post(server.endpoint())
+            .bearer_auth(KEY)
+            .header("idempotency-key", key_for(body))
+            .json(body)
+            .send(),
+    )
+    .await
+    .expect("answered at once")
+    .expect("request sent");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let reply: Value = resp.json().await.expect("JSON error");
+    let message = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(setting),
+        "the answer names {setting}: {reply}"
+    );
+}
+
 #[tokio::test]
 async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for_cores() {
     // Four places, one of them kept for core call logs.
@@ -318,29 +351,7 @@ async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for
     // A fourth batch would take the cores' place: refused at once (not queued until a place
     // frees, which would be never here), with Retry-After.
     let batch = detail("p1", 0, 0..3, Some(1));
-    let resp = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        client
-            .post(server.endpoint())
-            .bearer_auth(KEY)
-            .header("idempotency-key", key_for(&batch))
-            .json(&batch)
-            .send(),
-    )
-    .await
-    .expect("answered at once")
-    .expect("request sent");
-    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        resp.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"1"[..])
-    );
-    let reply: Value = resp.json().await.expect("JSON error");
-    let message = reply["error"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("CALLSCOPE_INGEST_MAX_IN_FLIGHT"),
-        "the answer names the setting: {reply}"
-    );
+    assert_refused_at_once(&client, &server, &batch, "CALLSCOPE_INGEST_MAX_IN_FLIGHT").await;
 
     // A core call log still gets in.
     let (status, reply) = post(&client, &server, &core("p1", "agent")).await;
@@ -427,29 +438,13 @@ async fn past_its_byte_budget_the_server_answers_busy_and_keeps_a_quarter_for_co
     let stalled = stalled_post_of(&server, "big:detail:0", declared).await;
     health_once(&client, &server, "body_bytes_held", declared as u64).await;
 
-    let resp = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        client
-            .post(server.endpoint())
-            .bearer_auth(KEY)
-            .header("idempotency-key", key_for(&batch))
-            .json(&batch)
-            .send(),
+    assert_refused_at_once(
+        &client,
+        &server,
+        &batch,
+        "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES",
     )
-    .await
-    .expect("answered at once")
-    .expect("request sent");
-    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        resp.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"1"[..])
-    );
-    let reply: Value = resp.json().await.expect("JSON error");
-    let message = reply["error"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("CALLSCOPE_INGEST_MAX_BUFFERED_BYTES"),
-        "the answer names the setting: {reply}"
-    );
+    .await;
 
     // The core call log gets in, and gives its bytes back once stored.
     let (status, reply) = post(&client, &server, &call_log).await;
