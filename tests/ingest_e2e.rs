@@ -173,35 +173,44 @@ fn health_until(
     }
 }
 
-/// The real receiver with a byte budget of 1 MiB, three quarters of it held by a post whose
-/// body never comes: the processor's detail batches (gzip bodies, each taking its length and
-/// four times that) find no room in the three quarters detail may fill and are refused with 503,
-/// its core logs get in through the last quarter, and once the bytes are given back every
-/// refused batch is retried and every span stored exactly once.
-#[test]
-fn a_receiver_out_of_body_bytes_refuses_and_the_processor_retries_until_everything_is_stored() {
+/// A receiver refusing posts, for want of places or of body bytes, with a post whose body
+/// never comes holding them (it declares `declared` bytes; `held` says when the receiver took
+/// it): the processor's detail batches are refused (503 + Retry-After, or the connection closed
+/// under an unread body, counted in `/healthz`'s `refused`) while its core logs get in through
+/// what is kept for them; once the stalled post is gone every refused batch is retried, every
+/// span stored exactly once and every call complete. Returns the processor's counters and the
+/// receiver's last `/healthz`.
+fn refused_then_retried_until_stored(
+    name: &str,
+    tweak: impl FnOnce(&mut IngestConfig),
+    declared: usize,
+    held: impl Fn(&serde_json::Value) -> bool,
+    refused: &str,
+) -> (callscope::Stats, serde_json::Value) {
     support::init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let rt = support::fault::runtime();
-    let url = format!("sqlite://{}", tmp.path().join("bytes.db").display());
+    let url = format!(
+        "sqlite://{}",
+        tmp.path().join(format!("{name}.db")).display()
+    );
     let mut cfg = IngestConfig::new(url);
     cfg.api_keys = vec!["e2e-key".into()];
-    cfg.max_buffered_bytes = 1024 * 1024;
+    tweak(&mut cfg);
     let server = rt.block_on(serve(cfg)).unwrap();
     let addr = server.local_addr;
     // Held until a refusal is seen, whatever the timing of the uploads.
-    let held = 768 * 1024;
     let mut stalled = std::net::TcpStream::connect(addr).unwrap();
     std::io::Write::write_all(
         &mut stalled,
         format!(
             "POST /v1/calls HTTP/1.1\r\nhost: x\r\nx-api-key: e2e-key\r\n\
-             idempotency-key: held:detail:0\r\ncontent-length: {held}\r\n\r\n{{"
+             idempotency-key: held:detail:0\r\ncontent-length: {declared}\r\n\r\n{{"
         )
         .as_bytes(),
     )
     .unwrap();
-    health_until(&rt, addr, |h| h["body_bytes_held"] == held);
+    health_until(&rt, addr, held);
     let (provider, stats) = provider_to(server.endpoint(), |b| {
         b.max_request_bytes(64 * 1024).max_concurrent_detail(4)
     });
@@ -216,15 +225,13 @@ fn a_receiver_out_of_body_bytes_refuses_and_the_processor_retries_until_everythi
         let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 1000);
         emitted.push(voice::livekit_call(
             &tracer,
-            &format!("bytes-{i}"),
+            &format!("{name}-{i}"),
             &shape,
             t0,
             i,
         ));
     }
-    health_until(&rt, addr, |h| {
-        h["requests_refused_bytes"].as_u64() > Some(0)
-    });
+    health_until(&rt, addr, |h| h[refused].as_u64() > Some(0));
     // The core logs get in while the detail is refused (polled: the store gives no signal).
     let store = server.store.clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -243,12 +250,11 @@ fn a_receiver_out_of_body_bytes_refuses_and_the_processor_retries_until_everythi
     assert_eq!(s.spans_dropped(), 0, "{s:?}");
     assert_eq!(s.detail_batches_failed, 0, "{s:?}");
     let h = health(&rt, addr);
-    let refused = h["requests_refused_bytes"].as_u64().unwrap();
+    let n = h[refused].as_u64().unwrap();
     assert!(
-        s.requests_retried >= refused,
-        "every refusal retried: {refused} refused, {s:?}"
+        s.requests_retried >= n,
+        "every refusal retried: {n} refused, {s:?}"
     );
-    assert_eq!(h["requests_refused_busy"], 0, "no place was short: {h}");
     rt.block_on(async {
         for t in &emitted {
             assert_eq!(store.span_count(&t.call_id).await.unwrap(), t.total_spans);
@@ -257,81 +263,44 @@ fn a_receiver_out_of_body_bytes_refuses_and_the_processor_retries_until_everythi
         }
         assert_eq!(store.duplicate_span_rows().await.unwrap(), 0);
     });
-    health_until(&rt, addr, |h| h["body_bytes_held"] == 0);
+    // Everything taken is given back.
+    health_until(&rt, addr, |h| {
+        h["requests_in_flight"] == 0 && h["body_bytes_held"] == 0
+    });
     provider.shutdown().unwrap();
     rt.block_on(server.shutdown()).unwrap();
+    (s, h)
+}
+
+/// The real receiver with a byte budget of 1 MiB, three quarters of it held by a stalled
+/// post's declared length: every detail batch (a gzip body, taking its length and four times
+/// that) finds no room in the three quarters detail may fill; the core logs get in through the
+/// last quarter.
+#[test]
+fn a_receiver_out_of_body_bytes_refuses_and_the_processor_retries_until_everything_is_stored() {
+    let (_, h) = refused_then_retried_until_stored(
+        "bytes",
+        |c| c.max_buffered_bytes = 1024 * 1024,
+        768 * 1024,
+        |h| h["body_bytes_held"] == 768 * 1024,
+        "requests_refused_bytes",
+    );
+    assert_eq!(h["requests_refused_busy"], 0, "no place was short: {h}");
 }
 
 /// A receiver at its cap on requests in flight (`CALLSCOPE_INGEST_MAX_IN_FLIGHT`: two places,
-/// one kept for core logs), its general place held by a post whose body never comes: the
-/// processor's detail batches are refused (503 + Retry-After, or the connection closed under
-/// an unread body) while its core logs go through, and once the place frees every refused
-/// batch is retried and every span stored exactly once.
+/// one kept for core logs), its general place held by the stalled post.
 #[test]
 fn a_receiver_at_its_cap_refuses_and_the_processor_retries_until_everything_is_stored() {
-    support::init_logs();
-    let tmp = tempfile::tempdir().unwrap();
-    let rt = support::fault::runtime();
-    let url = format!("sqlite://{}", tmp.path().join("cap.db").display());
-    let mut cfg = IngestConfig::new(url);
-    cfg.api_keys = vec!["e2e-key".into()];
-    cfg.max_in_flight = 2;
-    let server = rt.block_on(serve(cfg)).unwrap();
-    let addr = server.local_addr;
-    // The general place, held until a refusal is seen, whatever the timing of the uploads.
-    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
-    std::io::Write::write_all(
-        &mut stalled,
-        b"POST /v1/calls HTTP/1.1\r\nhost: x\r\nx-api-key: e2e-key\r\n\
-          idempotency-key: held:detail:0\r\ncontent-length: 1000\r\n\r\n{",
-    )
-    .unwrap();
-    health_until(&rt, addr, |h| h["requests_in_flight"] == 1);
-    let (provider, stats) = provider_to(server.endpoint(), |b| {
-        b.max_request_bytes(64 * 1024).max_concurrent_detail(4)
-    });
-    let tracer = provider.tracer("e2e");
-    let shape = CallShape {
-        turns: 10,
-        span_bytes: 2_000,
-        ..CallShape::default()
-    };
-    let mut emitted = Vec::new();
-    for i in 0..3u64 {
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 1000);
-        emitted.push(voice::livekit_call(
-            &tracer,
-            &format!("cap-{i}"),
-            &shape,
-            t0,
-            i,
-        ));
-    }
-    health_until(&rt, addr, |h| h["requests_refused_busy"].as_u64() > Some(0));
-    drop(stalled);
-    provider.force_flush().unwrap();
-    let s = stats.snapshot();
-    assert_eq!(s.summaries_sent, 3, "{s:?}");
-    assert_eq!(s.spans_dropped(), 0, "{s:?}");
-    assert_eq!(s.detail_batches_failed, 0, "{s:?}");
+    let (s, _) = refused_then_retried_until_stored(
+        "cap",
+        |c| c.max_in_flight = 2,
+        1000,
+        |h| h["requests_in_flight"] == 1,
+        "requests_refused_busy",
+    );
     assert!(
         s.detail_batches_sent >= 8,
         "enough batches to meet the cap: {s:?}"
     );
-    let refused = health(&rt, addr)["requests_refused_busy"].as_u64().unwrap();
-    assert!(
-        s.requests_retried >= refused,
-        "every refusal retried: {refused} refused, {s:?}"
-    );
-    let store = server.store.clone();
-    rt.block_on(async {
-        for t in &emitted {
-            assert_eq!(store.span_count(&t.call_id).await.unwrap(), t.total_spans);
-            let call = store.get_call(&t.call_id).await.unwrap().unwrap();
-            assert_eq!(call["complete"], true, "{call}");
-        }
-        assert_eq!(store.duplicate_span_rows().await.unwrap(), 0);
-    });
-    provider.shutdown().unwrap();
-    rt.block_on(server.shutdown()).unwrap();
 }
