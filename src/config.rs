@@ -246,28 +246,38 @@ pub enum DetailMode {
     None,
 }
 
-impl DetailMode {
-    /// The value's spelling in `CALLSCOPE_DETAIL`: `all`, `critical` or `none`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::All => "all",
-            Self::Critical => "critical",
-            Self::None => "none",
+/// `as_str`, a case-insensitive `parse` and `Display` for a setting's enum, from the spelling of
+/// each value in its variable.
+macro_rules! spelled {
+    ($ty:ident in $var:literal { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            #[doc = concat!("The value's spelling in `", $var, "`, one of:", $(" `", $text, "`"),+, ".")]
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+
+            fn parse(raw: &str) -> Option<Self> {
+                [$(Self::$variant),+]
+                    .into_iter()
+                    .find(|v| raw.eq_ignore_ascii_case(v.as_str()))
+            }
         }
-    }
 
-    fn parse(raw: &str) -> Option<Self> {
-        [Self::All, Self::Critical, Self::None]
-            .into_iter()
-            .find(|mode| raw.eq_ignore_ascii_case(mode.as_str()))
-    }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-impl fmt::Display for DetailMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+spelled!(DetailMode in "CALLSCOPE_DETAIL" {
+    All => "all",
+    Critical => "critical",
+    None => "none",
+});
 
 /// Encoding of request bodies. Env: `CALLSCOPE_COMPRESSION`, default `gzip`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -287,28 +297,11 @@ pub enum Compression {
     Auto,
 }
 
-impl Compression {
-    /// The value's spelling in `CALLSCOPE_COMPRESSION`: `gzip`, `none` or `auto`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Gzip => "gzip",
-            Self::None => "none",
-            Self::Auto => "auto",
-        }
-    }
-
-    fn parse(raw: &str) -> Option<Self> {
-        [Self::Gzip, Self::None, Self::Auto]
-            .into_iter()
-            .find(|c| raw.eq_ignore_ascii_case(c.as_str()))
-    }
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+spelled!(Compression in "CALLSCOPE_COMPRESSION" {
+    Gzip => "gzip",
+    None => "none",
+    Auto => "auto",
+});
 
 /// A configuration that was rejected. Every error names the variable concerned, also when the
 /// bad value was set in code through [`ConfigBuilder`].
