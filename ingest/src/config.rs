@@ -83,8 +83,9 @@ pub struct IngestConfig {
     /// as its head arrives, its `Content-Length` and, for a gzip body, four times that (what
     /// it is expected to decode to, up to [`max_decompressed_bytes`](Self::max_decompressed_bytes));
     /// then any bytes past those as they arrive or are decoded; then its decoded size until its
-    /// write is over (standing for its parsed form, which is larger: measured at 1.4 to 7.7
-    /// times the decoded size, see the crate's README). A request that would go
+    /// write is over (standing for its parsed form, which is larger: measured at 1.1 to 2.9
+    /// times the decoded size for callscope's batches, up to 7.7 times for bodies that give
+    /// `update_type` after `telemetry_data`; see the crate's README). A request that would go
     /// past it gets 503 with `Retry-After`, before its body is read unless it has no
     /// `Content-Length` or decodes to more than expected. Detail batches may fill three
     /// quarters of it, core call logs all of it. A request alone in the server always passes,

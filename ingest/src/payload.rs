@@ -2,6 +2,9 @@
 //!
 //! Pure functions, no I/O. Every rejection names the offending field so the sender can fix it.
 
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// The only wire contract version this server speaks.
@@ -91,17 +94,238 @@ pub(crate) struct SpanRow {
 }
 
 /// Parses and validates a (decompressed) request body.
+///
+/// A detail batch's spans are turned into rows one by one as they are read, once the body has
+/// said it is detail (`update_type` before `telemetry_data`, as callscope writes it): the
+/// batch is never held as one `serde_json::Value` tree, which took 7.7 times the JSON's size
+/// for spans of small attributes (BENCHMARKS.md). Any other order is parsed as a whole first;
+/// the answer is the same either way.
 pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| BadRequest {
+    let malformed = |e: serde_json::Error| BadRequest {
         message: format!("malformed JSON ({e}); send one UTF-8 JSON object per request"),
         field: None,
-    })?;
-    let Value::Object(mut map) = value else {
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let top = de.deserialize_any(TopVisitor).map_err(malformed)?;
+    de.end().map_err(malformed)?;
+    let Some(Top { map, spans }) = top else {
         return Err(BadRequest {
             message: "the body must be a JSON object".to_owned(),
             field: None,
         });
     };
+    if let Some(streamed) = spans {
+        // Only a body that said it is detail streams its spans; a later `update_type` that
+        // says otherwise leaves nothing to put in a core's `extra`.
+        if map.get("update_type").and_then(Value::as_str) != Some(DETAILED_TELEMETRY) {
+            return Err(BadRequest::field(
+                "update_type",
+                "update_type given twice with different values; send it once",
+            ));
+        }
+        return parse_top(map, Some(streamed));
+    }
+    parse_top(map, None)
+}
+
+/// The spans of a detail batch read as they came: the rows, or the first span's error.
+type Streamed = Result<Vec<SpanRow>, BadRequest>;
+
+/// The top-level object; `None` for any other JSON value.
+struct Top {
+    map: Map<String, Value>,
+    spans: Option<Streamed>,
+}
+
+/// Reads the top-level object into a map, streaming `telemetry_data` once `update_type` said
+/// the body is detail.
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Option<Top>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut map = Map::new();
+        let mut spans = None;
+        let mut detail = false;
+        while let Some(key) = access.next_key::<String>()? {
+            if detail && key == "telemetry_data" {
+                spans = Some(access.next_value_seed(TelemetrySeed)?);
+                continue;
+            }
+            let value: Value = access.next_value()?;
+            if key == "update_type" {
+                detail = value.as_str() == Some(DETAILED_TELEMETRY);
+            }
+            map.insert(key, value);
+        }
+        Ok(Some(Top { map, spans }))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// The visit methods of a visitor of one kind of JSON value, for every other kind: null is an
+/// empty list of spans (as when the field is absent), anything else is `Self::refused()`;
+/// what it holds is still read, to check that it is JSON.
+macro_rules! other_kinds_refused {
+    ($($kind:ident),*) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Streamed, E> {
+            Ok(Ok(Vec::new()))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Streamed, E> {
+            Ok(Self::refused())
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Streamed, E> {
+            Ok(Self::refused())
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Streamed, E> {
+            Ok(Self::refused())
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Streamed, E> {
+            Ok(Self::refused())
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Streamed, E> {
+            Ok(Self::refused())
+        }
+        $(other_kinds_refused!(@ $kind);)*
+    };
+    (@ seq) => {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Streamed, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Self::refused())
+        }
+    };
+    (@ map) => {
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Streamed, A::Error> {
+            while access.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Self::refused())
+        }
+    };
+}
+
+/// `telemetry_data` of a detail batch: its `session_traces` read span by span (other keys are
+/// skipped, as the whole-body path ignores them).
+struct TelemetrySeed;
+
+impl TelemetrySeed {
+    fn refused() -> Streamed {
+        Err(BadRequest::field(
+            "telemetry_data",
+            "telemetry_data must be an object with a session_traces array",
+        ))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for TelemetrySeed {
+    type Value = Streamed;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Streamed, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TelemetrySeed {
+    type Value = Streamed;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("telemetry_data")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Streamed, A::Error> {
+        let mut spans = Ok(Vec::new());
+        while let Some(key) = access.next_key::<String>()? {
+            if key == "session_traces" {
+                spans = access.next_value_seed(SpansSeed)?;
+            } else {
+                access.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(spans)
+    }
+
+    other_kinds_refused!(seq);
+}
+
+/// `telemetry_data.session_traces`: each span turned into a row as soon as it is read; past
+/// the first span in error the rest are only checked to be JSON.
+struct SpansSeed;
+
+impl SpansSeed {
+    fn refused() -> Streamed {
+        Err(BadRequest::field(
+            "telemetry_data.session_traces",
+            "telemetry_data.session_traces must be an array of spans",
+        ))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for SpansSeed {
+    type Value = Streamed;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Streamed, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SpansSeed {
+    type Value = Streamed;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("telemetry_data.session_traces")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Streamed, A::Error> {
+        let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        let mut index = 0;
+        while let Some(span) = seq.next_element::<Value>()? {
+            match parse_span(index, span) {
+                Ok(row) => rows.push(row),
+                Err(bad) => {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    return Ok(Err(bad));
+                }
+            }
+            index += 1;
+        }
+        Ok(Ok(rows))
+    }
+
+    other_kinds_refused!(map);
+}
+
+/// Checks the version and the kind of a top-level object; `streamed`: its spans, if they were
+/// read as they came.
+fn parse_top(
+    mut map: Map<String, Value>,
+    streamed: Option<Streamed>,
+) -> Result<Incoming, BadRequest> {
     let version = map.remove("schema_version");
     match version.as_ref().map(Value::as_i64) {
         Some(Some(SCHEMA_VERSION)) => {}
@@ -121,7 +345,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
     match map.remove("update_type") {
         None | Some(Value::Null) => parse_core(map).map(Incoming::Core),
         Some(Value::String(t)) if t == DETAILED_TELEMETRY => {
-            parse_detail(map).map(Incoming::Detail)
+            parse_detail(map, streamed).map(Incoming::Detail)
         }
         Some(_) => Err(BadRequest::field(
             "update_type",
@@ -151,7 +375,10 @@ fn parse_core(mut map: Map<String, Value>) -> Result<CoreCall, BadRequest> {
     })
 }
 
-fn parse_detail(mut map: Map<String, Value>) -> Result<DetailBatch, BadRequest> {
+fn parse_detail(
+    mut map: Map<String, Value>,
+    streamed: Option<Streamed>,
+) -> Result<DetailBatch, BadRequest> {
     let m = &mut map;
     let call_id = id(m, "", "call_id")?;
     let agent_id = opt_string(m, "", "agent_id")?;
@@ -176,28 +403,9 @@ fn parse_detail(mut map: Map<String, Value>) -> Result<DetailBatch, BadRequest> 
             ));
         }
     };
-    let spans = match m.remove("telemetry_data") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Object(mut data)) => match data.remove("session_traces") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, span)| parse_span(i, span))
-                .collect::<Result<_, _>>()?,
-            Some(_) => {
-                return Err(BadRequest::field(
-                    "telemetry_data.session_traces",
-                    "telemetry_data.session_traces must be an array of spans",
-                ));
-            }
-        },
-        Some(_) => {
-            return Err(BadRequest::field(
-                "telemetry_data",
-                "telemetry_data must be an object with a session_traces array",
-            ));
-        }
+    let spans = match streamed {
+        Some(spans) => spans?,
+        None => spans_of(m.remove("telemetry_data"))?,
     };
     Ok(DetailBatch {
         call_id,
@@ -208,6 +416,23 @@ fn parse_detail(mut map: Map<String, Value>) -> Result<DetailBatch, BadRequest> 
         total_batches,
         transcript_with_metrics,
         spans,
+    })
+}
+
+/// The spans of a `telemetry_data` value parsed as a whole.
+fn spans_of(telemetry_data: Option<Value>) -> Result<Vec<SpanRow>, BadRequest> {
+    Ok(match telemetry_data {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(mut data)) => match data.remove("session_traces") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, span)| parse_span(i, span))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return SpansSeed::refused(),
+        },
+        Some(_) => return TelemetrySeed::refused(),
     })
 }
 
@@ -535,5 +760,105 @@ pub(crate) mod tests {
         };
         assert!(d.spans.is_empty());
         assert!(!d.is_final);
+    }
+
+    /// `v`'s top-level keys written with `update_type` first (as callscope writes them, so
+    /// the spans are read as they come) or last (so the body is parsed as a whole first).
+    fn ordered(v: &Value, update_type_first: bool) -> Vec<u8> {
+        let map = v.as_object().expect("an object");
+        let mut keys: Vec<&String> = map.keys().collect();
+        keys.sort_by_key(|k| (k.as_str() == "update_type") != update_type_first);
+        let fields: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}:{}", Value::from(k.as_str()), map[k.as_str()]))
+            .collect();
+        format!("{{{}}}", fields.join(",")).into_bytes()
+    }
+
+    /// Parses `v` in both orders and checks that the answers are the same.
+    fn both_orders(v: &Value) -> Result<Incoming, BadRequest> {
+        let streamed = parse(&ordered(v, true));
+        assert_eq!(streamed, parse(&ordered(v, false)), "{v}");
+        streamed
+    }
+
+    #[test]
+    fn spans_read_as_they_come_parse_as_the_whole_body_does() {
+        let mut batch = detail();
+        let span = batch["telemetry_data"]["session_traces"][0].clone();
+        batch["telemetry_data"]["session_traces"] = json!([span, span, span]);
+        batch["telemetry_data"]["other"] = json!({"ignored": [1, 2]});
+        let Incoming::Detail(d) = both_orders(&batch).expect("valid") else {
+            panic!("expected detail");
+        };
+        assert_eq!(d.spans.len(), 3);
+
+        // Each way of getting the spans wrong is answered the same.
+        let mut bad_span = batch.clone();
+        bad_span["telemetry_data"]["session_traces"][1]
+            .as_object_mut()
+            .expect("object")
+            .remove("span_id");
+        let mut not_a_span = batch.clone();
+        not_a_span["telemetry_data"]["session_traces"][2] = json!("x");
+        let mut wrong_kinds = Vec::new();
+        for traces in [
+            json!("x"),
+            json!(3),
+            json!({"a": 1}),
+            json!(true),
+            Value::Null,
+        ] {
+            let mut v = batch.clone();
+            v["telemetry_data"]["session_traces"] = traces;
+            wrong_kinds.push(v);
+        }
+        for data in [json!("x"), json!([1]), json!(2.5), Value::Null, json!({})] {
+            let mut v = batch.clone();
+            v["telemetry_data"] = data;
+            wrong_kinds.push(v);
+        }
+        // A span in error, and a field checked before the spans also wrong: that field is named.
+        let mut two_errors = bad_span.clone();
+        two_errors["batch_seq"] = json!(-1);
+        for v in [bad_span, not_a_span, two_errors]
+            .iter()
+            .chain(wrong_kinds.iter())
+        {
+            let _ = both_orders(v);
+        }
+        assert_eq!(
+            both_orders(&batch_with_missing_span_id())
+                .expect_err("bad span")
+                .field
+                .as_deref(),
+            Some("telemetry_data.session_traces[0].span_id")
+        );
+    }
+
+    fn batch_with_missing_span_id() -> Value {
+        let mut v = detail();
+        v["telemetry_data"]["session_traces"][0]
+            .as_object_mut()
+            .expect("object")
+            .remove("span_id");
+        v
+    }
+
+    #[test]
+    fn json_errors_after_a_span_in_error_still_say_malformed_json() {
+        let mut body = ordered(&batch_with_missing_span_id(), true);
+        body.truncate(body.len() - 1);
+        let err = parse(&body).expect_err("cut short");
+        assert_eq!(err.field, None, "{err:?}");
+        assert!(err.message.starts_with("malformed JSON"), "{err:?}");
+    }
+
+    #[test]
+    fn update_type_given_twice_differently_is_refused() {
+        let body = br#"{"schema_version":1,"update_type":"detailed_telemetry","call_id":"c",
+            "batch_seq":0,"telemetry_data":{"session_traces":[]},"update_type":null}"#;
+        let err = parse(body).expect_err("ambiguous");
+        assert_eq!(err.field.as_deref(), Some("update_type"), "{err:?}");
     }
 }
