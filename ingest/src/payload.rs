@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// The only wire contract version this server speaks.
@@ -101,31 +101,44 @@ pub(crate) struct SpanRow {
 /// for spans of small attributes (BENCHMARKS.md). Any other order is parsed as a whole first;
 /// the answer is the same either way.
 pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
-    let malformed = |e: serde_json::Error| BadRequest {
-        message: format!("malformed JSON ({e}); send one UTF-8 JSON object per request"),
-        field: None,
-    };
     let mut de = serde_json::Deserializer::from_slice(body);
     let top = de.deserialize_any(TopVisitor).map_err(malformed)?;
     de.end().map_err(malformed)?;
     let Some(Top { map, spans }) = top else {
-        return Err(BadRequest {
-            message: "the body must be a JSON object".to_owned(),
-            field: None,
-        });
+        return Err(not_an_object());
     };
     if let Some(streamed) = spans {
-        // Only a body that said it is detail streams its spans; a later `update_type` that
-        // says otherwise leaves nothing to put in a core's `extra`.
+        // A later `update_type` that took back "detail" (the last of duplicate keys counts):
+        // the spans read as rows are not the body's `telemetry_data` any more, so read it
+        // again as a whole. Rare, and the answer stays the whole-body path's.
         if map.get("update_type").and_then(Value::as_str) != Some(DETAILED_TELEMETRY) {
-            return Err(BadRequest::field(
-                "update_type",
-                "update_type given twice with different values; send it once",
-            ));
+            return parse_whole(body);
         }
         return parse_top(map, Some(streamed));
     }
     parse_top(map, None)
+}
+
+/// [`parse`] with the whole body read as one `Value` first.
+fn parse_whole(body: &[u8]) -> Result<Incoming, BadRequest> {
+    match serde_json::from_slice(body).map_err(malformed)? {
+        Value::Object(map) => parse_top(map, None),
+        _ => Err(not_an_object()),
+    }
+}
+
+fn malformed(e: serde_json::Error) -> BadRequest {
+    BadRequest {
+        message: format!("malformed JSON ({e}); send one UTF-8 JSON object per request"),
+        field: None,
+    }
+}
+
+fn not_an_object() -> BadRequest {
+    BadRequest {
+        message: "the body must be a JSON object".to_owned(),
+        field: None,
+    }
 }
 
 /// The spans of a detail batch read as they came: the rows, or the first span's error.
@@ -167,7 +180,7 @@ impl<'de> Visitor<'de> for TopVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Value>()?.is_some() {}
         Ok(None)
     }
 
@@ -193,7 +206,9 @@ impl<'de> Visitor<'de> for TopVisitor {
 
 /// The visit methods of a visitor of one kind of JSON value, for every other kind: null is an
 /// empty list of spans (as when the field is absent), anything else is `Self::refused()`;
-/// what it holds is still read, to check that it is JSON.
+/// what it holds is still read as a `Value` and dropped, so that it is checked as strictly as
+/// the whole-body path checks it (`IgnoredAny` would let invalid UTF-8, lone surrogates,
+/// numbers out of range and nesting past the recursion limit through).
 macro_rules! other_kinds_refused {
     ($($kind:ident),*) => {
         fn visit_unit<E: de::Error>(self) -> Result<Streamed, E> {
@@ -218,13 +233,13 @@ macro_rules! other_kinds_refused {
     };
     (@ seq) => {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Streamed, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            while seq.next_element::<Value>()?.is_some() {}
             Ok(Self::refused())
         }
     };
     (@ map) => {
         fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Streamed, A::Error> {
-            while access.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            while access.next_entry::<String, Value>()?.is_some() {}
             Ok(Self::refused())
         }
     };
@@ -264,7 +279,7 @@ impl<'de> Visitor<'de> for TelemetrySeed {
             if key == "session_traces" {
                 spans = access.next_value_seed(SpansSeed)?;
             } else {
-                access.next_value::<IgnoredAny>()?;
+                access.next_value::<Value>()?;
             }
         }
         Ok(spans)
@@ -274,7 +289,8 @@ impl<'de> Visitor<'de> for TelemetrySeed {
 }
 
 /// `telemetry_data.session_traces`: each span turned into a row as soon as it is read; past
-/// the first span in error the rest are only checked to be JSON.
+/// the first span in error the rest are read (one at a time) and dropped, so that a JSON error
+/// after it still wins, as it does on the whole-body path.
 struct SpansSeed;
 
 impl SpansSeed {
@@ -302,18 +318,19 @@ impl<'de> Visitor<'de> for SpansSeed {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Streamed, A::Error> {
-        let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        let mut rows = Vec::new();
         let mut index = 0;
         while let Some(span) = seq.next_element::<Value>()? {
             match parse_span(index, span) {
                 Ok(row) => rows.push(row),
                 Err(bad) => {
-                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    while seq.next_element::<Value>()?.is_some() {}
                     return Ok(Err(bad));
                 }
             }
             index += 1;
         }
+        rows.shrink_to_fit();
         Ok(Ok(rows))
     }
 
@@ -775,10 +792,26 @@ pub(crate) mod tests {
         format!("{{{}}}", fields.join(",")).into_bytes()
     }
 
-    /// Parses `v` in both orders and checks that the answers are the same.
+    /// Whether `body`'s spans are read as they come.
+    fn streams(body: &[u8]) -> bool {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        de.deserialize_any(TopVisitor)
+            .expect("JSON")
+            .is_some_and(|top| top.spans.is_some())
+    }
+
+    /// Parses `v` in both orders (checking that the first reads the spans as they come and
+    /// the second does not) and checks that the answers are the same.
     fn both_orders(v: &Value) -> Result<Incoming, BadRequest> {
-        let streamed = parse(&ordered(v, true));
-        assert_eq!(streamed, parse(&ordered(v, false)), "{v}");
+        let (first, last) = (ordered(v, true), ordered(v, false));
+        if v.get("update_type") == Some(&json!(DETAILED_TELEMETRY))
+            && v.get("telemetry_data").is_some()
+        {
+            assert!(streams(&first), "{v}");
+        }
+        assert!(!streams(&last), "{v}");
+        let streamed = parse(&first);
+        assert_eq!(streamed, parse(&last), "{v}");
         streamed
     }
 
@@ -821,12 +854,40 @@ pub(crate) mod tests {
         // A span in error, and a field checked before the spans also wrong: that field is named.
         let mut two_errors = bad_span.clone();
         two_errors["batch_seq"] = json!(-1);
-        for v in [bad_span, not_a_span, two_errors]
+        let fields: Vec<Option<String>> = [&bad_span, &not_a_span, &two_errors]
+            .into_iter()
+            .map(|v| both_orders(v).expect_err("refused").field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                Some("telemetry_data.session_traces[1].span_id".to_owned()),
+                Some("telemetry_data.session_traces[2]".to_owned()),
+                Some("batch_seq".to_owned()),
+            ]
+        );
+        let answers: Vec<Option<String>> = wrong_kinds
             .iter()
-            .chain(wrong_kinds.iter())
-        {
-            let _ = both_orders(v);
-        }
+            .map(|v| both_orders(v).err().and_then(|e| e.field))
+            .collect();
+        let traces = Some("telemetry_data.session_traces".to_owned());
+        let data = Some("telemetry_data".to_owned());
+        // Null and an object without session_traces are no spans.
+        assert_eq!(
+            answers,
+            [
+                traces.clone(),
+                traces.clone(),
+                traces.clone(),
+                traces,
+                None,
+                data.clone(),
+                data.clone(),
+                data,
+                None,
+                None
+            ]
+        );
         assert_eq!(
             both_orders(&batch_with_missing_span_id())
                 .expect_err("bad span")
@@ -847,18 +908,55 @@ pub(crate) mod tests {
 
     #[test]
     fn json_errors_after_a_span_in_error_still_say_malformed_json() {
-        let mut body = ordered(&batch_with_missing_span_id(), true);
-        body.truncate(body.len() - 1);
-        let err = parse(&body).expect_err("cut short");
-        assert_eq!(err.field, None, "{err:?}");
-        assert!(err.message.starts_with("malformed JSON"), "{err:?}");
+        let mut v = batch_with_missing_span_id();
+        let span = detail()["telemetry_data"]["session_traces"][0].clone();
+        v["telemetry_data"]["session_traces"] =
+            json!([v["telemetry_data"]["session_traces"][0].clone(), span]);
+        v["telemetry_data"]["other"] = json!("OTHER");
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        // In the span after the one in error (its name), or beside session_traces: each is
+        // malformed JSON whichever way the body is read.
+        let name = "\"llm_request\"";
+        let other = "\"OTHER\"";
+        let surrogate = "\"\\ud800\"";
+        for (mark, bad) in [
+            (name, surrogate),
+            (name, "1e400"),
+            (name, deep.as_str()),
+            (other, deep.as_str()),
+            (other, surrogate),
+        ] {
+            for first in [true, false] {
+                let text = String::from_utf8(ordered(&v, first)).expect("UTF-8");
+                let at = text.rfind(mark).expect("mark");
+                let body = format!("{}{bad}{}", &text[..at], &text[at + mark.len()..]);
+                let err = parse(body.as_bytes()).expect_err("malformed");
+                assert_eq!(err.field, None, "{bad} first={first}: {err:?}");
+                assert!(err.message.starts_with("malformed JSON"), "{bad}: {err:?}");
+            }
+        }
     }
 
     #[test]
-    fn update_type_given_twice_differently_is_refused() {
-        let body = br#"{"schema_version":1,"update_type":"detailed_telemetry","call_id":"c",
-            "batch_seq":0,"telemetry_data":{"session_traces":[]},"update_type":null}"#;
-        let err = parse(body).expect_err("ambiguous");
-        assert_eq!(err.field.as_deref(), Some("update_type"), "{err:?}");
+    fn an_update_type_that_takes_back_detail_is_read_as_a_whole() {
+        // Detail first, then null (the last of duplicate keys counts): a core call log, its
+        // telemetry_data kept in `extra`, as the whole-body path reads it.
+        let mut fields = core();
+        fields
+            .as_object_mut()
+            .expect("object")
+            .remove("update_type");
+        let head = ordered(&fields, true);
+        let head = std::str::from_utf8(&head[1..head.len() - 1]).expect("UTF-8");
+        let body = format!(
+            r#"{{"update_type":"detailed_telemetry","telemetry_data":{{"session_traces":[{{}}]}},{head},"update_type":null}}"#
+        );
+        assert!(streams(body.as_bytes()));
+        let answer = parse(body.as_bytes());
+        assert_eq!(answer, parse_whole(body.as_bytes()));
+        let Ok(Incoming::Core(c)) = answer else {
+            panic!("expected a core: {answer:?}");
+        };
+        assert_eq!(c.extra["telemetry_data"], json!({"session_traces": [{}]}));
     }
 }
