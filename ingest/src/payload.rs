@@ -204,40 +204,71 @@ impl<'de> Visitor<'de> for TopVisitor {
     }
 }
 
-/// The visit methods of a visitor of one kind of JSON value, for every other kind: null is an
-/// empty list of spans (as when the field is absent), anything else is `Self::refused()`;
-/// what it holds is still read as a `Value` and dropped, so that it is checked as strictly as
-/// the whole-body path checks it (`IgnoredAny` would let invalid UTF-8, lone surrogates,
-/// numbers out of range and nesting past the recursion limit through).
-macro_rules! other_kinds_refused {
-    ($($kind:ident),*) => {
-        fn visit_unit<E: de::Error>(self) -> Result<Streamed, E> {
-            Ok(Ok(Vec::new()))
+/// A seed for one field of a detail body that must hold one kind of JSON value, read as
+/// `$own` says: null is an empty list of spans (as when the field is absent), any other kind
+/// is answered `$message` for `$field`. What a refused value holds is still read as a `Value`
+/// and dropped, so that it is checked as strictly as the whole-body path checks it
+/// (`IgnoredAny` would let invalid UTF-8, lone surrogates, numbers out of range and nesting
+/// past the recursion limit through).
+macro_rules! streamed_field {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $field:literal, $message:literal, refusing $other:ident, $own:item
+    ) => {
+        $(#[$doc])*
+        struct $name;
+
+        impl $name {
+            fn refused() -> Streamed {
+                Err(BadRequest::field($field, $message))
+            }
         }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Streamed, E> {
-            Ok(Self::refused())
+
+        impl<'de> DeserializeSeed<'de> for $name {
+            type Value = Streamed;
+
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Streamed, D::Error> {
+                d.deserialize_any(self)
+            }
         }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Streamed, E> {
-            Ok(Self::refused())
+
+        impl<'de> Visitor<'de> for $name {
+            type Value = Streamed;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str($field)
+            }
+
+            $own
+
+            fn visit_unit<E: de::Error>(self) -> Result<Streamed, E> {
+                Ok(Ok(Vec::new()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Streamed, E> {
+                Ok(Self::refused())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Streamed, E> {
+                Ok(Self::refused())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Streamed, E> {
+                Ok(Self::refused())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Streamed, E> {
+                Ok(Self::refused())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Streamed, E> {
+                Ok(Self::refused())
+            }
+            streamed_field!(@refuse $other);
         }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Streamed, E> {
-            Ok(Self::refused())
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Streamed, E> {
-            Ok(Self::refused())
-        }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Streamed, E> {
-            Ok(Self::refused())
-        }
-        $(other_kinds_refused!(@ $kind);)*
     };
-    (@ seq) => {
+    (@refuse seq) => {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Streamed, A::Error> {
             while seq.next_element::<Value>()?.is_some() {}
             Ok(Self::refused())
         }
     };
-    (@ map) => {
+    (@refuse map) => {
         fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Streamed, A::Error> {
             while access.next_entry::<String, Value>()?.is_some() {}
             Ok(Self::refused())
@@ -245,34 +276,13 @@ macro_rules! other_kinds_refused {
     };
 }
 
-/// `telemetry_data` of a detail batch: its `session_traces` read span by span (other keys are
-/// skipped, as the whole-body path ignores them).
-struct TelemetrySeed;
-
-impl TelemetrySeed {
-    fn refused() -> Streamed {
-        Err(BadRequest::field(
-            "telemetry_data",
-            "telemetry_data must be an object with a session_traces array",
-        ))
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for TelemetrySeed {
-    type Value = Streamed;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Streamed, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TelemetrySeed {
-    type Value = Streamed;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("telemetry_data")
-    }
-
+streamed_field!(
+    /// `telemetry_data` of a detail batch: its `session_traces` read span by span (other keys
+    /// are read and dropped, as the whole-body path ignores them).
+    TelemetrySeed,
+    "telemetry_data",
+    "telemetry_data must be an object with a session_traces array",
+    refusing seq,
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Streamed, A::Error> {
         let mut spans = Ok(Vec::new());
         while let Some(key) = access.next_key::<String>()? {
@@ -284,39 +294,16 @@ impl<'de> Visitor<'de> for TelemetrySeed {
         }
         Ok(spans)
     }
+);
 
-    other_kinds_refused!(seq);
-}
-
-/// `telemetry_data.session_traces`: each span turned into a row as soon as it is read; past
-/// the first span in error the rest are read (one at a time) and dropped, so that a JSON error
-/// after it still wins, as it does on the whole-body path.
-struct SpansSeed;
-
-impl SpansSeed {
-    fn refused() -> Streamed {
-        Err(BadRequest::field(
-            "telemetry_data.session_traces",
-            "telemetry_data.session_traces must be an array of spans",
-        ))
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for SpansSeed {
-    type Value = Streamed;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Streamed, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for SpansSeed {
-    type Value = Streamed;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("telemetry_data.session_traces")
-    }
-
+streamed_field!(
+    /// `telemetry_data.session_traces`: each span turned into a row as soon as it is read; past
+    /// the first span in error the rest are read (one at a time) and dropped, so that a JSON
+    /// error after it still wins, as it does on the whole-body path.
+    SpansSeed,
+    "telemetry_data.session_traces",
+    "telemetry_data.session_traces must be an array of spans",
+    refusing map,
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Streamed, A::Error> {
         let mut rows = Vec::new();
         let mut index = 0;
@@ -333,9 +320,7 @@ impl<'de> Visitor<'de> for SpansSeed {
         rows.shrink_to_fit();
         Ok(Ok(rows))
     }
-
-    other_kinds_refused!(map);
-}
+);
 
 /// Checks the version and the kind of a top-level object; `streamed`: its spans, if they were
 /// read as they came.
