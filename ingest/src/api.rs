@@ -414,9 +414,7 @@ async fn post_call(
     let raw = body::read_limited(body, max_body, state.inner.body_timeout, &mut held).await?;
     // Decompression and parsing of up to tens of MB are CPU work: keep them off the reactor.
     let (incoming, holds) = tokio::task::spawn_blocking(move || {
-        let bytes = body::decode(raw, encoding.as_deref(), max_decompressed, &mut held)?;
-        let incoming = payload::parse(&bytes).map_err(ApiError::from)?;
-        // The decoded length stands for the parsed form until the write is over.
+        let incoming = decode_and_parse(raw, encoding.as_deref(), max_decompressed, &mut held)?;
         // The bytes go back before the place (the tuple drops in order).
         Ok::<_, ApiError>((incoming, (held, place)))
     })
@@ -441,6 +439,24 @@ async fn post_call(
     tokio::spawn(write.instrument(tracing::Span::current()))
         .await
         .map_err(|e| ApiError::Store(IngestError::Task(e)))
+}
+
+/// Decodes and parses a body read under `held`, which then holds the parsed rows' estimate
+/// until the write is over. While it is parsed, the body and its rows are both held: the rows'
+/// usual most ([`payload::PARSE_EXPANSION`] times the body) is taken first, so that parsing
+/// does not go past the budget.
+fn decode_and_parse(
+    raw: axum::body::Bytes,
+    encoding: Option<&str>,
+    max_decompressed: usize,
+    held: &mut body::Held,
+) -> Result<Incoming, ApiError> {
+    let bytes = body::decode(raw, encoding, max_decompressed, held)?;
+    held.set(bytes.len().saturating_mul(1 + payload::PARSE_EXPANSION))?;
+    let incoming = payload::parse(&bytes)?;
+    drop(bytes);
+    held.set(incoming.heap_bytes())?;
+    Ok(incoming)
 }
 
 /// Stores a parsed request; the reply's JSON.
@@ -593,6 +609,39 @@ mod tests {
         assert_eq!(presented_key(&h), Some("k2"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(presented_key(&h), Some("k1"));
+    }
+
+    #[test]
+    fn a_parse_that_would_go_past_the_budget_is_refused_before_it_starts() {
+        let batch = serde_json::to_vec(&json!({
+            "schema_version": 1, "call_id": "c", "update_type": "detailed_telemetry",
+            "batch_seq": 0, "telemetry_data": {"session_traces": [{
+                "trace_id": "t", "span_id": "s", "name": "stt",
+                "attributes": {"lk.debug.payload": "x".repeat(5000)}
+            }]}
+        }))
+        .expect("JSON");
+        let parsed = payload::parse(&batch).expect("valid");
+        let (json_len, rows) = (batch.len(), parsed.heap_bytes());
+        assert!(rows < 2 * json_len, "{rows} for {json_len}");
+        // Room for the rows (and the body while they are made), not for the parse's most.
+        let budget = body::BodyBudget::new(4 * (json_len * 5));
+        let mut other = budget.hold(true);
+        other
+            .grow(4 * (json_len * 5) * 3 / 4 - 3 * json_len)
+            .expect("another request");
+        let mut held = budget.hold(false);
+        let raw = axum::body::Bytes::from(batch.clone());
+        let refused = decode_and_parse(raw, None, usize::MAX, &mut held);
+        assert!(
+            matches!(refused, Err(ApiError::Body(BodyError::Busy { .. }))),
+            "{refused:?}"
+        );
+        // With that room, the parse goes through and its rows are what is held after.
+        drop(other);
+        let parsed = decode_and_parse(axum::body::Bytes::from(batch), None, usize::MAX, &mut held)
+            .expect("room now");
+        assert_eq!(held.bytes(), parsed.heap_bytes());
     }
 
     #[test]

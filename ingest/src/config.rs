@@ -79,14 +79,13 @@ pub struct IngestConfig {
     /// [`DEFAULT_MAX_IN_FLIGHT`]. [`max_buffered_bytes`](Self::max_buffered_bytes) bounds the
     /// bytes those bodies hold.
     pub max_in_flight: usize,
-    /// Bytes of `POST /v1/calls` bodies the server holds at once. Each request counts, as soon
-    /// as its head arrives, its `Content-Length` and, for a gzip body, four times that (what
-    /// it is expected to decode to, up to [`max_decompressed_bytes`](Self::max_decompressed_bytes));
-    /// then any bytes past those as they arrive or are decoded; then its decoded size until its
-    /// write is over (standing for its parsed form, which is larger: measured at 1.1 to 2.9
-    /// times the decoded size for callscope's batches, up to 7.7 times for bodies that give
-    /// `update_type` after `telemetry_data`; see the crate's README). A request that would go
-    /// past it gets 503 with `Retry-After`, before its body is read unless it has no
+    /// Bytes of `POST /v1/calls` bodies and their parsed rows the server holds at once. Each
+    /// request counts, as soon as its head arrives, its `Content-Length` and, for a gzip body,
+    /// four times that (what it is expected to decode to, up to
+    /// [`max_decompressed_bytes`](Self::max_decompressed_bytes)); then any bytes past those as
+    /// they arrive or are decoded; while it is parsed, five times its decoded size (the body and
+    /// its rows); then its rows' estimated heap until its write is over. A request that would
+    /// go past it gets 503 with `Retry-After`, before its body is read unless it has no
     /// `Content-Length` or decodes to more than expected. Detail batches may fill three
     /// quarters of it, core call logs all of it. A request alone in the server always passes,
     /// so a body larger than this still gets in when nothing else is held. Env

@@ -93,6 +93,112 @@ pub(crate) struct SpanRow {
     pub links: Value,
 }
 
+/// How many times its JSON's size a batch's parsed rows are expected to hold at most
+/// ([`Incoming::heap_bytes`] counts 3.2 times for spans of small attributes, 1.1 times for
+/// spans carrying 10 KB of text; RSS measured 2.8 and 1.1 times): taken from the byte budget,
+/// on top of the decoded body, before it is parsed.
+pub(crate) const PARSE_EXPANSION: usize = 4;
+
+/// What the allocator adds to each heap block (glibc: a 16-byte header, blocks rounded up to 16).
+const BLOCK: usize = 16;
+/// Bytes a JSON object's entry costs besides its key's text and its value's own heap: the
+/// key's `String` and the `Value` in the map's node, and the node's share of its spare room.
+const MAP_ENTRY: usize = 24 + 32 + 40;
+
+/// Heap bytes of a text of `capacity` bytes (none when empty).
+fn text_bytes(capacity: usize) -> usize {
+    if capacity == 0 {
+        0
+    } else {
+        (capacity + BLOCK).next_multiple_of(BLOCK)
+    }
+}
+
+fn opt_text_bytes(s: Option<&String>) -> usize {
+    s.map_or(0, |s| text_bytes(s.capacity()))
+}
+
+/// Heap bytes a parsed JSON value holds, not counting the `Value` itself (an estimate: the
+/// allocator's real layout varies).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => text_bytes(s.capacity()),
+        Value::Array(items) => {
+            text_bytes(items.capacity() * std::mem::size_of::<Value>())
+                + items.iter().map(value_bytes).sum::<usize>()
+        }
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| MAP_ENTRY + text_bytes(k.len()) + value_bytes(v))
+            .sum(),
+    }
+}
+
+impl Incoming {
+    /// Heap bytes this parsed request holds until it is written, estimated from its texts and
+    /// JSON values: what the receiver's byte budget counts for it once it is parsed. Against
+    /// the process's RSS (BENCHMARKS.md, "late session") it errs high for spans of small
+    /// attributes and is close for spans carrying long texts.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        match self {
+            Incoming::Core(c) => {
+                [
+                    &c.call_id,
+                    &c.agent_id,
+                    &c.call_started_at,
+                    &c.call_ended_at,
+                    &c.end_reason,
+                ]
+                .into_iter()
+                .map(|s| text_bytes(s.capacity()))
+                .sum::<usize>()
+                    + [
+                        &c.transcript_json,
+                        &c.summary_metrics,
+                        &c.telemetry_summary,
+                        &c.extra,
+                    ]
+                    .into_iter()
+                    .map(value_bytes)
+                    .sum::<usize>()
+            }
+            Incoming::Detail(d) => {
+                text_bytes(d.call_id.capacity())
+                    + opt_text_bytes(d.agent_id.as_ref())
+                    + d.transcript_with_metrics.as_ref().map_or(0, value_bytes)
+                    + text_bytes(d.spans.capacity() * std::mem::size_of::<SpanRow>())
+                    + d.spans.iter().map(SpanRow::heap_bytes).sum::<usize>()
+            }
+        }
+    }
+}
+
+impl SpanRow {
+    fn heap_bytes(&self) -> usize {
+        [&self.trace_id, &self.span_id, &self.name]
+            .into_iter()
+            .map(|s| text_bytes(s.capacity()))
+            .sum::<usize>()
+            + [
+                &self.parent_span_id,
+                &self.operation,
+                &self.kind,
+                &self.start_time,
+                &self.end_time,
+                &self.status_code,
+                &self.status_message,
+            ]
+            .into_iter()
+            .map(|s| opt_text_bytes(s.as_ref()))
+            .sum::<usize>()
+            + [&self.attributes, &self.events, &self.links]
+                .into_iter()
+                .map(value_bytes)
+                .sum::<usize>()
+    }
+}
+
 /// Parses and validates a (decompressed) request body.
 ///
 /// A detail batch's spans are turned into rows one by one as they are read, once the body has
@@ -943,5 +1049,59 @@ pub(crate) mod tests {
             panic!("expected a core: {answer:?}");
         };
         assert_eq!(c.extra["telemetry_data"], json!({"session_traces": [{}]}));
+    }
+
+    /// A detail batch of `spans` spans with eight small attributes and, when `text > 0`, one
+    /// of `text` bytes.
+    fn batch_of(spans: usize, text: usize) -> Vec<u8> {
+        let traces: Vec<Value> = (0..spans)
+            .map(|i| {
+                let mut attrs = json!({
+                    "gen_ai.request.model": "gpt-4o-mini", "gen_ai.usage.input_tokens": 300,
+                    "gen_ai.usage.output_tokens": 40, "lk.response.ttft": 0.12,
+                    "lk.speech_id": "speech_5f2c1a9e", "lk.room_name": "room-support-0042",
+                    "lk.participant_identity": "sip_+15550100", "lk.agent_name": "support-bot"
+                });
+                if text > 0 {
+                    attrs["lk.debug.payload"] = json!("word ".repeat(text / 5));
+                }
+                json!({
+                    "trace_id": format!("{i:032x}"), "span_id": format!("{i:016x}"),
+                    "parent_span_id": null, "name": "llm_request", "operation": "llm",
+                    "kind": "internal", "start_time": "2026-12-07T20:00:00.123456789Z",
+                    "end_time": "2026-12-07T20:00:00.323456789Z", "duration_ms": 200.0,
+                    "status": {"code": "unset", "message": ""}, "attributes": attrs,
+                    "events": [], "links": []
+                })
+            })
+            .collect();
+        let mut v = detail();
+        v["final"] = json!(false);
+        v["telemetry_data"]["session_traces"] = Value::Array(traces);
+        ordered(&v, true)
+    }
+
+    #[test]
+    fn parsed_rows_are_estimated_above_their_texts_and_within_the_parse_reservation() {
+        for (text, low, high) in [(0, 2.0, 3.5), (10_000, 1.0, 1.3)] {
+            let body = batch_of(500, text);
+            let Incoming::Detail(d) = parse(&body).expect("valid") else {
+                panic!("expected detail");
+            };
+            let estimate = Incoming::Detail(d.clone()).heap_bytes();
+            let texts: usize = d
+                .spans
+                .iter()
+                .map(|s| s.trace_id.len() + s.span_id.len() + s.name.len())
+                .sum();
+            assert!(estimate > texts, "{estimate} <= {texts}");
+            let ratio = estimate as f64 / body.len() as f64;
+            assert!(
+                (low..high).contains(&ratio),
+                "text {text}: rows {estimate} for {} bytes of JSON ({ratio:.2}x)",
+                body.len()
+            );
+            assert!(estimate <= body.len() * PARSE_EXPANSION, "{ratio:.2}x");
+        }
     }
 }

@@ -417,17 +417,14 @@ async fn a_body_that_stops_coming_is_answered_408_and_frees_its_place() {
 async fn past_its_byte_budget_the_server_answers_busy_and_keeps_a_quarter_for_cores() {
     let batch = detail("b1", 0, 0..3, Some(1));
     let call_log = core("b1", "agent");
-    let d = serde_json::to_vec(&batch).expect("JSON").len();
     let c = serde_json::to_vec(&call_log).expect("JSON").len();
-    // Detail may fill three quarters of 4d, 3d. A post declaring 3d + 1 - c leaves no room
-    // for the batch; the core takes the server to 3d + 1, into the quarter kept for cores.
-    assert!(
-        c < d,
-        "a core log is smaller than the batch ({c} vs {d} bytes)"
-    );
-    let declared = 3 * d + 1 - c;
+    // A post declaring three quarters of the budget leaves detail no room. The core takes c
+    // on arrival and 5c while it is parsed (the body and four times it for its rows): a
+    // budget of 20c + 4 holds that in the quarter kept for cores.
+    let budget = 4 * (5 * c + 1);
+    let declared = budget - budget / 4;
     let (_db, server) = start_on_sqlite("bytes.db", |cfg| {
-        cfg.max_buffered_bytes = 4 * d;
+        cfg.max_buffered_bytes = budget;
         // The stalled post holds its bytes for the whole test.
         cfg.body_timeout = callscope_ingest::MAX_BODY_TIMEOUT;
     })
@@ -459,6 +456,40 @@ async fn past_its_byte_budget_the_server_answers_busy_and_keeps_a_quarter_for_co
     let (status, reply) = post(&client, &server, &batch).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
     assert_eq!(server.store.total_span_count().await.expect("count"), 3);
+    health_once(&client, &server, "body_bytes_held", 0).await;
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_body_whose_parse_would_go_past_the_budget_is_refused_before_it_is_parsed() {
+    let batch = detail("p2", 0, 0..3, Some(1));
+    let d = serde_json::to_vec(&batch).expect("JSON").len();
+    // Detail may fill three quarters of 8d, 6d. With 3d held by a stalled post, the batch's
+    // d bytes fit when it arrives; its parse would take 5d (the body, and four times it for
+    // the rows), 8d in all.
+    let (_db, server) = start_on_sqlite("parse.db", |cfg| {
+        cfg.max_buffered_bytes = 8 * d;
+        cfg.body_timeout = callscope_ingest::MAX_BODY_TIMEOUT;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let stalled = stalled_post_of(&server, "held:detail:0", 3 * d).await;
+    health_once(&client, &server, "body_bytes_held", 3 * d as u64).await;
+    assert_refused_at_once(
+        &client,
+        &server,
+        &batch,
+        "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES",
+    )
+    .await;
+    let health = health_once(&client, &server, "body_bytes_held", 3 * d as u64).await;
+    assert_eq!(health["requests_refused_bytes"], json!(1), "{health}");
+    assert_eq!(server.store.total_span_count().await.expect("count"), 0);
+
+    drop(stalled);
+    health_once(&client, &server, "body_bytes_held", 0).await;
+    let (status, reply) = post(&client, &server, &batch).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
     health_once(&client, &server, "body_bytes_held", 0).await;
     server.shutdown().await.expect("clean shutdown");
 }
