@@ -411,7 +411,15 @@ async fn post_call(
         let decoded = body::expected_decoded(n, encoding.as_deref(), max_decompressed);
         held.grow(n.saturating_add(decoded))?;
     }
-    let raw = body::read_limited(body, max_body, state.inner.body_timeout, &mut held).await?;
+    let declared = declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let raw = body::read_limited(
+        body,
+        max_body,
+        state.inner.body_timeout,
+        &mut held,
+        declared,
+    )
+    .await?;
     // Decompression and parsing of up to tens of MB are CPU work: keep them off the reactor.
     let (incoming, holds) = tokio::task::spawn_blocking(move || {
         let incoming = decode_and_parse(raw, encoding.as_deref(), max_decompressed, &mut held)?;

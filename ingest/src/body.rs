@@ -159,14 +159,16 @@ impl Drop for Held {
     }
 }
 
-/// Reads `body` into memory, failing as soon as it exceeds `limit` bytes, no byte of it
-/// arrives for `idle` (a stalled sender must not hold its place in the server forever), or
-/// `held` cannot take the bytes read (what it holds already, e.g. the declared length, counts).
+/// Reads `body` (`declared` bytes long, when its length was declared) into memory, failing as
+/// soon as it exceeds `limit` bytes, no byte of it arrives for `idle` (a stalled sender must not
+/// hold its place in the server forever), or `held` cannot take the bytes read (what it holds
+/// already, e.g. the declared length, counts).
 pub(crate) async fn read_limited(
     mut body: Body,
     limit: usize,
     idle: std::time::Duration,
     held: &mut Held,
+    declared: usize,
 ) -> Result<Bytes, BodyError> {
     let too_large = BodyError::TooLarge {
         limit,
@@ -174,7 +176,8 @@ pub(crate) async fn read_limited(
     };
     // The declared length, up to a bound: what is allocated before the bytes come is not
     // left to the sender.
-    let mut buf = Vec::with_capacity(held.bytes().min(limit).min(MAX_PREALLOCATED));
+    // (Not what `held` holds: that counts the decoded bytes expected too.)
+    let mut buf = Vec::with_capacity(declared.min(limit).min(MAX_PREALLOCATED));
     loop {
         let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
             return Err(BodyError::Stalled(idle));
@@ -374,11 +377,11 @@ mod tests {
 
     #[tokio::test]
     async fn read_limited_stops_at_the_limit() {
-        let ok = read_limited(Body::from(vec![0u8; 10]), 10, IDLE, &mut free())
+        let ok = read_limited(Body::from(vec![0u8; 10]), 10, IDLE, &mut free(), 10)
             .await
             .expect("fits");
         assert_eq!(ok.len(), 10);
-        let err = read_limited(Body::from(vec![0u8; 11]), 10, IDLE, &mut free())
+        let err = read_limited(Body::from(vec![0u8; 11]), 10, IDLE, &mut free(), 11)
             .await
             .expect_err("too large");
         assert!(matches!(err, BodyError::TooLarge { limit: 10, .. }));
@@ -504,12 +507,12 @@ mod tests {
         other.grow(50).expect("another request");
         let mut held = budget.hold(false);
         held.grow(10).expect("declared 10");
-        let ok = read_limited(Body::from(vec![0u8; 20]), 1000, IDLE, &mut held)
+        let ok = read_limited(Body::from(vec![0u8; 20]), 1000, IDLE, &mut held, 10)
             .await
             .expect("fits in the budget");
         assert_eq!((ok.len(), held.bytes()), (20, 20));
         let mut late = budget.hold(false);
-        let err = read_limited(Body::from(vec![0u8; 10]), 1000, IDLE, &mut late)
+        let err = read_limited(Body::from(vec![0u8; 10]), 1000, IDLE, &mut late, 0)
             .await
             .expect_err("past three quarters of 100");
         assert_eq!(err, BodyError::Busy { cap: 100 });
