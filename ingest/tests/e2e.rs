@@ -330,6 +330,21 @@ async fn assert_refused_at_once(
     );
 }
 
+/// Holds `declared` bytes of the server's budget with a post whose body never comes (a body
+/// declared but not sent holds its declared length from its head on), then posts `body` and
+/// checks that it is refused for want of bytes. Returns the stalled post.
+async fn refused_while_bytes_held(
+    client: &reqwest::Client,
+    server: &RunningServer,
+    declared: usize,
+    body: &Value,
+) -> tokio::net::TcpStream {
+    let stalled = stalled_post_of(server, "held:detail:0", declared).await;
+    health_once(client, server, "body_bytes_held", declared as u64).await;
+    assert_refused_at_once(client, server, body, "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES").await;
+    stalled
+}
+
 #[tokio::test]
 async fn past_its_places_the_server_answers_busy_at_once_and_keeps_a_quarter_for_cores() {
     // Four places, one of them kept for core call logs.
@@ -431,17 +446,7 @@ async fn past_its_byte_budget_the_server_answers_busy_and_keeps_a_quarter_for_co
     .await;
     let client = reqwest::Client::new();
 
-    // A body declared but not sent holds its declared length from its head on.
-    let stalled = stalled_post_of(&server, "big:detail:0", declared).await;
-    health_once(&client, &server, "body_bytes_held", declared as u64).await;
-
-    assert_refused_at_once(
-        &client,
-        &server,
-        &batch,
-        "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES",
-    )
-    .await;
+    let stalled = refused_while_bytes_held(&client, &server, declared, &batch).await;
 
     // The core call log gets in, and gives its bytes back once stored.
     let (status, reply) = post(&client, &server, &call_log).await;
@@ -473,15 +478,7 @@ async fn a_body_whose_parse_would_go_past_the_budget_is_refused_before_it_is_par
     })
     .await;
     let client = reqwest::Client::new();
-    let stalled = stalled_post_of(&server, "held:detail:0", 3 * d).await;
-    health_once(&client, &server, "body_bytes_held", 3 * d as u64).await;
-    assert_refused_at_once(
-        &client,
-        &server,
-        &batch,
-        "CALLSCOPE_INGEST_MAX_BUFFERED_BYTES",
-    )
-    .await;
+    let stalled = refused_while_bytes_held(&client, &server, 3 * d, &batch).await;
     let health = health_once(&client, &server, "body_bytes_held", 3 * d as u64).await;
     assert_eq!(health["requests_refused_bytes"], json!(1), "{health}");
     assert_eq!(server.store.total_span_count().await.expect("count"), 0);
