@@ -405,13 +405,10 @@ async fn post_call(
     // The body's bytes, from its declared length (and what it is expected to decode to) on;
     // they go back with the place.
     let max_decompressed = state.inner.max_decompressed_bytes;
-    let mut held = state.inner.bodies.hold(core);
-    if let Some(n) = declared {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        let decoded = body::expected_decoded(n, encoding.as_deref(), max_decompressed);
-        held.grow(n.saturating_add(decoded))?;
-    }
     let declared = declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut held = state.inner.bodies.hold(core);
+    let decoded = body::expected_decoded(declared, encoding.as_deref(), max_decompressed);
+    held.grow(declared.saturating_add(decoded))?;
     let raw = body::read_limited(
         body,
         max_body,

@@ -174,9 +174,8 @@ pub(crate) async fn read_limited(
         limit,
         stage: "on the wire",
     };
-    // The declared length, up to a bound: what is allocated before the bytes come is not
-    // left to the sender.
-    // (Not what `held` holds: that counts the decoded bytes expected too.)
+    // The declared length (not what `held` holds, which counts the decoded bytes expected
+    // too), up to a bound: what is allocated before the bytes come is not left to the sender.
     let mut buf = Vec::with_capacity(declared.min(limit).min(MAX_PREALLOCATED));
     loop {
         let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {

@@ -114,8 +114,14 @@ fn text_bytes(capacity: usize) -> usize {
     }
 }
 
-fn opt_text_bytes(s: Option<&String>) -> usize {
-    s.map_or(0, |s| text_bytes(s.capacity()))
+/// Heap bytes of `texts`.
+fn texts_bytes<'a>(texts: impl IntoIterator<Item = &'a String>) -> usize {
+    texts.into_iter().map(|s| text_bytes(s.capacity())).sum()
+}
+
+/// Heap bytes of `values`.
+fn values_bytes<'a>(values: impl IntoIterator<Item = &'a Value>) -> usize {
+    values.into_iter().map(value_bytes).sum()
 }
 
 /// Heap bytes a parsed JSON value holds, not counting the `Value` itself (an estimate: the
@@ -143,30 +149,22 @@ impl Incoming {
     pub(crate) fn heap_bytes(&self) -> usize {
         match self {
             Incoming::Core(c) => {
-                [
+                texts_bytes([
                     &c.call_id,
                     &c.agent_id,
                     &c.call_started_at,
                     &c.call_ended_at,
                     &c.end_reason,
-                ]
-                .into_iter()
-                .map(|s| text_bytes(s.capacity()))
-                .sum::<usize>()
-                    + [
-                        &c.transcript_json,
-                        &c.summary_metrics,
-                        &c.telemetry_summary,
-                        &c.extra,
-                    ]
-                    .into_iter()
-                    .map(value_bytes)
-                    .sum::<usize>()
+                ]) + values_bytes([
+                    &c.transcript_json,
+                    &c.summary_metrics,
+                    &c.telemetry_summary,
+                    &c.extra,
+                ])
             }
             Incoming::Detail(d) => {
-                text_bytes(d.call_id.capacity())
-                    + opt_text_bytes(d.agent_id.as_ref())
-                    + d.transcript_with_metrics.as_ref().map_or(0, value_bytes)
+                texts_bytes(std::iter::once(&d.call_id).chain(&d.agent_id))
+                    + values_bytes(&d.transcript_with_metrics)
                     + text_bytes(d.spans.capacity() * std::mem::size_of::<SpanRow>())
                     + d.spans.iter().map(SpanRow::heap_bytes).sum::<usize>()
             }
@@ -176,26 +174,18 @@ impl Incoming {
 
 impl SpanRow {
     fn heap_bytes(&self) -> usize {
-        [&self.trace_id, &self.span_id, &self.name]
-            .into_iter()
-            .map(|s| text_bytes(s.capacity()))
-            .sum::<usize>()
-            + [
-                &self.parent_span_id,
-                &self.operation,
-                &self.kind,
-                &self.start_time,
-                &self.end_time,
-                &self.status_code,
-                &self.status_message,
-            ]
-            .into_iter()
-            .map(|s| opt_text_bytes(s.as_ref()))
-            .sum::<usize>()
-            + [&self.attributes, &self.events, &self.links]
-                .into_iter()
-                .map(value_bytes)
-                .sum::<usize>()
+        let optional = [
+            &self.parent_span_id,
+            &self.operation,
+            &self.kind,
+            &self.start_time,
+            &self.end_time,
+            &self.status_code,
+            &self.status_message,
+        ];
+        texts_bytes([&self.trace_id, &self.span_id, &self.name])
+            + texts_bytes(optional.into_iter().flatten())
+            + values_bytes([&self.attributes, &self.events, &self.links])
     }
 }
 
