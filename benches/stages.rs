@@ -161,21 +161,27 @@ fn stages(c: &mut Criterion) {
         gz.len() as f64 / json.len() as f64
     );
     // The transport's level is `hooks::GZIP_LEVEL`; each level's ratio is printed here and its
-    // speed is a criterion line of its own (same run), for the trade in BENCHMARKS.md.
+    // speed is a criterion line of its own (same run), for the trade in BENCHMARKS.md. The
+    // transport's compressor (libdeflate with `--features libdeflate`) beside flate2's.
+    type Gzip = fn(&[u8], u32) -> Vec<u8>;
+    let compressors: [(&str, Gzip); 2] =
+        [("gzip", hooks::gzip), ("flate2_gzip", hooks::gzip_flate2)];
     for level in [1u32, 2, 3, 4, 5, 6] {
-        let out = hooks::gzip(&json, level);
-        eprintln!(
-            "gzip level {level}{}: {:.3} of raw",
-            if level == hooks::GZIP_LEVEL {
-                " (transport)"
-            } else {
-                ""
-            },
-            out.len() as f64 / json.len() as f64,
-        );
-        g.bench_function(format!("gzip_level_{level}"), |b| {
-            b.iter(|| black_box(hooks::gzip(&json, level).len()))
-        });
+        for (name, compress) in compressors {
+            let out = compress(&json, level);
+            eprintln!(
+                "{name} level {level}{}: {:.3} of raw",
+                if level == hooks::GZIP_LEVEL && name == "gzip" {
+                    " (transport)"
+                } else {
+                    ""
+                },
+                out.len() as f64 / json.len() as f64,
+            );
+            g.bench_function(format!("{name}_level_{level}"), |b| {
+                b.iter(|| black_box(compress(&json, level).len()))
+            });
+        }
     }
     g.finish();
 

@@ -194,5 +194,11 @@ pub fn gzip(json: &[u8], level: u32) -> Vec<u8> {
     crate::transport::gzip(json, level)
 }
 
+/// `json` gzip-compressed at `level` by flate2, the transport's compressor without the
+/// `libdeflate` feature (for the comparison in the same run).
+pub fn gzip_flate2(json: &[u8], level: u32) -> Vec<u8> {
+    crate::transport::gzip_flate2(json, level)
+}
+
 /// The gzip level the transport uses for request bodies.
 pub const GZIP_LEVEL: u32 = crate::transport::GZIP_LEVEL;
