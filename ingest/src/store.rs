@@ -18,7 +18,8 @@ use sqlx::{FromRow, QueryBuilder};
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::error::IngestError;
-use crate::payload::{CoreCall, DetailBatch, SpanRow};
+use crate::payload::{CoreCall, DetailBatch, RawJson, SpanRow};
+use serde_json::value::RawValue;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -749,8 +750,8 @@ impl RowsAffected for sqlx::postgres::PgQueryResult {
     }
 }
 
-fn json_or_null(v: &Value) -> Option<Json<&Value>> {
-    (!v.is_null()).then_some(Json(v))
+fn json_or_null(v: &Option<RawJson>) -> Option<Json<&RawValue>> {
+    v.as_ref().map(|r| Json(r.get()))
 }
 
 /// `url` without its password, for error messages.

@@ -48,11 +48,17 @@ impl Harness {
 
     /// POSTs `body` with the right Idempotency-Key and the API key.
     async fn post(&self, body: &Value) -> (StatusCode, Value) {
+        self.post_text(&body.to_string()).await
+    }
+
+    /// POSTs the JSON `text` as it is written (key order, spacing), keyed as [`Self::post`].
+    async fn post_text(&self, text: &str) -> (StatusCode, Value) {
+        let value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
         let req = Request::post("/v1/calls")
             .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
             .header(header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", key_for(body))
-            .body(Body::from(body.to_string()))
+            .header("idempotency-key", key_for(&value))
+            .body(Body::from(text.to_owned()))
             .expect("request");
         self.send(req).await
     }
@@ -164,6 +170,33 @@ async fn core_then_detail_completes_the_call() {
         let call = h.call("c2").await;
         assert_eq!(call["complete"], true, "[{}] {call}", db.name);
         assert_eq!(call["spans_stored"], 0);
+    }
+}
+
+/// A detail body in callscope's key order (`update_type` first, so that its spans are read as
+/// they come and their attributes, events and links kept as text) with spacing, escapes and
+/// unsorted keys in those texts: each backend stores the same JSON values.
+#[tokio::test]
+async fn spans_read_as_they_come_keep_their_json() {
+    let text = r#"{"schema_version":1,"update_type":"detailed_telemetry","call_id":"c-raw",
+        "batch_seq":0,"final":true,"total_batches":1,"telemetry_data":{"session_traces":[
+        {"trace_id":"0af7651916cd43dd8448eb211c80319c","span_id":"00f067aa0ba902b7",
+         "name":"llm_request","attributes": { "z" : 1.5, "a":"caf\u00e9\n\"q\"",
+         "n": {"k": [1, null, true, -2e-3]} }, "events":[ {"name":"e","attributes":{}} ],
+         "links": null}]}}"#;
+    let sent: Value = serde_json::from_str(text).expect("JSON");
+    let sent = &sent["telemetry_data"]["session_traces"][0];
+    for db in backends().await {
+        let h = harness(&db.url, db.name, |_| {}).await;
+        let (status, body) = h.post_text(text).await;
+        assert_eq!(status, StatusCode::OK, "[{}] {body}", db.name);
+        assert_eq!(body["spans_stored"], 1);
+        let (_, spans) = h.get("/v1/calls/c-raw/spans").await;
+        let stored = &spans["spans"][0];
+        assert_eq!(stored["attributes"]["a"], "café\n\"q\"", "[{}]", db.name);
+        for k in ["attributes", "events", "links"] {
+            assert_eq!(stored[k], sent[k], "[{}] {k}", db.name);
+        }
     }
 }
 
