@@ -124,8 +124,9 @@ impl PartialEq for RawJson {
 /// How many times its JSON's size a batch's parsed rows are expected to hold at most
 /// ([`Incoming::heap_bytes`] counts 1.6 times for spans of small attributes, 1.0 times for
 /// spans carrying 10 KB of text; RSS measured 1.6 and 1.1 times, BENCHMARKS.md "night
-/// session"): taken from the byte budget, on top of the decoded body, before it is parsed. It
-/// stays at 4 for bodies read as one tree (`update_type` after `telemetry_data`).
+/// session"): taken from the byte budget, on top of the decoded body, before it is parsed. The
+/// parse's peak was 2.6 times at most, in a body whose `telemetry_data` is kept as text
+/// first; core call logs are read as `Value` trees.
 pub(crate) const PARSE_EXPANSION: usize = 4;
 
 /// What the allocator adds to each heap block (glibc: a 16-byte header, blocks rounded up to 16).
@@ -173,8 +174,7 @@ fn value_bytes(v: &Value) -> usize {
 impl Incoming {
     /// Heap bytes this parsed request holds until it is written, estimated from its texts and
     /// JSON values: what the receiver's byte budget counts for it once it is parsed. Against
-    /// the process's RSS (BENCHMARKS.md, "late session") it errs high for spans of small
-    /// attributes and is close for spans carrying long texts.
+    /// the RSS a detail batch's rows kept (BENCHMARKS.md, "night session") it read 3-4 % low.
     pub(crate) fn heap_bytes(&self) -> usize {
         match self {
             Incoming::Core(c) => {
@@ -225,11 +225,13 @@ impl SpanRow {
 
 /// Parses and validates a (decompressed) request body.
 ///
-/// A detail batch's spans are turned into rows one by one as they are read, once the body has
-/// said it is detail (`update_type` before `telemetry_data`, as callscope writes it): the
-/// batch is never held as one `serde_json::Value` tree, which took 7.7 times the JSON's size
-/// for spans of small attributes (BENCHMARKS.md). Any other order is parsed as a whole first;
-/// the answer is the same either way.
+/// A detail batch's spans are turned into rows one by one as they are read, and each span's
+/// attributes, events and links kept as text: the batch is never held as one
+/// `serde_json::Value` tree, which took 7.7 times the JSON's size for spans of small
+/// attributes (BENCHMARKS.md). When `update_type` comes before `telemetry_data` (as callscope
+/// writes it) the spans are read straight from the body; in the other order `telemetry_data`
+/// is first kept as text, then read the same way. The answer is the whole-body path's either
+/// way, and a body that is not valid JSON gets that path's message.
 pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let read = de.deserialize_any(TopVisitor);
@@ -239,19 +241,70 @@ pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
         // path's answer, so that the message is the same whichever way the body was read.
         Err(_) => return parse_whole(body),
     };
-    let Some(Top { map, spans }) = top else {
+    let Some(Top {
+        mut map,
+        telemetry_data,
+    }) = top
+    else {
         return Err(not_an_object());
     };
-    if let Some(streamed) = spans {
+    let detail = map.get("update_type").and_then(Value::as_str) == Some(DETAILED_TELEMETRY);
+    match telemetry_data {
+        Some(Telemetry::Streamed(spans)) if detail => parse_top(map, Some(spans)),
         // A later `update_type` that took back "detail" (the last of duplicate keys counts):
-        // the spans read as rows are not the body's `telemetry_data` any more, so read it
-        // again as a whole. Rare, and the answer stays the whole-body path's.
-        if map.get("update_type").and_then(Value::as_str) != Some(DETAILED_TELEMETRY) {
-            return parse_whole(body);
-        }
-        return parse_top(map, Some(streamed));
+        // the spans read as rows are not the body's `telemetry_data` any more. Rare, and the
+        // answer stays the whole-body path's.
+        Some(Telemetry::Streamed(_)) => parse_whole(body),
+        Some(Telemetry::Kept(text)) => match nested(text, detail) {
+            Ok(Nested::Spans(spans)) => parse_top(map, Some(spans)),
+            Ok(Nested::Value(value)) => {
+                map.insert("telemetry_data".to_owned(), value);
+                parse_top(map, None)
+            }
+            Err(_) => parse_whole(body),
+        },
+        None => parse_top(map, None),
     }
-    parse_top(map, None)
+}
+
+/// `telemetry_data` kept as text, read as it would have been in its place in the body: its
+/// spans when the body is detail, else a value (a core call log keeps it in `extra`).
+fn nested(text: &RawValue, detail: bool) -> Result<Nested, serde_json::Error> {
+    // In one array it is nested as deep as in the body's top-level object, so that
+    // `serde_json`'s nesting limit falls where it does on the whole body.
+    let wrapped = format!("[{}]", text.get());
+    let mut de = serde_json::Deserializer::from_str(&wrapped);
+    let read = de.deserialize_seq(Only { detail })?;
+    de.end()?;
+    Ok(read)
+}
+
+/// What [`nested`] read.
+enum Nested {
+    Spans(Streamed),
+    Value(Value),
+}
+
+/// The one element of [`nested`]'s array.
+struct Only {
+    detail: bool,
+}
+
+impl<'de> Visitor<'de> for Only {
+    type Value = Nested;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("telemetry_data")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nested, A::Error> {
+        let read = if self.detail {
+            seq.next_element_seed(TelemetrySeed)?.map(Nested::Spans)
+        } else {
+            seq.next_element::<Value>()?.map(Nested::Value)
+        };
+        read.ok_or_else(|| de::Error::invalid_length(0, &self))
+    }
 }
 
 /// [`parse`] with the whole body read as one `Value` first.
@@ -280,17 +333,26 @@ fn not_an_object() -> BadRequest {
 type Streamed = Result<Vec<SpanRow>, BadRequest>;
 
 /// The top-level object; `None` for any other JSON value.
-struct Top {
+struct Top<'de> {
+    /// Every field but `telemetry_data`.
     map: Map<String, Value>,
-    spans: Option<Streamed>,
+    telemetry_data: Option<Telemetry<'de>>,
+}
+
+/// `telemetry_data` as [`TopVisitor`] read it.
+enum Telemetry<'de> {
+    /// Its spans, read as they came (`update_type` had said detail).
+    Streamed(Streamed),
+    /// Its text, to be read once the whole object is known.
+    Kept(&'de RawValue),
 }
 
 /// Reads the top-level object into a map, streaming `telemetry_data` once `update_type` said
-/// the body is detail.
+/// the body is detail, and keeping it as text before that.
 struct TopVisitor;
 
 impl<'de> Visitor<'de> for TopVisitor {
-    type Value = Option<Top>;
+    type Value = Option<Top<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
@@ -298,11 +360,16 @@ impl<'de> Visitor<'de> for TopVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
         let mut map = Map::new();
-        let mut spans = None;
+        let mut telemetry_data = None;
         let mut detail = false;
         while let Some(key) = access.next_key::<String>()? {
-            if detail && key == "telemetry_data" {
-                spans = Some(access.next_value_seed(TelemetrySeed)?);
+            // The last of duplicate keys counts, as in a `Map`.
+            if key == "telemetry_data" {
+                telemetry_data = Some(if detail {
+                    Telemetry::Streamed(access.next_value_seed(TelemetrySeed)?)
+                } else {
+                    Telemetry::Kept(access.next_value()?)
+                });
                 continue;
             }
             let value: Value = access.next_value()?;
@@ -311,7 +378,10 @@ impl<'de> Visitor<'de> for TopVisitor {
             }
             map.insert(key, value);
         }
-        Ok(Some(Top { map, spans }))
+        Ok(Some(Top {
+            map,
+            telemetry_data,
+        }))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -1091,26 +1161,38 @@ pub(crate) mod tests {
         format!("{{{}}}", fields.join(",")).into_bytes()
     }
 
+    /// How `body`'s `telemetry_data` is read first: spans as they come (`Some(true)`), or kept
+    /// as text (`Some(false)`); `None` without one.
+    fn read_as(body: &[u8]) -> Option<bool> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        match de
+            .deserialize_any(TopVisitor)
+            .expect("JSON")?
+            .telemetry_data?
+        {
+            Telemetry::Streamed(_) => Some(true),
+            Telemetry::Kept(_) => Some(false),
+        }
+    }
+
     /// Whether `body`'s spans are read as they come.
     fn streams(body: &[u8]) -> bool {
-        let mut de = serde_json::Deserializer::from_slice(body);
-        de.deserialize_any(TopVisitor)
-            .expect("JSON")
-            .is_some_and(|top| top.spans.is_some())
+        read_as(body) == Some(true)
     }
 
     /// Parses `v` in both orders (checking that the first reads the spans as they come and
-    /// the second does not) and checks that the answers are the same.
+    /// the second keeps `telemetry_data` as text first) and checks that both answers are the
+    /// whole-body path's.
     fn both_orders(v: &Value) -> Result<Incoming, BadRequest> {
         let (first, last) = (ordered(v, true), ordered(v, false));
-        if v.get("update_type") == Some(&json!(DETAILED_TELEMETRY))
-            && v.get("telemetry_data").is_some()
-        {
-            assert!(streams(&first), "{v}");
+        if v.get("telemetry_data").is_some() {
+            let detail = v.get("update_type") == Some(&json!(DETAILED_TELEMETRY));
+            assert_eq!(read_as(&first), Some(detail), "{v}");
+            assert_eq!(read_as(&last), Some(false), "{v}");
         }
-        assert!(!streams(&last), "{v}");
         let streamed = parse(&first);
         assert_eq!(streamed, parse(&last), "{v}");
+        assert_eq!(streamed, parse_whole(&first), "{v}");
         streamed
     }
 
@@ -1258,6 +1340,19 @@ pub(crate) mod tests {
         assert!(read(&too_deep).is_err(), "and refuses 128");
         assert!(parse(deepest.as_bytes()).is_ok());
         assert_eq!(parse(too_deep.as_bytes()), parse_whole(too_deep.as_bytes()));
+
+        // `telemetry_data` kept as text (before `update_type`) is read as deep as in its place:
+        // at the second level, so 126 arrays in it reach the 127th.
+        for levels in [126, 127] {
+            let mut v = core();
+            v["telemetry_data"] = json!("PLACEHOLDER");
+            let text = String::from_utf8(ordered(&v, false)).expect("UTF-8");
+            let arrays = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+            let body = text.replace("\"PLACEHOLDER\"", &arrays);
+            assert_eq!(read_as(body.as_bytes()), Some(false));
+            assert_eq!(parse(body.as_bytes()).is_ok(), levels == 126, "{levels}");
+            assert_eq!(parse(body.as_bytes()), parse_whole(body.as_bytes()));
+        }
 
         let mut v = detail();
         v["telemetry_data"]["session_traces"][0]["events"] = json!([{"name": "PLACEHOLDER"}]);
