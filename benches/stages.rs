@@ -162,12 +162,15 @@ fn stages(c: &mut Criterion) {
     );
     // The transport's level is `hooks::GZIP_LEVEL`; each level's ratio is printed here and its
     // speed is a criterion line of its own (same run), for the trade in BENCHMARKS.md. The
-    // transport's compressor (libdeflate with `--features libdeflate`) beside flate2's.
+    // transport's compressor beside flate2's when they differ (`--features libdeflate`).
     type Gzip = fn(&[u8], u32) -> Vec<u8>;
-    let compressors: [(&str, Gzip); 2] =
-        [("gzip", hooks::gzip), ("flate2_gzip", hooks::gzip_flate2)];
+    let compressors: &[(&str, Gzip)] = if cfg!(feature = "libdeflate") {
+        &[("gzip", hooks::gzip), ("flate2_gzip", hooks::gzip_flate2)]
+    } else {
+        &[("gzip", hooks::gzip)]
+    };
     for level in [1u32, 2, 3, 4, 5, 6] {
-        for (name, compress) in compressors {
+        for &(name, compress) in compressors {
             let out = compress(&json, level);
             eprintln!(
                 "{name} level {level}{}: {:.3} of raw",
