@@ -239,7 +239,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
         Ok(top) => top,
         // Not valid JSON, or a span's kept text that the strict check refused: the whole-body
         // path's answer, so that the message is the same whichever way the body was read.
-        Err(_) => return parse_whole(body),
+        Err(_) => return refused(body),
     };
     let Some(Top {
         mut map,
@@ -261,9 +261,24 @@ pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
                 map.insert("telemetry_data".to_owned(), value);
                 parse_top(map, None)
             }
-            Err(_) => parse_whole(body),
+            Err(_) => refused(body),
         },
         None => parse_top(map, None),
+    }
+}
+
+/// The whole-body path's answer to a body a streamed read refused: its JSON error, found by
+/// reading the body as strictly as a `Value` parse without building the tree (the same
+/// deserializer meets the same error at the same place).
+fn refused(body: &[u8]) -> Result<Incoming, BadRequest> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match Strict(usize::MAX)
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+    {
+        Err(e) => Err(malformed(e)),
+        // Not expected: the streamed read refuses only what is not valid JSON.
+        Ok(()) => parse_whole(body),
     }
 }
 
