@@ -106,6 +106,18 @@ impl RawJson {
         &self.0
     }
 
+    /// A captured text, kept as it came unless a number in it is one PostgreSQL could not
+    /// store as written (see [`numbers_fit`]).
+    fn kept(raw: Box<RawValue>) -> Self {
+        if numbers_fit(raw.get()) {
+            return Self(raw);
+        }
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(v) => Self::of(&v),
+            Err(_) => Self(raw),
+        }
+    }
+
     /// A value read as a whole (the whole-body path), written as text.
     fn of(v: &Value) -> Self {
         // Writing a parsed `Value` cannot fail (its keys are strings, its numbers finite).
@@ -254,7 +266,10 @@ pub(crate) fn parse(body: &[u8]) -> Result<Incoming, BadRequest> {
         // A later `update_type` that took back "detail" (the last of duplicate keys counts):
         // the spans read as rows are not the body's `telemetry_data` any more. Rare, and the
         // answer stays the whole-body path's.
-        Some(Telemetry::Streamed(_)) => parse_whole(body),
+        Some(Telemetry::Streamed(rows)) => {
+            drop(rows);
+            parse_whole(body)
+        }
         Some(Telemetry::Kept(text)) => match nested(text, detail) {
             Ok(Nested::Spans(spans)) => parse_top(map, Some(spans)),
             Ok(Nested::Value(value)) => {
@@ -276,10 +291,36 @@ fn refused(body: &[u8]) -> Result<Incoming, BadRequest> {
         .deserialize(&mut de)
         .and_then(|()| de.end())
     {
-        Err(e) => Err(malformed(e)),
-        // Not expected: the streamed read refuses only what is not valid JSON.
-        Ok(()) => parse_whole(body),
+        Err(e) if !e.to_string().starts_with(TOKEN_SEEN) => Err(malformed(e)),
+        // serde_json's raw-value key, which a `Value` parse reads its own way; or valid JSON
+        // (not expected: the streamed read refuses only what is not).
+        _ => parse_whole(body),
     }
+}
+
+/// The key by which serde_json (its `raw_value` feature, on through axum and sqlx) marks a map
+/// that stands for JSON text: a `Value` parse reads a map whose first key it is unlike any
+/// other. Bodies that hold it anywhere are read as a whole, for that parse's answer.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+/// The error message that sends a body holding [`RAW_VALUE_TOKEN`] to the whole-body parse.
+const TOKEN_SEEN: &str = "serde_json's raw-value key";
+
+/// Refuses [`RAW_VALUE_TOKEN`] (as a key, or a string: either sends the body to the
+/// whole-body parse, whose answer stands).
+fn no_token<E: de::Error>(text: &str) -> Result<(), E> {
+    if text == RAW_VALUE_TOKEN {
+        return Err(E::custom(TOKEN_SEEN));
+    }
+    Ok(())
+}
+
+/// Checks a `telemetry_data` kept as text that a later duplicate replaced, as strictly as in
+/// its place in the body (in one array: the second level).
+fn check_kept(text: &RawValue) -> Result<(), serde_json::Error> {
+    let wrapped = format!("[{}]", text.get());
+    let mut de = serde_json::Deserializer::from_str(&wrapped);
+    Strict(usize::MAX).deserialize(&mut de)?;
+    de.end()
 }
 
 /// `telemetry_data` kept as text, read as it would have been in its place in the body: its
@@ -378,8 +419,13 @@ impl<'de> Visitor<'de> for TopVisitor {
         let mut telemetry_data = None;
         let mut detail = false;
         while let Some(key) = access.next_key::<String>()? {
-            // The last of duplicate keys counts, as in a `Map`.
+            no_token(&key)?;
+            // The last of duplicate keys counts, as in a `Map`; a kept text it replaces is
+            // still checked, as a `Value` parse reads every copy.
             if key == "telemetry_data" {
+                if let Some(Telemetry::Kept(old)) = telemetry_data.take() {
+                    check_kept(old).map_err(de::Error::custom)?;
+                }
                 telemetry_data = Some(if detail {
                     Telemetry::Streamed(access.next_value_seed(TelemetrySeed)?)
                 } else {
@@ -506,6 +552,7 @@ streamed_field!(
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Streamed, A::Error> {
         let mut spans = Ok(Vec::new());
         while let Some(key) = access.next_key::<String>()? {
+            no_token(&key)?;
             if key == "session_traces" {
                 spans = access.next_value_seed(SpansSeed)?;
             } else {
@@ -581,6 +628,7 @@ impl<'de> Visitor<'de> for SpanSeed {
         let mut map = Map::new();
         let mut raw = [None, None, None];
         while let Some(key) = access.next_key::<String>()? {
+            no_token(&key)?;
             match RAW_FIELDS.iter().position(|(name, _)| *name == key) {
                 Some(i) => {
                     let text: Box<RawValue> = access.next_value()?;
@@ -667,8 +715,8 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
         Ok(())
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        no_token(v)
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         Ok(())
@@ -867,9 +915,52 @@ fn raw_typed(
     // A captured value's text starts at its first character.
     match (raw.get().as_bytes().first(), kind) {
         (Some(b'n'), _) => Ok(None),
-        (Some(b'{'), Kind::Object) | (Some(b'['), Kind::Array) => Ok(Some(RawJson(raw))),
+        (Some(b'{'), Kind::Object) | (Some(b'['), Kind::Array) => Ok(Some(RawJson::kept(raw))),
         _ => Err(wrong(prefix, name, kind.what())),
     }
+}
+
+/// Whether every number in the JSON `text` is stored as written. serde_json reads
+/// `1e-20000` (as 0) and numbers of thousands of digits, which PostgreSQL's `numeric` (inside
+/// `jsonb`) refuses past its scale: such texts are stored as serde_json writes their values,
+/// as they were before texts were kept.
+fn numbers_fit(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                // To the closing quote, over escaped characters.
+                i += 1;
+                while let Some(at) = b.get(i..).and_then(|r| memchr::memchr2(b'"', b'\\', r)) {
+                    i += at;
+                    if b[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let number = &text[start..i];
+                let exponent = number
+                    .find(['e', 'E'])
+                    .map(|e| number[e + 1..].trim_start_matches(['+', '-']));
+                if number.len() > 40
+                    || exponent.is_some_and(|e| e.parse::<u16>().map_or(true, |x| x > 999))
+                {
+                    return false;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    true
 }
 
 #[derive(Clone, Copy)]
@@ -1394,6 +1485,84 @@ pub(crate) mod tests {
                 Some(format!("telemetry_data.session_traces[0].{field}"))
             );
         }
+    }
+
+    /// Bodies a streamed read could answer unlike a `Value` parse, found in review: each is
+    /// answered as the whole-body parse answers it.
+    #[test]
+    fn odd_bodies_get_the_whole_body_answer() {
+        let mut core_fields = core();
+        core_fields
+            .as_object_mut()
+            .expect("object")
+            .remove("update_type");
+        let head = ordered(&core_fields, true);
+        let head = std::str::from_utf8(&head[1..head.len() - 1]).expect("UTF-8");
+        let detail_text = String::from_utf8(ordered(&detail(), true)).expect("UTF-8");
+        let detail_head = &detail_text[1..detail_text.len() - 1];
+        let token = RAW_VALUE_TOKEN;
+        let bodies = [
+            // A kept telemetry_data replaced by a later copy is still read strictly.
+            format!(r#"{{"telemetry_data":"\ud800",{head},"telemetry_data":null}}"#),
+            format!(r#"{{"telemetry_data":[1e400],{detail_head}}}"#),
+            format!(
+                r#"{{"telemetry_data":{}{},{head},"telemetry_data":1}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+            // serde_json's raw-value key, which a `Value` parse reads its own way.
+            detail_text.replace(
+                r#""attributes":{"#,
+                &format!(r#""attributes":{{"{token}":"x","#),
+            ),
+            detail_text.replace(
+                r#""attributes":{"#,
+                &format!(r#""attributes":{{"{token}":"[1]","#),
+            ),
+            format!(r#"{{"{token}":"{{}}"}}"#),
+            format!(r#"{{"a":{{"{token}":"x"}},"b":1e400}}"#),
+        ];
+        for body in &bodies {
+            let whole = parse_whole(body.as_bytes());
+            assert!(whole.is_err(), "{body}: {whole:?}");
+            assert_eq!(parse(body.as_bytes()), whole, "{body}");
+        }
+    }
+
+    /// A number PostgreSQL's `numeric` cannot hold as written (serde_json reads it as 0) is
+    /// stored as serde_json writes it; other texts as they came.
+    #[test]
+    fn numbers_postgres_cannot_store_are_written_out() {
+        let long = format!("0.{}1", "0".repeat(400));
+        let mut v = detail();
+        v["telemetry_data"]["session_traces"][0]["attributes"] = json!({"k": "PLACEHOLDER"});
+        let text = String::from_utf8(ordered(&v, true)).expect("UTF-8");
+        for (number, kept) in [
+            ("1e-20000", false),
+            (long.as_str(), false),
+            ("1e-1000", false),
+            ("1E+301", true),
+            ("12.5e-3", true),
+            ("-0", true),
+        ] {
+            let body = text.replace("\"PLACEHOLDER\"", number);
+            let Ok(Incoming::Detail(d)) = parse(body.as_bytes()) else {
+                panic!("{number}: expected detail");
+            };
+            let stored = d.spans[0]
+                .attributes
+                .as_ref()
+                .expect("attributes")
+                .get()
+                .get();
+            assert_eq!(stored.contains(number), kept, "{number}: {stored}");
+            assert!(numbers_fit(stored), "{number}: {stored}");
+            let value: Value = serde_json::from_str(stored).expect("JSON");
+            let sent: Value = serde_json::from_str(&format!(r#"{{"k":{number}}}"#)).expect("JSON");
+            assert_eq!(value, sent, "{number}");
+        }
+        assert!(numbers_fit(r#"{"a":"x\"1e-99999","b":[1,2]}"#));
+        assert!(!numbers_fit(r#"{"a":"x\\","b":1e-99999}"#));
     }
 
     #[test]

@@ -174,15 +174,16 @@ async fn core_then_detail_completes_the_call() {
 }
 
 /// A detail body in callscope's key order (`update_type` first, so that its spans are read as
-/// they come and their attributes, events and links kept as text) with spacing, escapes and
-/// unsorted keys in those texts: each backend stores the same JSON values.
+/// they come and their attributes, events and links kept as text) with spacing, escapes,
+/// unsorted keys and a number PostgreSQL's `numeric` cannot hold as written (serde_json reads
+/// it as 0) in those texts: each backend stores the same JSON values.
 #[tokio::test]
 async fn spans_read_as_they_come_keep_their_json() {
     let text = r#"{"schema_version":1,"update_type":"detailed_telemetry","call_id":"c-raw",
         "batch_seq":0,"final":true,"total_batches":1,"telemetry_data":{"session_traces":[
         {"trace_id":"0af7651916cd43dd8448eb211c80319c","span_id":"00f067aa0ba902b7",
          "name":"llm_request","attributes": { "z" : 1.5, "a":"caf\u00e9\n\"q\"",
-         "n": {"k": [1, null, true, -2e-3]} }, "events":[ {"name":"e","attributes":{}} ],
+         "n": {"k": [1, null, true, -2e-3]}, "tiny": 1e-20000 }, "events":[ {"name":"e","attributes":{}} ],
          "links": null}]}}"#;
     let sent: Value = serde_json::from_str(text).expect("JSON");
     let sent = &sent["telemetry_data"]["session_traces"][0];
