@@ -272,7 +272,9 @@ fn store_error_response(e: IngestError) -> Response {
     if code.as_deref().is_some_and(|c| c.starts_with("22")) {
         return error_body(
             StatusCode::BAD_REQUEST,
-            format!("the database refused a value ({e}); remove NUL characters and retry"),
+            format!(
+                "the database refused a value ({e}); send values it can store (no NUL characters in text, numbers within PostgreSQL's numeric range)"
+            ),
             Some("body"),
         );
     }
