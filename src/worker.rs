@@ -952,18 +952,21 @@ impl Worker {
             self.send_batch(&key, list, None);
         }
         // Over the memory budget: spill or drop queued batches; if still over it, stream this
-        // call's batch out early, once it holds half its cap. What keeps it over may be bodies
-        // nothing can let go yet (uploads in flight, bodies waiting for a deflate thread):
-        // flushing on every span then sent batches of a few spans each, every one a request
-        // of its own, which held more bodies in flight (the faults suite's gzip acceptance
-        // test fell into this on a busy machine: 820 batches for 3,100 spans).
-        if self.buffered_bytes + self.mem_bytes > self.cfg.max_buffer_bytes {
+        // call's batch out early: at once when the open batches alone are over it, else once
+        // it holds half its cap. What keeps memory over may then be bodies nothing can let go
+        // yet (uploads in flight, bodies waiting for a deflate thread): flushing on every span
+        // sent batches of a few spans each, every one a request of its own, which held more
+        // bodies in flight (the faults suite's gzip acceptance test fell into this on a busy
+        // machine: 820 batches for 3,100 spans).
+        let max = self.cfg.max_buffer_bytes;
+        if self.buffered_bytes + self.mem_bytes > max {
             self.enforce_budget();
-            if self.buffered_bytes + self.mem_bytes > self.cfg.max_buffer_bytes
-                && self
-                    .buffers
-                    .get(&key)
-                    .is_some_and(|b| b.buf.list.bytes.len() >= open_cap / 2)
+            if self.buffered_bytes > max
+                || self.buffered_bytes + self.mem_bytes > max
+                    && self
+                        .buffers
+                        .get(&key)
+                        .is_some_and(|b| b.buf.list.bytes.len() >= open_cap / 2)
             {
                 self.flush_buffer(&key);
             }
@@ -3463,6 +3466,32 @@ mod tests {
         assert!(
             spans / batches >= 10,
             "{spans} spans in {batches} batches: cut to a few spans each"
+        );
+    }
+
+    /// Open batches alone over the memory bound (many calls, each under its half cap) are
+    /// still sent as spans come: what they hold stays within the bound and one span.
+    #[test]
+    fn open_batches_of_many_calls_stay_within_the_bound() {
+        use crate::config::MIN_MAX_BUFFER_BYTES;
+        let (mut w, _handle, _) = worker_with(
+            Config::builder()
+                .without_env()
+                .endpoint("http://127.0.0.1:9/")
+                .max_buffer_bytes(MIN_MAX_BUFFER_BYTES),
+        );
+        let calls: Vec<Arc<str>> = (0..200).map(|c| Arc::from(format!("c{c}"))).collect();
+        let mut most = 0;
+        for i in 0..10 {
+            for c in &calls {
+                feed(&mut w, c, false, false, 2 + i);
+                most = most.max(w.buffered_bytes);
+            }
+        }
+        assert!(
+            most <= w.cfg.max_buffer_bytes + 1024,
+            "open batches held {most} bytes over a bound of {}",
+            w.cfg.max_buffer_bytes
         );
     }
 
