@@ -961,12 +961,13 @@ impl Worker {
         let max = self.cfg.max_buffer_bytes;
         if self.buffered_bytes + self.mem_bytes > max {
             self.enforce_budget();
-            if self.buffered_bytes > max
-                || self.buffered_bytes + self.mem_bytes > max
-                    && self
-                        .buffers
-                        .get(&key)
-                        .is_some_and(|b| b.buf.list.bytes.len() >= open_cap / 2)
+            let half_full = |w: &Self| {
+                w.buffers
+                    .get(&key)
+                    .is_some_and(|b| b.buf.list.bytes.len() >= open_cap / 2)
+            };
+            if self.buffered_bytes + self.mem_bytes > max
+                && (self.buffered_bytes > max || half_full(self))
             {
                 self.flush_buffer(&key);
             }

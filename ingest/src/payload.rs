@@ -5,6 +5,7 @@
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::de::StrRead;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -314,25 +315,30 @@ fn no_token<E: de::Error>(text: &str) -> Result<(), E> {
     Ok(())
 }
 
-/// Checks a `telemetry_data` kept as text that a later duplicate replaced, as strictly as in
-/// its place in the body (in one array: the second level).
-fn check_kept(text: &RawValue) -> Result<(), serde_json::Error> {
+/// Reads a `telemetry_data` kept as text with `read`, wrapped in one array: nested as deep
+/// as in the body's top-level object, so that `serde_json`'s nesting limit falls where it
+/// does on the whole body.
+fn in_place<T>(
+    text: &RawValue,
+    read: impl FnOnce(&mut serde_json::Deserializer<StrRead<'_>>) -> serde_json::Result<T>,
+) -> serde_json::Result<T> {
     let wrapped = format!("[{}]", text.get());
     let mut de = serde_json::Deserializer::from_str(&wrapped);
-    Strict(usize::MAX).deserialize(&mut de)?;
-    de.end()
+    let value = read(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Checks a `telemetry_data` kept as text that a later duplicate replaced, as strictly as in
+/// its place in the body.
+fn check_kept(text: &RawValue) -> serde_json::Result<()> {
+    in_place(text, |de| Strict(usize::MAX).deserialize(de))
 }
 
 /// `telemetry_data` kept as text, read as it would have been in its place in the body: its
 /// spans when the body is detail, else a value (a core call log keeps it in `extra`).
-fn nested(text: &RawValue, detail: bool) -> Result<Nested, serde_json::Error> {
-    // In one array it is nested as deep as in the body's top-level object, so that
-    // `serde_json`'s nesting limit falls where it does on the whole body.
-    let wrapped = format!("[{}]", text.get());
-    let mut de = serde_json::Deserializer::from_str(&wrapped);
-    let read = de.deserialize_seq(Only { detail })?;
-    de.end()?;
-    Ok(read)
+fn nested(text: &RawValue, detail: bool) -> serde_json::Result<Nested> {
+    in_place(text, |de| de.deserialize_seq(Only { detail }))
 }
 
 /// What [`nested`] read.
@@ -383,6 +389,42 @@ fn not_an_object() -> BadRequest {
         message: "the body must be a JSON object".to_owned(),
         field: None,
     }
+}
+
+/// Visitor methods that answer `$answer` to each JSON scalar kind listed, for the visitors
+/// below that take (or refuse) every value of a kind alike.
+macro_rules! scalars {
+    ($answer:expr => $($kind:ident)*) => { $(scalars!(@ $kind, $answer);)* };
+    (@ bool, $a:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($a)
+        }
+    };
+    (@ i64, $a:expr) => {
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($a)
+        }
+    };
+    (@ u64, $a:expr) => {
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($a)
+        }
+    };
+    (@ f64, $a:expr) => {
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($a)
+        }
+    };
+    (@ str, $a:expr) => {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($a)
+        }
+    };
+    (@ unit, $a:expr) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($a)
+        }
+    };
 }
 
 /// The spans of a detail batch read as they came: the rows, or the first span's error.
@@ -450,24 +492,7 @@ impl<'de> Visitor<'de> for TopVisitor {
         Ok(None)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    scalars!(None => bool i64 u64 f64 str unit);
 }
 
 /// A seed for one field of a detail body that must hold one kind of JSON value, read as
@@ -507,24 +532,8 @@ macro_rules! streamed_field {
 
             $own
 
-            fn visit_unit<E: de::Error>(self) -> Result<Streamed, E> {
-                Ok(Ok(Vec::new()))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Streamed, E> {
-                Ok(Self::refused())
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Streamed, E> {
-                Ok(Self::refused())
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Streamed, E> {
-                Ok(Self::refused())
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Streamed, E> {
-                Ok(Self::refused())
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Streamed, E> {
-                Ok(Self::refused())
-            }
+            scalars!(Ok(Vec::new()) => unit);
+            scalars!(Self::refused() => bool i64 u64 f64 str);
             streamed_field!(@refuse $other);
         }
     };
@@ -652,24 +661,7 @@ impl<'de> Visitor<'de> for SpanSeed {
         while seq.next_element::<Value>()?.is_some() {}
         Ok(None)
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<SpanRead, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<SpanRead, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<SpanRead, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<SpanRead, E> {
-        Ok(None)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<SpanRead, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<SpanRead, E> {
-        Ok(None)
-    }
+    scalars!(None => bool i64 u64 f64 str unit);
 }
 
 /// Reads a JSON value as strictly as a `Value` parse does (UTF-8, escapes, lone surrogates,
@@ -703,24 +695,10 @@ impl<'de> Visitor<'de> for Strict {
         while seq.next_element_seed(Strict(inner))?.is_some() {}
         Ok(())
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         no_token(v)
     }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars!(() => bool i64 u64 f64 unit);
 }
 
 impl Strict {
@@ -1267,6 +1245,25 @@ pub(crate) mod tests {
         format!("{{{}}}", fields.join(",")).into_bytes()
     }
 
+    /// `v` written as [`ordered`] writes it, with the string `"PLACEHOLDER"` in it replaced by
+    /// the JSON text `json` (text a `Value` cannot hold, or should not be written from).
+    fn placed(v: &Value, update_type_first: bool, json: &str) -> String {
+        String::from_utf8(ordered(v, update_type_first))
+            .expect("UTF-8")
+            .replace("\"PLACEHOLDER\"", json)
+    }
+
+    /// A core body's fields but `update_type`, written as inside its braces.
+    fn core_head() -> String {
+        let mut fields = core();
+        fields
+            .as_object_mut()
+            .expect("object")
+            .remove("update_type");
+        let head = String::from_utf8(ordered(&fields, true)).expect("UTF-8");
+        head[1..head.len() - 1].to_owned()
+    }
+
     /// How `body`'s `telemetry_data` is read first: spans as they come (`Some(true)`), or kept
     /// as text (`Some(false)`); `None` without one.
     fn read_as(body: &[u8]) -> Option<bool> {
@@ -1432,8 +1429,7 @@ pub(crate) mod tests {
             let mut v = detail();
             let inner = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
             v["telemetry_data"]["session_traces"][0]["attributes"] = json!({"k": "PLACEHOLDER"});
-            let text = String::from_utf8(ordered(&v, true)).expect("UTF-8");
-            text.replace("\"PLACEHOLDER\"", &inner)
+            placed(&v, true, &inner)
         };
         // The attributes object is the fifth level; serde_json refuses a 128th.
         let deepest = nested(127 - 5);
@@ -1452,9 +1448,8 @@ pub(crate) mod tests {
         for levels in [126, 127] {
             let mut v = core();
             v["telemetry_data"] = json!("PLACEHOLDER");
-            let text = String::from_utf8(ordered(&v, false)).expect("UTF-8");
             let arrays = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
-            let body = text.replace("\"PLACEHOLDER\"", &arrays);
+            let body = placed(&v, false, &arrays);
             assert_eq!(read_as(body.as_bytes()), Some(false));
             assert_eq!(parse(body.as_bytes()).is_ok(), levels == 126, "{levels}");
             assert_eq!(parse(body.as_bytes()), parse_whole(body.as_bytes()));
@@ -1464,8 +1459,7 @@ pub(crate) mod tests {
         v["telemetry_data"]["session_traces"][0]["events"] = json!([{"name": "PLACEHOLDER"}]);
         for bad in ["\"\\ud800\"", "1e400", "\"\\x\""] {
             for first in [true, false] {
-                let text = String::from_utf8(ordered(&v, first)).expect("UTF-8");
-                let body = text.replace("\"PLACEHOLDER\"", bad);
+                let body = placed(&v, first, bad);
                 let err = parse(body.as_bytes()).expect_err("malformed");
                 assert_eq!(err.field, None, "{bad}: {err:?}");
                 assert!(err.message.starts_with("malformed JSON"), "{bad}: {err:?}");
@@ -1491,13 +1485,7 @@ pub(crate) mod tests {
     /// answered as the whole-body parse answers it.
     #[test]
     fn odd_bodies_get_the_whole_body_answer() {
-        let mut core_fields = core();
-        core_fields
-            .as_object_mut()
-            .expect("object")
-            .remove("update_type");
-        let head = ordered(&core_fields, true);
-        let head = std::str::from_utf8(&head[1..head.len() - 1]).expect("UTF-8");
+        let head = core_head();
         let detail_text = String::from_utf8(ordered(&detail(), true)).expect("UTF-8");
         let detail_head = &detail_text[1..detail_text.len() - 1];
         let token = RAW_VALUE_TOKEN;
@@ -1536,7 +1524,6 @@ pub(crate) mod tests {
         let long = format!("0.{}1", "0".repeat(400));
         let mut v = detail();
         v["telemetry_data"]["session_traces"][0]["attributes"] = json!({"k": "PLACEHOLDER"});
-        let text = String::from_utf8(ordered(&v, true)).expect("UTF-8");
         for (number, kept) in [
             ("1e-20000", false),
             (long.as_str(), false),
@@ -1545,7 +1532,7 @@ pub(crate) mod tests {
             ("12.5e-3", true),
             ("-0", true),
         ] {
-            let body = text.replace("\"PLACEHOLDER\"", number);
+            let body = placed(&v, true, number);
             let Ok(Incoming::Detail(d)) = parse(body.as_bytes()) else {
                 panic!("{number}: expected detail");
             };
@@ -1569,13 +1556,7 @@ pub(crate) mod tests {
     fn an_update_type_that_takes_back_detail_is_read_as_a_whole() {
         // Detail first, then null (the last of duplicate keys counts): a core call log, its
         // telemetry_data kept in `extra`, as the whole-body path reads it.
-        let mut fields = core();
-        fields
-            .as_object_mut()
-            .expect("object")
-            .remove("update_type");
-        let head = ordered(&fields, true);
-        let head = std::str::from_utf8(&head[1..head.len() - 1]).expect("UTF-8");
+        let head = core_head();
         let body = format!(
             r#"{{"update_type":"detailed_telemetry","telemetry_data":{{"session_traces":[{{}}]}},{head},"update_type":null}}"#
         );
