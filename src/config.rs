@@ -165,12 +165,20 @@ pub const ENV_GZIP_LEVEL: &str = "CALLSCOPE_GZIP_LEVEL";
 /// CPU (see BENCHMARKS.md).
 pub const DEFAULT_GZIP_LEVEL: u32 = 1;
 
+/// `CALLSCOPE_GZIP_LEVEL_MAX`: gzip level of detail bodies while compression has CPU to spare,
+/// `CALLSCOPE_GZIP_LEVEL` to 9 (see [`Config::gzip_level_max`]).
+pub const ENV_GZIP_LEVEL_MAX: &str = "CALLSCOPE_GZIP_LEVEL_MAX";
+/// Default of `CALLSCOPE_GZIP_LEVEL_MAX` when `CALLSCOPE_GZIP_LEVEL` is not set either: 5, the
+/// lowest level that sends about 1/5 of the JSON with the default zlib-rs backend (0.195).
+/// When `CALLSCOPE_GZIP_LEVEL` is set, the maximum defaults to it: a level set alone is fixed.
+pub const DEFAULT_GZIP_LEVEL_MAX: u32 = 5;
+
 /// Longest accepted value of any `*_MS` variable (and of any duration set in code): 365 days.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Every `CALLSCOPE_*` variable, in README-table order (tests check each one).
 #[cfg(test)]
-const ENV_VARS: [&str; 24] = [
+const ENV_VARS: [&str; 25] = [
     ENV_ENDPOINT,
     ENV_DETAILED_ENDPOINT,
     ENV_API_KEY,
@@ -195,6 +203,7 @@ const ENV_VARS: [&str; 24] = [
     ENV_SPOOL_DIR,
     ENV_SPOOL_MAX_BYTES,
     ENV_GZIP_LEVEL,
+    ENV_GZIP_LEVEL_MAX,
 ];
 
 // What each variable accepts, as shown in error messages.
@@ -222,6 +231,8 @@ const EXPECT_CONCURRENT: &str = "an integer from 1 to 64";
 const EXPECT_BUFFER_BYTES: &str = "an integer >= 65536";
 const EXPECT_DETAIL: &str = "one of all, critical, none";
 const EXPECT_COMPRESSION: &str = "one of gzip, none, auto";
+const EXPECT_GZIP_LEVEL: &str = "an integer from 0 to 9";
+const EXPECT_GZIP_LEVEL_MAX: &str = "an integer from 0 to 9, at least CALLSCOPE_GZIP_LEVEL (set both to the same value for a fixed level)";
 const EXPECT_BOOL: &str = "one of true, false, 1, 0, yes, no";
 const EXPECT_PATH: &str = "a non-empty directory path";
 const HINT_ENDPOINT: &str = "set it to the URL call summaries are POSTed to, e.g. \
@@ -436,8 +447,15 @@ pub struct Config {
     /// 1 GiB, >= 1.
     pub spool_max_bytes: u64,
     /// Gzip level of request bodies when compression is on. Env `CALLSCOPE_GZIP_LEVEL`,
-    /// default 1, 0 to 9.
+    /// default 1, 0 to 9. Detail bodies are raised to
+    /// [`gzip_level_max`](Self::gzip_level_max) while compression has CPU to spare.
     pub gzip_level: u32,
+    /// Gzip level of a detail body while compression has CPU to spare: no other body waits
+    /// for a compression thread, and the time spent at this level stays within a tenth of
+    /// one core (at most 100 ms ahead). Otherwise, and for summaries, `gzip_level`.
+    /// Env `CALLSCOPE_GZIP_LEVEL_MAX`, `gzip_level` to 9; default 5, or `gzip_level` when
+    /// that is set (a level set alone is fixed). Equal to `gzip_level`: no raising.
+    pub gzip_level_max: u32,
 }
 
 impl Config {
@@ -483,6 +501,7 @@ impl fmt::Debug for Config {
             spool_dir,
             spool_max_bytes,
             gzip_level,
+            gzip_level_max,
         } = self;
         f.debug_struct("Config")
             .field("endpoint", &endpoint.as_str())
@@ -509,6 +528,7 @@ impl fmt::Debug for Config {
             .field("spool_dir", spool_dir)
             .field("spool_max_bytes", spool_max_bytes)
             .field("gzip_level", gzip_level)
+            .field("gzip_level_max", gzip_level_max)
             .finish()
     }
 }
@@ -557,6 +577,7 @@ pub struct ConfigBuilder {
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
     gzip_level: Option<u32>,
+    gzip_level_max: Option<u32>,
     /// `false` (the default) = read the environment in `build()`.
     without_env: bool,
 }
@@ -728,6 +749,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// Gzip level of detail bodies while compression has CPU to spare; see
+    /// [`Config::gzip_level_max`], env `CALLSCOPE_GZIP_LEVEL_MAX`.
+    pub fn gzip_level_max(mut self, level: u32) -> Self {
+        self.gzip_level_max = Some(level);
+        self
+    }
+
     /// Ignores the process environment entirely (also `OTEL_SDK_DISABLED`): only values set on
     /// the builder and the defaults are used.
     pub fn without_env(mut self) -> Self {
@@ -860,6 +888,40 @@ impl ConfigBuilder {
             return Err(invalid(ENV_SPOOL_DIR, "", EXPECT_PATH));
         }
 
+        let level_rule = UintRule {
+            min: 0,
+            max: 9,
+            expected: EXPECT_GZIP_LEVEL,
+        };
+        let level_set = self.gzip_level.is_some() || env.get(ENV_GZIP_LEVEL)?.is_some();
+        let gzip_level = level_rule.resolve(
+            &env,
+            ENV_GZIP_LEVEL,
+            self.gzip_level.map(u64::from),
+            u64::from(DEFAULT_GZIP_LEVEL),
+        )?;
+        // A level set alone stays fixed, as it was before the maximum existed.
+        let max_default = if level_set {
+            gzip_level
+        } else {
+            u64::from(DEFAULT_GZIP_LEVEL_MAX)
+        };
+        let gzip_level_max = level_rule.resolve(
+            &env,
+            ENV_GZIP_LEVEL_MAX,
+            self.gzip_level_max.map(u64::from),
+            max_default,
+        )?;
+        if gzip_level_max < gzip_level {
+            return Err(invalid(
+                ENV_GZIP_LEVEL_MAX,
+                gzip_level_max.to_string(),
+                EXPECT_GZIP_LEVEL_MAX,
+            ));
+        }
+        // Both are 0-9 here.
+        let (gzip_level, gzip_level_max) = (gzip_level as u32, gzip_level_max as u32);
+
         Ok(Config {
             endpoint,
             detailed_endpoint,
@@ -958,18 +1020,8 @@ impl ConfigBuilder {
                 self.spool_max_bytes,
                 DEFAULT_SPOOL_MAX_BYTES,
             )?,
-            gzip_level: UintRule {
-                min: 0,
-                max: 9,
-                expected: "an integer from 0 to 9",
-            }
-            .resolve(
-                &env,
-                ENV_GZIP_LEVEL,
-                self.gzip_level.map(u64::from),
-                u64::from(DEFAULT_GZIP_LEVEL),
-            )
-            .map(|l| u32::try_from(l).unwrap_or(DEFAULT_GZIP_LEVEL))?,
+            gzip_level,
+            gzip_level_max,
         })
     }
 }
@@ -1352,6 +1404,7 @@ mod tests {
         assert_eq!(c.spool_dir, None);
         assert_eq!(c.spool_max_bytes, 1024 * 1024 * 1024);
         assert_eq!(c.gzip_level, 1);
+        assert_eq!(c.gzip_level_max, 5);
         // The enums' Default agrees with the DEFAULT_ constants.
         assert_eq!(DetailMode::default(), DEFAULT_DETAIL);
         assert_eq!(Compression::default(), DEFAULT_COMPRESSION);
@@ -1475,6 +1528,9 @@ mod tests {
         (ENV_MAX_CONCURRENT_DETAIL, "65"),
         (ENV_GZIP_LEVEL, "10"),
         (ENV_GZIP_LEVEL, "fast"),
+        (ENV_GZIP_LEVEL_MAX, "10"),
+        // Below the default CALLSCOPE_GZIP_LEVEL of 1.
+        (ENV_GZIP_LEVEL_MAX, "0"),
         (ENV_MAX_BUFFER_BYTES, "65535"),
         (ENV_MAX_BUFFER_BYTES, "64MiB"),
         (ENV_SPOOL_MAX_BYTES, "0"),
@@ -1510,6 +1566,50 @@ mod tests {
                 "no invalid value tested for {var}"
             );
         }
+    }
+
+    /// The maximum defaults to 5 only when no level is set; a level set alone is fixed; a
+    /// maximum below the level is an error naming the maximum, from the environment and from
+    /// code alike.
+    #[test]
+    fn gzip_level_max_follows_a_level_set_alone_and_never_falls_below_it() {
+        let levels = |pairs: &[(&str, &str)]| {
+            let mut all = vec![(ENV_ENDPOINT, URL)];
+            all.extend_from_slice(pairs);
+            let c = env_config(&all).unwrap();
+            (c.gzip_level, c.gzip_level_max)
+        };
+        assert_eq!(levels(&[]), (1, 5));
+        assert_eq!(levels(&[(ENV_GZIP_LEVEL, "1")]), (1, 1));
+        assert_eq!(levels(&[(ENV_GZIP_LEVEL, "7")]), (7, 7));
+        assert_eq!(levels(&[(ENV_GZIP_LEVEL_MAX, "9")]), (1, 9));
+        assert_eq!(
+            levels(&[(ENV_GZIP_LEVEL, "2"), (ENV_GZIP_LEVEL_MAX, "6")]),
+            (2, 6)
+        );
+        assert_eq!(
+            levels(&[(ENV_GZIP_LEVEL, "0"), (ENV_GZIP_LEVEL_MAX, "0")]),
+            (0, 0)
+        );
+        let error = env_err(&[
+            (ENV_ENDPOINT, URL),
+            (ENV_GZIP_LEVEL, "6"),
+            (ENV_GZIP_LEVEL_MAX, "5"),
+        ]);
+        assert_invalid(&error, ENV_GZIP_LEVEL_MAX);
+        assert!(
+            error.to_string().contains("CALLSCOPE_GZIP_LEVEL"),
+            "{error}"
+        );
+
+        let c = base().gzip_level(3).build_with(|_| None).unwrap();
+        assert_eq!((c.gzip_level, c.gzip_level_max), (3, 3));
+        let c = base().gzip_level_max(8).build_with(|_| None).unwrap();
+        assert_eq!((c.gzip_level, c.gzip_level_max), (1, 8));
+        assert_invalid(
+            &builder_err(base().gzip_level(4).gzip_level_max(2)),
+            ENV_GZIP_LEVEL_MAX,
+        );
     }
 
     #[test]

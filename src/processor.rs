@@ -400,6 +400,9 @@ impl CallSpanProcessorBuilder {
         spool_max_bytes(bytes: u64);
         /// Gzip level of request bodies, 0 to 9 (`CALLSCOPE_GZIP_LEVEL`).
         gzip_level(level: u32);
+        /// Gzip level of detail bodies while compression has CPU to spare
+        /// (`CALLSCOPE_GZIP_LEVEL_MAX`).
+        gzip_level_max(level: u32);
         /// Ignore the process environment entirely.
         without_env();
     }
