@@ -133,6 +133,9 @@ counters! {
     /// cost uploads more time than the bytes it saves while pending detail was past 7/8 of
     /// `CALLSCOPE_MAX_BUFFER_BYTES`.
     detail_bodies_uncompressed,
+    /// Detail bodies compressed at `CALLSCOPE_GZIP_LEVEL_MAX` (compression had CPU to spare)
+    /// rather than at `CALLSCOPE_GZIP_LEVEL`.
+    detail_bodies_level_raised,
     /// HTTP requests retried.
     requests_retried,
     /// Payloads the receiver refused with a status that retrying cannot fix (400, 401, 403, 404...).

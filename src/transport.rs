@@ -1,8 +1,8 @@
 //! HTTP delivery: one POST with headers, compression and the idempotency key, retried by the
 //! pure policy in `retry.rs`. Runs on the worker's runtime only.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{
@@ -17,6 +17,52 @@ use crate::stats::Counters;
 /// Default gzip level of request bodies (`CALLSCOPE_GZIP_LEVEL`; see BENCHMARKS.md for the
 /// ratio / speed trade).
 pub(crate) const GZIP_LEVEL: u32 = crate::config::DEFAULT_GZIP_LEVEL;
+
+/// Compressing detail at `CALLSCOPE_GZIP_LEVEL_MAX` may take one part in `RAISED_SHARE` of
+/// wall time: a tenth of one core. At the default levels (5 against 1, zlib-rs) that is ~10 MB/s
+/// of span JSON at the raised level, for ~0.6 of level 1's bytes.
+const RAISED_SHARE: u128 = 10;
+
+/// Credit for the raised level saved while compression idles: 100 ms of compressing, so a
+/// burst after a quiet spell gets at most that much before the share holds.
+const RAISED_CREDIT_MAX_NS: i64 = 100_000_000;
+
+/// How much compressing at the raised level may still spend: credit earned at one part in
+/// [`RAISED_SHARE`] of the time that passes, spent by each raised body's compression time.
+#[derive(Debug)]
+struct RaiseBudget {
+    credit_ns: i64,
+    at: Instant,
+}
+
+impl RaiseBudget {
+    /// Full credit at `now`.
+    fn new(now: Instant) -> Self {
+        Self {
+            credit_ns: RAISED_CREDIT_MAX_NS,
+            at: now,
+        }
+    }
+
+    /// Whether a body starting at `now` may be compressed at the raised level: credit is left
+    /// once the time since the last look has earned its share.
+    fn allows(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_nanos() / RAISED_SHARE;
+        self.at = self.at.max(now);
+        let earned = i64::try_from(earned).unwrap_or(RAISED_CREDIT_MAX_NS);
+        self.credit_ns = self
+            .credit_ns
+            .saturating_add(earned)
+            .min(RAISED_CREDIT_MAX_NS);
+        self.credit_ns > 0
+    }
+
+    /// Charges a raised body's compression time.
+    fn spend(&mut self, took: Duration) {
+        let ns = i64::try_from(took.as_nanos()).unwrap_or(i64::MAX);
+        self.credit_ns = self.credit_ns.saturating_sub(ns);
+    }
+}
 
 /// How much of a rejecting response body is logged.
 const LOGGED_BODY_BYTES: usize = 512;
@@ -74,6 +120,9 @@ pub(crate) struct Transport {
     headers: HeaderMap,
     compression: Compression,
     gzip_level: u32,
+    /// `CALLSCOPE_GZIP_LEVEL_MAX`, with the budget that decides when a detail body gets it
+    /// (`None` when it is `gzip_level`: nothing to raise).
+    raised: Option<(u32, Mutex<RaiseBudget>)>,
     backoff: Backoff,
     stats: Arc<Counters>,
     /// Where payloads go: the HTTP endpoints, or nowhere (benches only).
@@ -135,6 +184,12 @@ impl Transport {
             headers,
             compression: cfg.compression,
             gzip_level: cfg.gzip_level,
+            raised: (cfg.gzip_level_max > cfg.gzip_level).then(|| {
+                (
+                    cfg.gzip_level_max,
+                    Mutex::new(RaiseBudget::new(Instant::now())),
+                )
+            }),
             backoff: Backoff::new(cfg.retry_max_elapsed),
             stats,
             sink: Sink::Http,
@@ -166,7 +221,29 @@ impl Transport {
     /// The body as it goes on the wire (gzip at `CALLSCOPE_GZIP_LEVEL` unless compression is
     /// off). Nothing for the null sink.
     pub(crate) fn encode(&self, json: &[u8]) -> Body {
-        self.encode_as(json, self.compresses())
+        self.encode_at(json, self.compresses().then_some(self.gzip_level))
+    }
+
+    /// A detail body as it goes on the wire, compressed on a deflate thread: at
+    /// `CALLSCOPE_GZIP_LEVEL_MAX` while compression has CPU to spare — the worker is not
+    /// behind (`spare`: no more detail waits than the free upload slots can start) and raised
+    /// bodies have taken at most a tenth of one core ([`RaiseBudget`]) — and at
+    /// `CALLSCOPE_GZIP_LEVEL` otherwise. A worker behind never raises, so its ceiling is that
+    /// of `CALLSCOPE_GZIP_LEVEL`.
+    pub(crate) fn encode_detail(&self, json: &[u8], spare: bool) -> Body {
+        let Some((level, budget)) = self.raised.as_ref().filter(|_| spare && self.compresses())
+        else {
+            return self.encode(json);
+        };
+        let lock = || budget.lock().unwrap_or_else(PoisonError::into_inner);
+        if !lock().allows(Instant::now()) {
+            return self.encode(json);
+        }
+        let started = Instant::now();
+        let body = self.encode_at(json, Some(*level));
+        lock().spend(started.elapsed());
+        Counters::inc(&self.stats.detail_bodies_level_raised);
+        body
     }
 
     /// The body as plain JSON (shared, not copied), whatever `CALLSCOPE_COMPRESSION` says
@@ -182,13 +259,14 @@ impl Transport {
         }
     }
 
-    fn encode_as(&self, json: &[u8], gzip_it: bool) -> Body {
-        if !gzip_it {
+    /// `json` gzipped at `level`, or plain for `None`.
+    fn encode_at(&self, json: &[u8], level: Option<u32>) -> Body {
+        let Some(level) = level else {
             return self.plain(Bytes::copy_from_slice(json));
-        }
+        };
         Counters::add(&self.stats.bytes_uncompressed, json.len() as u64);
         Body {
-            bytes: Bytes::from(gzip(json, self.gzip_level)),
+            bytes: Bytes::from(gzip(json, level)),
             gzip: true,
         }
     }
@@ -339,6 +417,36 @@ pub(crate) fn gunzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A thread's compressor states by level, the last used first: a deflate thread alternates
+/// between `CALLSCOPE_GZIP_LEVEL` and `CALLSCOPE_GZIP_LEVEL_MAX`, and a new state is costly.
+type States<C> = [Option<(u32, C)>; 2];
+
+/// The state for `level` in `slots`, moved to the front: kept and passed to `reuse`, or new from
+/// `make` in place of the one used less lately.
+fn state_for<C>(
+    slots: &mut States<C>,
+    level: u32,
+    make: impl FnOnce() -> C,
+    reuse: impl FnOnce(&mut C),
+) -> &mut C {
+    match slots
+        .iter()
+        .position(|s| matches!(s, Some((l, _)) if *l == level))
+    {
+        Some(i) => {
+            slots.swap(0, i);
+            if let Some((_, c)) = &mut slots[0] {
+                reuse(c);
+            }
+        }
+        None => {
+            slots.swap(0, 1);
+            slots[0] = None;
+        }
+    }
+    &mut slots[0].get_or_insert_with(|| (level, make())).1
+}
+
 /// `json` gzip-compressed at `level` (0-9): one whole gzip member, as request bodies are sent.
 ///
 /// With the opt-in `libdeflate` feature libdeflate compresses. At level 1 it sends ~30 % fewer
@@ -349,19 +457,18 @@ pub(crate) fn gunzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
 pub(crate) fn gzip(json: &[u8], level: u32) -> Vec<u8> {
     use libdeflater::{CompressionLvl, Compressor};
     thread_local! {
-        static DEFLATE: std::cell::RefCell<Option<(u32, Compressor)>> =
-            const { std::cell::RefCell::new(None) };
+        static DEFLATE: std::cell::RefCell<States<Compressor>> =
+            const { std::cell::RefCell::new([None, None]) };
     }
     DEFLATE.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let c = match &mut *slot {
-            Some((l, c)) if *l == level => c,
-            _ => {
-                // The config holds levels to 0-9; libdeflate takes 0-12.
-                let lvl = CompressionLvl::new(level.min(9) as i32).unwrap_or_default();
-                &mut slot.insert((level, Compressor::new(lvl))).1
-            }
-        };
+        let mut slots = cell.borrow_mut();
+        let c = state_for(
+            &mut slots,
+            level,
+            // The config holds levels to 0-9; libdeflate takes 0-12.
+            || Compressor::new(CompressionLvl::new(level.min(9) as i32).unwrap_or_default()),
+            |_| {},
+        );
         // The bound is what incompressible input takes. Pages past what is written are not
         // touched when the allocation is fresh from the OS; the shrink gives them back.
         let mut out = vec![0u8; c.gzip_compress_bound(json.len())];
@@ -390,20 +497,19 @@ pub(crate) use self::gzip_flate2 as gzip;
 pub(crate) fn gzip_flate2(json: &[u8], level: u32) -> Vec<u8> {
     use flate2::{Compress, Crc, FlushCompress, Status};
     thread_local! {
-        static DEFLATE: std::cell::RefCell<Option<(u32, Compress)>> =
-            const { std::cell::RefCell::new(None) };
+        static DEFLATE: std::cell::RefCell<States<Compress>> =
+            const { std::cell::RefCell::new([None, None]) };
     }
     // Gzip header: deflate, no flags, no mtime, no extra flags, OS unknown (as flate2 writes it).
     const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
     DEFLATE.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        match &mut *slot {
-            Some((l, c)) if *l == level => c.reset(),
-            _ => *slot = Some((level, Compress::new(flate2::Compression::new(level), false))),
-        }
-        let Some((_, c)) = slot.as_mut() else {
-            return Vec::new();
-        };
+        let mut slots = cell.borrow_mut();
+        let c = state_for(
+            &mut slots,
+            level,
+            || Compress::new(flate2::Compression::new(level), false),
+            Compress::reset,
+        );
         let mut out = Vec::with_capacity(json.len() / 4 + 64);
         out.extend_from_slice(&HEADER);
         loop {
@@ -593,6 +699,124 @@ mod tests {
     }
 
     /// The reused deflate state yields valid gzip for any size, level and order of calls.
+
+    /// Two levels in turn keep their two states; a third replaces the one used less lately.
+    #[test]
+    fn compressor_states_are_kept_for_two_levels() {
+        let mut slots: States<u32> = [None, None];
+        let mut made = Vec::new();
+        let mut reused = 0;
+        for level in [1, 5, 1, 5, 5, 1, 9, 1, 5] {
+            let state = state_for(
+                &mut slots,
+                level,
+                || {
+                    made.push(level);
+                    level * 100
+                },
+                |_| reused += 1,
+            );
+            assert_eq!(*state, level * 100, "the state of level {level}");
+        }
+        // 9 evicted 5 (1 was used after it); 5 then evicted 9.
+        assert_eq!(made, [1, 5, 9, 5]);
+        assert_eq!(reused, 5);
+    }
+
+    /// The raised level's credit: full at first, spent by compression time, earned back at a
+    /// tenth of the time passed, never saved past 100 ms.
+    #[test]
+    fn raise_budget_holds_the_raised_level_to_a_tenth_of_the_time() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = RaiseBudget::new(t0);
+        assert!(b.allows(t0));
+        b.spend(ms(150));
+        assert!(!b.allows(t0), "50 ms over");
+        assert!(!b.allows(t0 + ms(500)), "500 ms earn 50 ms: none left");
+        assert!(b.allows(t0 + ms(510)), "510 ms earn 51 ms");
+        // An hour of idling saves 100 ms, not 360 s.
+        assert!(b.allows(t0 + Duration::from_secs(3600)));
+        b.spend(ms(100));
+        assert!(!b.allows(t0 + Duration::from_secs(3600)));
+        // A clock read out of order earns nothing and loses nothing.
+        assert!(!b.allows(t0));
+        assert!(b.allows(t0 + Duration::from_secs(3600) + ms(1)));
+    }
+
+    fn span_text(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "{{\"span\":{i},\"name\":\"llm_request\",\"text\":\"the caller asked about table {} at {} pm\"}},",
+                    i % 37,
+                    i % 11
+                )
+            })
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    fn transport_with(b: crate::config::ConfigBuilder) -> (Transport, Arc<Counters>) {
+        let cfg = b
+            .without_env()
+            .endpoint("http://127.0.0.1:9/v1/calls")
+            .build()
+            .expect("valid config");
+        let stats = Arc::new(Counters::default());
+        (Transport::new(&cfg, stats.clone()).expect("client"), stats)
+    }
+
+    fn gunzipped(body: &Body) -> Vec<u8> {
+        assert!(body.gzip);
+        gunzip(&body.bytes).expect("valid gzip")
+    }
+
+    /// With the default levels a detail body is compressed at 5 while the worker is not
+    /// behind and the budget has credit; at 1 when the worker is behind, and once sustained
+    /// compressing has spent the credit; never raised when a level is set alone.
+    #[test]
+    fn detail_bodies_are_raised_only_while_compression_has_cpu_to_spare() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let json = span_text(4_000);
+        let level_1 = gzip(&json, 1).len();
+        let level_5 = gzip(&json, 5).len();
+        assert!(level_5 < level_1 * 9 / 10, "{level_5} against {level_1}");
+
+        let (t, stats) = transport_with(Config::builder());
+        let body = t.encode_detail(&json, true);
+        assert_eq!(gunzipped(&body), json);
+        assert_eq!(body.bytes.len(), level_5);
+        assert_eq!(stats.detail_bodies_level_raised.load(Relaxed), 1);
+
+        // The worker is behind: level 1.
+        let body = t.encode_detail(&json, false);
+        assert_eq!(body.bytes.len(), level_1);
+        assert_eq!(gunzipped(&body), json);
+        assert_eq!(stats.detail_bodies_level_raised.load(Relaxed), 1);
+
+        // Compressing back to back spends the credit faster than time earns it.
+        let mut raised = 0;
+        let fell_back = (0..2_000).any(|_| {
+            let small = t.encode_detail(&json, true).bytes.len() == level_5;
+            raised += usize::from(small);
+            !small
+        });
+        assert!(fell_back, "still raised after {raised} bodies back to back");
+        assert_eq!(
+            stats.detail_bodies_level_raised.load(Relaxed),
+            1 + raised as u64
+        );
+
+        // A level set alone is fixed; `none` sends plain JSON.
+        let (t, stats) = transport_with(Config::builder().gzip_level(1));
+        assert_eq!(t.encode_detail(&json, true).bytes.len(), level_1);
+        let (t, _) = transport_with(Config::builder().compression(Compression::None));
+        let body = t.encode_detail(&json, true);
+        assert!(!body.gzip);
+        assert_eq!(body.bytes, json);
+        assert_eq!(stats.detail_bodies_level_raised.load(Relaxed), 0);
+    }
     #[test]
     fn gzip_with_a_reused_state_round_trips() {
         let text: Vec<u8> = (0..200_000u32)
@@ -609,6 +833,11 @@ mod tests {
                 (3, 77),
                 (0, 9_999),
                 (9, 1_234),
+                // Two levels in turn, as a deflate thread raising bodies goes.
+                (5, 50_000),
+                (9, 3_000),
+                (5, 70),
+                (9, 12_345),
             ] {
                 let body = compress(&text[..len], level);
                 let mut back = Vec::new();

@@ -1123,7 +1123,9 @@ impl Worker {
     /// is its call's final, among the call's open batches (its final waits for it).
     fn seal(&mut self, job: Job) {
         let json = job.body.clone().unwrap_or_default();
-        let task = deflate_off_thread(self.transport.clone(), json);
+        // Other bodies compressing or queued: the worker is behind, no raised level.
+        let spare = self.sealing.is_empty() && self.queue.is_empty();
+        let task = deflate_off_thread(self.transport.clone(), json, spare);
         self.mem_bytes += job.mem();
         self.sealing_bytes += job.mem();
         if !job.meta.is_final {
@@ -1656,7 +1658,14 @@ impl Worker {
             // known yet, and memory must never be under-counted.
             let charged = json.len();
             let times = self.upload_times.clone();
-            let encoded = deflate_off_thread(t.clone(), json);
+            // Detail queued beyond the free upload slots: the worker is behind, no raised
+            // level. (Bodies ready together start together; only the ones left waiting count.)
+            let free = self
+                .cfg
+                .max_concurrent_detail
+                .saturating_sub(self.running_detail);
+            let spare = self.queue.len() <= free;
+            let encoded = deflate_off_thread(t.clone(), json, spare);
             let handle = self.tasks.spawn(async move {
                 match encoded.await {
                     Ok((body, deflate)) => {
@@ -2474,11 +2483,16 @@ impl Worker {
     }
 }
 
-/// `json` compressed on a deflate thread (the runtime's blocking pool), and how long that
-/// took from now, its wait for the thread included.
-fn deflate_off_thread(t: Arc<Transport>, json: Bytes) -> tokio::task::JoinHandle<(Body, Duration)> {
+/// Detail `json` compressed on a deflate thread (the runtime's blocking pool), and how long
+/// that took from now, its wait for the thread included. `spare`: no other detail waits in
+/// the worker, so the body may get the raised level (see [`Transport::encode_detail`]).
+fn deflate_off_thread(
+    t: Arc<Transport>,
+    json: Bytes,
+    spare: bool,
+) -> tokio::task::JoinHandle<(Body, Duration)> {
     let queued = Instant::now();
-    tokio::task::spawn_blocking(move || (t.encode(&json), queued.elapsed()))
+    tokio::task::spawn_blocking(move || (t.encode_detail(&json, spare), queued.elapsed()))
 }
 
 /// Delivers a compressed body; once it is acknowledged, [`UploadTimes`] learns what
@@ -2826,6 +2840,55 @@ mod tests {
     }
 
     /// The times that decide come from real uploads, and keep coming while bodies go plain.
+    /// With the default levels (1, raised to 5) a detail body goes out at 5 unless more detail
+    /// waits in the worker than the free upload slots can start (the worker is behind), and
+    /// then at 1; every body arrives whole.
+    #[tokio::test]
+    async fn detail_is_raised_only_while_no_other_detail_waits() {
+        let (url, seen) = recording_receiver(Duration::ZERO).await;
+        let (mut w, stats) = worker_to(&url, crate::config::Compression::Gzip);
+        assert_eq!((w.cfg.gzip_level, w.cfg.gzip_level_max), (1, 5));
+        assert_eq!(w.cfg.max_concurrent_detail, 2);
+        let json = |seq: u32| {
+            let spans: Vec<String> = (0..300)
+                .map(|i| {
+                    format!(
+                        "{{\"name\":\"llm_request\",\"i\":{i},\"text\":\"table for {} at {} pm\"}}",
+                        i % 7,
+                        i % 11
+                    )
+                })
+                .collect();
+            format!("{{\"batch_seq\":{seq},\"spans\":[{}]}}", spans.join(","))
+        };
+        let gz = |seq: u32, level: u32| crate::transport::gzip(json(seq).as_bytes(), level).len();
+        assert!(gz(0, 5) < gz(0, 1));
+        let raised = || stats.detail_bodies_level_raised.load(Ordering::Relaxed);
+        let sent = || stats.bytes_sent.load(Ordering::Relaxed) as usize;
+
+        upload_one(&mut w, detail_job(0, json(0))).await;
+        assert_eq!((raised(), sent()), (1, gz(0, 5)));
+        // One more body waits, and the other upload slot is free to start it: raised.
+        w.queue.push_back(detail_job(8, json(8)));
+        upload_one(&mut w, detail_job(1, json(1))).await;
+        assert_eq!((raised(), sent()), (2, gz(0, 5) + gz(1, 5)));
+        // Two wait, one slot is left: the worker is behind, level 1.
+        w.queue.push_back(detail_job(9, json(9)));
+        upload_one(&mut w, detail_job(2, json(2))).await;
+        assert_eq!(
+            raised(),
+            2,
+            "more detail waited than could start: not raised"
+        );
+        assert_eq!(sent(), gz(0, 5) + gz(1, 5) + gz(2, 1));
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 3);
+        for ((key, enc, text), seq) in got.into_iter().zip([0, 1, 2]) {
+            assert_eq!((key, enc), (format!("c:detail:{seq}"), "gzip".to_owned()));
+            assert_eq!(text, json(seq));
+        }
+    }
+
     /// With stale times that say deflate is what uploads wait for and memory past 7/8 of its
     /// bound, bodies go plain but one in `PROBE_EVERY` is compressed; its upload, to a
     /// receiver that takes 50 ms per body, shows that the bytes deflate saves are worth more
