@@ -10,7 +10,7 @@
 //! ```
 //! Scenarios: `throughput` (highest paced spans/s with zero drops), `latency` (phase-1 latency
 //! while 100 calls stream ~15 MB of detail each), `rss` (1,000 concurrent calls × 500 spans ×
-//! 10 KB), `wire` (bytes on the wire / raw JSON), `ingest` (callscope-ingest on SQLite and
+//! 10 KB), `wire` (bytes on the wire / raw JSON, as fast as possible and paced), `ingest` (callscope-ingest on SQLite and
 //! PostgreSQL: core logs/s, spans stored/s, and phase-1 latency to the stored core while other
 //! calls' detail is being stored). PostgreSQL is skipped with a message when
 //! `--postgres-url` is unreachable; a fresh database is created and dropped.
@@ -101,6 +101,13 @@ struct Args {
     /// 7/8 of its bound.
     #[arg(long, conflicts_with = "cs_no_gzip")]
     cs_auto_gzip: bool,
+    /// callscope's CALLSCOPE_GZIP_LEVEL for the run (set alone, it is also the maximum: a
+    /// fixed level; default: the library's, 1 raised to 5 while compression has CPU to spare).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=9))]
+    cs_gzip_level: Option<u32>,
+    /// callscope's CALLSCOPE_GZIP_LEVEL_MAX for the run (default: the library's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=9))]
+    cs_gzip_level_max: Option<u32>,
     /// Give callscope a disk spool (CALLSCOPE_SPOOL_DIR) in a fresh temporary directory: every
     /// payload is written and fsynced before it is sent, and bodies past the memory bound wait
     /// on disk instead of being dropped.
@@ -159,9 +166,36 @@ fn shape(turns: u32, span_bytes: usize) -> voice::CallShape {
 
 /// Emits call `i` of a series (`<prefix>-<i>`, virtual start an hour after the previous call);
 /// returns its span count.
-fn series_call(tracer: &SdkTracer, prefix: &str, i: u64, shape: &voice::CallShape) -> u64 {
+fn series_call<T>(tracer: &T, prefix: &str, i: u64, shape: &voice::CallShape) -> u64
+where
+    T: Tracer,
+    T::Span: Send + Sync + 'static,
+{
     let t0 = UNIX_EPOCH + Duration::from_secs(1_790_000_000 + i * 3600);
     voice::livekit_call(tracer, &format!("{prefix}-{i}"), shape, t0, i + 1).total_spans
+}
+
+/// A tracer that starts spans at most `rate` per second, as an agent's calls emit them over
+/// their minutes rather than all at once.
+struct Paced<'a> {
+    inner: &'a SdkTracer,
+    start: Instant,
+    rate: f64,
+    started: AtomicU64,
+}
+
+impl Tracer for Paced<'_> {
+    type Span = <SdkTracer as Tracer>::Span;
+
+    fn build_with_context(
+        &self,
+        builder: opentelemetry::trace::SpanBuilder,
+        parent_cx: &Context,
+    ) -> Self::Span {
+        let n = self.started.fetch_add(1, Ordering::Relaxed);
+        pace(self.start, n, self.rate);
+        self.inner.build_with_context(builder, parent_cx)
+    }
 }
 
 /// Emits calls `0..n` of a series back to back, stopping at `deadline`; returns spans emitted.
@@ -357,6 +391,8 @@ struct Tuning {
     max_request_kib: Option<usize>,
     no_gzip: bool,
     auto_gzip: bool,
+    gzip_level: Option<u32>,
+    gzip_level_max: Option<u32>,
     spool: bool,
     sdk_gzip: bool,
 }
@@ -369,6 +405,8 @@ impl Tuning {
             max_request_kib: a.cs_max_request_kib,
             no_gzip: a.cs_no_gzip,
             auto_gzip: a.cs_auto_gzip,
+            gzip_level: a.cs_gzip_level,
+            gzip_level_max: a.cs_gzip_level_max,
             spool: a.cs_spool,
             sdk_gzip: a.sdk_gzip,
         }
@@ -400,6 +438,12 @@ fn pipeline(pipe: Pipe, endpoint: Option<String>, detail: DetailMode, t: Tuning)
             }
             if t.auto_gzip {
                 b = b.compression(callscope::Compression::Auto);
+            }
+            if let Some(level) = t.gzip_level {
+                b = b.gzip_level(level);
+            }
+            if let Some(level) = t.gzip_level_max {
+                b = b.gzip_level_max(level);
             }
             let spool = t.spool.then(|| tempfile::tempdir().unwrap());
             if let Some(dir) = &spool {
@@ -624,13 +668,48 @@ fn rss(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
            "vm_hwm_before_kib": base, "result": r})
 }
 
-/// Bytes on the wire per raw JSON byte, on LiveKit-shaped calls with 10 KB spans.
+/// Bytes on the wire per raw JSON byte, on LiveKit-shaped calls with 10 KB spans: emitted as
+/// fast as the app thread can (`result`), and paced (`paced`): `threads` agents' calls at once,
+/// staggered by a second, `PACED_RATE` spans/s in all (5 MB/s of span JSON).
 fn wire(pipe: Pipe, a: &Args, deadline: Instant) -> Json {
+    const PACED_RATE: f64 = 500.0;
     let calls = if a.quick { 4 } else { 20 };
     let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
     let emitted = series(&p.tracer(), "wire", calls, &shape(50, 10_000), deadline);
     let r = p.finish(emitted);
-    json!({"calls": calls, "result": r})
+
+    let (threads, per_thread) = if a.quick { (2_u64, 1_u64) } else { (5, 2) };
+    let p = pipeline(pipe, None, DetailMode::All, Tuning::of(a));
+    let tracer = p.tracer();
+    let emitted: u64 = std::thread::scope(|s| {
+        let agents: Vec<_> = (0..threads)
+            .map(|k| {
+                let tracer = &tracer;
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_secs(k));
+                    let paced = Paced {
+                        inner: tracer,
+                        start: Instant::now(),
+                        rate: PACED_RATE / threads as f64,
+                        started: AtomicU64::new(0),
+                    };
+                    let mut spans = 0;
+                    for j in 0..per_thread {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        let i = 1_000 + k * per_thread + j;
+                        spans += series_call(&paced, "wire-paced", i, &shape(50, 10_000));
+                    }
+                    spans
+                })
+            })
+            .collect();
+        agents.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let paced = p.finish(emitted);
+    json!({"calls": calls, "result": r,
+           "paced": {"calls": threads * per_thread, "spans_per_s": PACED_RATE, "result": paced}})
 }
 
 /// callscope-ingest on `db`: core logs/s (summary-only calls) and spans stored/s.
@@ -854,6 +933,11 @@ fn spawn_child(spec: &str, a: &Args) -> Json {
         ),
         ("--cs-max-buffer-mib", a.cs_max_buffer_mib),
         ("--cs-max-request-kib", a.cs_max_request_kib),
+        ("--cs-gzip-level", a.cs_gzip_level.map(|v| v as usize)),
+        (
+            "--cs-gzip-level-max",
+            a.cs_gzip_level_max.map(|v| v as usize),
+        ),
     ] {
         if let Some(v) = v {
             cmd.arg(flag).arg(v.to_string());
@@ -960,6 +1044,21 @@ fn report(scenario: &str, cs: &Json, sdk: &Json, a: &Args) {
                 s,
                 sdk["result"]["delivered"],
                 sdk["result"]["emitted"],
+                ratio(&json!(c), &json!(s))
+            );
+            let (r, sr) = (&cs["paced"]["result"], &sdk["paced"]["result"]);
+            let (c, s) = (per_span(r), per_span(sr));
+            println!(
+                "paced ({} spans/s): callscope wire/raw JSON: {} ({} / {} bytes, drops {}); wire bytes per delivered span: callscope {:.0}, sdk otlp protobuf {:.0} ({} of {} delivered); ratio callscope/sdk {}",
+                cs["paced"]["spans_per_s"],
+                ratio(&r["wire_bytes"], &r["raw_json_bytes"]),
+                r["wire_bytes"],
+                r["raw_json_bytes"],
+                r["drops"],
+                c,
+                s,
+                sr["delivered"],
+                sr["emitted"],
                 ratio(&json!(c), &json!(s))
             );
         }
