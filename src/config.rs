@@ -450,9 +450,12 @@ pub struct Config {
     /// default 1, 0 to 9. Detail bodies are raised to
     /// [`gzip_level_max`](Self::gzip_level_max) while compression has CPU to spare.
     pub gzip_level: u32,
-    /// Gzip level of a detail body while compression has CPU to spare: no other body waits
-    /// for a compression thread, and the time spent at this level stays within a tenth of
-    /// one core (at most 100 ms ahead). Otherwise, and for summaries, `gzip_level`.
+    /// Gzip level of a detail body while compression has CPU to spare: the worker is not
+    /// behind (no more detail waits to be sent than the free upload slots can start, none is
+    /// being compressed for the spool, pending detail is under half of
+    /// [`max_buffer_bytes`](Self::max_buffer_bytes)), and bodies at this level have taken at
+    /// most a tenth of the time (up to 100 ms saved ahead). Otherwise, and for summaries,
+    /// `gzip_level`. Counted in [`Stats::detail_bodies_level_raised`](crate::Stats).
     /// Env `CALLSCOPE_GZIP_LEVEL_MAX`, `gzip_level` to 9; default 5, or `gzip_level` when
     /// that is set (a level set alone is fixed). Equal to `gzip_level`: no raising.
     pub gzip_level_max: u32,
@@ -1598,7 +1601,7 @@ mod tests {
         ]);
         assert_invalid(&error, ENV_GZIP_LEVEL_MAX);
         assert!(
-            error.to_string().contains("CALLSCOPE_GZIP_LEVEL"),
+            error.to_string().contains("at least CALLSCOPE_GZIP_LEVEL"),
             "{error}"
         );
 

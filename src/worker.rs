@@ -418,8 +418,9 @@ impl Job {
 struct Sealing {
     /// Its body is still the JSON, shared with the task.
     job: Job,
-    /// The gzip body and how long it took from the spawn.
-    task: tokio::task::JoinHandle<(Body, Duration)>,
+    /// The gzip body and how long it took from the spawn (`None` when it was raised, see
+    /// [`deflate_off_thread`]).
+    task: tokio::task::JoinHandle<(Body, Option<Duration>)>,
 }
 
 /// A final batch waiting for its core and its call's other batches.
@@ -1105,6 +1106,17 @@ impl Worker {
             && !self.behind()
     }
 
+    /// Whether compression has CPU to spare for a raised gzip level
+    /// (`CALLSCOPE_GZIP_LEVEL_MAX`, see [`Transport::encode_detail`]): no body is being
+    /// compressed for the spool, no more detail waits to be sent than `free` upload slots can
+    /// start at once, and pending detail is under half of `CALLSCOPE_MAX_BUFFER_BYTES`.
+    /// Otherwise the worker is behind (on CPU or on the receiver) and keeps the base level.
+    fn spare(&self, free: usize) -> bool {
+        self.sealing.is_empty()
+            && self.queue.len() <= free
+            && self.buffered_bytes + self.mem_bytes < self.cfg.max_buffer_bytes / 2
+    }
+
     /// Under `CALLSCOPE_COMPRESSION=auto`: whether compression is behind (see
     /// [`plain_when_behind`]).
     fn behind(&self) -> bool {
@@ -1123,9 +1135,7 @@ impl Worker {
     /// is its call's final, among the call's open batches (its final waits for it).
     fn seal(&mut self, job: Job) {
         let json = job.body.clone().unwrap_or_default();
-        // Other bodies compressing or queued: the worker is behind, no raised level.
-        let spare = self.sealing.is_empty() && self.queue.is_empty();
-        let task = deflate_off_thread(self.transport.clone(), json, spare);
+        let task = deflate_off_thread(self.transport.clone(), json, self.spare(0));
         self.mem_bytes += job.mem();
         self.sealing_bytes += job.mem();
         if !job.meta.is_final {
@@ -1136,11 +1146,11 @@ impl Worker {
 
     /// A body [`Worker::seal`] compressed (`None`: its task failed, only when the runtime
     /// shuts down; then it is spooled as JSON): written to the spool, then held or queued.
-    fn on_sealed(&mut self, mut job: Job, sealed: Option<(Body, Duration)>) {
+    fn on_sealed(&mut self, mut job: Job, sealed: Option<(Body, Option<Duration>)>) {
         self.mem_bytes = self.mem_bytes.saturating_sub(job.mem());
         self.sealing_bytes = self.sealing_bytes.saturating_sub(job.mem());
         if let Some((body, took)) = sealed {
-            job.deflated = Some((took, job.mem()));
+            job.deflated = took.map(|took| (took, job.mem()));
             job.body = Some(body.bytes);
             job.meta.gzip = body.gzip;
         }
@@ -1658,18 +1668,17 @@ impl Worker {
             // known yet, and memory must never be under-counted.
             let charged = json.len();
             let times = self.upload_times.clone();
-            // Detail queued beyond the free upload slots: the worker is behind, no raised
-            // level. (Bodies ready together start together; only the ones left waiting count.)
+            // Bodies ready together start together: only detail left waiting for a slot
+            // says the worker is behind.
             let free = self
                 .cfg
                 .max_concurrent_detail
                 .saturating_sub(self.running_detail);
-            let spare = self.queue.len() <= free;
-            let encoded = deflate_off_thread(t.clone(), json, spare);
+            let encoded = deflate_off_thread(t.clone(), json, self.spare(free));
             let handle = self.tasks.spawn(async move {
                 match encoded.await {
                     Ok((body, deflate)) => {
-                        let deflated = Some((deflate, charged));
+                        let deflated = deflate.map(|d| (d, charged));
                         deliver_compressed(&t, lane, body, &idem, &times, deflated).await
                     }
                     // Only a runtime shutting down gets here (deflating into a Vec cannot
@@ -2484,15 +2493,20 @@ impl Worker {
 }
 
 /// Detail `json` compressed on a deflate thread (the runtime's blocking pool), and how long
-/// that took from now, its wait for the thread included. `spare`: no other detail waits in
-/// the worker, so the body may get the raised level (see [`Transport::encode_detail`]).
+/// that took from now, its wait for the thread included. `spare` (see [`Worker::spare`]): the
+/// body may get the raised level ([`Transport::encode_detail`]). The time is `None` for a
+/// raised body: [`UploadTimes`] weighs what compressing at `CALLSCOPE_GZIP_LEVEL` costs, and
+/// a raised body's ~4.7x would make `CALLSCOPE_COMPRESSION=auto` go plain too early.
 fn deflate_off_thread(
     t: Arc<Transport>,
     json: Bytes,
     spare: bool,
-) -> tokio::task::JoinHandle<(Body, Duration)> {
+) -> tokio::task::JoinHandle<(Body, Option<Duration>)> {
     let queued = Instant::now();
-    tokio::task::spawn_blocking(move || (t.encode_detail(&json, spare), queued.elapsed()))
+    tokio::task::spawn_blocking(move || {
+        let (body, raised) = t.encode_detail(&json, spare);
+        (body, (!raised).then(|| queued.elapsed()))
+    })
 }
 
 /// Delivers a compressed body; once it is acknowledged, [`UploadTimes`] learns what
@@ -2565,7 +2579,7 @@ async fn next_synced(
 /// pass its call's other batches).
 async fn next_sealed(
     sealing: &mut VecDeque<Sealing>,
-) -> Option<Result<(Body, Duration), tokio::task::JoinError>> {
+) -> Option<Result<(Body, Option<Duration>), tokio::task::JoinError>> {
     Some((&mut sealing.front_mut()?.task).await)
 }
 
@@ -2839,7 +2853,6 @@ mod tests {
         }
     }
 
-    /// The times that decide come from real uploads, and keep coming while bodies go plain.
     /// With the default levels (1, raised to 5) a detail body goes out at 5 unless more detail
     /// waits in the worker than the free upload slots can start (the worker is behind), and
     /// then at 1; every body arrives whole.
@@ -2868,6 +2881,8 @@ mod tests {
 
         upload_one(&mut w, detail_job(0, json(0))).await;
         assert_eq!((raised(), sent()), (1, gz(0, 5)));
+        // A raised body's deflate time is not what `auto` weighs: not recorded.
+        assert_eq!(w.upload_times.get(), (0, 0));
         // One more body waits, and the other upload slot is free to start it: raised.
         w.queue.push_back(detail_job(8, json(8)));
         upload_one(&mut w, detail_job(1, json(1))).await;
@@ -2881,14 +2896,25 @@ mod tests {
             "more detail waited than could start: not raised"
         );
         assert_eq!(sent(), gz(0, 5) + gz(1, 5) + gz(2, 1));
+        assert!(
+            w.upload_times.get().0 > 0,
+            "a level-1 body's time is recorded"
+        );
+        // Nothing waits, but pending detail is at half its bound: level 1.
+        w.queue.clear();
+        w.mem_bytes = w.cfg.max_buffer_bytes / 2;
+        upload_one(&mut w, detail_job(3, json(3))).await;
+        assert_eq!(raised(), 2, "memory half full: not raised");
+        assert_eq!(sent(), gz(0, 5) + gz(1, 5) + gz(2, 1) + gz(3, 1));
         let got = seen.lock().unwrap().clone();
-        assert_eq!(got.len(), 3);
-        for ((key, enc, text), seq) in got.into_iter().zip([0, 1, 2]) {
+        assert_eq!(got.len(), 4);
+        for ((key, enc, text), seq) in got.into_iter().zip([0, 1, 2, 3]) {
             assert_eq!((key, enc), (format!("c:detail:{seq}"), "gzip".to_owned()));
             assert_eq!(text, json(seq));
         }
     }
 
+    /// The times that decide come from real uploads, and keep coming while bodies go plain.
     /// With stale times that say deflate is what uploads wait for and memory past 7/8 of its
     /// bound, bodies go plain but one in `PROBE_EVERY` is compressed; its upload, to a
     /// receiver that takes 50 ms per body, shows that the bytes deflate saves are worth more
