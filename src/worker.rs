@@ -3659,6 +3659,45 @@ mod tests {
         assert!(w.sealing.is_empty() && w.queue.is_empty() && w.running.is_empty());
     }
 
+    /// With a spool, a body compressed before it is written gets the raised level only while
+    /// nothing else is being compressed for the spool: a second batch sealed meanwhile gets
+    /// level 1. Only the level-1 body's time is kept for `CALLSCOPE_COMPRESSION=auto`.
+    #[tokio::test]
+    async fn a_body_sealed_while_another_seals_keeps_the_base_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, stats) = sealing_worker("http://127.0.0.1:9/", dir.path(), 1 << 20);
+        let mut jsons = Vec::new();
+        for call in ["a", "b"] {
+            let c: Arc<str> = call.into();
+            for id in 2..102 {
+                feed(&mut w, &c, false, false, id);
+            }
+            w.flush_buffer(&c);
+            jsons.push(w.sealing.back().unwrap().job.body.clone().unwrap());
+        }
+        assert_eq!(w.sealing.len(), 2);
+        for json in &jsons {
+            let size = |level| crate::transport::gzip(json, level).len();
+            assert_ne!(size(5), size(1), "the levels tell apart");
+        }
+        seal_one(&mut w).await;
+        seal_one(&mut w).await;
+        assert_eq!(stats.detail_bodies_level_raised.load(Ordering::Relaxed), 1);
+        let jobs: Vec<&Job> = w.queue.iter().collect();
+        assert_eq!(jobs.len(), 2);
+        for ((job, json), level) in jobs.into_iter().zip(&jsons).zip([5, 1]) {
+            assert!(job.meta.gzip);
+            let body = job.body.as_ref().unwrap();
+            assert_eq!(crate::transport::gunzip(body).unwrap(), json[..]);
+            assert_eq!(
+                body.len(),
+                crate::transport::gzip(json, level).len(),
+                "level {level}"
+            );
+            assert_eq!(job.deflated.is_some(), level == 1);
+        }
+    }
+
     /// A 413 split of a batch spooled compressed (its body let go from memory) cuts its JSON:
     /// the halves and the renumbered final are whole JSON documents again.
     #[tokio::test]
