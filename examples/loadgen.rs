@@ -10,9 +10,9 @@
 //! ```
 //! Scenarios: `throughput` (highest paced spans/s with zero drops), `latency` (phase-1 latency
 //! while 100 calls stream ~15 MB of detail each), `rss` (1,000 concurrent calls × 500 spans ×
-//! 10 KB), `wire` (bytes on the wire / raw JSON, as fast as possible and paced), `ingest` (callscope-ingest on SQLite and
-//! PostgreSQL: core logs/s, spans stored/s, and phase-1 latency to the stored core while other
-//! calls' detail is being stored). PostgreSQL is skipped with a message when
+//! 10 KB), `wire` (bytes on the wire / raw JSON, as fast as possible and paced), `ingest`
+//! (callscope-ingest on SQLite and PostgreSQL: core logs/s, spans stored/s, and phase-1
+//! latency to the stored core while other calls' detail is being stored). PostgreSQL is skipped with a message when
 //! `--postgres-url` is unreachable; a fresh database is created and dropped.
 //!
 //! Compression: callscope gzips (its default) and the SDK's exporter sends raw protobuf (its

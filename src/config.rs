@@ -747,6 +747,8 @@ impl ConfigBuilder {
     }
 
     /// Gzip level of request bodies; see [`Config::gzip_level`], env `CALLSCOPE_GZIP_LEVEL`.
+    /// Set without [`gzip_level_max`](Self::gzip_level_max), it is also the maximum: a fixed
+    /// level.
     pub fn gzip_level(mut self, level: u32) -> Self {
         self.gzip_level = Some(level);
         self

@@ -398,7 +398,8 @@ impl CallSpanProcessorBuilder {
         spool_dir(dir: impl Into<std::path::PathBuf>);
         /// Size cap of the disk spool (`CALLSCOPE_SPOOL_MAX_BYTES`).
         spool_max_bytes(bytes: u64);
-        /// Gzip level of request bodies, 0 to 9 (`CALLSCOPE_GZIP_LEVEL`).
+        /// Gzip level of request bodies, 0 to 9 (`CALLSCOPE_GZIP_LEVEL`); set without
+        /// `gzip_level_max`, also the maximum (a fixed level).
         gzip_level(level: u32);
         /// Gzip level of detail bodies while compression has CPU to spare
         /// (`CALLSCOPE_GZIP_LEVEL_MAX`).

@@ -960,16 +960,14 @@ impl Worker {
         // bodies in flight (the faults suite's gzip acceptance test fell into this on a busy
         // machine: 820 batches for 3,100 spans).
         let max = self.cfg.max_buffer_bytes;
-        if self.buffered_bytes + self.mem_bytes > max {
+        if self.pending() > max {
             self.enforce_budget();
             let half_full = |w: &Self| {
                 w.buffers
                     .get(&key)
                     .is_some_and(|b| b.buf.list.bytes.len() >= open_cap / 2)
             };
-            if self.buffered_bytes + self.mem_bytes > max
-                && (self.buffered_bytes > max || half_full(self))
-            {
+            if self.pending() > max && (self.buffered_bytes > max || half_full(self)) {
                 self.flush_buffer(&key);
             }
         }
@@ -1110,11 +1108,17 @@ impl Worker {
     /// (`CALLSCOPE_GZIP_LEVEL_MAX`, see [`Transport::encode_detail`]): no body is being
     /// compressed for the spool, no more detail waits to be sent than `free` upload slots can
     /// start at once, and pending detail is under half of `CALLSCOPE_MAX_BUFFER_BYTES`.
-    /// Otherwise the worker is behind (on CPU or on the receiver) and keeps the base level.
+    /// Otherwise the worker is falling behind (on CPU or on the receiver) and keeps the base
+    /// level. (Not [`Worker::behind`], `auto`'s rule for plain bodies.)
     fn spare(&self, free: usize) -> bool {
         self.sealing.is_empty()
             && self.queue.len() <= free
-            && self.buffered_bytes + self.mem_bytes < self.cfg.max_buffer_bytes / 2
+            && self.pending() < self.cfg.max_buffer_bytes / 2
+    }
+
+    /// Pending detail: open batches and what the worker holds in memory.
+    fn pending(&self) -> usize {
+        self.buffered_bytes + self.mem_bytes
     }
 
     /// Under `CALLSCOPE_COMPRESSION=auto`: whether compression is behind (see
@@ -1122,7 +1126,7 @@ impl Worker {
     fn behind(&self) -> bool {
         self.transport.adaptive()
             && plain_when_behind(
-                self.buffered_bytes + self.mem_bytes,
+                self.pending(),
                 self.cfg.max_buffer_bytes,
                 self.upload_times.get(),
             )
@@ -1434,7 +1438,7 @@ impl Worker {
         // Uploads in progress are never cut off (the receiver may already have stored them,
         // and a loss must be certain to be counted): they are the bound's slack, at most
         // `CALLSCOPE_MAX_CONCURRENT_DETAIL` bodies.
-        while self.buffered_bytes + self.mem_bytes > max {
+        while self.pending() > max {
             let Some(old) = self.queue.pop_front() else {
                 return;
             };
@@ -1749,7 +1753,7 @@ impl Worker {
     #[cold]
     fn log_going_plain(&mut self) {
         let (deflate_ns, saved_ns) = self.upload_times.get();
-        let pending = self.buffered_bytes + self.mem_bytes;
+        let pending = self.pending();
         let bound = self.cfg.max_buffer_bytes;
         let (deflate_ms, saved_ms) = (deflate_ns as f64 / 1e6, saved_ns as f64 / 1e6);
         let now = Instant::now();
@@ -2857,7 +2861,7 @@ mod tests {
     /// waits in the worker than the free upload slots can start (the worker is behind), and
     /// then at 1; every body arrives whole.
     #[tokio::test]
-    async fn detail_is_raised_only_while_no_other_detail_waits() {
+    async fn detail_is_raised_only_while_the_free_slots_can_start_what_waits() {
         let (url, seen) = recording_receiver(Duration::ZERO).await;
         let (mut w, stats) = worker_to(&url, crate::config::Compression::Gzip);
         assert_eq!((w.cfg.gzip_level, w.cfg.gzip_level_max), (1, 5));
