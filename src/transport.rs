@@ -632,33 +632,11 @@ mod tests {
 
     #[test]
     fn gzip_level_comes_from_the_config() {
-        let json: Vec<u8> = (0..2000)
-            .map(|i| {
-                format!(
-                    "{{\"span\":{i},\"name\":\"llm_request\",\"text\":\"booking table {}\"}},",
-                    i % 37
-                )
-            })
-            .collect::<String>()
-            .into_bytes();
+        let json = span_text(2000);
         let size = |level: u32| {
-            let cfg = Config::builder()
-                .without_env()
-                .endpoint("http://127.0.0.1:9/v1/calls")
-                .gzip_level(level)
-                .build()
-                .map_err(|e| e.to_string());
-            let t = Transport::new(&cfg.expect("valid config"), Arc::new(Counters::default()))
-                .expect("client");
+            let (t, _) = transport_with(Config::builder().gzip_level(level));
             let body = t.encode(&json);
-            assert!(body.gzip);
-            let mut back = Vec::new();
-            std::io::Read::read_to_end(
-                &mut flate2::read::GzDecoder::new(&body.bytes[..]),
-                &mut back,
-            )
-            .expect("gzip");
-            assert_eq!(back, json);
+            assert_eq!(gunzipped(&body), json);
             body.bytes.len()
         };
         assert!(size(0) > size(1));
